@@ -1,0 +1,62 @@
+"""dnn2bnn: turn a trained deterministic PyTorch network into a Bayesian neural network.
+
+Example:
+    >>> import torch, dnn2bnn
+    >>> dnn = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> bnn = dnn2bnn.transform_to_bnn_model(dnn)
+    >>> loss_fn = dnn2bnn.WithBNNLoss.elbo(bnn, torch.nn.CrossEntropyLoss(), num_train_examples=100)
+"""
+
+from dnn2bnn._version import __version__
+from dnn2bnn.conversion import (
+    ConversionReport,
+    ConvertedModule,
+    SkippedModule,
+    default_mapping,
+    transform_to_bnn_layer,
+    transform_to_bnn_model,
+)
+from dnn2bnn.errors import ConversionError, ConversionWarning, Dnn2BnnError
+from dnn2bnn.layers import (
+    BayesConv1d,
+    BayesConv2d,
+    BayesConv3d,
+    BayesianLayer,
+    BayesLinear,
+    BayesMode,
+    ConvReparam,
+    DenseReparam,
+    is_bayesian_layer,
+)
+from dnn2bnn.loss import WithBNNLoss, kl_divergence
+from dnn2bnn.mindspore import TransformToBNN
+from dnn2bnn.modes import get_mode, set_mode
+from dnn2bnn.priors import NormalPrior
+
+__all__ = [
+    "BayesConv1d",
+    "BayesConv2d",
+    "BayesConv3d",
+    "BayesLinear",
+    "BayesMode",
+    "BayesianLayer",
+    "ConversionError",
+    "ConversionReport",
+    "ConversionWarning",
+    "ConvReparam",
+    "ConvertedModule",
+    "DenseReparam",
+    "Dnn2BnnError",
+    "NormalPrior",
+    "SkippedModule",
+    "TransformToBNN",
+    "WithBNNLoss",
+    "__version__",
+    "default_mapping",
+    "get_mode",
+    "is_bayesian_layer",
+    "kl_divergence",
+    "set_mode",
+    "transform_to_bnn_layer",
+    "transform_to_bnn_model",
+]

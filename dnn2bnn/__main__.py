@@ -1,0 +1,5 @@
+import sys
+
+from dnn2bnn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,14 @@
+"""Conversion of trained torch.nn models into Bayesian models."""
+
+from dnn2bnn.conversion._mapping import default_mapping
+from dnn2bnn.conversion.report import ConversionReport, ConvertedModule, SkippedModule
+from dnn2bnn.conversion.transform import transform_to_bnn_layer, transform_to_bnn_model
+
+__all__ = [
+    "ConversionReport",
+    "ConvertedModule",
+    "SkippedModule",
+    "default_mapping",
+    "transform_to_bnn_layer",
+    "transform_to_bnn_model",
+]

@@ -1,0 +1,367 @@
+"""Model-wide and layer-type conversion of a trained network into a Bayesian one."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import inspect
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import nn
+
+from dnn2bnn.conversion._mapping import default_mapping, lookup
+from dnn2bnn.conversion._trace import analyse
+from dnn2bnn.conversion.report import ConversionReport, ConvertedModule, SkippedModule
+from dnn2bnn.errors import ConversionError, ConversionWarning
+from dnn2bnn.layers._base import BayesianLayer, check_convertible, is_bayesian_layer
+
+__all__ = ["transform_to_bnn_layer", "transform_to_bnn_model"]
+
+Patterns = str | Iterable[str] | None
+
+
+def transform_to_bnn_model(
+    model: nn.Module,
+    *,
+    layer_types: Iterable[type[nn.Module]] | None = None,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    inplace: bool = False,
+    strict: bool = False,
+    **bayes_options: Any,
+) -> nn.Module:
+    """Convert every Linear and Conv1d/2d/3d layer of a trained model into a Bayesian layer.
+
+    The model's forward is traced with torch.fx to find the layers it calls, the layers it
+    uses more than once (they draw one weight sample per forward call) and the parameters it
+    passes to ``F.linear``/``F.conv*`` itself. Layers are then converted where they stand, so
+    the result is the user's own class with the same submodule names, attributes, buffers,
+    hooks and non-converted parameters; posterior means start at the trained weights.
+    When tracing fails (e.g. data-dependent control flow), layers are found by walking the
+    module tree instead; this is warned once and written in the report.
+
+    Args:
+        model: the trained network. Not modified unless ``inplace=True``.
+        layer_types: torch.nn types to convert (default: all of
+            :func:`dnn2bnn.default_mapping`).
+        include: qualified-name glob patterns (``"fc"``, ``"layer4.*"``); only modules
+            matching one of them, or inside a matching module, are converted.
+        exclude: patterns of modules to leave deterministic (applied after ``include``).
+        inplace: convert ``model`` itself instead of a deep copy.
+        strict: raise :class:`ConversionError` instead of skipping a layer that cannot be
+            converted.
+        **bayes_options: options of the Bayesian layers' ``from_dnn`` (``prior_mean``,
+            ``prior_sigma``, ``posterior_sigma_init``).
+
+    Returns:
+        The Bayesian model; its ``conversion_report`` attribute is a
+        :class:`ConversionReport`.
+
+    Example:
+        >>> dnn = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> bnn = transform_to_bnn_model(dnn, prior_sigma=0.1)
+        >>> type(bnn[0]).__name__, len(bnn.conversion_report.converted)
+        ('BayesLinear', 2)
+    """
+    mapping = default_mapping()
+    if layer_types is not None:
+        if isinstance(layer_types, type):
+            layer_types = [layer_types]
+        chosen = {}
+        for layer_type in layer_types:
+            if layer_type not in mapping:
+                raise TypeError(
+                    f"layer_types: no Bayesian layer for {_type_name(layer_type)}; expected "
+                    f"some of {[_type_name(t) for t in mapping]}"
+                )
+            chosen[layer_type] = mapping[layer_type]
+        mapping = chosen
+    return _convert(model, mapping, include, exclude, inplace, strict, bayes_options)
+
+
+def transform_to_bnn_layer(
+    model: nn.Module,
+    dnn_layer_type: type[nn.Module],
+    bnn_layer_type: type[nn.Module] | None = None,
+    *,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    inplace: bool = False,
+    strict: bool = False,
+    **bayes_options: Any,
+) -> nn.Module:
+    """Convert only the layers of one type, e.g. ``nn.Linear`` -> ``BayesLinear``.
+
+    Args:
+        model: the trained network. Not modified unless ``inplace=True``.
+        dnn_layer_type: the torch.nn layer type to convert (subclasses included).
+        bnn_layer_type: the Bayesian type to convert into; default: the built-in one.
+            A user-written class works if it follows the layer protocol: a classmethod
+            ``from_dnn(module, **options)`` returning the new module, and ``kl()``.
+        include, exclude, inplace, strict, bayes_options: as in
+            :func:`transform_to_bnn_model`.
+
+    Example:
+        >>> dnn = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+        >>> bnn = transform_to_bnn_layer(dnn, torch.nn.Linear)
+        >>> [type(m).__name__ for m in bnn]
+        ['Conv2d', 'Flatten', 'BayesLinear']
+    """
+    if not (isinstance(dnn_layer_type, type) and issubclass(dnn_layer_type, nn.Module)):
+        raise TypeError(f"dnn_layer_type must be an nn.Module subclass, got {dnn_layer_type!r}")
+    if bnn_layer_type is None:
+        bnn_layer_type = default_mapping().get(dnn_layer_type)
+        if bnn_layer_type is None:
+            raise TypeError(
+                f"no built-in Bayesian layer for {_type_name(dnn_layer_type)}; pass "
+                f"bnn_layer_type (built-in: {[_type_name(t) for t in default_mapping()]})"
+            )
+    elif not (
+        isinstance(bnn_layer_type, type)
+        and callable(getattr(bnn_layer_type, "from_dnn", None))
+        and callable(getattr(bnn_layer_type, "kl", None))
+    ):
+        raise TypeError(
+            "bnn_layer_type must be a class with a from_dnn(module, **options) classmethod "
+            f"and a kl() method, got {bnn_layer_type!r}"
+        )
+    mapping = {dnn_layer_type: bnn_layer_type}
+    return _convert(model, mapping, include, exclude, inplace, strict, bayes_options)
+
+
+# ---------------------------------------------------------------------------- internals
+def _convert(
+    model: nn.Module,
+    mapping: Mapping[type[nn.Module], type[nn.Module]],
+    include: Patterns,
+    exclude: Patterns,
+    inplace: bool,
+    strict: bool,
+    options: dict[str, Any],
+) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__qualname__}")
+    include_patterns = _patterns("include", include)
+    exclude_patterns = _patterns("exclude", exclude)
+    for bnn_cls in set(mapping.values()):
+        _check_options(bnn_cls, options)
+
+    names_by_id: dict[int, list[str]] = defaultdict(list)
+    for name, module in model.named_modules(remove_duplicate=False):
+        names_by_id[id(module)].append(name)
+    all_names = [n for names in names_by_id.values() for n in names]
+    for kind, patterns in (("include", include_patterns), ("exclude", exclude_patterns)):
+        for pattern in patterns or ():
+            if not any(_matches(name, [pattern]) for name in all_names):
+                raise ConversionError(
+                    f"{kind} pattern {pattern!r} matches no module of {type(model).__name__}; "
+                    f"module names look like {[n for n in all_names if n][:8]}"
+                )
+
+    if inplace:
+        target = model
+    else:
+        try:
+            target = copy.deepcopy(model)
+        except Exception as exc:
+            raise ConversionError(
+                f"cannot copy {type(model).__name__} ({exc}); pass inplace=True to convert "
+                "the model itself"
+            ) from exc
+
+    report = ConversionReport(params_before=_count(target))
+    leaf_types = (*mapping.keys(), BayesianLayer)
+    trace = analyse(target, leaf_types)
+    if not trace.ok:
+        report.method, report.fallback_reason = "module tree", trace.failure
+        warnings.warn(
+            f"dnn2bnn: torch.fx could not trace {type(model).__name__} ({trace.failure}); "
+            "layers were found by walking the module tree instead (see conversion_report)",
+            ConversionWarning,
+            stacklevel=3,
+        )
+
+    names_by_id = defaultdict(list)
+    for name, module in target.named_modules(remove_duplicate=False):
+        names_by_id[id(module)].append(name)
+    param_names: dict[int, list[str]] = defaultdict(list)
+    for name, param in target.named_parameters(remove_duplicate=False):
+        param_names[id(param)].append(name)
+    parents = _parent_index(target)
+
+    unexpected: list[SkippedModule] = []
+    result = target
+    for module in list({id(m): m for m in target.modules()}.values()):
+        if is_bayesian_layer(module):
+            continue
+        bnn_cls = lookup(mapping, type(module))
+        if bnn_cls is None:
+            continue
+        names = names_by_id[id(module)]
+        name, type_name = names[0], _type_name(type(module))
+        if include_patterns is not None and not any(_matches(n, include_patterns) for n in names):
+            report.skipped.append(SkippedModule(name, type_name, "not matched by include"))
+            continue
+        excluded = [p for p in exclude_patterns or () if any(_matches(n, [p]) for n in names)]
+        if excluded:
+            report.skipped.append(SkippedModule(name, type_name, f"excluded by {excluded[0]!r}"))
+            continue
+        reason = _unconvertible(bnn_cls, module)
+        if reason is not None:
+            skip = SkippedModule(name, type_name, reason)
+            report.skipped.append(skip)
+            unexpected.append(skip)
+            continue
+        tied = _tied_parameters(module, names, param_names)
+        try:
+            if issubclass(bnn_cls, BayesianLayer):
+                new = bnn_cls._convert_(module, **options)
+            else:
+                new = bnn_cls.from_dnn(module, **options)
+        except (TypeError, ValueError) as exc:
+            raise ConversionError(
+                f"converting {name or '<root>'} ({type_name}) to {bnn_cls.__name__} failed: {exc}"
+            ) from exc
+        if new is not module:
+            for parent, attr in parents[id(module)]:
+                setattr(parent, attr, new)
+            if module is target:
+                result = new
+        uses = trace.uses.get(id(module), 0)
+        report.converted.append(
+            ConvertedModule(name, type_name, type(new).__name__, (uses > 0) if trace.ok else None)
+        )
+        if uses > 1 or len(names) > 1:
+            report.shared.append(name)
+            if isinstance(new, BayesianLayer):
+                new._share_samples = True
+        for note in tied:
+            report.notes.append(note)
+
+    for param_name, function in trace.raw_weights:
+        skip = SkippedModule(
+            param_name,
+            "nn.Parameter",
+            f"used directly by {function}() and owned by no convertible layer; left deterministic",
+        )
+        report.skipped.append(skip)
+        unexpected.append(skip)
+
+    if strict and unexpected:
+        listed = "; ".join(f"{s.name or '<root>'} ({s.type}): {s.reason}" for s in unexpected)
+        raise ConversionError(f"strict conversion: {len(unexpected)} skipped: {listed}")
+    if unexpected or report.notes:
+        items = [f"{s.name or '<root>'}: {s.reason}" for s in unexpected] + report.notes
+        warnings.warn(
+            "dnn2bnn: " + "; ".join(items) + " (see conversion_report)",
+            ConversionWarning,
+            stacklevel=3,
+        )
+    if report.shared:
+        install_sample_sharing(result)
+    report.params_after = _count(result)
+    previous = result.__dict__.get("conversion_report")
+    result.conversion_report = previous.merge(report) if previous is not None else report
+    return result
+
+
+def _unconvertible(bnn_cls: type[nn.Module], module: nn.Module) -> str | None:
+    if issubclass(bnn_cls, BayesianLayer):
+        try:
+            check_convertible(bnn_cls._bnn_base or bnn_cls, module)
+        except TypeError as exc:
+            return str(exc)
+    return None
+
+
+def _check_options(bnn_cls: type[nn.Module], options: dict[str, Any]) -> None:
+    signature = inspect.signature(bnn_cls.from_dnn)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return
+    allowed = [
+        n for n, p in list(signature.parameters.items())[1:] if p.kind is not p.VAR_POSITIONAL
+    ]
+    for key in options:
+        if key not in allowed:
+            raise TypeError(
+                f"unknown Bayesian option {key!r} for {bnn_cls.__name__}; expected one of {allowed}"
+            )
+    if issubclass(bnn_cls, BayesianLayer):
+        bnn_cls.check_options(**options)
+
+
+def _patterns(kind: str, value: Patterns) -> list[str] | None:
+    if value is None:
+        return None
+    patterns = [value] if isinstance(value, str) else list(value)
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise TypeError(f"{kind} patterns must be non-empty strings, got {pattern!r}")
+    return patterns
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    """Whether ``name`` or one of its ancestors ("a.b" for "a.b.c") matches a pattern."""
+    parts = name.split(".") if name else [""]
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch.fnmatchcase(p, pattern) for p in prefixes for pattern in patterns)
+
+
+def _parent_index(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    index: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+    for parent in model.modules():
+        for attr, child in parent._modules.items():
+            if child is not None:
+                index[id(child)].append((parent, attr))
+    return index
+
+
+def _tied_parameters(
+    module: nn.Module, names: list[str], param_names: dict[int, list[str]]
+) -> list[str]:
+    notes = []
+    for attr, param in module._parameters.items():
+        if param is None:
+            continue
+        own = {f"{alias}.{attr}" if alias else attr for alias in names}
+        others = [n for n in param_names[id(param)] if n not in own]
+        if others:
+            notes.append(
+                f"{sorted(own)[0]} was tied to {others[0]}; the Bayesian layer now has its own "
+                f"posterior mean and {others[0]} stays deterministic"
+            )
+    return notes
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _type_name(cls: type) -> str:
+    module = cls.__module__
+    if module.startswith("torch.nn.modules"):
+        module = "nn"
+    return f"{module}.{cls.__qualname__}"
+
+
+# ------------------------------------------------------------ one sample per forward call
+def install_sample_sharing(model: nn.Module) -> None:
+    """Make layers flagged ``_share_samples`` draw one weight sample per call of ``model``."""
+    if _open_sample_scope not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_open_sample_scope)
+        model.register_forward_hook(_close_sample_scope, always_call=True)
+
+
+def _open_sample_scope(model: nn.Module, args: Any) -> None:
+    for module in model.modules():
+        if isinstance(module, BayesianLayer) and module._share_samples:
+            module._sample_cache = {}
+
+
+def _close_sample_scope(model: nn.Module, args: Any, output: Any) -> None:
+    for module in model.modules():
+        if isinstance(module, BayesianLayer):
+            module._sample_cache = None

@@ -1,0 +1,29 @@
+"""Bayesian layers: drop-in replacements of torch.nn layers with Gaussian weight posteriors."""
+
+from dnn2bnn.layers._base import (
+    DEFAULT_POSTERIOR_SIGMA_INIT,
+    DEFAULT_PRIOR_MEAN,
+    DEFAULT_PRIOR_SIGMA,
+    BayesianLayer,
+    BayesMode,
+    bayesian_class,
+    is_bayesian_layer,
+)
+from dnn2bnn.layers.conv import BayesConv1d, BayesConv2d, BayesConv3d, ConvReparam
+from dnn2bnn.layers.linear import BayesLinear, DenseReparam
+
+__all__ = [
+    "DEFAULT_POSTERIOR_SIGMA_INIT",
+    "DEFAULT_PRIOR_MEAN",
+    "DEFAULT_PRIOR_SIGMA",
+    "BayesConv1d",
+    "BayesConv2d",
+    "BayesConv3d",
+    "BayesLinear",
+    "BayesMode",
+    "BayesianLayer",
+    "ConvReparam",
+    "DenseReparam",
+    "bayesian_class",
+    "is_bayesian_layer",
+]

@@ -1,0 +1,79 @@
+"""Switching Bayesian layers between sampling and posterior-mean inference."""
+
+from __future__ import annotations
+
+import warnings
+from types import TracebackType
+
+from torch import nn
+
+from dnn2bnn.layers._base import BayesMode
+
+__all__ = ["get_mode", "set_mode"]
+
+
+class _ModeSwitch:
+    """Returned by :func:`set_mode`; as a context manager it restores the previous modes."""
+
+    def __init__(self, model: nn.Module, mode: BayesMode) -> None:
+        self.model = model
+        self.mode = mode
+        self._previous = [(m, m.bayes_mode) for m in _layers_with_mode(model)]
+        if not self._previous:
+            warnings.warn(
+                f"set_mode: {type(model).__name__} has no Bayesian layer; nothing to switch",
+                stacklevel=3,
+            )
+        for layer, _ in self._previous:
+            layer.bayes_mode = mode
+
+    def __enter__(self) -> nn.Module:
+        return self.model
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for layer, previous in self._previous:
+            layer.bayes_mode = previous
+
+    def __repr__(self) -> str:
+        return f"set_mode({type(self.model).__name__}, {self.mode.value!r})"
+
+
+def _layers_with_mode(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(getattr(m, "bayes_mode", None), str)]
+
+
+def set_mode(model: nn.Module, mode: BayesMode | str) -> _ModeSwitch:
+    """Switch every Bayesian layer of ``model`` to ``"sample"`` or ``"mean"``.
+
+    In "sample" mode (the default) every forward call draws fresh weights; in "mean" mode
+    the layers use their posterior means and the model is deterministic. The switch happens
+    at once; used as a context manager it also restores each layer's previous mode on exit.
+    This is independent of ``model.train()``/``model.eval()``.
+
+    Args:
+        model: any module; its Bayesian layers are found recursively.
+        mode: ``"sample"`` or ``"mean"`` (or a :class:`BayesMode`).
+
+    Example:
+        >>> bnn = dnn2bnn.transform_to_bnn_model(torch.nn.Linear(3, 2))
+        >>> with dnn2bnn.set_mode(bnn, "mean"):
+        ...     y = bnn(torch.ones(1, 3))  # deterministic
+    """
+    try:
+        mode = BayesMode(mode)
+    except ValueError as exc:
+        raise ValueError(
+            f"mode must be one of {[m.value for m in BayesMode]}, got {mode!r}"
+        ) from exc
+    return _ModeSwitch(model, mode)
+
+
+def get_mode(model: nn.Module) -> BayesMode | None:
+    """The common mode of the model's Bayesian layers; ``None`` if none or if they differ."""
+    modes = {BayesMode(m.bayes_mode) for m in _layers_with_mode(model)}
+    return modes.pop() if len(modes) == 1 else None

@@ -1,0 +1,194 @@
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Normal, kl_divergence
+
+import dnn2bnn
+from dnn2bnn import BayesConv1d, BayesConv2d, BayesConv3d, BayesLinear, set_mode
+from dnn2bnn.layers._base import softplus_inverse
+
+# (dnn factory, bayes class, input shape) for every built-in layer and many constructor arguments
+CASES = [
+    (lambda **kw: nn.Linear(6, 4, **kw), BayesLinear, (3, 6)),
+    (lambda **kw: nn.Linear(6, 4, bias=False, **kw), BayesLinear, (3, 6)),
+    (lambda **kw: nn.Conv1d(2, 4, 3, stride=2, padding=1, **kw), BayesConv1d, (2, 2, 9)),
+    (lambda **kw: nn.Conv1d(4, 4, 3, groups=2, padding="same", padding_mode="circular", **kw), BayesConv1d, (2, 4, 9)),
+    (lambda **kw: nn.Conv2d(2, 6, 3, dilation=2, padding="valid", **kw), BayesConv2d, (2, 2, 9, 9)),
+    (lambda **kw: nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect", bias=False, **kw), BayesConv2d, (2, 2, 7, 7)),
+    (lambda **kw: nn.Conv2d(4, 4, (3, 1), groups=4, padding="same", padding_mode="replicate", **kw), BayesConv2d, (2, 4, 6, 5)),
+    (lambda **kw: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=(1, 0, 1), **kw), BayesConv3d, (1, 2, 4, 5, 4)),
+]
+IDS = [f"{c[1].__name__}-{i}" for i, c in enumerate(CASES)]
+
+
+@pytest.mark.parametrize("make, bayes_cls, shape", CASES, ids=IDS)
+def test_from_dnn_keeps_means_and_mean_mode_equals_dnn(make, bayes_cls, shape):
+    dnn = make()
+    dnn.eval()
+    before = {k: v.clone() for k, v in dnn.state_dict().items()}
+    bnn = bayes_cls.from_dnn(dnn)
+    assert type(bnn) is bayes_cls and isinstance(bnn, type(dnn))
+    assert torch.equal(bnn.weight_mu, dnn.weight)
+    assert (bnn.bias_mu is None) == (dnn.bias is None)
+    assert not bnn.training  # eval mode kept
+    x = torch.randn(shape)
+    with set_mode(bnn, "mean"):
+        torch.testing.assert_close(bnn(x), dnn(x), rtol=0, atol=1e-6)
+    assert not torch.equal(bnn(x), bnn(x))  # sample mode: fresh weights each call
+    # the DNN is untouched and shares no storage with the BNN
+    assert all(torch.equal(before[k], v) for k, v in dnn.state_dict().items())
+    with torch.no_grad():
+        bnn.weight_mu.add_(1.0)
+    assert torch.equal(before["weight"], dnn.weight)
+
+
+@pytest.mark.parametrize("make, bayes_cls, shape", CASES, ids=IDS)
+def test_constructor_matches_torch_nn(make, bayes_cls, shape):
+    """Built by hand with the same arguments, the layer has the torch.nn layer's attributes."""
+    dnn = make()
+    args = {k: getattr(dnn, k) for k in ("stride", "padding", "dilation", "groups", "padding_mode") if hasattr(dnn, k)}
+    if isinstance(dnn, nn.Linear):
+        bnn = bayes_cls(dnn.in_features, dnn.out_features, bias=dnn.bias is not None)
+    else:
+        bnn = bayes_cls(dnn.in_channels, dnn.out_channels, dnn.kernel_size, bias=dnn.bias is not None, **args)
+    for key, value in args.items():
+        assert getattr(bnn, key) == value
+    assert bnn.weight_mu.shape == dnn.weight.shape
+    assert bnn(torch.randn(shape)).shape == dnn(torch.randn(shape)).shape
+
+
+@pytest.mark.parametrize("make, bayes_cls, shape", CASES, ids=IDS)
+def test_to_dnn_round_trip(make, bayes_cls, shape):
+    dnn = make()
+    bnn = bayes_cls.from_dnn(dnn, posterior_sigma_init=0.05)
+    back = bnn.to_dnn()
+    assert type(back) is type(dnn)
+    assert set(dict(back.named_parameters())) == set(dict(dnn.named_parameters()))
+    x = torch.randn(shape)
+    torch.testing.assert_close(back(x), dnn(x), rtol=0, atol=1e-6)
+
+
+def test_device_dtype_passthrough():
+    layer = BayesLinear(3, 2, dtype=torch.float64)
+    assert layer.weight_mu.dtype == layer.weight_rho.dtype == torch.float64
+    assert layer(torch.randn(4, 3, dtype=torch.float64)).dtype == torch.float64
+    converted = BayesConv2d.from_dnn(nn.Conv2d(1, 2, 3, dtype=torch.float64))
+    assert converted.weight_mu.dtype == torch.float64
+
+
+def test_posterior_sigma_init_and_sample_statistics():
+    layer = BayesLinear(50, 40, posterior_sigma_init=0.2)
+    torch.testing.assert_close(layer.posterior_sigma(), torch.full((40, 50), 0.2))
+    samples = torch.stack([layer.weight.detach() for _ in range(400)])
+    mean_err = (samples.mean(0) - layer.weight_mu).abs().mean()
+    assert mean_err < 4 * 0.2 / math.sqrt(400)  # the mean abs error of the MC mean is ~0.8 sigma/sqrt(n)
+    assert abs(samples.std(0).mean().item() - 0.2) < 0.01
+
+
+def test_softplus_inverse():
+    for value in (1e-6, 1e-3, 0.5, 3.0):
+        assert F.softplus(torch.tensor(softplus_inverse(value), dtype=torch.float64)).item() == pytest.approx(value, rel=1e-9)
+
+
+@pytest.mark.parametrize("make, bayes_cls, shape", CASES[:3], ids=IDS[:3])
+def test_kl_matches_torch_distributions(make, bayes_cls, shape):
+    bnn = bayes_cls.from_dnn(make(), prior_mean=0.1, prior_sigma=0.3, posterior_sigma_init=0.05)
+    with torch.no_grad():
+        bnn.weight_rho.add_(torch.randn_like(bnn.weight_rho))
+    expected = 0
+    for name in ("weight", "bias"):
+        mu = getattr(bnn, f"{name}_mu")
+        if mu is None:
+            continue
+        q = Normal(mu, F.softplus(getattr(bnn, f"{name}_rho")))
+        expected = expected + kl_divergence(q, Normal(torch.tensor(0.1), torch.tensor(0.3))).sum()
+    torch.testing.assert_close(bnn.kl(), expected)
+    # direction: KL(q||p), not KL(p||q)
+    mu = bnn.weight_mu
+    reverse = kl_divergence(Normal(torch.tensor(0.1), torch.tensor(0.3)), Normal(mu, F.softplus(bnn.weight_rho))).sum()
+    assert not torch.allclose(bnn.kl(), reverse)
+
+
+def test_gradients_reach_mu_and_rho():
+    layer = BayesConv2d(2, 3, 3)
+    layer(torch.randn(4, 2, 6, 6)).pow(2).sum().add(layer.kl()).backward()
+    for name, param in layer.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_weight_cannot_be_assigned():
+    layer = BayesLinear(3, 2)
+    with pytest.raises(AttributeError, match="weight_mu"):
+        layer.weight = torch.zeros(2, 3)
+
+
+def test_repr_does_not_draw_samples():
+    layer = BayesConv2d(1, 2, 3, bias=False)
+    state = torch.get_rng_state()
+    text = repr(layer)
+    assert torch.equal(state, torch.get_rng_state())
+    assert "bias=False" in text and "prior=NormalPrior" in text
+
+
+def test_reset_parameters_reinitialises_means_and_sigma():
+    layer = BayesLinear(5, 3, posterior_sigma_init=0.1)
+    with torch.no_grad():
+        layer.weight_mu.zero_()
+        layer.weight_rho.fill_(3.0)
+    layer.reset_parameters()
+    assert layer.weight_mu.abs().sum() > 0
+    torch.testing.assert_close(layer.posterior_sigma(), torch.full((3, 5), 0.1))
+
+
+def test_bad_options_raise_clear_errors():
+    with pytest.raises(ValueError, match="posterior_sigma_init must be > 0"):
+        BayesLinear(3, 2, posterior_sigma_init=0.0)
+    with pytest.raises(ValueError, match="NormalPrior.sigma must be > 0"):
+        BayesLinear.from_dnn(nn.Linear(3, 2), prior_sigma=-1.0)
+    with pytest.raises(TypeError, match="BayesLinear converts torch.nn.modules.linear.Linear, got Conv2d"):
+        BayesLinear.from_dnn(nn.Conv2d(1, 1, 1))
+    with pytest.raises(TypeError, match="already a Bayesian layer"):
+        BayesLinear.from_dnn(BayesLinear(2, 2))
+    with pytest.raises(TypeError, match="uninitialized"):
+        BayesLinear.from_dnn(nn.LazyLinear(3))
+
+
+def test_parametrized_layer_is_refused():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    with pytest.raises(TypeError, match="parametriz"):
+        BayesLinear.from_dnn(weight_norm(nn.Linear(3, 2)))
+
+
+class ScaledLinear(nn.Linear):
+    def __init__(self, a, b, scale):
+        super().__init__(a, b)
+        self.scale = scale
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def test_subclass_keeps_its_forward_and_pickles(tmp_path):
+    dnn = ScaledLinear(4, 3, scale=2.5)
+    bnn = BayesLinear.from_dnn(dnn)
+    assert isinstance(bnn, ScaledLinear) and isinstance(bnn, BayesLinear) and bnn.scale == 2.5
+    x = torch.randn(2, 4)
+    with set_mode(bnn, "mean"):
+        torch.testing.assert_close(bnn(x), dnn(x))
+    restored = pickle.loads(pickle.dumps(bnn))
+    assert type(restored) is type(bnn)
+    torch.save(bnn, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    with set_mode(loaded, "mean"):
+        torch.testing.assert_close(loaded(x), dnn(x))
+    assert type(bnn.to_dnn()) is ScaledLinear
+
+
+def test_aliases():
+    assert dnn2bnn.DenseReparam is BayesLinear
+    assert dnn2bnn.ConvReparam is BayesConv2d
