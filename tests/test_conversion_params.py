@@ -105,3 +105,45 @@ def test_transform_to_bnn_layer_accepts_opt_in_types():
     dnn = nn.Sequential(nn.GRU(3, 4))
     bnn = dnn2bnn.transform_to_bnn_layer(dnn, nn.GRU)
     assert type(bnn[0]).__name__ == "BayesGRU" and len(bnn[0].bayes_params) == 4
+
+
+def test_converted_copy_shares_no_storage_with_the_user_model():
+    dnn = Tiny()
+    dnn.head = nn.Linear(8, 20, bias=False)
+    dnn.head.weight = dnn.tok.weight  # tied: copied, not shared
+    before = {k: v.clone() for k, v in dnn.state_dict().items()}
+    with pytest.warns(ConversionWarning):
+        bnn = transform_to_bnn_model(dnn, layer_types=[nn.MultiheadAttention, nn.Linear, nn.LSTM])
+    ptrs = {t.data_ptr() for t in dnn.state_dict().values()}
+    assert not ptrs & {t.data_ptr() for t in bnn.state_dict().values()}
+    assert type(dnn.attn) is nn.MultiheadAttention and type(dnn.rnn) is nn.LSTM
+    with torch.no_grad():
+        for p in bnn.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(before[k], v) for k, v in dnn.state_dict().items())
+    idx = torch.randint(0, 20, (1, 5))
+    assert dnn(idx).shape == (1, 3)  # the user's LSTM still has its own flat weights
+
+
+class Scale(nn.Module):
+    """A user layer with parameters not called weight/bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.full((4,), 2.0))
+        self.shift = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        return x * self.gain + self.shift
+
+
+def test_parameter_converter_for_a_user_layer_type():
+    from dnn2bnn.layers import parameter_converter
+
+    dnn = nn.Sequential(Scale(), nn.Linear(4, 4), Scale())
+    bnn = dnn2bnn.transform_to_bnn_layer(dnn, Scale, parameter_converter(Scale, ("gain",)))
+    assert [c.params for c in bnn.conversion_report.converted] == [("gain",), ("gain",)]
+    assert isinstance(bnn[0], Scale) and isinstance(bnn[0].shift, nn.Parameter)
+    x = torch.randn(3, 4)
+    with set_mode(bnn, "mean"):
+        torch.testing.assert_close(bnn(x), dnn(x), rtol=0, atol=0)

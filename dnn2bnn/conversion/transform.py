@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import inspect
 import warnings
@@ -12,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from dnn2bnn.conversion._copy import copy_sharing, unshare_
 from dnn2bnn.conversion._mapping import default_mapping, lookup, opt_in_mapping
 from dnn2bnn.conversion._params import ParamSelection, resolve, select_parameters
 from dnn2bnn.conversion._trace import analyse
@@ -180,11 +180,14 @@ def _convert(
                     f"module names look like {[n for n in all_names if n][:8]}"
                 )
 
+    shared: set[int] = set()
     if inplace:
         target = model
     else:
         try:
-            target = copy.deepcopy(model)
+            target, shared = copy_sharing(
+                model, lambda m: _will_replace(m, mapping, include_patterns, exclude_patterns)
+            )
         except Exception as exc:
             raise ConversionError(
                 f"cannot copy {type(model).__name__} ({exc}); pass inplace=True to convert "
@@ -281,6 +284,7 @@ def _convert(
         report.skipped.append(skip)
         unexpected.append(skip)
 
+    unshare_(result, shared)  # a copy never shares a tensor with the user's model
     if strict and unexpected:
         listed = "; ".join(f"{s.name or '<root>'} ({s.type}): {s.reason}" for s in unexpected)
         raise ConversionError(f"strict conversion: {len(unexpected)} skipped: {listed}")
@@ -305,6 +309,23 @@ def _filtered(names: list[str], include: list[str] | None, exclude: list[str] | 
         return "not matched by include"
     excluded = [p for p in exclude or () if any(_matches(n, [p]) for n in names)]
     return f"excluded by {excluded[0]!r}" if excluded else None
+
+
+def _will_replace(
+    module: nn.Module,
+    mapping: Mapping[type[nn.Module], type[nn.Module]],
+    include: list[str] | None,
+    exclude: list[str] | None,
+) -> tuple[str, ...]:
+    """The parameters of ``module`` the conversion will clone into posterior means."""
+    bnn_cls = lookup(mapping, type(module))
+    if bnn_cls is None or not issubclass(bnn_cls, BayesianLayer) or is_bayesian_layer(module):
+        return ()
+    if include is not None or exclude is not None or _unconvertible(bnn_cls, module):
+        return ()  # filtered modules are rare: copy them as usual
+    if issubclass(bnn_cls, BayesianParameters):
+        return bnn_cls.select_params(module)
+    return tuple(bnn_cls.bayes_params)
 
 
 def _unconvertible(
