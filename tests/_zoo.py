@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
+import re
 import warnings
 from collections.abc import Callable
 
-import pytest
 import torch
 from torch import nn
 
@@ -68,14 +67,19 @@ def bayesian_mus(model: nn.Module) -> list[torch.Tensor]:
     ]
 
 
-def convert_checked(dnn: nn.Module, *, traced: bool = True, warns: str | None = None) -> nn.Module:
-    """Convert ``dnn`` in place; check counts, that nothing is left deterministic, the method."""
+def convert_checked(dnn: nn.Module, *, traced: bool = True, warns: tuple[str, ...] = ()) -> nn.Module:
+    """Convert ``dnn`` in place; check counts, that nothing is left deterministic, the method.
+
+    ``warns``: the expected ConversionWarnings, one regex each; each must be issued once.
+    """
     count, numel = targeted(dnn)
-    expected = pytest.warns(ConversionWarning, match=warns) if warns else contextlib.nullcontext()
-    with expected, warnings.catch_warnings():
-        if not warns:
-            warnings.simplefilter("error", ConversionWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         bnn = dnn2bnn.transform_to_bnn_model(dnn, inplace=True)
+    messages = [str(w.message) for w in caught if issubclass(w.category, ConversionWarning)]
+    assert len(messages) == len(warns), messages
+    for pattern in warns:
+        assert sum(bool(re.search(pattern, m)) for m in messages) == 1, (pattern, messages)
     report = bnn.conversion_report
     assert report.method == ("torch.fx" if traced else "module tree"), report.fallback_reason
     mus = bayesian_mus(bnn)
@@ -90,7 +94,7 @@ def check_conversion(
     inputs: tuple,
     *,
     traced: bool = True,
-    warns: str | None = None,
+    warns: tuple[str, ...] = (),
     loss: Callable[[nn.Module], torch.Tensor] | None = None,
     rtol: float = 1e-5,
 ) -> nn.Module:

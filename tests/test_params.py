@@ -201,3 +201,22 @@ def test_gpt2_conv1d():
     with set_mode(bnn, "mean"):
         torch.testing.assert_close(bnn(x), dnn(x), rtol=0, atol=1e-6)
     assert not torch.equal(bnn(x), bnn(x))
+
+
+class WithWeightProperty(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.raw = nn.Parameter(torch.ones(2))
+
+    @property
+    def weight(self):
+        return self.raw * 2
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def test_a_class_defined_weight_property_is_kept():
+    bnn = BayesianParameters.from_dnn(WithWeightProperty(), params=["raw"])
+    with set_mode(bnn, "mean"):
+        torch.testing.assert_close(bnn(torch.ones(2)), torch.full((2,), 2.0))

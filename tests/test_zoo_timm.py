@@ -42,5 +42,6 @@ def test_timm_model(name, size, kwargs):
     torch.manual_seed(0)
     dnn = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
     bnn = check_conversion(dnn, (torch.randn(1, 3, size, size),))
+    # attention projections (a Linear, or LeViT's Linear+BatchNorm) hold Bayesian weights
     qkv = [m for n, m in bnn.named_modules() if n.endswith(".qkv")]
-    assert all(isinstance(m, BayesianLayer) for m in qkv)
+    assert all(any(isinstance(x, BayesianLayer) for x in m.modules()) for m in qkv)

@@ -19,15 +19,17 @@ Inputs are the smallest each model accepts (``INPUT``), batch 1.
 import pytest
 import torch
 from torchvision import models
-from torchvision.models import convnext, maxvit, regnet, swin_transformer, vision_transformer
+from functools import partial
+
+from torchvision.models import convnext, efficientnet, maxvit, regnet, swin_transformer, vision_transformer
 
 from dnn2bnn import BayesianLayer, BayesMultiheadAttention
 from tests._zoo import check_conversion, convert_checked
 
 CLASSIFICATION = models.list_models(module=models)
-RUN_MAX_PARAMS = 12_000_000
-#: Larger models run numerically too: one per block type not otherwise covered.
-REPRESENTATIVES = {"resnet50", "inception_v3", "efficientnet_v2_s", "densenet121"}
+RUN_MAX_PARAMS = 8_000_000
+#: Larger models run numerically too: one per architecture class not otherwise covered.
+REPRESENTATIVES = {"resnet18", "resnet50", "inception_v3", "googlenet"}
 #: Smallest input side each model accepts (default 32).
 INPUT = {"alexnet": 63, "inception_v3": 75, "maxvit_t": 224}
 #: Builder arguments: ViTs fix their input size when built; skip the slow scipy init.
@@ -64,6 +66,15 @@ REDUCED = {
     "ConvNeXt": (
         lambda: convnext.ConvNeXt(
             [convnext.CNBlockConfig(16, 32, 1), convnext.CNBlockConfig(32, None, 1)], num_classes=10
+        ),
+        32,
+    ),
+    "EfficientNet-v2": (
+        lambda: efficientnet.EfficientNet(
+            [efficientnet.FusedMBConvConfig(1, 3, 1, 8, 8, 1), efficientnet.FusedMBConvConfig(4, 3, 2, 8, 16, 1),
+             efficientnet.MBConvConfig(4, 3, 2, 16, 24, 1)],
+            dropout=0.1, last_channel=64, num_classes=10,
+            norm_layer=partial(torch.nn.BatchNorm2d, eps=1e-03),
         ),
         32,
     ),
@@ -129,6 +140,7 @@ def test_classification_model(name, _regnet_on_meta):
         full = models.get_model(name, weights=None, num_classes=10, **BUILD.get(name, {}))
     size = INPUT.get(name, BUILD.get(name, {}).get("image_size", 32))
     run = sum(p.numel() for p in full.parameters()) <= RUN_MAX_PARAMS or name in REPRESENTATIVES
+    full = None if run else full
     if run:
         dnn = models.get_model(name, weights=None, num_classes=10, **BUILD.get(name, {}))
         bnn = check_conversion(dnn, (torch.randn(1, 3, size, size),))
@@ -164,14 +176,21 @@ def test_detection_model_falls_back_to_the_module_tree():
         rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20, box_detections_per_img=10,
     )
     bnn = check_conversion(
-        dnn, ([torch.rand(3, 64, 80)],), traced=False, warns="torch.fx could not trace", loss=_detection_loss
+        dnn, ([torch.rand(3, 64, 80)],), traced=False, warns=("torch.fx could not trace",), loss=_detection_loss
     )
     assert "tracing failed" in str(bnn.conversion_report)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["deeplabv3_mobilenet_v3_large", "fcn_resnet50"])
-def test_segmentation_model(name):
+def test_segmentation_model():
     torch.manual_seed(0)
-    dnn = models.get_model(name, weights=None, weights_backbone=None, num_classes=3)
+    dnn = models.get_model("deeplabv3_mobilenet_v3_large", weights=None, weights_backbone=None, num_classes=3)
     check_conversion(dnn, (torch.randn(1, 3, 64, 64),))
+
+
+@pytest.mark.slow
+def test_large_segmentation_model_converts_at_full_size():
+    with torch.device("meta"):
+        dnn = models.get_model("fcn_resnet50", weights=None, weights_backbone=None, num_classes=3, aux_loss=True)
+    bnn = convert_checked(dnn)
+    assert {"classifier.4", "aux_classifier.4"} <= {c.name for c in bnn.conversion_report.converted}

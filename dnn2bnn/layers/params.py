@@ -288,7 +288,9 @@ def bayesian_parameters_class(
         "__module__": base.__module__,
     }
     for attr in ("weight", "bias"):
-        namespace[attr] = _plain_attribute(attr)
+        # Undo BayesianLayer's sampling properties, or restore dnn_cls's own descriptor.
+        own = next((k.__dict__[attr] for k in dnn_cls.__mro__ if attr in k.__dict__), None)
+        namespace[attr] = own if own is not None else _plain_attribute(attr)
     for name in names:
         namespace[name] = _bayes_property(name)
     return type(f"Bayes{dnn_cls.__name__}", bases, namespace)
