@@ -28,7 +28,7 @@ __all__ = ["flipout", "local_reparam", "random_signs"]
 
 def random_signs(shape: tuple[int, ...], like: Tensor) -> Tensor:
     """A tensor of independent random ``+1``/``-1`` of ``shape``, dtype and device of ``like``."""
-    signs = torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(0.5)
+    signs = torch.randint(0, 2, shape, dtype=like.dtype, device=like.device)
     return signs.mul_(2.0).sub_(1.0)
 
 
