@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from dnn2bnn.config import OPTION_NAMES, BayesConfig, Estimator
 from dnn2bnn.errors import ConversionWarning
 from dnn2bnn.layers import _estimators
+from dnn2bnn.layers._sampling import NormalKL, cached_sigma, sample as _sample
 from dnn2bnn.priors import Prior
 
 __all__ = [
@@ -88,6 +89,7 @@ class BayesianLayer(nn.Module):
         "_sample_cache",
         "_share_samples",
         "_kl_samples",
+        "_sigma_cache",
     )
     #: Whether the flipout/lrt estimators can run this class (False for a user subclass
     #: with its own ``forward``, which only sees the sampled ``weight``).
@@ -117,6 +119,7 @@ class BayesianLayer(nn.Module):
         self._sample_cache: dict[str, Tensor] | None = None
         self._share_samples = False
         self._kl_samples: dict[str, Tensor] = {}
+        self._sigma_cache: dict[str, tuple[int, int, Tensor]] = {}
         for name in self.bayes_params:
             value = self._parameters.pop(name)
             if value is None:
@@ -228,11 +231,15 @@ class BayesianLayer(nn.Module):
         if cache is not None and name in cache:
             return cache[name]
         rho = params[name + "_rho"]
-        sample = mu + F.softplus(rho) * torch.randn_like(mu)
+        sample = _sample(mu, rho, self._sigma(name, rho))
         if cache is not None:
             cache[name] = sample
         self._keep_for_kl(name, sample)
         return sample
+
+    def _sigma(self, name: str, rho: Tensor) -> Tensor:
+        """``softplus(rho)`` detached, computed once per change of ``rho`` (see ``_sampling``)."""
+        return cached_sigma(self._sigma_cache, name, rho)
 
     def _keep_for_kl(self, name: str, sample: Tensor) -> None:
         """Remember the forward pass's weight sample when the prior's KL is Monte Carlo."""
@@ -268,15 +275,21 @@ class BayesianLayer(nn.Module):
             mu = self._parameters[name + "_mu"]
             if mu is None:
                 continue
-            sigma = F.softplus(self._parameters[name + "_rho"])
-            sample = None
-            if self.prior.needs_sample:
-                sample = self._kl_samples.pop(name, None)
-                if sample is None:
-                    sample = mu + sigma * torch.randn_like(mu)
+            rho = self._parameters[name + "_rho"]
             prefix = name + "_prior_"
             buffers = {k[len(prefix) :]: v for k, v in self._buffers.items() if k.startswith(prefix)}
-            term = self.prior.kl(mu, sigma, buffers, sample)
+            if not self.prior.needs_sample and buffers["sigma"].numel() == 1:
+                # Normal / empirical prior: fused closed form with a hand-written gradient
+                sigma = self._sigma(name, rho)
+                term = NormalKL.apply(mu, rho, sigma, buffers["mu"], buffers["sigma"])
+            else:
+                sigma = F.softplus(rho)
+                sample = None
+                if self.prior.needs_sample:
+                    sample = self._kl_samples.pop(name, None)
+                    if sample is None:
+                        sample = mu + sigma * torch.randn_like(mu)
+                term = self.prior.kl(mu, sigma, buffers, sample)
             total = term if total is None else total + term
         if total is None:
             raise RuntimeError(f"{type(self).__name__} has no Bayesian parameter")
@@ -310,6 +323,7 @@ class BayesianLayer(nn.Module):
         state = super().__getstate__()
         state = dict(state)
         state["_kl_samples"] = {}
+        state["_sigma_cache"] = {}
         state["_sample_cache"] = None
         return state
 
