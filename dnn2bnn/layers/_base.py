@@ -281,7 +281,8 @@ class BayesianLayer(nn.Module):
             if not self.prior.needs_sample and buffers["sigma"].numel() == 1:
                 # Normal / empirical prior: fused closed form with a hand-written gradient
                 sigma = self._sigma(name, rho)
-                term = NormalKL.apply(mu, rho, sigma, buffers["mu"], buffers["sigma"])
+                release = functools.partial(self._sigma_cache.pop, name, None)
+                term = NormalKL.apply(mu, rho, sigma, buffers["mu"], buffers["sigma"], release)
             else:
                 sigma = F.softplus(rho)
                 sample = None

@@ -5,16 +5,17 @@ computes softplus again for the KL. Here:
 
 * ``sigma = softplus(rho)`` is computed once per optimizer step and cached (detached, keyed
   by the version counter of ``rho``, so any in-place update or ``load_state_dict``
-  invalidates it); repeated Monte Carlo passes in inference never recompute it.
-* :class:`GaussianSample` returns ``mu + sigma * eps`` and saves only ``eps`` (and ``rho``,
-  which is a parameter anyway); backward is ``grad_mu = g``,
-  ``grad_rho = g * eps * sigmoid(rho)``.
+  invalidates it); repeated Monte Carlo passes in inference never recompute it. In
+  training the KL's backward, the last use before the optimizer changes ``rho``, drops it.
+* :class:`GaussianSample` returns ``mu + sigma * eps`` and allocates nothing for its
+  backward (see there); ``grad_mu = g``, ``grad_rho = g * eps * sigmoid(rho)``.
 * :class:`NormalKL` returns the summed closed-form KL with reductions (dot products) instead
   of elementwise temporaries, and its gradient in closed form.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,35 +40,36 @@ def cached_sigma(cache: dict[str, tuple[int, int, Tensor]], name: str, rho: Tens
 class GaussianSample(torch.autograd.Function):
     """``mu + sigma * eps`` with ``eps ~ N(0, 1)``; ``sigma = softplus(rho)`` precomputed.
 
-    Returns ``(sample, eps)``; ``eps`` is not differentiable.
+    Saves nothing new: the sample itself (which the layer's op keeps for its own backward
+    anyway), ``mu`` and ``rho`` (parameters) and ``sigma`` (cached). Backward recovers
+    ``eps = (w - mu) / sigma`` (the noise actually applied, after rounding) and returns
+    ``grad_mu = g``, ``grad_rho = g * eps * sigmoid(rho)``.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(mu: Tensor, rho: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        eps = torch.randn_like(mu)
-        return torch.addcmul(mu, sigma, eps), eps
+    def forward(mu: Tensor, rho: Tensor, sigma: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.addcmul(mu, sigma, torch.randn_like(mu))
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor]) -> None:
-        _, rho, _ = inputs
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(rho, output[1])
+    def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        mu, rho, sigma = inputs
+        ctx.save_for_backward(mu, rho, sigma, output)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        rho, eps = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        mu, rho, sigma, weight = ctx.saved_tensors
         grad_rho = None
         if ctx.needs_input_grad[1]:
-            grad_rho = torch.sigmoid(rho).mul_(eps).mul_(grad)
+            grad_rho = torch.sub(weight, mu).div_(sigma).mul_(torch.sigmoid(rho)).mul_(grad)
         return (grad if ctx.needs_input_grad[0] else None), grad_rho, None
 
 
 def sample(mu: Tensor, rho: Tensor, sigma: Tensor) -> Tensor:
     """One reparameterized sample; the cheapest path when no gradient is needed."""
     if torch.is_grad_enabled() and (mu.requires_grad or rho.requires_grad):
-        return GaussianSample.apply(mu, rho, sigma)[0]
+        return GaussianSample.apply(mu, rho, sigma)
     return torch.randn_like(mu).mul_(sigma).add_(mu)
 
 
@@ -80,31 +82,35 @@ class NormalKL(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, mu: Tensor, rho: Tensor, sigma: Tensor, prior_mu: Tensor, prior_sigma: Tensor
+        ctx: Any,
+        mu: Tensor,
+        rho: Tensor,
+        sigma: Tensor,
+        prior_mu: Tensor,
+        prior_sigma: Tensor,
+        release: Callable[[], None] | None = None,
     ) -> Tensor:
         dtype = torch.promote_types(mu.dtype, torch.float32)
         m, s = mu.to(dtype).flatten(), sigma.to(dtype).flatten()
-        pm, ps = prior_mu.to(dtype), prior_sigma.to(dtype)
-        n = m.numel()
-        if pm.numel() == 1:  # sum((m - pm)^2) without a temporary
-            squares = torch.dot(m, m) - 2 * pm.reshape(()) * m.sum() + n * pm.reshape(()) ** 2
-        else:
-            diff = m - pm.flatten()
-            squares = torch.dot(diff, diff)
-        inv_var = 1.0 / (ps * ps)
-        kl = 0.5 * inv_var * (torch.dot(s, s) + squares)
-        kl = kl - torch.log(s).sum() + n * (torch.log(ps) - 0.5)
+        ps = prior_sigma.to(dtype).reshape(())
+        diff = m - prior_mu.to(dtype).flatten()  # broadcasts a scalar prior mean
+        # 0.5 * sum(s^2 + d^2) / ps^2 - sum(log s) + n * (log ps - 1/2), with reductions only
+        kl = (torch.dot(s, s) + torch.dot(diff, diff)) / (2 * ps * ps) - torch.log(s).sum()
+        kl = kl + m.numel() * (torch.log(ps) - 0.5)
         ctx.save_for_backward(mu, rho, sigma, prior_mu, prior_sigma)
+        ctx.release = release
         return kl
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         mu, rho, sigma, prior_mu, prior_sigma = ctx.saved_tensors
-        inv_var = (grad / (prior_sigma * prior_sigma)).to(mu.dtype)
+        inv_var = (grad / (prior_sigma * prior_sigma)).to(rho.dtype)
         grad_mu = grad_rho = None
         if ctx.needs_input_grad[0]:
-            grad_mu = (mu - prior_mu).mul_(inv_var)
+            grad_mu = torch.sub(mu, prior_mu).mul_(inv_var)
         if ctx.needs_input_grad[1]:
-            grad_rho = (sigma * inv_var).sub_(sigma.reciprocal().mul_(grad.to(mu.dtype)))
+            grad_rho = sigma.reciprocal().mul_(-grad.to(rho.dtype)).add_(sigma * inv_var)
             grad_rho.mul_(torch.sigmoid(rho))
-        return grad_mu, grad_rho, None, None, None
+        if ctx.release is not None:
+            ctx.release()  # rho changes at the next optimizer step: do not hold sigma meanwhile
+        return grad_mu, grad_rho, None, None, None, None
