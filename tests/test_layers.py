@@ -211,11 +211,16 @@ def test_aliases():
     assert dnn2bnn.ConvReparam is BayesConv2d
 
 
-def test_transposed_conv_output_size_argument():
+@pytest.mark.parametrize("estimator", ["reparam", "flipout", "lrt"])
+def test_transposed_conv_output_size_argument(estimator):
     dnn = nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1)
-    bnn = BayesConvTranspose2d.from_dnn(dnn)
+    bnn = BayesConvTranspose2d.from_dnn(dnn, estimator=estimator)
     x = torch.randn(1, 2, 4, 4)
     with set_mode(bnn, "mean"):
         out = bnn(x, output_size=[8, 8])
     assert out.shape == (1, 3, 8, 8)
     torch.testing.assert_close(out, dnn(x, output_size=[8, 8]), rtol=0, atol=1e-6)
+    sampled = bnn(x, output_size=[8, 8])
+    assert sampled.shape == (1, 3, 8, 8) and not torch.equal(sampled, out)
+    assert bnn(x).shape == (1, 3, 7, 7)
+    assert type(bnn.to_dnn()) is nn.ConvTranspose2d and not hasattr(bnn.to_dnn(), "_call_output_padding")

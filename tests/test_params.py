@@ -220,3 +220,13 @@ def test_a_class_defined_weight_property_is_kept():
     bnn = BayesianParameters.from_dnn(WithWeightProperty(), params=["raw"])
     with set_mode(bnn, "mean"):
         torch.testing.assert_close(bnn(torch.ones(2)), torch.full((2,), 2.0))
+
+
+def test_parameter_level_layers_use_reparam_and_say_so():
+    with pytest.warns(dnn2bnn.ConversionWarning, match="'flipout' cannot be applied; it uses 'reparam'"):
+        bnn = BayesianParameters.from_dnn(nn.LayerNorm(3), estimator="flipout")
+    assert bnn.estimator.value == "reparam"
+    dnn = nn.Sequential(nn.Linear(4, 8), nn.LSTM(8, 8))
+    with pytest.warns(dnn2bnn.ConversionWarning, match="1: LSTM has parameter-level"):
+        converted = dnn2bnn.transform_to_bnn_model(dnn, layer_types=[nn.Linear, nn.LSTM], estimator="flipout")
+    assert converted[0].estimator.value == "flipout" and converted[1].estimator.value == "reparam"

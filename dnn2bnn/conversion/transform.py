@@ -6,14 +6,16 @@ import fnmatch
 import inspect
 import warnings
 from collections import defaultdict
+import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import nn
 
+from dnn2bnn.config import BayesConfig, BayesConfigMapping
 from dnn2bnn.conversion._copy import copy_sharing, unshare_
 from dnn2bnn.conversion._mapping import default_mapping, lookup, opt_in_mapping
-from dnn2bnn.conversion._params import ParamSelection, resolve, select_parameters
+from dnn2bnn.conversion._params import resolve, select_parameters
 from dnn2bnn.conversion._trace import analyse
 from dnn2bnn.conversion.report import ConversionReport, ConvertedModule, SkippedModule
 from dnn2bnn.errors import ConversionError, ConversionWarning
@@ -23,6 +25,7 @@ from dnn2bnn.layers.params import BayesianParameters
 __all__ = ["transform_to_bnn_layer", "transform_to_bnn_model"]
 
 Patterns = str | Iterable[str] | None
+ConfigArg = BayesConfig | BayesConfigMapping | None
 
 
 def transform_to_bnn_model(
@@ -34,6 +37,7 @@ def transform_to_bnn_model(
     params: Patterns = None,
     inplace: bool = False,
     strict: bool = False,
+    config: ConfigArg = None,
     **bayes_options: Any,
 ) -> nn.Module:
     """Convert the Linear, convolution and attention layers of a trained model into Bayesian ones.
@@ -67,8 +71,11 @@ def transform_to_bnn_model(
         inplace: convert ``model`` itself instead of a deep copy.
         strict: raise :class:`ConversionError` instead of skipping a layer that cannot be
             converted.
-        **bayes_options: options of the Bayesian layers' ``from_dnn`` (``prior_mean``,
-            ``prior_sigma``, ``posterior_sigma_init``).
+        config: a :class:`BayesConfig` for every layer, or a :class:`BayesConfigMapping`
+            choosing one per layer (name pattern > module type > global).
+        **bayes_options: keyword shortcuts for the common case, applied to every layer
+            (cannot be combined with a ``BayesConfigMapping``): ``prior``, ``prior_mean``,
+            ``prior_sigma``, ``posterior_sigma_init``, ``moped_delta``, ``estimator``.
 
     Returns:
         The Bayesian model; its ``conversion_report`` attribute is a
@@ -76,7 +83,7 @@ def transform_to_bnn_model(
 
     Example:
         >>> dnn = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-        >>> bnn = transform_to_bnn_model(dnn, prior_sigma=0.1)
+        >>> bnn = transform_to_bnn_model(dnn, prior_sigma=0.1, estimator="flipout")
         >>> type(bnn[0]).__name__, len(bnn.conversion_report.converted)
         ('BayesLinear', 2)
     """
@@ -95,7 +102,9 @@ def transform_to_bnn_model(
                 )
             chosen[layer_type] = known[layer_type]
         mapping = chosen
-    return _convert(model, mapping, include, exclude, inplace, strict, bayes_options, params)
+    return _convert(
+        model, mapping, include, exclude, inplace, strict, config, bayes_options, params
+    )
 
 
 def transform_to_bnn_layer(
@@ -107,6 +116,7 @@ def transform_to_bnn_layer(
     exclude: Patterns = None,
     inplace: bool = False,
     strict: bool = False,
+    config: ConfigArg = None,
     **bayes_options: Any,
 ) -> nn.Module:
     """Convert only the layers of one type, e.g. ``nn.Linear`` -> ``BayesLinear``.
@@ -117,8 +127,9 @@ def transform_to_bnn_layer(
         bnn_layer_type: the Bayesian type to convert into; default: the built-in one.
             A user-written class works if it follows the layer protocol: a classmethod
             ``from_dnn(module, **options)`` returning the new module, and ``kl()``.
-        include, exclude, inplace, strict, bayes_options: as in
-            :func:`transform_to_bnn_model`.
+        include, exclude, inplace, strict, config, bayes_options: as in
+            :func:`transform_to_bnn_model` (``config`` only with built-in Bayesian types;
+            a user-written class receives ``bayes_options`` as they are).
 
     Example:
         >>> dnn = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2))
@@ -146,7 +157,7 @@ def transform_to_bnn_layer(
             f"and a kl() method, got {bnn_layer_type!r}"
         )
     mapping = {dnn_layer_type: bnn_layer_type}
-    return _convert(model, mapping, include, exclude, inplace, strict, bayes_options)
+    return _convert(model, mapping, include, exclude, inplace, strict, config, bayes_options)
 
 
 # ---------------------------------------------------------------------------- internals
@@ -157,6 +168,7 @@ def _convert(
     exclude: Patterns,
     inplace: bool,
     strict: bool,
+    config: ConfigArg,
     options: dict[str, Any],
     params: Patterns = None,
 ) -> nn.Module:
@@ -164,8 +176,12 @@ def _convert(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__qualname__}")
     include_patterns = _patterns("include", include)
     exclude_patterns = _patterns("exclude", exclude)
-    for bnn_cls in {*mapping.values(), *([BayesianParameters] if params else [])}:
-        _check_options(bnn_cls, options)
+    config_map = _config_mapping(
+        config, options, {**mapping, nn.Module: BayesianParameters} if params else mapping
+    )
+    for bnn_cls in set(mapping.values()):
+        if not issubclass(bnn_cls, BayesianLayer):
+            _check_options(bnn_cls, options)
     select_parameters(model, params)  # fail on a bad pattern before copying
 
     names_by_id: dict[int, list[str]] = defaultdict(list)
@@ -179,6 +195,11 @@ def _convert(
                     f"{kind} pattern {pattern!r} matches no module of {type(model).__name__}; "
                     f"module names look like {[n for n in all_names if n][:8]}"
                 )
+    for pattern in config_map.unmatched_patterns(all_names):
+        raise ConversionError(
+            f"config name pattern {pattern!r} matches no module of {type(model).__name__}; "
+            f"module names look like {[n for n in all_names if n][:8]}"
+        )
 
     shared: set[int] = set()
     if inplace:
@@ -240,11 +261,20 @@ def _convert(
             unexpected.append(skip)
             continue
         tied = _tied_parameters(module, names, param_names)
+        if issubclass(bnn_cls, BayesianLayer):
+            layer_config = config_map.config_for(names, type(module))
+            if layer_config is None:
+                report.skipped.append(SkippedModule(name, type_name, "configured None"))
+                continue
+            fallback = bnn_cls.estimator_fallback(type(module), layer_config)
+            if fallback is not None:
+                tied.append(f"{name}: {fallback}")
+                layer_config = dataclasses.replace(layer_config, estimator="reparam")
         try:
             if issubclass(bnn_cls, BayesianParameters):
-                new = bnn_cls._convert_(module, params=own_params, **options)
+                new = bnn_cls._convert_(module, params=own_params, config=layer_config)
             elif issubclass(bnn_cls, BayesianLayer):
-                new = bnn_cls._convert_(module, **options)
+                new = bnn_cls._convert_(module, config=layer_config)
             else:
                 new = bnn_cls.from_dnn(module, **options)
         except (TypeError, ValueError) as exc:
@@ -342,6 +372,29 @@ def _unconvertible(
         except TypeError as exc:
             return str(exc)
     return None
+
+
+def _config_mapping(
+    config: ConfigArg, options: dict[str, Any], mapping: Mapping[type[nn.Module], type[nn.Module]]
+) -> BayesConfigMapping:
+    """One mapping from ``config=`` and the keyword shortcuts (validated here, up front)."""
+    builtin = any(issubclass(c, BayesianLayer) for c in mapping.values())
+    if isinstance(config, BayesConfigMapping):
+        if options:
+            raise TypeError(
+                f"pass either a BayesConfigMapping as config= or keyword options "
+                f"({sorted(options)}), not both; put them in the mapping's configs"
+            )
+        return config
+    if config is not None and not isinstance(config, BayesConfig):
+        raise TypeError(
+            f"config must be a BayesConfig or a BayesConfigMapping, got {type(config).__name__}"
+        )
+    if config is not None and not builtin:
+        raise TypeError("config= applies to built-in Bayesian layers; pass your class's options")
+    if not builtin:
+        return BayesConfigMapping()
+    return BayesConfigMapping(BayesConfig.from_options(config, **options))
 
 
 def _check_options(bnn_cls: type[nn.Module], options: dict[str, Any]) -> None:

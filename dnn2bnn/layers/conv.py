@@ -6,9 +6,12 @@ checks and ``forward`` (including ``output_size`` of the transposed ones) are to
 
 from __future__ import annotations
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from dnn2bnn.layers._base import BayesianLayer
+from dnn2bnn.config import Estimator
+
+from dnn2bnn.layers._base import BayesianLayer, BayesMode
 
 __all__ = [
     "BayesConv1d",
@@ -24,8 +27,8 @@ _DOC = """``nn.{name}`` with a factorized Gaussian posterior over weight and bia
 
     Takes exactly the arguments and defaults of :class:`torch.nn.{name}` (stride, padding
     including ``'same'``/``'valid'``, dilation, groups, bias, padding_mode, device, dtype),
-    plus the keyword-only Bayesian options ``prior_mean``, ``prior_sigma`` and
-    ``posterior_sigma_init``.
+    plus the keyword-only Bayesian options ``config`` and its shortcuts ``prior``,
+    ``prior_mean``, ``prior_sigma``, ``posterior_sigma_init``, ``moped_delta``, ``estimator``.
 
     Example:
         >>> conv = Bayes{name}(1, 4, 3, padding="same")
@@ -34,17 +37,30 @@ _DOC = """``nn.{name}`` with a factorized Gaussian posterior over weight and bia
     """
 
 
-class BayesConv1d(BayesianLayer, nn.Conv1d):
+class _BayesConvNd(BayesianLayer):
+    """What the Bayesian convolutions share: the explicit-weight op and flipout signs."""
+
+    def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return self._conv_forward(input, weight, bias)  # type: ignore[attr-defined]
+
+    def _sign_shapes(self, input: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        spatial = len(self.kernel_size)  # type: ignore[attr-defined]
+        lead = tuple(input.shape[: -spatial - 1])
+        ones = (1,) * spatial
+        return (*lead, input.shape[-spatial - 1], *ones), (*lead, self.out_channels, *ones)  # type: ignore[attr-defined]
+
+
+class BayesConv1d(_BayesConvNd, nn.Conv1d):
     __doc__ = _DOC.format(name="Conv1d", shape="2, 1, 8", out="[2, 4, 8]")
     dnn_type = nn.Conv1d
 
 
-class BayesConv2d(BayesianLayer, nn.Conv2d):
+class BayesConv2d(_BayesConvNd, nn.Conv2d):
     __doc__ = _DOC.format(name="Conv2d", shape="2, 1, 8, 8", out="[2, 4, 8, 8]")
     dnn_type = nn.Conv2d
 
 
-class BayesConv3d(BayesianLayer, nn.Conv3d):
+class BayesConv3d(_BayesConvNd, nn.Conv3d):
     __doc__ = _DOC.format(name="Conv3d", shape="2, 1, 4, 4, 4", out="[2, 4, 4, 4, 4]")
     dnn_type = nn.Conv3d
 
@@ -53,8 +69,9 @@ _TRANSPOSED_DOC = """``nn.{name}`` with a factorized Gaussian posterior over wei
 
     Takes exactly the arguments and defaults of :class:`torch.nn.{name}` (stride, padding,
     output_padding, groups, bias, dilation, padding_mode, device, dtype), plus the
-    keyword-only Bayesian options ``prior_mean``, ``prior_sigma`` and
-    ``posterior_sigma_init``. ``forward(input, output_size=None)`` is torch.nn's.
+    keyword-only Bayesian options ``config`` and its shortcuts ``prior``, ``prior_mean``,
+    ``prior_sigma``, ``posterior_sigma_init``, ``moped_delta``, ``estimator``.
+    ``forward(input, output_size=None)`` takes torch.nn's ``output_size`` with every estimator.
 
     Example:
         >>> deconv = Bayes{name}(1, 4, 3, stride=2, output_padding=1)
@@ -63,19 +80,42 @@ _TRANSPOSED_DOC = """``nn.{name}`` with a factorized Gaussian posterior over wei
     """
 
 
-class BayesConvTranspose1d(BayesianLayer, nn.ConvTranspose1d):
+class _BayesConvTransposeNd(_BayesConvNd):
+    """The transposed convolutions: ``output_size`` reaches every estimator."""
+
+    _TRANSPOSED_OPS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+    _bayes_attrs = (*BayesianLayer._bayes_attrs, "_call_output_padding")
+
+    def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:  # type: ignore[override]
+        if self.estimator is Estimator.REPARAM or self.bayes_mode == BayesMode.MEAN:
+            return type(self).dnn_type.forward(self, input, output_size)
+        spatial = len(self.kernel_size)  # type: ignore[attr-defined]
+        self._call_output_padding = self._output_padding(  # type: ignore[attr-defined]
+            input, output_size, self.stride, self.padding, self.kernel_size, spatial, self.dilation  # type: ignore[attr-defined]
+        )
+        return super().forward(input)
+
+    def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        op = self._TRANSPOSED_OPS[len(self.kernel_size)]  # type: ignore[attr-defined]
+        padding = self.__dict__.get("_call_output_padding", self.output_padding)  # type: ignore[attr-defined]
+        return op(
+            input, weight, bias, self.stride, self.padding, padding, self.groups, self.dilation  # type: ignore[attr-defined]
+        )
+
+
+class BayesConvTranspose1d(_BayesConvTransposeNd, nn.ConvTranspose1d):
     __doc__ = _TRANSPOSED_DOC.format(name="ConvTranspose1d", shape="2, 1, 8", out="[2, 4, 18]")
     dnn_type = nn.ConvTranspose1d
 
 
-class BayesConvTranspose2d(BayesianLayer, nn.ConvTranspose2d):
+class BayesConvTranspose2d(_BayesConvTransposeNd, nn.ConvTranspose2d):
     __doc__ = _TRANSPOSED_DOC.format(
         name="ConvTranspose2d", shape="2, 1, 8, 8", out="[2, 4, 18, 18]"
     )
     dnn_type = nn.ConvTranspose2d
 
 
-class BayesConvTranspose3d(BayesianLayer, nn.ConvTranspose3d):
+class BayesConvTranspose3d(_BayesConvTransposeNd, nn.ConvTranspose3d):
     __doc__ = _TRANSPOSED_DOC.format(
         name="ConvTranspose3d", shape="1, 1, 2, 2, 2", out="[1, 4, 6, 6, 6]"
     )

@@ -16,7 +16,9 @@ its ``forward`` reads it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import warnings
 import weakref
 from collections.abc import Iterable
 from typing import Any, ClassVar
@@ -24,17 +26,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from dnn2bnn.config import BayesConfig, Estimator
+from dnn2bnn.errors import ConversionWarning
 from dnn2bnn.layers._base import (
-    DEFAULT_POSTERIOR_SIGMA_INIT,
-    DEFAULT_PRIOR_MEAN,
-    DEFAULT_PRIOR_SIGMA,
     BayesianLayer,
     _bayes_property,
+    _initial_rho,
     _peek_means,
-    softplus_inverse,
+    _resolve,
 )
 from dnn2bnn.layers.linear import BayesLinear
-from dnn2bnn.priors import NormalPrior
 
 __all__ = ["BayesMultiheadAttention", "BayesianParameters", "parameter_converter"]
 
@@ -64,6 +65,8 @@ class BayesianParameters(BayesianLayer):
     bayes_params: ClassVar[tuple[str, ...]] = ()
     #: Parameters made Bayesian when none are named; ``None``: all the module's own.
     candidate_params: ClassVar[tuple[str, ...] | None] = None
+    #: Only "reparam": the module's own forward reads the sampled parameters.
+    supports_estimators: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -124,26 +127,29 @@ class BayesianParameters(BayesianLayer):
         module: nn.Module,
         *,
         params: Iterable[str] | None = None,
-        prior_mean: float = DEFAULT_PRIOR_MEAN,
-        prior_sigma: float = DEFAULT_PRIOR_SIGMA,
-        posterior_sigma_init: float = DEFAULT_POSTERIOR_SIGMA_INIT,
+        config: BayesConfig | None = None,
+        **options: Any,
     ) -> BayesianLayer:
         """A copy of ``module`` with the parameters ``params`` (default: see class) Bayesian.
 
         Args:
             module: any module holding the named parameters itself.
             params: names of its own parameters (``["weight"]``, ``["in_proj_weight"]``).
-            prior_mean: mean of the Normal prior.
-            prior_sigma: standard deviation of the Normal prior.
-            posterior_sigma_init: initial posterior standard deviation.
+            config: a :class:`~dnn2bnn.BayesConfig` (default: ``BayesConfig()``); only the
+                "reparam" estimator applies.
+            **options: keyword shortcuts applied on top of ``config`` (``prior_sigma``, ...).
         """
         cls.check_module(module, params)
-        return cls._convert_(
-            copy.deepcopy(module),
-            params=params,
-            prior_mean=prior_mean,
-            prior_sigma=prior_sigma,
-            posterior_sigma_init=posterior_sigma_init,
+        return cls._convert_(copy.deepcopy(module), params=params, config=config, **options)
+
+    @classmethod
+    def estimator_fallback(cls, dnn_cls: type[nn.Module], config: BayesConfig) -> str | None:
+        """Why ``config.estimator`` cannot run here: only "reparam" reaches any forward."""
+        if config.estimator is Estimator.REPARAM:
+            return None
+        return (
+            f"{dnn_cls.__qualname__} has parameter-level Bayesian weights, so estimator "
+            f"{config.estimator.value!r} cannot be applied; it uses 'reparam' instead"
         )
 
     @classmethod
@@ -152,36 +158,37 @@ class BayesianParameters(BayesianLayer):
         module: nn.Module,
         *,
         params: Iterable[str] | None = None,
-        prior_mean: float = DEFAULT_PRIOR_MEAN,
-        prior_sigma: float = DEFAULT_PRIOR_SIGMA,
-        posterior_sigma_init: float = DEFAULT_POSTERIOR_SIGMA_INIT,
+        config: BayesConfig | None = None,
+        **options: Any,
     ) -> BayesianLayer:
         """Like :meth:`from_dnn`, but turns ``module`` itself Bayesian."""
         names = cls.check_module(module, params)
-        cls.check_options(
-            prior_mean=prior_mean, prior_sigma=prior_sigma, posterior_sigma_init=posterior_sigma_init
-        )
+        config = _resolve(config, options)
+        reason = cls.estimator_fallback(type(module), config)
+        if reason is not None:
+            warnings.warn(f"dnn2bnn: {reason}", ConversionWarning, stacklevel=3)
+            config = _reparam_only(config)
         base = cls._bnn_base or cls
         module.__class__ = bayesian_parameters_class(base, type(module), names)
-        module._bayesianize_(
-            prior=NormalPrior(prior_mean, prior_sigma), posterior_sigma_init=posterior_sigma_init
-        )
+        module._bayesianize_(config)
         return module  # type: ignore[return-value]
 
-    def _bayesianize_(self, *, prior: NormalPrior, posterior_sigma_init: float) -> None:
+    def _bayesianize_(self, config: BayesConfig) -> None:
         cls = type(self)
         if "_bnn_base" not in cls.__dict__:  # built by a constructor: pick the parameters now
             self.__class__ = bayesian_parameters_class(cls, cls.dnn_type, cls.select_params(self))
-        super()._bayesianize_(prior=prior, posterior_sigma_init=posterior_sigma_init)
+        super()._bayesianize_(_reparam_only(config))
 
     # ------------------------------------------------------------------ behaviour
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        # One sample per Bayesian parameter per call, however often the forward reads it.
+        # The module's own forward, reading the sampled parameters; one sample per
+        # Bayesian parameter per call, however often the forward reads it.
+        forward = type(self).dnn_type.forward
         if self._sample_cache is not None:  # a model-wide scope is open already
-            return super().forward(*args, **kwargs)
+            return forward(self, *args, **kwargs)
         self._sample_cache = {}
         try:
-            return super().forward(*args, **kwargs)
+            return forward(self, *args, **kwargs)
         finally:
             self._sample_cache = None
 
@@ -190,10 +197,10 @@ class BayesianParameters(BayesianLayer):
         if callable(getattr(type(self).dnn_type, "reset_parameters", None)):
             super().reset_parameters()
             return
-        rho0 = softplus_inverse(self.posterior_sigma_init)
         with torch.no_grad():
             for name in self.bayes_params:
-                self._parameters[name + "_rho"].fill_(rho0)  # type: ignore[union-attr]
+                rho = self._parameters[name + "_rho"]
+                rho.copy_(_initial_rho(self._parameters[name + "_mu"], self.bayes_config))  # type: ignore[union-attr]
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         cls = type(self)
@@ -230,13 +237,14 @@ class _RNNFlatWeights:
         finally:
             self._init_flat_weights()
 
-    def _bayesianize_(self, **kwargs: Any) -> None:
-        super()._bayesianize_(**kwargs)  # type: ignore[misc]
+    def _bayesianize_(self, config: BayesConfig) -> None:
+        super()._bayesianize_(config)  # type: ignore[misc]
         self._init_flat_weights()
 
     def __getstate__(self) -> dict[str, Any]:
-        self._init_flat_weights()
-        state = self.__dict__.copy()
+        state = dict(super().__getstate__())  # type: ignore[misc]
+        self._init_flat_weights()  # the means, not the samples torch's __getstate__ drew
+        state["_flat_weights"] = list(self._flat_weights)
         state.pop("_flat_weight_refs", None)
         return state
 
@@ -355,21 +363,9 @@ class BayesMultiheadAttention(BayesianParameters, nn.MultiheadAttention):
         "bias_v",
     )
 
-    def __init__(
-        self,
-        *args: Any,
-        prior_mean: float = DEFAULT_PRIOR_MEAN,
-        prior_sigma: float = DEFAULT_PRIOR_SIGMA,
-        posterior_sigma_init: float = DEFAULT_POSTERIOR_SIGMA_INIT,
-        **kwargs: Any,
-    ) -> None:
-        options = {
-            "prior_mean": prior_mean,
-            "prior_sigma": prior_sigma,
-            "posterior_sigma_init": posterior_sigma_init,
-        }
-        super().__init__(*args, **options, **kwargs)
-        BayesLinear._convert_(self.out_proj, **options)
+    def __init__(self, *args: Any, config: BayesConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, config=config, **kwargs)
+        BayesLinear._convert_(self.out_proj, config=self.bayes_config)
 
     @classmethod
     def from_dnn(  # type: ignore[override]
@@ -377,21 +373,21 @@ class BayesMultiheadAttention(BayesianParameters, nn.MultiheadAttention):
         module: nn.Module,
         *,
         params: Iterable[str] | None = None,
-        prior_mean: float = DEFAULT_PRIOR_MEAN,
-        prior_sigma: float = DEFAULT_PRIOR_SIGMA,
-        posterior_sigma_init: float = DEFAULT_POSTERIOR_SIGMA_INIT,
+        config: BayesConfig | None = None,
+        **options: Any,
     ) -> BayesianLayer:
         """A Bayesian copy of a trained ``nn.MultiheadAttention``, ``out_proj`` included.
 
         (Model-wide conversion converts ``out_proj`` as the ``nn.Linear`` it is.)
         """
-        options = {
-            "prior_mean": prior_mean,
-            "prior_sigma": prior_sigma,
-            "posterior_sigma_init": posterior_sigma_init,
-        }
-        bnn = super().from_dnn(module, params=params, **options)
+        bnn = super().from_dnn(module, params=params, config=config, **options)
         out_proj = bnn.out_proj
         if isinstance(out_proj, nn.Linear) and not isinstance(out_proj, BayesianLayer):
-            BayesLinear._convert_(out_proj, **options)
+            BayesLinear._convert_(out_proj, config=bnn.bayes_config)
         return bnn
+
+
+def _reparam_only(config: BayesConfig) -> BayesConfig:
+    if config.estimator is Estimator.REPARAM:
+        return config
+    return dataclasses.replace(config, estimator=Estimator.REPARAM)
