@@ -149,6 +149,10 @@ def test_bad_parameter_choices_raise_clear_errors():
         BayesianParameters.from_dnn(dnn2bnn.BayesLinear(2, 2), params=["weight_mu"])
     with pytest.raises(ValueError, match="posterior_sigma_init must be > 0"):
         BayesianParameters.from_dnn(nn.LayerNorm(3), posterior_sigma_init=0)
+    clash = nn.LayerNorm(3)
+    clash.register_buffer("weight_prior_mu", torch.zeros(()))
+    with pytest.raises(TypeError, match="already has an attribute 'weight_prior_mu'"):
+        BayesianParameters.from_dnn(clash, params=["weight"])
 
 
 MHA_CASES = [

@@ -39,8 +39,6 @@ from dnn2bnn.layers.linear import BayesLinear
 
 __all__ = ["BayesMultiheadAttention", "BayesianParameters", "parameter_converter"]
 
-_SUFFIXES = ("_mu", "_rho", "_prior_mu", "_prior_sigma")
-
 
 class BayesianParameters(BayesianLayer):
     """Makes chosen parameters of any module Bayesian, keeping the module's class and forward.
@@ -113,12 +111,13 @@ class BayesianParameters(BayesianLayer):
                     f"{what}.{name} is uninitialized (a lazy module); run one forward pass "
                     "before converting"
                 )
-            for suffix in _SUFFIXES:
-                if hasattr(module, name + suffix):
-                    raise TypeError(
-                        f"{what} already has an attribute {name + suffix!r}; cannot make "
-                        f"{name!r} Bayesian"
-                    )
+            taken = [a for a in (name + "_mu", name + "_rho") if hasattr(module, a)]
+            stores = (module._parameters, module._buffers, module.__dict__)
+            taken += [k for d in stores for k in d if k.startswith(name + "_prior_")]
+            if taken:
+                raise TypeError(
+                    f"{what} already has an attribute {taken[0]!r}; cannot make {name!r} Bayesian"
+                )
         return names
 
     @classmethod
