@@ -147,3 +147,12 @@ def test_parameter_converter_for_a_user_layer_type():
     x = torch.randn(3, 4)
     with set_mode(bnn, "mean"):
         torch.testing.assert_close(bnn(x), dnn(x), rtol=0, atol=0)
+
+
+def test_a_layer_configured_none_keeps_its_own_copy_of_the_weights():
+    dnn = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    config = dnn2bnn.BayesConfigMapping(dnn2bnn.BayesConfig()).set_module_name("1", None)
+    bnn = transform_to_bnn_model(dnn, config=config)
+    assert isinstance(bnn[0], dnn2bnn.BayesLinear) and type(bnn[1]) is nn.Linear
+    assert bnn[1].weight is not dnn[1].weight and torch.equal(bnn[1].weight, dnn[1].weight)
+    assert bnn[1].weight.data_ptr() != dnn[1].weight.data_ptr()
