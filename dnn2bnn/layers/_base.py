@@ -52,6 +52,16 @@ class BayesMode(str, Enum):
     MEAN = "mean"
 
 
+def _sigma(rho: Tensor) -> Tensor:
+    """``softplus(rho)`` computed in float32 (or wider) whatever the dtype of ``rho``.
+
+    Keeps sigma from underflowing to 0 (and the KL's ``log(sigma)`` from becoming -inf) in
+    float16/bfloat16 models, and under autocast, where it must not be computed in half
+    precision either. A no-op cast for the usual float32 parameters.
+    """
+    return F.softplus(rho.to(torch.promote_types(rho.dtype, torch.float32)))
+
+
 def softplus_inverse(value: float) -> float:
     """``rho`` such that ``softplus(rho) == value`` (value > 0), stable for small values."""
     return value + math.log(-math.expm1(-value))
@@ -214,9 +224,9 @@ class BayesianLayer(nn.Module):
 
     # ------------------------------------------------------------------ the posterior
     def posterior_sigma(self, name: str = "weight") -> Tensor | None:
-        """``softplus(rho)`` of the named Bayesian parameter (``None`` if it is absent)."""
+        """``softplus(rho)`` of the named Bayesian parameter (``None`` if absent), in float32+."""
         rho = self._parameters[name + "_rho"]
-        return None if rho is None else F.softplus(rho)
+        return None if rho is None else _sigma(rho)
 
     def _draw(self, name: str) -> Tensor | None:
         params = self.__dict__["_parameters"]
@@ -232,7 +242,10 @@ class BayesianLayer(nn.Module):
         if cache is not None and name in cache:
             return cache[name]
         rho = params[name + "_rho"]
-        sample = mu + F.softplus(rho) * torch.randn_like(mu)
+        # sigma * eps in float32+ (see _sigma), then back to the parameter dtype so the
+        # parent's forward sees weights of the dtype it was built with (a no-op in float32).
+        sigma = _sigma(rho)
+        sample = (mu + sigma * torch.randn_like(sigma)).to(mu.dtype)
         if cache is not None:
             cache[name] = sample
         return sample
@@ -249,7 +262,7 @@ class BayesianLayer(nn.Module):
                 continue
             term = kl_normal(
                 mu,
-                F.softplus(self._parameters[name + "_rho"]),
+                _sigma(self._parameters[name + "_rho"]),
                 self._buffers[name + "_prior_mu"],
                 self._buffers[name + "_prior_sigma"],
             )
