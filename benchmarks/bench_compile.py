@@ -1,6 +1,6 @@
 """Eager vs torch.compile train step of converted (Bayesian) LeNet-5 and ResNet-18.
 
-    python benchmarks/bench_compile.py            # LeNet-5 and ResNet-18 (compiling ResNet-18 takes minutes on CPU)
+    python benchmarks/bench_compile.py            # LeNet-5 and ResNet-18 (compiling: minutes)
     python benchmarks/bench_compile.py --quick    # LeNet-5 only, fewer steps
     python benchmarks/bench_compile.py --device cuda
 
@@ -46,7 +46,9 @@ def make_step(name: str, *, compiled: bool, batch: int, device: torch.device) ->
     make, shape, classes = MODELS[name]
     torch.manual_seed(0)
     bnn = dnn2bnn.transform_to_bnn_model(make()).to(device)
-    criterion: nn.Module = dnn2bnn.WithBNNLoss.elbo(bnn, nn.CrossEntropyLoss(), num_train_examples=50_000)
+    criterion: nn.Module = dnn2bnn.WithBNNLoss.elbo(
+        bnn, nn.CrossEntropyLoss(), num_train_examples=50_000
+    )
     if compiled:
         criterion = torch.compile(criterion)
     optimizer = torch.optim.SGD(bnn.parameters(), lr=1e-3)
@@ -90,13 +92,16 @@ def bench(name: str, *, batch: int, steps: int, device: torch.device) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="LeNet-5 only, 10 timed steps")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 30, --quick 10)")
+    parser.add_argument("--steps", type=int, help="timed steps (default 30, --quick 10)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_compile.json")
+    default_out = Path(__file__).parent / "results" / "bench_compile.json"
+    parser.add_argument("--out", type=Path, default=default_out)
     args = parser.parse_args()
     models = args.models or (["lenet5"] if args.quick else ["lenet5", "resnet18"])
     steps = args.steps or (10 if args.quick else 30)
@@ -104,15 +109,21 @@ def main() -> None:
 
     rows = []
     for name in models:
-        rows.append({"model": name, **bench(name, batch=args.batch_size, steps=steps, device=device)})
+        result = bench(name, batch=args.batch_size, steps=steps, device=device)
+        rows.append({"model": name, **result})
         torch.compiler.reset()
 
-    print(f"train step, batch {args.batch_size}, {steps} timed steps, device {device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'model':10s} {'eager ms':>10s} {'compiled ms':>12s} {'speedup':>8s} {'compile s':>10s}")
+    print(
+        f"train step, batch {args.batch_size}, {steps} timed steps, device {device}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(f"{'model':10s} {'eager ms':>10s} {'compiled ms':>12s} {'speedup':>8s} {'compile s':>9s}")
     for r in rows:
-        print(f"{r['model']:10s} {r['eager']['median_step_ms']:10.2f} {r['compiled']['median_step_ms']:12.2f} "
-              f"{r['speedup']:7.2f}x {r['compiled']['first_step_s']:10.1f}")
+        eager, compiled = r["eager"], r["compiled"]
+        print(
+            f"{r['model']:10s} {eager['median_step_ms']:10.2f} {compiled['median_step_ms']:12.2f} "
+            f"{r['speedup']:7.2f}x {compiled['first_step_s']:9.1f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),

@@ -52,7 +52,8 @@ def run_epoch(model, criterion, loader, optimizer, device) -> tuple[float, float
         loss.backward()  # DDP averages the gradients over the ranks here
         optimizer.step()
         nll = getattr(criterion, "last_data_loss", loss)
-        sums += torch.stack([loss.detach() * len(y), nll.detach() * len(y), torch.tensor(len(y), device=device)])
+        n = torch.tensor(float(len(y)), device=device)
+        sums += torch.stack([loss.detach() * n, nll.detach() * n, n])
     dist.all_reduce(sums)
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
@@ -67,14 +68,18 @@ def accuracy(model: nn.Module, data: TensorDataset, device: torch.device, sample
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mnist", metavar="PATH", help="MNIST gzip pickle instead of scikit-learn digits")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per stage (default 5 digits, 1 MNIST)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--mnist", metavar="PATH", help="MNIST gzip pickle (default: digits)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="epochs per stage (default 5 digits, 1 MNIST)"
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="per-rank batch size")
     parser.add_argument("--samples", type=int, default=8, help="Monte Carlo samples for accuracy")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint", type=Path, default=None, help="where rank 0 saves the BNN state_dict")
-    parser.add_argument("--quick", action="store_true", help="512 training images, 1 epoch per stage")
+    parser.add_argument("--checkpoint", type=Path, help="where rank 0 saves the BNN state_dict")
+    parser.add_argument("--quick", action="store_true", help="512 training images, 1 epoch each")
     args = parser.parse_args()
 
     rank, world, device = setup()
@@ -87,7 +92,7 @@ def main() -> None:
         val_set = TensorDataset(*(t[:256] for t in val_set.tensors))
     epochs = 1 if args.quick else args.epochs or (1 if args.mnist else 5)
     n = len(train_set)  # the GLOBAL training-set size; each rank sees about n / world of it
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, seed=args.seed)
     loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler)
     log(f"{world} rank(s) on {device}; {n} training / {len(val_set)} validation images "
         f"({'MNIST' if args.mnist else 'sklearn digits'}); global batch {args.batch_size * world}")
@@ -98,7 +103,8 @@ def main() -> None:
             sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every rank
             loss, nll = run_epoch(model, criterion, loader, optimizer, device)
             acc = accuracy(model.module, val_set, device, samples) if rank == 0 else float("nan")
-            log(f"  {stage} epoch {epoch:2d}  loss {loss:8.4f}  cross-entropy {nll:.4f}  val acc {acc:.4f}")
+            log(f"  {stage} epoch {epoch:2d}  loss {loss:8.4f}  cross-entropy {nll:.4f}  "
+                f"val acc {acc:.4f}")
 
     log("\n(1) the deterministic LeNet-5 under DDP")
     dnn = DistributedDataParallel(LeNet5().to(device))
@@ -115,7 +121,8 @@ def main() -> None:
     if rank == 0:
         with dnn2bnn.set_mode(bnn, "mean"):
             mean_acc = accuracy(bnn, val_set, device, 1)
-        log(f"BNN posterior-mean val acc {mean_acc:.4f}; KL {dnn2bnn.kl_divergence(bnn).item():.1f}")
+        kl = dnn2bnn.kl_divergence(bnn).item()
+        log(f"BNN posterior-mean val acc {mean_acc:.4f}; KL {kl:.1f}")
         if args.checkpoint is not None:
             torch.save(bnn.state_dict(), args.checkpoint)  # the replica, without "module."
             log(f"saved {args.checkpoint}")

@@ -43,10 +43,12 @@ def test_lenet_compiles_with_default_backend_without_graph_breaks():
 
 
 def test_resnet18_compiles_as_one_graph_and_trains():
-    bnn = transform_to_bnn_model(torchvision.models.resnet18(num_classes=10), posterior_sigma_init=0.05)
+    resnet = torchvision.models.resnet18(num_classes=10)
+    bnn = transform_to_bnn_model(resnet, posterior_sigma_init=0.05)
     bnn.eval()  # BatchNorm in inference mode: the only randomness is dnn2bnn's
     compiled = _check_compiled(bnn, torch.randn(2, 3, 32, 32), backend="aot_eager")
-    loss = compiled(torch.randn(2, 3, 32, 32)).logsumexp(1).mean() + dnn2bnn.kl_divergence(bnn) / 1000
+    out = compiled(torch.randn(2, 3, 32, 32))
+    loss = out.logsumexp(1).mean() + dnn2bnn.kl_divergence(bnn) / 1000
     loss.backward()
     layers = [m for m in bnn.modules() if isinstance(m, dnn2bnn.BayesianLayer)]
     assert len(layers) == 21

@@ -28,7 +28,8 @@ EPOCHS = 6
 SIZES = (20, 32, 5)
 
 pytestmark = pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
 )
 
 

@@ -33,7 +33,8 @@ def test_bayesian_lenet_demo_runs():
 @pytest.mark.slow
 def test_ddp_example_runs_under_torchrun(tmp_path):
     checkpoint = tmp_path / "bnn.pt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(ROOT / "examples" / "ddp_train.py"), "--quick", "--checkpoint", str(checkpoint)],
@@ -43,7 +44,8 @@ def test_ddp_example_runs_under_torchrun(tmp_path):
     out = result.stdout
     assert "2 rank(s) on cpu" in out
     assert out.count("BNN epoch  1") == 1  # metrics come from rank 0 only
-    spec = importlib.util.spec_from_file_location("bayesian_lenet", ROOT / "examples" / "bayesian_lenet.py")
+    path = ROOT / "examples" / "bayesian_lenet.py"
+    spec = importlib.util.spec_from_file_location("bayesian_lenet", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     bnn = dnn2bnn.transform_to_bnn_model(example.LeNet5())
