@@ -104,6 +104,8 @@ class WithBNNLoss(nn.Module):
         """The per-example negative ELBO: ``loss_fn(...) + KL / num_train_examples``.
 
         ``loss_fn`` should average over the batch (the default reduction of torch losses).
+        Under DDP/FSDP, ``num_train_examples`` is the size of the whole training set, not of
+        one rank's shard (see ``docs/distributed.md``).
         """
         if isinstance(num_train_examples, bool) or not isinstance(num_train_examples, int):
             raise TypeError(
