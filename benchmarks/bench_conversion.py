@@ -54,19 +54,24 @@ def bench(name: str, runs: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=["resnet50"])
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="3 runs")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--profile", action="store_true", help="print the top functions of one conversion")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "conversion.json")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--profile", action="store_true", help="profile one conversion")
+    default_out = Path(__file__).parent / "results" / "conversion.json"
+    parser.add_argument("--out", type=Path, default=default_out)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = 3 if args.quick else args.runs
     rows = [bench(name, runs) for name in args.models]
-    print(f"{'model':<14} {'params':>12} {'median s':>9} {'min s':>7} {'max s':>7} {'inplace s':>10}")
+    header = ["model", "params", "median s", "min s", "max s", "inplace s"]
+    widths = [-14, 12, 9, 7, 7, 10]
+    print(" ".join(f"{h:<{-w}}" if w < 0 else f"{h:>{w}}" for h, w in zip(header, widths)))
     for r in rows:
         print(
             f"{r['model']:<14} {r['params']:>12,} {r['median_s']:>9.3f} {r['min_s']:>7.3f} "

@@ -25,7 +25,9 @@ def copy_sharing(
     Only parameters held by exactly one module under one name are shared (a tied parameter
     is copied as usual). Returns the copy and the ids of the shared parameters.
     """
-    holders = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
+    holders = Counter(
+        id(p) for m in model.modules() for p in m._parameters.values() if p is not None
+    )
     memo: dict[int, object] = {}
     for module in model.modules():
         for name in will_replace(module):

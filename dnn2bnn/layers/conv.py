@@ -6,6 +6,8 @@ checks and ``forward`` (including ``output_size`` of the transposed ones) are to
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -86,21 +88,24 @@ class _BayesConvTransposeNd(_BayesConvNd):
     _TRANSPOSED_OPS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
     _bayes_attrs = (*BayesianLayer._bayes_attrs, "_call_output_padding")
 
-    def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:  # type: ignore[override]
+    # (attributes such as stride and kernel_size come from the torch.nn parent)
+    def forward(  # type: ignore[override]
+        self, input: Tensor, output_size: list[int] | None = None
+    ) -> Tensor:
         if self.estimator is Estimator.REPARAM or self.bayes_mode == BayesMode.MEAN:
             return type(self).dnn_type.forward(self, input, output_size)
-        spatial = len(self.kernel_size)  # type: ignore[attr-defined]
-        self._call_output_padding = self._output_padding(  # type: ignore[attr-defined]
-            input, output_size, self.stride, self.padding, self.kernel_size, spatial, self.dilation  # type: ignore[attr-defined]
+        me: Any = self
+        kernel = me.kernel_size
+        self._call_output_padding = me._output_padding(
+            input, output_size, me.stride, me.padding, kernel, len(kernel), me.dilation
         )
         return super().forward(input)
 
     def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        op = self._TRANSPOSED_OPS[len(self.kernel_size)]  # type: ignore[attr-defined]
-        padding = self.__dict__.get("_call_output_padding", self.output_padding)  # type: ignore[attr-defined]
-        return op(
-            input, weight, bias, self.stride, self.padding, padding, self.groups, self.dilation  # type: ignore[attr-defined]
-        )
+        me: Any = self
+        op = self._TRANSPOSED_OPS[len(me.kernel_size)]
+        padding = self.__dict__.get("_call_output_padding", me.output_padding)
+        return op(input, weight, bias, me.stride, me.padding, padding, me.groups, me.dilation)
 
 
 class BayesConvTranspose1d(_BayesConvTransposeNd, nn.ConvTranspose1d):

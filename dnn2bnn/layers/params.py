@@ -198,8 +198,8 @@ class BayesianParameters(BayesianLayer):
             return
         with torch.no_grad():
             for name in self.bayes_params:
-                rho = self._parameters[name + "_rho"]
-                rho.copy_(_initial_rho(self._parameters[name + "_mu"], self.bayes_config))  # type: ignore[union-attr]
+                rho, mu = self._parameters[name + "_rho"], self._parameters[name + "_mu"]
+                rho.copy_(_initial_rho(mu, self.bayes_config))  # type: ignore[union-attr, arg-type]
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         cls = type(self)
