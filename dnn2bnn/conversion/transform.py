@@ -101,8 +101,11 @@ def transform_to_bnn_layer(
         bnn_layer_type: the Bayesian type to convert into; default: the built-in one.
             A user-written class works if it follows the layer protocol: a classmethod
             ``from_dnn(module, **options)`` returning the new module, and ``kl()``.
-        include, exclude, inplace, strict, bayes_options: as in
-            :func:`transform_to_bnn_model`.
+        include: as in :func:`transform_to_bnn_model`.
+        exclude: as in :func:`transform_to_bnn_model`.
+        inplace: as in :func:`transform_to_bnn_model`.
+        strict: as in :func:`transform_to_bnn_model`.
+        **bayes_options: as in :func:`transform_to_bnn_model`.
 
     Example:
         >>> dnn = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2))

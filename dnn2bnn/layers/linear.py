@@ -27,5 +27,5 @@ class BayesLinear(BayesianLayer, nn.Linear):
     dnn_type = nn.Linear
 
 
-#: MindSpore-compatible name of :class:`BayesLinear`.
 DenseReparam = BayesLinear
+"""MindSpore-compatible name of :class:`BayesLinear` (the same class)."""
