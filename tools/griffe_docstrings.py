@@ -17,11 +17,18 @@ The source files are not changed; this only affects the documentation site.
 from __future__ import annotations
 
 import inspect
+import logging
 import re
+import sys
 from typing import Any
+
+from pathlib import Path
 
 import griffe
 
+ROOT = Path(__file__).resolve().parents[1]
+# A logger under "mkdocs": `mkdocs build --strict` counts its warnings as errors.
+_log = logging.getLogger("mkdocs.plugins.dnn2bnn_docstrings")
 _SINGULAR = re.compile(r"^(\s*)Example:\s*$", re.MULTILINE)
 _ROLE = re.compile(r":(?:py:)?(?:func|class|meth|attr|mod|obj|data|exc|const):`~?([^`]+)`")
 
@@ -51,8 +58,9 @@ class DocstringConventions(griffe.Extension):
 def _runtime_docstring(path: str) -> str | None:
     """The object's own ``__doc__`` (not one inherited from a base class), or None."""
     try:
-        runtime = griffe.dynamic_import(path)
-    except ImportError:
+        runtime = griffe.dynamic_import(path, import_paths=[str(ROOT), *sys.path])
+    except ImportError as exc:
+        _log.warning("%s has no static docstring and cannot be imported to read one: %s", path, exc)
         return None
     own = vars(runtime).get("__doc__") if isinstance(runtime, type) else runtime.__doc__
     return inspect.cleandoc(own) if isinstance(own, str) else None
