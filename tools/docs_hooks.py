@@ -4,6 +4,9 @@
 public submodule (``dnn2bnn.<name>`` where ``<name>`` does not start with ``_``) and lists
 them under "API reference" in the navigation. A module added to the package later gets
 its page without editing mkdocs.yml. Modules are found from the file tree, not imported.
+
+A page added under docs/ but not (yet) listed in mkdocs.yml's ``nav`` is listed under
+"More guides" (titled by its first heading), so it is reachable from the site.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from mkdocs.structure.files import File, Files
 PACKAGE = "dnn2bnn"
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "API reference"
+EXTRA_SECTION = "More guides"
 
 
 def public_modules() -> list[str]:
@@ -34,12 +38,41 @@ def _page(module: str) -> str:
     return f"api/{module.removeprefix(PACKAGE + '.')}.md"
 
 
+def _listed(nav: Any) -> set[str]:
+    """Every page path in a (nested) nav configuration."""
+    if isinstance(nav, str):
+        return {nav}
+    if isinstance(nav, dict):
+        return set().union(*(_listed(v) for v in nav.values()))
+    if isinstance(nav, list):
+        return set().union(*(_listed(v) for v in nav)) if nav else set()
+    return set()
+
+
+def _title(path: Path) -> str:
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("# "):
+            return line[2:].strip().strip("`")
+    return path.stem.replace("_", " ").capitalize()
+
+
 def on_config(config: Any) -> Any:
-    for entry in config["nav"]:
+    nav = config["nav"]
+    docs = Path(config["docs_dir"])
+    listed = _listed(nav)
+    extra = [
+        {_title(p): p.relative_to(docs).as_posix()}
+        for p in sorted(docs.rglob("*.md"))
+        if p.relative_to(docs).as_posix() not in listed and p.relative_to(docs).parts[0] != "api"
+    ]
+    for position, entry in enumerate(nav):
         if isinstance(entry, dict) and SECTION in entry:
             index = entry[SECTION]
             index = index if isinstance(index, str) else "api/index.md"
             entry[SECTION] = [{PACKAGE: index}] + [{m: _page(m)} for m in public_modules()]
+            if extra:
+                nav.insert(position, {EXTRA_SECTION: extra})
+            break
     return config
 
 
