@@ -8,7 +8,7 @@ Monte Carlo sampling with a plain loop: accuracy, NLL, predictive entropy and mu
 information on the test digits, and on out-of-distribution inputs (inverted digits and
 uniform noise), with the AUROC of telling the two apart by each score.
 
-    python examples/convert_torchvision.py            # about a minute on a laptop CPU
+    python examples/convert_torchvision.py            # a few minutes on a laptop CPU
     python examples/convert_torchvision.py --quick    # a few seconds (CI)
 """
 
