@@ -92,16 +92,16 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=2, help="ELBO fine-tuning epochs of each BNN")
     parser.add_argument("--samples", type=int, default=16, help="Monte Carlo samples per prediction")
     parser.add_argument("--posterior-sigma-init", type=float, default=1e-2, help="initial posterior sigma")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 128 training images, 1 epoch each, 3 samples")
+    parser.add_argument("--quick", action="store_true", help="smoke test: one training step per model, 32 test images, 2 samples")
     args = parser.parse_args()
     torch.manual_seed(0)
     start = time.perf_counter()
 
     train_set, test_set = load_digits_32()
     if args.quick:
-        train_set = TensorDataset(*(t[:128] for t in train_set.tensors))
-        test_set = TensorDataset(*(t[:64] for t in test_set.tensors))
-        args.epochs, args.finetune_epochs, args.samples = 1, 1, 3
+        train_set = TensorDataset(*(t[:64] for t in train_set.tensors))
+        test_set = TensorDataset(*(t[:32] for t in test_set.tensors))
+        args.epochs, args.finetune_epochs, args.samples = 1, 1, 2
     x_test, y_test = test_set.tensors
     ood = {
         "inverted digits": 1.0 - x_test,
