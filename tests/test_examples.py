@@ -9,6 +9,7 @@ Scripts run with a temporary working directory, so whatever they write lands the
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -18,11 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+
+import dnn2bnn
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _check_lenet(out: str) -> None:
+def _check_lenet(out: str, tmp_path: Path) -> None:
     assert "(a) Bayesian LeNet-5 built by hand" in out and "converted (5)" in out
     assert out.count("epoch  1") == 3
     line = next(l for l in out.splitlines() if l.startswith("right after conversion"))
@@ -31,7 +35,7 @@ def _check_lenet(out: str) -> None:
     assert dnn_acc == mean_acc  # conversion keeps the trained weights
 
 
-def _check_torchvision(out: str) -> None:
+def _check_torchvision(out: str, tmp_path: Path) -> None:
     # ResNet-18: 20 convolutions + fc in the full BNN; layer4 (2 blocks, 5 convolutions) + fc.
     assert re.search(r"full BNN: 21 Bayesian layers \(conv1 \.\.\. fc\)", out), out
     assert re.search(r"last block:  6 Bayesian layers \(layer4\.0\.conv1 \.\.\. fc\)", out), out
@@ -44,14 +48,32 @@ def _check_torchvision(out: str) -> None:
     assert mi_test == 0.0  # a deterministic network has no epistemic uncertainty
 
 
+def _check_ddp(out: str, tmp_path: Path) -> None:
+    assert "2 rank(s) on cpu" in out
+    assert out.count("BNN epoch  1") == 1  # metrics come from rank 0 only
+    path = ROOT / "examples" / "bayesian_lenet.py"
+    spec = importlib.util.spec_from_file_location("bayesian_lenet", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    bnn = dnn2bnn.transform_to_bnn_model(example.LeNet5())
+    bnn.load_state_dict(torch.load(tmp_path / "bnn.pt", weights_only=True))
+    printed = float(out.split("BNN posterior-mean val acc ")[1].split(";")[0])
+    _, val_set = example.load_data(None)
+    x, y = (t[:256] for t in val_set.tensors)  # the --quick validation set of ddp_train.py
+    with dnn2bnn.set_mode(bnn, "mean"), torch.no_grad():
+        reloaded = (bnn(x).argmax(1) == y).float().mean().item()
+    assert printed == pytest.approx(reloaded, abs=1e-4)  # the checkpoint is the trained BNN
+    assert reloaded > 0.2  # and it learned something (10 classes)
+
+
 @dataclass(frozen=True)
 class Example:
     """One tutorial script and how to run it quickly."""
 
     script: str
-    quick_args: tuple[str, ...] = ("--quick",)
+    quick_args: tuple[str, ...] = ("--quick",)  # "{tmp}" stands for the test's tmp_path
     launcher: tuple[str, ...] = ()  # arguments to ``python`` before the script (e.g. torchrun)
-    check: Callable[[str], None] | None = None
+    check: Callable[[str, Path], None] | None = None  # (stdout, tmp_path)
     author: str = ""  # the issue that adds the script, for the skip message
 
     def __str__(self) -> str:
@@ -65,7 +87,13 @@ EXAMPLES = [
     Example("convert_torchvision.py", check=_check_torchvision),
     Example("cli_roundtrip.py", author="issue 6 (command line)"),
     Example("uncertainty_digits.py", author="issue 5 (prediction)"),
-    Example("ddp_train.py", launcher=TORCHRUN_2, author="issue 7 (distributed)"),
+    Example(
+        "ddp_train.py",
+        quick_args=("--quick", "--checkpoint", "{tmp}/bnn.pt"),
+        launcher=TORCHRUN_2,
+        check=_check_ddp,
+        author="issue 7 (distributed)",
+    ),
 ]
 
 
@@ -77,13 +105,14 @@ def test_example_runs_in_quick_mode(example: Example, tmp_path: Path) -> None:
         pytest.skip(f"examples/{example.script} does not exist yet (written by {example.author})")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.setdefault("MPLBACKEND", "Agg")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in example.quick_args]
     result = subprocess.run(
-        [sys.executable, *example.launcher, str(script), *example.quick_args],
+        [sys.executable, *example.launcher, str(script), *args],
         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
     )
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
     if example.check is not None:
-        example.check(result.stdout)
+        example.check(result.stdout, tmp_path)
 
 
 def test_every_example_script_has_a_row() -> None:
