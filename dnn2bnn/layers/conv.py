@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dnn2bnn.config import Estimator
-
 from dnn2bnn.layers._base import BayesianLayer, BayesMode
 
 __all__ = [
@@ -127,5 +126,5 @@ class BayesConvTranspose3d(_BayesConvTransposeNd, nn.ConvTranspose3d):
     dnn_type = nn.ConvTranspose3d
 
 
-#: MindSpore-compatible name of :class:`BayesConv2d`.
 ConvReparam = BayesConv2d
+"""MindSpore-compatible name of :class:`BayesConv2d` (the same class)."""
