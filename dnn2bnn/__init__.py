@@ -13,6 +13,7 @@ from dnn2bnn.conversion import (
     ConvertedModule,
     SkippedModule,
     default_mapping,
+    to_dnn,
     transform_to_bnn_layer,
     transform_to_bnn_model,
 )
@@ -31,7 +32,14 @@ from dnn2bnn.layers import (
 from dnn2bnn.loss import WithBNNLoss, kl_divergence
 from dnn2bnn.mindspore import TransformToBNN
 from dnn2bnn.modes import get_mode, set_mode
+from dnn2bnn.prediction import (
+    ClassificationPrediction,
+    PredictionWarning,
+    RegressionPrediction,
+    predict,
+)
 from dnn2bnn.priors import NormalPrior
+from dnn2bnn import metrics, plots  # noqa: E402  (submodules: dnn2bnn.metrics.ece, ...)
 
 __all__ = [
     "BayesConv1d",
@@ -40,6 +48,7 @@ __all__ = [
     "BayesLinear",
     "BayesMode",
     "BayesianLayer",
+    "ClassificationPrediction",
     "ConversionError",
     "ConversionReport",
     "ConversionWarning",
@@ -48,6 +57,8 @@ __all__ = [
     "DenseReparam",
     "Dnn2BnnError",
     "NormalPrior",
+    "PredictionWarning",
+    "RegressionPrediction",
     "SkippedModule",
     "TransformToBNN",
     "WithBNNLoss",
@@ -56,7 +67,11 @@ __all__ = [
     "get_mode",
     "is_bayesian_layer",
     "kl_divergence",
+    "metrics",
+    "plots",
+    "predict",
     "set_mode",
+    "to_dnn",
     "transform_to_bnn_layer",
     "transform_to_bnn_model",
 ]
