@@ -23,3 +23,24 @@ def test_bayesian_lenet_demo_runs():
     dnn_acc = float(line.split("DNN val acc ")[1].split(",")[0])
     mean_acc = float(line.split("BNN mean-mode ")[1].split(",")[0])
     assert dnn_acc == mean_acc  # conversion keeps the trained weights
+
+
+@pytest.mark.slow
+def test_uncertainty_digits_quick_run_reports_metrics_and_saves_plots(tmp_path):
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny run: threads only add contention
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "uncertainty_digits.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "method='vectorized'" in out
+    for heading in ("accuracy", "NLL", "ECE", "OOD AUROC", "BNN mutual information"):
+        assert heading in out
+    row = next(line for line in out.splitlines() if line.startswith("BNN (MC predictive)"))
+    accuracy, nll, ece = (float(v) for v in row.split()[3:6])
+    assert 0 <= accuracy <= 1 and nll > 0 and 0 <= ece <= 1
+    for name in ("reliability_diagram.png", "uncertainty_histogram.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
