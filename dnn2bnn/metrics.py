@@ -84,12 +84,14 @@ class CalibrationCurve:
         accuracy: accuracy in each bin.
         count: number of inputs in each bin.
         edges: the bin edges (``num_bins + 1``, empty bins included).
+        bins: index of each non-empty bin (bin ``k`` spans ``edges[k]`` to ``edges[k + 1]``).
     """
 
     confidence: Tensor
     accuracy: Tensor
     count: Tensor
     edges: Tensor
+    bins: Tensor
 
     @property
     def ece(self) -> float:
@@ -147,6 +149,7 @@ def calibration_curve(
         accuracy=acc_sum[keep] / count[keep],
         count=count[keep],
         edges=edges,
+        bins=keep.nonzero().squeeze(1),
     )
 
 

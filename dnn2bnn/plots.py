@@ -67,26 +67,32 @@ def reliability_diagram(
     Example:
         >>> probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
         >>> fig = dnn2bnn.plots.reliability_diagram(probs, torch.tensor([0, 1, 1]), num_bins=5)
-        >>> fig.axes[0].get_xlabel()
+        >>> fig.axes[1].get_xlabel()
         'confidence'
     """
     curve = calibration_curve(probs, labels, num_bins=num_bins, binning=binning)
-    figure = _figure((4.2, 4.2))
-    ax = figure.add_subplot()
-    edges = curve.edges.cpu()
+    figure = _figure((4.4, 5.0))
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    edges = curve.edges.cpu().numpy()
+    left = edges[curve.bins.cpu().numpy()]
+    width = edges[curve.bins.cpu().numpy() + 1] - left
     conf = curve.confidence.cpu().numpy()
     acc = curve.accuracy.cpu().numpy()
-    width = 0.9 / num_bins if binning == "equal_width" else 0.02
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    ax.bar(conf, acc, width=width, color="tab:blue", alpha=0.8, edgecolor="black", label="accuracy")
-    ax.bar(conf, conf - acc, bottom=acc, width=width, color="tab:red", alpha=0.3, label="gap")
-    ax.set_xlim(float(edges[0]), 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.legend(loc="upper left")
+    top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
+    top.bar(left, acc, width=width, align="edge", color="tab:blue", edgecolor="black", label="accuracy")
+    top.bar(left, conf - acc, bottom=acc, width=width, align="edge", fill=False, hatch="//",
+            edgecolor="tab:red", label="gap to confidence")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.legend(loc="upper left")
     heading = f"ECE = {curve.ece:.4f} ({binning.replace('_', '-')}, {num_bins} bins)"
-    ax.set_title(heading if title is None else f"{title}\n{heading}")
+    top.set_title(heading if title is None else f"{title}\n{heading}")
+    fraction = (curve.count.double() / curve.count.sum()).cpu().numpy()
+    bottom.bar(left, fraction, width=width, align="edge", color="tab:grey", edgecolor="black")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("fraction")
+    bottom.set_xlabel("confidence")
     _save(figure, path)
     return figure
 
@@ -135,8 +141,11 @@ def uncertainty_histogram(
         high = low + 1.0
     figure = _figure((5.5, 3.6))
     ax = figure.add_subplot()
-    for name, scores in sets.items():
-        ax.hist(scores.numpy(), bins=bins, range=(low, high), density=True, alpha=0.5, label=labels[name])
+    for index, (name, scores) in enumerate(sets.items()):
+        values = scores.numpy()
+        for style in ({"histtype": "stepfilled", "alpha": 0.3}, {"histtype": "step", "linewidth": 1.5}):
+            ax.hist(values, bins=bins, range=(low, high), density=True, color=f"C{index}",
+                    label=labels[name] if style["histtype"] == "step" else None, **style)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
     ax.legend()

@@ -194,6 +194,12 @@ def test_shared_layer_uses_one_sample_per_pass():
     assert out.method == "vectorized" and torch.equal(out.samples, torch.zeros(8, 3, 4))
 
 
+def test_a_single_bayesian_layer_is_vectorized():
+    layer = dnn2bnn.BayesConv2d(2, 3, 3, posterior_sigma_init=0.1)
+    pred = dnn2bnn.predict(layer, torch.randn(2, 2, 5, 5), 4, task="regression", return_samples=True)
+    assert pred.method == "vectorized" and pred.samples.shape == (4, 2, 3, 3, 3)
+
+
 def test_last_layer_plan_runs_the_prefix_once():
     bnn = dnn2bnn.transform_to_bnn_model(mlp((10, 16, 16, 3)), include="4")
     plan = plan_split(bnn)

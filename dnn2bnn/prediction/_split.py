@@ -80,6 +80,8 @@ class SplitPlan:
 
 def plan_split(model: nn.Module) -> SplitPlan | str:
     """Trace ``model`` and find its stochastic part; a reason string if that is impossible."""
+    if is_bayesian_layer(model):  # a single layer: trace a container so it stays a leaf
+        model = nn.Sequential(model)
     # Computed before tracing, which switches the layers to "mean" mode.
     stochastic_modules = {id(m) for m in model.modules() if is_stochastic(m)}
     bayesian = {id(m) for m in model.modules() if is_bayesian_layer(m)}
