@@ -55,7 +55,7 @@ def load_data(mnist: str | None, quick: bool) -> tuple[TensorDataset, TensorData
         x, y = images[perm[:split]], labels[perm[:split]]
         xt, yt = images[perm[split:]], labels[perm[split:]]
     if quick:
-        x, y, xt, yt = x[:384], y[:384], xt[:192], yt[:192]
+        x, y, xt, yt = x[:256], y[:256], xt[:128], yt[:128]
     return TensorDataset(x, y), TensorDataset(xt, yt)
 
 

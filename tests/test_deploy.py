@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import dnn2bnn
@@ -10,13 +9,17 @@ from dnn2bnn import BayesianLayer
 from tests.conftest import LeNet5, mlp, state_equal
 
 
-def _resnet():
-    return torchvision.models.resnet18(num_classes=10)
+def _conv_bn():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )
 
 
 @pytest.mark.parametrize(
-    "build, shape", [(mlp, (4, 20)), (LeNet5, (2, 1, 28, 28)), (_resnet, (2, 3, 32, 32))],
-    ids=["mlp", "lenet", "resnet18"],
+    "build, shape", [(mlp, (4, 20)), (LeNet5, (2, 1, 28, 28)), (_conv_bn, (2, 3, 12, 12))],
+    ids=["mlp", "lenet", "conv-batchnorm"],
 )
 def test_mean_mode_equals_to_dnn_exactly(build, shape):
     bnn = dnn2bnn.transform_to_bnn_model(build(), posterior_sigma_init=0.1).eval()
