@@ -204,6 +204,8 @@ def test_last_layer_plan_runs_the_prefix_once():
     bnn = dnn2bnn.transform_to_bnn_model(mlp((10, 16, 16, 3)), include="4")
     plan = plan_split(bnn)
     assert plan.vectorized == ["4"] and plan.per_draw == []
+    full = plan_split(dnn2bnn.transform_to_bnn_model(CustomLayer()))
+    assert full.vectorized == ["body"] and full.per_draw == ["top"]
     deterministic = [n.target for n in plan.module.graph.nodes if n not in plan.stochastic]
     assert deterministic[1:] == ["0", "1", "2", "3"]  # after the placeholder: run once
 
@@ -247,9 +249,27 @@ class FunctionalRead(nn.Module):
         return F.linear(x, self.fc.weight) + self.fc(x)
 
 
+class ConstantInput(nn.Module):
+    """A Bayesian layer applied to a learned embedding, not to the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(5, 4))
+        self.proj = nn.Linear(4, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x + self.proj(self.query).mean(0))
+
+
 @pytest.mark.parametrize(
     "model, reason",
-    [(DataDependent, "could not trace"), (UsesBatchSize, "batch size"), (FunctionalRead, "read outside")],
+    [
+        (DataDependent, "could not trace"),
+        (UsesBatchSize, "batch size"),
+        (FunctionalRead, "read outside"),
+        (ConstantInput, "does not depend on the input"),
+    ],
 )
 def test_falls_back_to_the_loop_with_a_warning(model, reason):
     with warnings.catch_warnings():

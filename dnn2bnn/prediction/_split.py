@@ -108,12 +108,17 @@ def plan_split(model: nn.Module) -> SplitPlan | str:
                 )
         if node.op == "placeholder" or any(a in batched for a in node.all_input_nodes):
             batched.add(node)
-        if any(a in stochastic for a in node.all_input_nodes) or node.op == "output":
-            stochastic.add(node)
-        elif node.op == "call_module" and id(modules[node.target]) in stochastic_modules:
-            stochastic.add(node)
+        if node.op == "call_module" and id(modules[node.target]) in stochastic_modules:
             target = modules[node.target]
+            if not node.all_input_nodes or not all(a in batched for a in node.all_input_nodes):
+                return (
+                    f"{node.target} (stochastic) is applied to a value that does not depend on "
+                    "the input, so it has no batch dimension to fold the samples into"
+                )
+            stochastic.add(node)
             (vectorized if vectorizable(target) else per_draw).append(names[id(target)])
+        elif any(a in stochastic for a in node.all_input_nodes) or node.op == "output":
+            stochastic.add(node)
     module = fx.GraphModule(model, graph)
     return SplitPlan(module, stochastic, batched, sorted(set(vectorized)), sorted(set(per_draw)))
 
