@@ -7,7 +7,9 @@ Example:
     >>> loss_fn = dnn2bnn.WithBNNLoss.elbo(bnn, torch.nn.CrossEntropyLoss(), num_train_examples=100)
 """
 
+from dnn2bnn import distributed
 from dnn2bnn._version import __version__
+from dnn2bnn.config import BayesConfig, BayesConfigMapping, Estimator
 from dnn2bnn.conversion import (
     ConversionReport,
     ConvertedModule,
@@ -31,17 +33,19 @@ from dnn2bnn.layers import (
 )
 from dnn2bnn.loss import WithBNNLoss, kl_divergence
 from dnn2bnn.mindspore import TransformToBNN
-from dnn2bnn.modes import get_mode, set_mode
+from dnn2bnn.modes import get_mode, set_estimator, set_mode
 from dnn2bnn.prediction import (
     ClassificationPrediction,
     PredictionWarning,
     RegressionPrediction,
     predict,
 )
-from dnn2bnn.priors import NormalPrior
+from dnn2bnn.priors import EmpiricalPrior, NormalPrior, ScaleMixturePrior
 from dnn2bnn import metrics, plots  # noqa: E402  (submodules: dnn2bnn.metrics.ece, ...)
 
 __all__ = [
+    "BayesConfig",
+    "BayesConfigMapping",
     "BayesConv1d",
     "BayesConv2d",
     "BayesConv3d",
@@ -56,20 +60,25 @@ __all__ = [
     "ConvertedModule",
     "DenseReparam",
     "Dnn2BnnError",
+    "EmpiricalPrior",
+    "Estimator",
     "NormalPrior",
     "PredictionWarning",
     "RegressionPrediction",
+    "ScaleMixturePrior",
     "SkippedModule",
     "TransformToBNN",
     "WithBNNLoss",
     "__version__",
     "default_mapping",
+    "distributed",
     "get_mode",
     "is_bayesian_layer",
     "kl_divergence",
     "metrics",
     "plots",
     "predict",
+    "set_estimator",
     "set_mode",
     "to_dnn",
     "transform_to_bnn_layer",

@@ -153,6 +153,9 @@ CASES = {
     "residual": (Residual, {"exclude": "stem"}, lambda: torch.randn(6, 10)),
     "shared": (Shared, {}, lambda: torch.randn(6, 8)),
     "own-forward": (CustomLayer, {}, lambda: torch.randn(6, 8)),
+    # The loop runs the layers' estimators; the vectorized path draws weights explicitly.
+    "mlp-flipout": (lambda: mlp((10, 16, 16, 3)), {"estimator": "flipout"}, lambda: torch.randn(6, 10)),
+    "cnn-lrt": (small_cnn, {"estimator": "lrt"}, lambda: torch.randn(4, 1, 8, 8)),
 }
 
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.fx.node import map_aggregate
 
 from dnn2bnn.layers._base import BayesianLayer, BayesMode, is_bayesian_layer
+from dnn2bnn.layers._sampling import softplus32
 
 __all__ = ["FoldError", "WeightDraws", "is_stochastic", "per_draw_call", "vectorizable"]
 
@@ -50,11 +51,17 @@ def is_stochastic(module: nn.Module) -> bool:
 
 
 def _torch_base(layer: nn.Module) -> type[nn.Module] | None:
-    """The torch.nn class whose ``forward`` ``layer`` runs, or ``None`` if it runs its own."""
+    """The torch.nn class whose ``forward`` ``layer`` runs, or ``None`` if it runs its own.
+
+    ``BayesianLayer.forward`` (the estimators' dispatch) counts as the torch forward: any
+    estimator samples from the same per-input predictive as explicit weight draws.
+    """
+    allowed = {vars(BayesianLayer).get("forward"), *(t.forward for t in _SUPPORTED)}
     for cls in type(layer).__mro__:
         if cls in _SUPPORTED:
             return cls
-        if "forward" in vars(cls) and not cls.__module__.startswith("dnn2bnn."):
+        forward = vars(cls).get("forward")
+        if forward is not None and forward not in allowed:
             return None
     return None
 
@@ -100,10 +107,11 @@ class WeightDraws:
                 if mu is None:
                     out[name] = None
                     continue
-                if name not in sigmas:
-                    sigmas[name] = F.softplus(layer._parameters[name + "_rho"])
-                eps = torch.randn((self.num_samples, *mu.shape), dtype=mu.dtype, device=mu.device)
-                out[name] = eps.mul_(sigmas[name]).add_(mu)
+                if name not in sigmas:  # float32 or wider, as the layer's own sampling
+                    sigmas[name] = softplus32(layer._parameters[name + "_rho"])
+                sigma = sigmas[name]
+                eps = torch.randn((self.num_samples, *mu.shape), dtype=sigma.dtype, device=mu.device)
+                out[name] = eps.mul_(sigma).add_(mu).to(mu.dtype)
             self._draws[key] = out
         return self._draws[key]
 
