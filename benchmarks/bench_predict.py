@@ -1,132 +1,102 @@
 """Time of dnn2bnn.predict (S Monte Carlo samples) against deterministic forward passes.
 
-For each model: one deterministic pass of the plain network (``dnn2bnn.to_dnn``), S such
-passes, ``predict(method="loop")`` (S ordinary forward passes of the BNN) and the default
-vectorized ``predict`` (fx split + batched weight draws). Prints a table and writes JSON to
+For each workload of ``_common.WORKLOADS`` (fully Bayesian) and a last-layer-Bayesian
+ResNet-18, in eval mode without gradients, interleaved (``_common.interleaved``):
+
+* ``1 pass``: one forward pass of the plain network (``dnn2bnn.to_dnn``, posterior means);
+* ``S passes``: S such passes, the floor of a naive Monte Carlo predictive;
+* ``loop``: ``predict(bnn, x, S, method="loop")``, S forward passes of the BNN;
+* ``vectorized``: ``predict(bnn, x, S)``, the default (fx split + batched weight draws).
+
+Ratios are medians over rounds of per-round ratios. Prints a Markdown table and writes
 benchmarks/results/bench_predict.json.
 
-    python benchmarks/bench_predict.py            # full run
-    python benchmarks/bench_predict.py --quick    # smaller batches, one repeat
+    python benchmarks/bench_predict.py            # 5 rounds (CPU: several minutes)
+    python benchmarks/bench_predict.py --quick    # 2 rounds, batch 8
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torchvision
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dnn2bnn  # noqa: E402
+from _common import WORKLOADS, Workload, interleaved, median_ratio, table, write_json  # noqa: E402
 
 
-class LeNet5(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10)
-        )
+def bench(workload: Workload, include: str | None, batch: int, samples: int, rounds: int,
+          device: torch.device) -> dict[str, object]:
+    torch.manual_seed(0)
+    options = {"include": include} if include else {}
+    bnn = dnn2bnn.transform_to_bnn_model(workload.make(), posterior_sigma_init=0.01, **options)
+    bnn = bnn.to(device).eval()
+    dnn = dnn2bnn.to_dnn(bnn).eval()
+    x = torch.randn(batch, *workload.input_shape, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
-
-
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(784, 1200), nn.ReLU(), nn.Linear(1200, 1200), nn.ReLU(), nn.Linear(1200, 10))
-
-
-def resnet18() -> nn.Module:
-    return torchvision.models.resnet18(num_classes=10)
-
-
-def _timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    fn()  # warm-up
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def bench(name: str, build: Callable[[], nn.Module], shape: tuple[int, ...], include: str | None,
-          samples: int, repeats: int, device: torch.device) -> dict[str, object]:
-    torch.manual_seed(0)
-    options = {"include": include} if include else {}
-    bnn = dnn2bnn.transform_to_bnn_model(build(), posterior_sigma_init=0.01, **options).to(device).eval()
-    dnn = dnn2bnn.to_dnn(bnn).eval()
-    x = torch.randn(shape, device=device)
-
-    def deterministic(passes: int) -> Callable[[], object]:
+    def passes(n: int):
         def run() -> None:
             with torch.no_grad():
-                for _ in range(passes):
+                for _ in range(n):
                     dnn(x)
+            sync()
         return run
 
-    one = _timed(deterministic(1), repeats, device)
-    many = _timed(deterministic(samples), repeats, device)
-    loop = _timed(lambda: dnn2bnn.predict(bnn, x, samples, method="loop"), repeats, device)
-    fast = _timed(lambda: dnn2bnn.predict(bnn, x, samples, method="vectorized"), repeats, device)
-    row = {
-        "model": name, "batch": shape[0], "samples": samples, "det_1_pass_s": one,
-        f"det_{samples}_passes_s": many, "predict_loop_s": loop, "predict_vectorized_s": fast,
-        "vectorized_over_det_S": fast / many, "vectorized_over_det_1": fast / one,
-        "loop_over_vectorized": loop / fast,
+    def predict(method: str):
+        def run() -> None:
+            dnn2bnn.predict(bnn, x, samples, method=method)
+            sync()
+        return run
+
+    variants = {"1 pass": passes(1), "S passes": passes(samples),
+                "loop": predict("loop"), "vectorized": predict("vectorized")}
+    times = interleaved(variants, rounds=rounds, reps=1, warmup=1)
+    name = workload.name + (", last layer Bayesian" if include else "")
+    return {
+        "model": name,
+        "batch": batch,
+        "seconds": {k: statistics.median(v) for k, v in times.items()},
+        "vectorized_over_S_passes": median_ratio(times, "vectorized", "S passes"),
+        "vectorized_over_1_pass": median_ratio(times, "vectorized", "1 pass"),
+        "loop_over_vectorized": median_ratio(times, "loop", "vectorized"),
     }
-    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="batch 8, one repeat")
+    parser.add_argument("--quick", action="store_true", help="2 rounds, batch 8")
     parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (median; default 3, quick 1)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_predict.json")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, quick 2)")
+    parser.add_argument("--device", default="cpu", help="cpu (one thread) or cuda")
     args = parser.parse_args()
     device = torch.device(args.device)
-    repeats = args.repeats or (1 if args.quick else 3)
-    b = 8 if args.quick else 64
-    cases = [
-        ("MLP 784-1200-1200-10", mlp, (b, 784), None),
-        ("LeNet-5", LeNet5, (b, 1, 28, 28), None),
-        ("ResNet-18 3x32x32", resnet18, (b, 3, 32, 32), None),
-        ("ResNet-18 last-layer", resnet18, (b, 3, 32, 32), "fc"),
-    ]
-    rows = [bench(*case, args.samples, repeats, device) for case in cases]
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    rounds = args.rounds or (2 if args.quick else 5)
+    resnet = next(w for w in WORKLOADS if w.name.startswith("ResNet-18"))
+    cases = [(w, None) for w in WORKLOADS] + [(resnet, "fc")]
+    rows = [bench(w, inc, 8 if args.quick else w.batch, args.samples, rounds, device) for w, inc in cases]
     s = args.samples
-    print(f"device {device}, {torch.get_num_threads()} threads, S={s}, batch {b}, median of {repeats}")
-    print(f"{'model':<24}{'1 pass':>9}{f'{s} passes':>11}{'loop':>9}{'vectorized':>11}"
-          f"{f'vec/{s}pass':>10}{'vec/1pass':>10}{'loop/vec':>9}")
-    for r in rows:
-        print(f"{r['model']:<24}{r['det_1_pass_s']:9.4f}{r[f'det_{s}_passes_s']:11.4f}{r['predict_loop_s']:9.4f}"
-              f"{r['predict_vectorized_s']:11.4f}{r['vectorized_over_det_S']:10.2f}"
-              f"{r['vectorized_over_det_1']:10.2f}{r['loop_over_vectorized']:9.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "samples": s, "batch": b, "repeats": repeats}
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {args.out}")
+    print(f"device {device}, {torch.get_num_threads()} thread(s), S={s}, {rounds} rounds\n")
+    header = ["model", "batch", "1 pass", f"{s} passes", "loop", "vectorized",
+              f"vectorized / {s} passes", "vectorized / 1 pass", "loop / vectorized"]
+    body = [[r["model"], str(r["batch"]), *(f"{r['seconds'][k]:.4f} s" for k in
+             ("1 pass", "S passes", "loop", "vectorized")),
+             f"{r['vectorized_over_S_passes']:.2f}x", f"{r['vectorized_over_1_pass']:.2f}x",
+             f"{r['loop_over_vectorized']:.2f}x"] for r in rows]
+    print(table(header, body))
+    path = write_json("bench_predict", {"device": str(device), "samples": s, "rounds": rounds, "rows": rows})
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ def _check(probs: Tensor, labels: Tensor) -> None:
         raise ValueError(f"probs must be [N, C] probabilities, got shape {tuple(probs.shape)}")
     if labels.shape != probs.shape[:1]:
         raise ValueError(
-            f"labels must be [N] = [{probs.shape[0]}] class indices, got shape {tuple(labels.shape)}"
+            f"labels must be [N] = [{probs.shape[0]}] class indices, "
+            f"got shape {tuple(labels.shape)}"
         )
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
@@ -141,8 +142,9 @@ def calibration_curve(
     count = torch.zeros(num_bins, dtype=torch.long, device=probs.device).index_add_(
         0, index, torch.ones_like(index)
     )
-    conf_sum = torch.zeros(num_bins, dtype=torch.float64, device=probs.device).index_add_(0, index, confidence)
-    acc_sum = torch.zeros(num_bins, dtype=torch.float64, device=probs.device).index_add_(0, index, correct)
+    zeros = torch.zeros(num_bins, dtype=torch.float64, device=probs.device)
+    conf_sum = zeros.clone().index_add_(0, index, confidence)
+    acc_sum = zeros.clone().index_add_(0, index, correct)
     keep = count > 0
     return CalibrationCurve(
         confidence=conf_sum[keep] / count[keep],
@@ -153,7 +155,9 @@ def calibration_curve(
     )
 
 
-def ece(probs: Tensor, labels: Tensor, *, num_bins: int = 15, binning: str = "equal_width") -> float:
+def ece(
+    probs: Tensor, labels: Tensor, *, num_bins: int = 15, binning: str = "equal_width"
+) -> float:
     """Expected calibration error (see :func:`calibration_curve` for the binning).
 
     Example:
@@ -210,7 +214,8 @@ def aupr(scores: Tensor, labels: Tensor) -> float:
     ``sum_k (R_k - R_{k-1}) P_k`` over the distinct score thresholds (ties form one step).
 
     Example:
-        >>> round(dnn2bnn.metrics.aupr(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])), 4)
+        >>> scores, labels = torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])
+        >>> round(dnn2bnn.metrics.aupr(scores, labels), 4)
         0.8333
     """
     s, pos = _binary(scores, labels)
@@ -232,7 +237,9 @@ def aupr(scores: Tensor, labels: Tensor) -> float:
 def _ood(in_scores: Tensor, out_scores: Tensor) -> tuple[Tensor, Tensor]:
     for name, value in (("in_scores", in_scores), ("out_scores", out_scores)):
         if value.dim() != 1 or value.numel() == 0:
-            raise ValueError(f"{name} must be a non-empty 1-d tensor, got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must be a non-empty 1-d tensor, got shape {tuple(value.shape)}"
+            )
     scores = torch.cat([in_scores.double(), out_scores.double().to(in_scores.device)])
     labels = torch.cat(
         [

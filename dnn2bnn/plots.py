@@ -57,7 +57,8 @@ def reliability_diagram(
         probs: ``[N, C]`` predicted probabilities.
         labels: ``[N]`` class indices.
         num_bins: number of confidence bins.
-        binning: ``"equal_width"`` or ``"adaptive"`` (see :func:`dnn2bnn.metrics.calibration_curve`).
+        binning: ``"equal_width"`` or ``"adaptive"`` (see
+            :func:`dnn2bnn.metrics.calibration_curve`).
         title: figure title (the ECE is appended).
         path: save the figure as PNG there.
 
@@ -79,7 +80,8 @@ def reliability_diagram(
     conf = curve.confidence.cpu().numpy()
     acc = curve.accuracy.cpu().numpy()
     top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
-    top.bar(left, acc, width=width, align="edge", color="tab:blue", edgecolor="black", label="accuracy")
+    top.bar(left, acc, width=width, align="edge", color="tab:blue", edgecolor="black",
+            label="accuracy")
     top.bar(left, conf - acc, bottom=acc, width=width, align="edge", fill=False, hatch="//",
             edgecolor="tab:red", label="gap to confidence")
     top.set_xlim(0, 1)
@@ -143,7 +145,8 @@ def uncertainty_histogram(
     ax = figure.add_subplot()
     for index, (name, scores) in enumerate(sets.items()):
         values = scores.numpy()
-        for style in ({"histtype": "stepfilled", "alpha": 0.3}, {"histtype": "step", "linewidth": 1.5}):
+        filled = {"histtype": "stepfilled", "alpha": 0.3}
+        for style in (filled, {"histtype": "step", "linewidth": 1.5}):
             ax.hist(values, bins=bins, range=(low, high), density=True, color=f"C{index}",
                     label=labels[name] if style["histtype"] == "step" else None, **style)
     ax.set_xlabel(xlabel)

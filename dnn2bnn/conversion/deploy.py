@@ -94,7 +94,11 @@ def _remove_sample_hooks(model: nn.Module) -> None:
     from dnn2bnn.conversion.transform import _close_sample_scope, _open_sample_scope
 
     for module in model.modules():
-        for hooks, hook in ((module._forward_pre_hooks, _open_sample_scope), (module._forward_hooks, _close_sample_scope)):
+        pairs = (
+            (module._forward_pre_hooks, _open_sample_scope),
+            (module._forward_hooks, _close_sample_scope),
+        )
+        for hooks, hook in pairs:
             for key in [k for k, h in hooks.items() if h is hook]:
                 del hooks[key]
                 module._forward_hooks_always_called.pop(key, None)

@@ -90,7 +90,8 @@ def plan_split(model: nn.Module) -> SplitPlan | str:
             graph = _Tracer(bayesian).trace(model)
         except Exception as exc:  # any failure: the caller falls back to the loop
             first = (str(exc).strip().splitlines() or [""])[0][:200]
-            return f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {first})"
+            kind = type(exc).__name__
+            return f"torch.fx could not trace {type(model).__name__} ({kind}: {first})"
     names = {id(m): name for name, m in model.named_modules()}
     owners = {id(m) for m in sampling}
     modules = dict(model.named_modules())

@@ -110,7 +110,8 @@ class WeightDraws:
                 if name not in sigmas:  # float32 or wider, as the layer's own sampling
                     sigmas[name] = softplus32(layer._parameters[name + "_rho"])
                 sigma = sigmas[name]
-                eps = torch.randn((self.num_samples, *mu.shape), dtype=sigma.dtype, device=mu.device)
+                shape = (self.num_samples, *mu.shape)
+                eps = torch.randn(shape, dtype=sigma.dtype, device=mu.device)
                 out[name] = eps.mul_(sigma).add_(mu).to(mu.dtype)
             self._draws[key] = out
         return self._draws[key]
@@ -186,9 +187,12 @@ def per_draw_call(
         def take(value: Any) -> Any:
             if isinstance(value, Tensor) and value.dim() > 0:
                 if value.shape[0] % s:
-                    raise FoldError(f"{type(module).__name__} got an input of shape {tuple(value.shape)}")
+                    raise FoldError(
+                        f"{type(module).__name__} got an input of shape {tuple(value.shape)}"
+                    )
                 folded.append(1)
-                return value.reshape(value.shape[0] // s, s, *value.shape[1:])[:, index].contiguous()
+                draws_view = value.reshape(value.shape[0] // s, s, *value.shape[1:])
+                return draws_view[:, index].contiguous()
             return value
 
         return take

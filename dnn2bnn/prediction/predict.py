@@ -124,9 +124,13 @@ def predict(
                         "a classifier must return a logits tensor, got "
                         f"{type(outputs).__name__} from {type(model).__name__}"
                     )
-                parts.append(ClassificationPrediction.from_logits(outputs, keep_samples=return_samples))
+                parts.append(
+                    ClassificationPrediction.from_logits(outputs, keep_samples=return_samples)
+                )
             else:
-                parts.append(RegressionPrediction.from_outputs(outputs, keep_samples=return_samples))
+                parts.append(
+                    RegressionPrediction.from_outputs(outputs, keep_samples=return_samples)
+                )
     if not parts:
         raise ValueError("predict got no input batch")
     joined = type(parts[0]).concat(parts)  # type: ignore[arg-type]
@@ -207,7 +211,9 @@ def _batches(inputs: Any, batch_size: int | None) -> Iterable[Tensor]:
     if batch_size is not None:
         raise ValueError("batch_size applies to a tensor input; a DataLoader has its own")
     if not isinstance(inputs, Iterable):
-        raise TypeError(f"inputs must be a tensor or an iterable of batches, got {type(inputs).__name__}")
+        raise TypeError(
+            f"inputs must be a tensor or an iterable of batches, got {type(inputs).__name__}"
+        )
     return (_first_tensor(batch) for batch in inputs)
 
 
@@ -230,7 +236,8 @@ def _progress(batches: Iterable[Tensor], inputs: Any, progress: bool | None) -> 
         return batches
     from tqdm.auto import tqdm
 
-    return tqdm(batches, total=total, desc="predict", unit="batch", disable=None if progress is None else False)
+    disable = None if progress is None else False  # None: only on a terminal
+    return tqdm(batches, total=total, desc="predict", unit="batch", disable=disable)
 
 
 @contextmanager
