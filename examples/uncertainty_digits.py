@@ -59,7 +59,9 @@ def load_data(mnist: str | None, quick: bool) -> tuple[TensorDataset, TensorData
     return TensorDataset(x, y), TensorDataset(xt, yt)
 
 
-def fit(criterion: nn.Module, model: nn.Module, data: TensorDataset, epochs: int, lr: float) -> None:
+def fit(
+    criterion: nn.Module, model: nn.Module, data: TensorDataset, epochs: int, lr: float
+) -> None:
     optimizer = torch.optim.Adam(criterion.parameters(), lr=lr)
     model.train()
     for _ in range(epochs):
@@ -78,55 +80,66 @@ class _CrossEntropy(nn.Module):
         return F.cross_entropy(self.model(x), y)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mnist", metavar="PATH", help="MNIST gzip pickle instead of scikit-learn digits")
-    parser.add_argument("--quick", action="store_true", help="tiny run: 1 epoch, 8 samples, data subsets")
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--mnist", metavar="PATH", help="MNIST gzip pickle (default: digits)")
+    parser.add_argument("--quick", action="store_true", help="1 epoch, 8 samples, data subsets")
     parser.add_argument("--samples", type=int, default=32, help="Monte Carlo samples per input")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per stage")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for the two PNG plots")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     torch.manual_seed(0)
     start = time.perf_counter()
     samples = 8 if args.quick else args.samples
     epochs = args.epochs or (1 if args.quick else 3 if args.mnist else 8)
     train, test = load_data(args.mnist, args.quick)
     n = len(train)
-    print(f"data: {n} training / {len(test)} test images ({'MNIST' if args.mnist else 'sklearn digits'})")
+    source = "MNIST" if args.mnist else "sklearn digits"
+    print(f"data: {n} training / {len(test)} test images ({source})")
 
     dnn = small_cnn()
     fit(_CrossEntropy(dnn), dnn, train, epochs, 2e-3)
     bnn = dnn2bnn.transform_to_bnn_model(dnn, posterior_sigma_init=0.02)
-    fit(dnn2bnn.WithBNNLoss.elbo(bnn, nn.CrossEntropyLoss(), num_train_examples=n), bnn, train, epochs, 1e-3)
+    elbo = dnn2bnn.WithBNNLoss.elbo(bnn, nn.CrossEntropyLoss(), num_train_examples=n)
+    fit(elbo, bnn, train, epochs, 1e-3)
 
     x, y = test.tensors
-    noise = torch.rand(len(x), *x.shape[1:], generator=torch.Generator().manual_seed(1))
-    inverted = 1.0 - x
+    oods = {
+        "noise": torch.rand(len(x), *x.shape[1:], generator=torch.Generator().manual_seed(1)),
+        "inverted": 1.0 - x,
+    }
     with torch.no_grad():
-        deterministic = dnn.eval()(x).softmax(-1)
+        dnn.eval()
+        dnn_probs = {name: dnn(data).softmax(-1) for name, data in [("test", x), *oods.items()]}
     pred = dnn2bnn.predict(bnn, x, samples, batch_size=256)
-    ood = {name: dnn2bnn.predict(bnn, data, samples, batch_size=256) for name, data in
-           (("noise", noise), ("inverted", inverted))}
+    ood = {name: dnn2bnn.predict(bnn, data, samples, batch_size=256) for name, data in oods.items()}
     print(f"{samples} posterior samples per input, computed with method={pred.method!r}\n")
+
     print(f"{'model':<22}{'accuracy':>9}{'NLL':>8}{'ECE':>8}{'ECE(adapt)':>11}")
-    for name, probs in (("DNN (softmax)", deterministic), ("BNN (MC predictive)", pred.probs)):
+    for name, probs in (("DNN (softmax)", dnn_probs["test"]), ("BNN (MC predictive)", pred.probs)):
         print(
             f"{name:<22}{metrics.accuracy(probs, y):9.4f}{metrics.nll(probs, y):8.4f}"
             f"{metrics.ece(probs, y):8.4f}{metrics.ece(probs, y, binning='adaptive'):11.4f}"
         )
+
     print(f"\nOOD AUROC (test digits vs. OOD set)  {'noise':>8}{'inverted':>10}")
-    rows = {
-        "DNN max-softmax": (lambda p: 1 - p.max(-1).values, deterministic, None),
-        "BNN predictive entropy": (lambda r: r.predictive_entropy, pred, "predictive_entropy"),
-        "BNN mutual information": (lambda r: r.mutual_information, pred, "mutual_information"),
+    scores = {  # score per input, higher = more likely out of distribution
+        "DNN max-softmax": {k: 1 - p.max(-1).values for k, p in dnn_probs.items()},
+        "BNN predictive entropy": {
+            "test": pred.predictive_entropy, **{k: r.predictive_entropy for k, r in ood.items()}
+        },
+        "BNN mutual information": {
+            "test": pred.mutual_information, **{k: r.mutual_information for k, r in ood.items()}
+        },
     }
-    with torch.no_grad():
-        dnn_ood = {k: dnn(v).softmax(-1) for k, v in (("noise", noise), ("inverted", inverted))}
-    for label, (score, source, attr) in rows.items():
-        if attr is None:
-            values = [metrics.ood_auroc(score(source), score(dnn_ood[k])) for k in ("noise", "inverted")]
-        else:
-            values = [metrics.ood_auroc(score(source), score(ood[k])) for k in ("noise", "inverted")]
+    for label, score in scores.items():
+        values = [metrics.ood_auroc(score["test"], score[k]) for k in oods]
         print(f"{label:<37}{values[0]:8.4f}{values[1]:10.4f}")
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -209,7 +209,7 @@ def test_last_layer_plan_runs_the_prefix_once():
     assert plan.vectorized == ["4"] and plan.per_draw == []
     full = plan_split(dnn2bnn.transform_to_bnn_model(CustomLayer()))
     assert full.vectorized == ["body"] and full.per_draw == ["top"]
-    deterministic = [n.target for n in plan.module.graph.nodes if n not in plan.stochastic]
+    deterministic = [n.target for n in plan.graph.nodes if n not in plan.stochastic]
     assert deterministic[1:] == ["0", "1", "2", "3"]  # after the placeholder: run once
 
 

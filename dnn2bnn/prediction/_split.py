@@ -62,7 +62,9 @@ def _means_for_tracing(model: nn.Module) -> Iterator[list[BayesianLayer]]:
 class SplitPlan:
     """A traced model and which of its nodes depend on a posterior sample."""
 
-    module: fx.GraphModule
+    #: The traced model (run by an interpreter over ``graph``; no code is generated).
+    module: nn.Module
+    graph: fx.Graph
     stochastic: set[fx.Node]
     #: Nodes whose value depends on the model input (only those carry a batch dimension).
     batched: set[fx.Node]
@@ -120,13 +122,14 @@ def plan_split(model: nn.Module) -> SplitPlan | str:
             (vectorized if vectorizable(target) else per_draw).append(names[id(target)])
         elif any(a in stochastic for a in node.all_input_nodes) or node.op == "output":
             stochastic.add(node)
-    module = fx.GraphModule(model, graph)
-    return SplitPlan(module, stochastic, batched, sorted(set(vectorized)), sorted(set(per_draw)))
+    return SplitPlan(
+        model, graph, stochastic, batched, sorted(set(vectorized)), sorted(set(per_draw))
+    )
 
 
 class _FoldedInterpreter(fx.Interpreter):
     def __init__(self, plan: SplitPlan, draws: WeightDraws, batch: int) -> None:
-        super().__init__(plan.module)
+        super().__init__(plan.module, graph=plan.graph)
         self.plan = plan
         self.draws = draws
         self.batch = batch
