@@ -207,6 +207,7 @@ def test_last_layer_plan_runs_the_prefix_once():
     bnn = dnn2bnn.transform_to_bnn_model(mlp((10, 16, 16, 3)), include="4")
     plan = plan_split(bnn)
     assert plan.vectorized == ["4"] and plan.per_draw == []
+    assert plan.single_use == {id(bnn[4])}  # a Linear called once: local reparameterization
     full = plan_split(dnn2bnn.transform_to_bnn_model(CustomLayer()))
     assert full.vectorized == ["body"] and full.per_draw == ["top"]
     deterministic = [n.target for n in plan.graph.nodes if n not in plan.stochastic]

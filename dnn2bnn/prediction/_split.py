@@ -11,6 +11,7 @@ layer alone is Bayesian thus costs about one deterministic pass for any ``S``.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -72,10 +73,13 @@ class SplitPlan:
     vectorized: list[str]
     #: Qualified names of stochastic modules called once per draw (not batchable).
     per_draw: list[str]
+    #: ids of vectorizable Linear layers called once per forward (local reparameterization).
+    single_use: frozenset[int] = frozenset()
 
     def run(self, x: Tensor, draws: WeightDraws) -> Any:
         """The model output for ``S`` draws, every tensor shaped ``[S, B, ...]``."""
         draws.new_pass()
+        draws.local = self.single_use
         out = _FoldedInterpreter(self, draws, x.shape[0]).run(x)
         return _unfold(out, x.shape[0], draws.num_samples)
 
@@ -122,8 +126,15 @@ def plan_split(model: nn.Module) -> SplitPlan | str:
             (vectorized if vectorizable(target) else per_draw).append(names[id(target)])
         elif any(a in stochastic for a in node.all_input_nodes) or node.op == "output":
             stochastic.add(node)
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    single_use = frozenset(
+        id(m) for name, m in modules.items()
+        if calls[name] == 1 and vectorizable(m) and isinstance(m, nn.Linear)
+        and sum(1 for other in modules.values() if other is m) == 1
+    )
     return SplitPlan(
-        model, graph, stochastic, batched, sorted(set(vectorized)), sorted(set(per_draw))
+        model, graph, stochastic, batched, sorted(set(vectorized)), sorted(set(per_draw)),
+        single_use,
     )
 
 
