@@ -16,6 +16,7 @@ from dnn2bnn.conversion import (
     SkippedModule,
     default_mapping,
     opt_in_mapping,
+    to_dnn,
     transform_to_bnn_layer,
     transform_to_bnn_model,
 )
@@ -39,7 +40,14 @@ from dnn2bnn.layers import (
 from dnn2bnn.loss import WithBNNLoss, kl_divergence
 from dnn2bnn.mindspore import TransformToBNN
 from dnn2bnn.modes import get_mode, set_estimator, set_mode
+from dnn2bnn.prediction import (
+    ClassificationPrediction,
+    PredictionWarning,
+    RegressionPrediction,
+    predict,
+)
 from dnn2bnn.priors import EmpiricalPrior, NormalPrior, ScaleMixturePrior
+from dnn2bnn import metrics, plots  # noqa: E402  (submodules: dnn2bnn.metrics.ece, ...)
 
 __all__ = [
     "BayesConfig",
@@ -55,6 +63,7 @@ __all__ = [
     "BayesMultiheadAttention",
     "BayesianLayer",
     "BayesianParameters",
+    "ClassificationPrediction",
     "ConversionError",
     "ConversionReport",
     "ConversionWarning",
@@ -65,6 +74,8 @@ __all__ = [
     "EmpiricalPrior",
     "Estimator",
     "NormalPrior",
+    "PredictionWarning",
+    "RegressionPrediction",
     "ScaleMixturePrior",
     "SkippedModule",
     "TransformToBNN",
@@ -76,8 +87,12 @@ __all__ = [
     "is_bayesian_layer",
     "kl_divergence",
     "opt_in_mapping",
+    "metrics",
+    "plots",
+    "predict",
     "set_estimator",
     "set_mode",
+    "to_dnn",
     "transform_to_bnn_layer",
     "transform_to_bnn_model",
 ]
