@@ -156,3 +156,14 @@ def test_a_layer_configured_none_keeps_its_own_copy_of_the_weights():
     assert isinstance(bnn[0], dnn2bnn.BayesLinear) and type(bnn[1]) is nn.Linear
     assert bnn[1].weight is not dnn[1].weight and torch.equal(bnn[1].weight, dnn[1].weight)
     assert bnn[1].weight.data_ptr() != dnn[1].weight.data_ptr()
+
+
+def test_to_dnn_makes_nested_and_root_level_layers_plain():
+    dnn = Tiny().eval()
+    bnn = transform_to_bnn_model(dnn, layer_types=[nn.MultiheadAttention, nn.Linear, nn.LSTM], params=["w_out"])
+    idx = torch.randint(0, 20, (2, 5))
+    for plain in (dnn2bnn.to_dnn(bnn), bnn.to_dnn()):
+        assert not any(isinstance(m, dnn2bnn.BayesianLayer) for m in plain.modules())
+        assert type(plain) is Tiny and type(plain.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+        with torch.no_grad():
+            torch.testing.assert_close(plain(idx), dnn(idx), rtol=0, atol=1e-6)

@@ -34,6 +34,7 @@ from dnn2bnn.layers._base import (
     _initial_rho,
     _peek_means,
     _resolve,
+    is_bayesian_layer,
 )
 from dnn2bnn.layers.linear import BayesLinear
 
@@ -200,6 +201,23 @@ class BayesianParameters(BayesianLayer):
             for name in self.bayes_params:
                 rho, mu = self._parameters[name + "_rho"], self._parameters[name + "_mu"]
                 rho.copy_(_initial_rho(mu, self.bayes_config))  # type: ignore[union-attr, arg-type]
+
+    def to_dnn(self) -> nn.Module:
+        """A plain deterministic copy holding the posterior means, submodules included.
+
+        Unlike a Linear, such a module may contain Bayesian layers (attention's
+        ``out_proj``, the layers of a model whose own parameter was chosen): they become
+        plain too.
+        """
+        dnn = super().to_dnn()
+        plain: dict[int, nn.Module] = {}
+        for parent in list(dnn.modules()):
+            for name, child in list(parent._modules.items()):
+                if child is not None and is_bayesian_layer(child):
+                    if id(child) not in plain:
+                        plain[id(child)] = child.to_dnn()  # type: ignore[operator]
+                    parent._modules[name] = plain[id(child)]
+        return dnn
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         cls = type(self)
