@@ -76,3 +76,16 @@ def test_sigma_cache_follows_every_change_of_rho():
     assert cached_sigma(cache, "w", rho) is first
     rho.add_(1.0)
     torch.testing.assert_close(cached_sigma(cache, "w", rho), torch.nn.functional.softplus(rho))
+
+
+def test_sigma_is_recomputed_in_training_and_after_inference_mode():
+    layer = BayesLinear(4, 2, posterior_sigma_init=0.1)
+    with torch.inference_mode():
+        layer(torch.ones(1, 4))  # caches an inference tensor
+    layer(torch.ones(1, 4)).sum().backward()  # must not save the inference tensor
+    assert layer.weight_rho.grad is not None
+    with torch.no_grad():
+        layer(torch.ones(1, 4))
+    layer.weight_rho.data.fill_(-2.0)  # invisible to the version counter ...
+    layer(torch.ones(1, 4))  # ... but a training forward recomputes
+    torch.testing.assert_close(layer._sigma("weight", layer.weight_rho), layer.posterior_sigma().detach())

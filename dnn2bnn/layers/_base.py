@@ -231,15 +231,18 @@ class BayesianLayer(nn.Module):
         if cache is not None and name in cache:
             return cache[name]
         rho = params[name + "_rho"]
-        sample = _sample(mu, rho, self._sigma(name, rho))
+        # training recomputes sigma once per forward (the KL of the same step reuses it);
+        # repeated passes without autograd (Monte Carlo prediction) reuse it while rho is unchanged
+        sigma = self._sigma(name, rho, reuse=not torch.is_grad_enabled())
+        sample = _sample(mu, rho, sigma)
         if cache is not None:
             cache[name] = sample
         self._keep_for_kl(name, sample)
         return sample
 
-    def _sigma(self, name: str, rho: Tensor) -> Tensor:
+    def _sigma(self, name: str, rho: Tensor, *, reuse: bool = True) -> Tensor:
         """``softplus(rho)`` detached, computed once per change of ``rho`` (see ``_sampling``)."""
-        return cached_sigma(self._sigma_cache, name, rho)
+        return cached_sigma(self._sigma_cache, name, rho, reuse=reuse)
 
     def _keep_for_kl(self, name: str, sample: Tensor) -> None:
         """Remember the forward pass's weight sample when the prior's KL is Monte Carlo."""

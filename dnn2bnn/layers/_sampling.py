@@ -25,11 +25,25 @@ from torch import Tensor
 __all__ = ["GaussianSample", "NormalKL", "cached_sigma", "sample"]
 
 
-def cached_sigma(cache: dict[str, tuple[int, int, Tensor]], name: str, rho: Tensor) -> Tensor:
-    """``softplus(rho)``, detached, recomputed only when ``rho`` changed since the last call."""
+def cached_sigma(
+    cache: dict[str, tuple[int, int, Tensor]], name: str, rho: Tensor, *, reuse: bool = True
+) -> Tensor:
+    """``softplus(rho)``, detached; with ``reuse``, recomputed only when ``rho`` changed.
+
+    "Changed" means a new version of ``rho`` (any in-place update through autograd-visible
+    ops: optimizer steps, ``load_state_dict``, ``with torch.no_grad(): rho.fill_(...)``) or a
+    different tensor. Writes through ``rho.data`` bypass the version counter and are not seen
+    until the next training forward, which always recomputes (``reuse=False``).
+    """
     key = (rho._version, rho.data_ptr())
     entry = cache.get(name)
-    if entry is not None and entry[:2] == key and entry[2].shape == rho.shape:
+    if (
+        reuse
+        and entry is not None
+        and entry[:2] == key
+        and entry[2].shape == rho.shape
+        and (torch.is_inference_mode_enabled() or not entry[2].is_inference())
+    ):
         return entry[2]
     with torch.no_grad():
         sigma = F.softplus(rho)
