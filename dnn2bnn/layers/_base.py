@@ -90,6 +90,7 @@ class BayesianLayer(nn.Module):
         "_share_samples",
         "_kl_samples",
         "_sigma_cache",
+        "_scalar_cache",
     )
     #: Whether the flipout/lrt estimators can run this class (False for a user subclass
     #: with its own ``forward``, which only sees the sampled ``weight``).
@@ -120,6 +121,7 @@ class BayesianLayer(nn.Module):
         self._share_samples = False
         self._kl_samples: dict[str, Tensor] = {}
         self._sigma_cache: dict[str, tuple[int, int, Tensor]] = {}
+        self._scalar_cache: dict[str, tuple[tuple[int, int], float]] = {}
         for name in self.bayes_params:
             value = self._parameters.pop(name)
             if value is None:
@@ -244,6 +246,15 @@ class BayesianLayer(nn.Module):
         """``softplus(rho)`` detached, computed once per change of ``rho`` (see ``_sampling``)."""
         return cached_sigma(self._sigma_cache, name, rho, reuse=reuse)
 
+    def _prior_scalar(self, key: str, buffer: Tensor) -> float:
+        """``float(buffer)``, read again only when the buffer changed (no device sync per step)."""
+        stamp = (buffer._version, buffer.data_ptr())
+        cached = self._scalar_cache.get(key)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, float(buffer))
+            self._scalar_cache[key] = cached
+        return cached[1]
+
     def _keep_for_kl(self, name: str, sample: Tensor) -> None:
         """Remember the forward pass's weight sample when the prior's KL is Monte Carlo."""
         if self.prior.needs_sample and torch.is_grad_enabled():
@@ -285,7 +296,8 @@ class BayesianLayer(nn.Module):
                 # Normal / empirical prior: fused closed form with a hand-written gradient
                 sigma = self._sigma(name, rho)
                 release = functools.partial(self._sigma_cache.pop, name, None)
-                term = NormalKL.apply(mu, rho, sigma, buffers["mu"], buffers["sigma"], release)
+                prior_sigma = self._prior_scalar(name + "_prior_sigma", buffers["sigma"])
+                term = NormalKL.apply(mu, rho, sigma, buffers["mu"], prior_sigma, release)
             else:
                 sigma = F.softplus(rho)
                 sample = None
@@ -328,6 +340,7 @@ class BayesianLayer(nn.Module):
         state = dict(state)
         state["_kl_samples"] = {}
         state["_sigma_cache"] = {}
+        state["_scalar_cache"] = {}
         state["_sample_cache"] = None
         return state
 
