@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from dnn2bnn.config import OPTION_NAMES, BayesConfig, Estimator
 from dnn2bnn.errors import ConversionWarning
 from dnn2bnn.layers import _estimators
-from dnn2bnn.layers._sampling import NormalKL, cached_sigma, sample as _sample
+from dnn2bnn.layers._sampling import NormalKL, cached_sigma, softplus32
+from dnn2bnn.layers._sampling import sample as _sample
 from dnn2bnn.priors import Prior
 
 __all__ = [
@@ -215,9 +216,9 @@ class BayesianLayer(nn.Module):
 
     # ------------------------------------------------------------------ the posterior
     def posterior_sigma(self, name: str = "weight") -> Tensor | None:
-        """``softplus(rho)`` of the named Bayesian parameter (``None`` if it is absent)."""
+        """``softplus(rho)`` of the named Bayesian parameter (``None`` if absent), in float32+."""
         rho = self._parameters[name + "_rho"]
-        return None if rho is None else F.softplus(rho)
+        return None if rho is None else softplus32(rho)
 
     def _draw(self, name: str) -> Tensor | None:
         params = self.__dict__["_parameters"]
@@ -235,8 +236,10 @@ class BayesianLayer(nn.Module):
         rho = params[name + "_rho"]
         # training recomputes sigma once per forward (the KL of the same step reuses it);
         # repeated passes without autograd (Monte Carlo prediction) reuse it while rho is unchanged
+        # sigma is float32+ (see softplus32); the sample goes back to the parameter dtype so
+        # the parent's forward sees weights of the dtype it was built with.
         sigma = self._sigma(name, rho, reuse=not torch.is_grad_enabled())
-        sample = _sample(mu, rho, sigma)
+        sample = _sample(mu, rho, sigma).to(mu.dtype)
         if cache is not None:
             cache[name] = sample
         self._keep_for_kl(name, sample)
@@ -292,14 +295,19 @@ class BayesianLayer(nn.Module):
             rho = self._parameters[name + "_rho"]
             prefix = name + "_prior_"
             buffers = {k[len(prefix) :]: v for k, v in self._buffers.items() if k.startswith(prefix)}
-            if not self.prior.needs_sample and buffers["sigma"].numel() == 1:
+            # the fused KL flattens plain tensors; compile fuses the reference itself, and
+            # tensor subclasses (FSDP2 DTensor shards) and meta tensors take the reference
+            fusable = type(mu) in (Tensor, nn.Parameter) and not (
+                torch.compiler.is_compiling() or mu.is_meta
+            )
+            if fusable and not self.prior.needs_sample and buffers["sigma"].numel() == 1:
                 # Normal / empirical prior: fused closed form with a hand-written gradient
                 sigma = self._sigma(name, rho)
                 release = functools.partial(self._sigma_cache.pop, name, None)
                 prior_sigma = self._prior_scalar(name + "_prior_sigma", buffers["sigma"])
                 term = NormalKL.apply(mu, rho, sigma, buffers["mu"], prior_sigma, release)
-            else:
-                sigma = F.softplus(rho)
+            else:  # the prior's own KL, through autograd
+                sigma = softplus32(rho)
                 sample = None
                 if self.prior.needs_sample:
                     sample = self._kl_samples.pop(name, None)

@@ -29,7 +29,17 @@ __all__ = [
     "NormalKL",
     "cached_sigma",
     "sample",
+    "softplus32",
 ]
+
+
+def softplus32(rho: Tensor) -> Tensor:
+    """``softplus(rho)`` computed in float32 (or wider) whatever the dtype of ``rho``.
+
+    Keeps sigma from underflowing to 0 (and the KL's ``log(sigma)`` from becoming -inf) in
+    float16/bfloat16 models and under autocast. A no-op cast for float32 parameters.
+    """
+    return F.softplus(rho.to(torch.promote_types(rho.dtype, torch.float32)))
 
 
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
@@ -44,10 +54,14 @@ def cached_sigma(
     ops: optimizer steps, ``load_state_dict``, ``with torch.no_grad(): rho.fill_(...)``) or a
     different tensor. Writes through ``rho.data`` bypass the version counter and are not seen
     until the next training forward, which always recomputes (``reuse=False``).
+
+    Bypassed under torch.compile (dynamo cannot trace the version/pointer check, and the
+    compiled graph fuses softplus into the sampling kernel anyway) and under torch.func
+    transforms (their wrappers have no storage to key on).
     """
-    if _transforms_active():  # torch.func wrappers have no storage to key on
+    if torch.compiler.is_compiling() or _transforms_active():
         with torch.no_grad():
-            return F.softplus(rho)
+            return softplus32(rho)
     key = (rho._version, rho.data_ptr())
     entry = cache.get(name)
     if (
@@ -59,7 +73,7 @@ def cached_sigma(
     ):
         return entry[2]
     with torch.no_grad():
-        sigma = F.softplus(rho)
+        sigma = softplus32(rho)
     cache[name] = (*key, sigma)
     return sigma
 
@@ -146,8 +160,9 @@ class NormalKL(torch.autograd.Function):
         m, s = mu.to(dtype).flatten(), sigma.to(dtype).flatten()
         diff = m - prior_mu.to(dtype).flatten()  # broadcasts a scalar prior mean
         # 0.5 * sum(s^2 + d^2) / ps^2 - sum(log s) + n * (log ps - 1/2), with reductions only
-        kl = (torch.dot(s, s) + torch.dot(diff, diff)).mul_(0.5 / prior_sigma**2)
-        kl = kl.sub_(torch.log(s).sum()).add_(m.numel() * (math.log(prior_sigma) - 0.5))
+        # out of place: under FSDP2 the dot products are partial sums (DTensor Partial)
+        kl = (torch.dot(s, s) + torch.dot(diff, diff)) * (0.5 / prior_sigma**2)
+        kl = kl - torch.log(s).sum() + m.numel() * (math.log(prior_sigma) - 0.5)
         ctx.save_for_backward(mu, rho, sigma, prior_mu)
         ctx.prior_sigma = prior_sigma
         ctx.release = release
