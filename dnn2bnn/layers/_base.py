@@ -246,7 +246,14 @@ class BayesianLayer(nn.Module):
         return sample
 
     def _sigma(self, name: str, rho: Tensor, *, reuse: bool = True) -> Tensor:
-        """``softplus(rho)`` detached, computed once per change of ``rho`` (see ``_sampling``)."""
+        """``softplus(rho)`` detached, computed once per change of ``rho`` (see ``_sampling``).
+
+        Not cached on FSDP2-sharded layers: FSDP2 refills the unsharded parameters in place
+        without changing their version counter, so a cached sigma would go stale.
+        """
+        if _FSDPModule is not None and isinstance(self, _FSDPModule):
+            with torch.no_grad():
+                return softplus32(rho)
         return cached_sigma(self._sigma_cache, name, rho, reuse=reuse)
 
     def _prior_scalar(self, key: str, buffer: Tensor) -> float:
@@ -397,6 +404,12 @@ def check_convertible(base: type[BayesianLayer], module: nn.Module) -> None:
                 f"{type(module).__qualname__}.{name} is uninitialized (a lazy module); run "
                 "one forward pass before converting"
             )
+
+
+try:  # FSDP2's module marker; absent on builds without torch.distributed
+    from torch.distributed.fsdp import FSDPModule as _FSDPModule
+except ImportError:  # pragma: no cover
+    _FSDPModule = None
 
 
 def _bayes_property(name: str) -> property:
