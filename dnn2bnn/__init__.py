@@ -32,8 +32,10 @@ from dnn2bnn.loss import WithBNNLoss, kl_divergence
 from dnn2bnn.mindspore import TransformToBNN
 from dnn2bnn.modes import get_mode, set_mode
 from dnn2bnn.priors import NormalPrior
+from dnn2bnn.recipe import DEFAULT_RHO_LR_FACTOR, bayes_param_groups
 
 __all__ = [
+    "DEFAULT_RHO_LR_FACTOR",
     "BayesConv1d",
     "BayesConv2d",
     "BayesConv3d",
@@ -52,6 +54,7 @@ __all__ = [
     "TransformToBNN",
     "WithBNNLoss",
     "__version__",
+    "bayes_param_groups",
     "default_mapping",
     "get_mode",
     "is_bayesian_layer",
