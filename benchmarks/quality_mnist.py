@@ -4,6 +4,7 @@ with one call and fine-tuned, and Blundell et al. (2015)'s Bayesian MLP.
     python benchmarks/quality_mnist.py --mnist ../shared/data/mnist.pkl.gz          # full run
     python benchmarks/quality_mnist.py --mnist PATH --parts lenet                    # LeNet only
     python benchmarks/quality_mnist.py --mnist PATH --quick                          # minutes
+    python benchmarks/quality_mnist.py --merge a.json b.json --readme benchmarks/README.md
     python benchmarks/quality_mnist.py --synthetic --quick                           # smoke test
 
 Everything uses dnn2bnn's defaults and fixed seeds:
@@ -91,7 +92,8 @@ def train_bnn(
     batch_size: int = 128,
     cosine: bool = True,
 ) -> tuple[int, float, list[dict[str, float]]]:
-    """Minimise the true per-example negative ELBO; stop after ``epochs`` or ``minutes``."""
+    """Minimise the true per-example negative ELBO for ``epochs``, or for as many epochs as
+    fit in ``minutes`` (judged by the mean epoch time so far)."""
     n = len(data.y_train)
     criterion = dnn2bnn.WithBNNLoss.elbo(model, nn.CrossEntropyLoss(), num_train_examples=n)
     optimizer = torch.optim.Adam(dnn2bnn.bayes_param_groups(model, lr=lr))
@@ -104,8 +106,9 @@ def train_bnn(
     start, done, log = time.perf_counter(), 0, []
     model.train()
     while epochs is None or done < epochs:
-        if minutes is not None and time.perf_counter() - start > 60 * minutes:
-            break
+        elapsed = time.perf_counter() - start
+        if minutes is not None and done and elapsed + elapsed / done > 60 * minutes:
+            break  # the next epoch would not fit in the time budget
         total = kl = 0.0
         for idx in batches(n, batch_size, g):
             loss = criterion(data.x_train[idx], data.y_train[idx])
@@ -199,15 +202,32 @@ def update_readme(path: Path, text: str) -> None:
     path.write_text(new)
 
 
+def merge_reports(args: argparse.Namespace) -> dict[str, Any]:
+    reports = [json.loads(path.read_text()) for path in args.merge]
+    models = {name: row for report in reports for name, row in report["models"].items()}
+    table = markdown_table(models)
+    report = {**reports[0], "models": models, "table": table, "merged_from": [str(p) for p in args.merge],
+              "parts": [{k: v for k, v in r.items() if k not in ("models", "table")} for r in reports]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(table)
+    if args.readme:
+        update_readme(args.readme, table)
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--mnist", type=Path, metavar="PATH", help="the MNIST gzip pickle")
     source.add_argument("--synthetic", action="store_true", help="tiny synthetic data (smoke test)")
+    source.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="no training: join the models of earlier JSON reports (e.g. of --parts "
+                        "lenet and --parts mlp run in parallel) into --out and --readme")
     parser.add_argument("--parts", default="lenet,mlp", help="comma list of: lenet, mlp")
     parser.add_argument("--quick", action="store_true", help="1+1 LeNet epochs, 2 MLP minutes, 8 samples")
     parser.add_argument("--parent-epochs", type=int, default=6)
-    parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--mlp-minutes", type=float, default=20.0)
     parser.add_argument("--mlp-max-epochs", type=int, default=None)
     parser.add_argument("--mlp-hidden", type=int, default=1200)
@@ -222,6 +242,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.parent_epochs, args.finetune_epochs = 1, 1
         args.mlp_minutes, args.samples = min(args.mlp_minutes, 2.0), min(args.samples, 8)
+    if args.merge:
+        return merge_reports(args)
     torch.set_num_threads(args.threads)
     data = synthetic() if args.synthetic else load_mnist(args.mnist)
     oods = ood_sets(data.x_test, digits=True)
