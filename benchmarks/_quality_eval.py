@@ -45,13 +45,17 @@ COLUMNS = (
 
 
 def _has_bayes(model: nn.Module) -> bool:
-    return any(dnn2bnn.is_bayesian_layer(m) for m in model.modules())
+    """Whether some Bayesian layer of ``model`` samples (not a DNN, not all in "mean" mode)."""
+    return any(
+        dnn2bnn.is_bayesian_layer(m) and getattr(m, "bayes_mode", "sample") == "sample"
+        for m in model.modules()
+    )
 
 
 @torch.no_grad()
 def predictive(model: nn.Module, x: Tensor, samples: int, batch_size: int = 500) -> dict[str, Tensor]:
     """Class probabilities, predictive entropy and mutual information of ``model`` on ``x``."""
-    if not _has_bayes(model):  # a deterministic network: one pass, no epistemic part
+    if not _has_bayes(model):  # deterministic: one pass, no epistemic part
         was = model.training
         model.eval()
         probs = torch.cat([model(x[i : i + batch_size]).softmax(-1) for i in range(0, len(x), batch_size)])
