@@ -7,7 +7,9 @@ Example:
     >>> loss_fn = dnn2bnn.WithBNNLoss.elbo(bnn, torch.nn.CrossEntropyLoss(), num_train_examples=100)
 """
 
+from dnn2bnn import distributed
 from dnn2bnn._version import __version__
+from dnn2bnn.config import BayesConfig, BayesConfigMapping, Estimator
 from dnn2bnn.conversion import (
     ConversionReport,
     ConvertedModule,
@@ -30,12 +32,14 @@ from dnn2bnn.layers import (
 )
 from dnn2bnn.loss import WithBNNLoss, kl_divergence
 from dnn2bnn.mindspore import TransformToBNN
-from dnn2bnn.modes import get_mode, set_mode
-from dnn2bnn.priors import NormalPrior
+from dnn2bnn.modes import get_mode, set_estimator, set_mode
+from dnn2bnn.priors import EmpiricalPrior, NormalPrior, ScaleMixturePrior
 from dnn2bnn.recipe import DEFAULT_RHO_LR_FACTOR, bayes_param_groups
 
 __all__ = [
     "DEFAULT_RHO_LR_FACTOR",
+    "BayesConfig",
+    "BayesConfigMapping",
     "BayesConv1d",
     "BayesConv2d",
     "BayesConv3d",
@@ -49,16 +53,21 @@ __all__ = [
     "ConvertedModule",
     "DenseReparam",
     "Dnn2BnnError",
+    "EmpiricalPrior",
+    "Estimator",
     "NormalPrior",
+    "ScaleMixturePrior",
     "SkippedModule",
     "TransformToBNN",
     "WithBNNLoss",
     "__version__",
     "bayes_param_groups",
     "default_mapping",
+    "distributed",
     "get_mode",
     "is_bayesian_layer",
     "kl_divergence",
+    "set_estimator",
     "set_mode",
     "transform_to_bnn_layer",
     "transform_to_bnn_model",
