@@ -53,12 +53,15 @@ def _has_bayes(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def predictive(model: nn.Module, x: Tensor, samples: int, batch_size: int = 500) -> dict[str, Tensor]:
+def predictive(
+    model: nn.Module, x: Tensor, samples: int, batch_size: int = 500
+) -> dict[str, Tensor]:
     """Class probabilities, predictive entropy and mutual information of ``model`` on ``x``."""
     if not _has_bayes(model):  # deterministic: one pass, no epistemic part
         was = model.training
         model.eval()
-        probs = torch.cat([model(x[i : i + batch_size]).softmax(-1) for i in range(0, len(x), batch_size)])
+        chunks = [model(x[i : i + batch_size]).softmax(-1) for i in range(0, len(x), batch_size)]
+        probs = torch.cat(chunks)
         model.train(was)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
         return {"probs": probs, "entropy": entropy, "mi": torch.zeros_like(entropy)}
@@ -142,7 +145,9 @@ def save_plots(raw: dict[str, Any], directory: Path, stem: str) -> list[str]:
 # Minimal stand-ins used only when dnn2bnn has no predict/metrics (before issue 5 is merged).
 
 
-def _fallback_predictive(model: nn.Module, x: Tensor, samples: int, batch_size: int) -> dict[str, Tensor]:
+def _fallback_predictive(
+    model: nn.Module, x: Tensor, samples: int, batch_size: int
+) -> dict[str, Tensor]:
     was = model.training
     model.eval()
     chunks = []

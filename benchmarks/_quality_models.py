@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,8 @@ def _mlp_options() -> dict[str, object]:
     prior_cls = getattr(dnn2bnn, "ScaleMixturePrior", None)
     if prior_cls is None:  # pragma: no cover - older dnn2bnn
         return {}
-    options: dict[str, object] = {"prior": prior_cls(pi=0.5, sigma1=1.0, sigma2=float(torch.tensor(-6.0).exp()))}
+    prior = prior_cls(pi=0.5, sigma1=1.0, sigma2=math.exp(-6.0))
+    options: dict[str, object] = {"prior": prior}
     if "estimator" in _option_names():
         options["estimator"] = "lrt"
     return options
@@ -56,7 +58,11 @@ def mlp_prior_name() -> str:
     if not options:
         return "FALLBACK N(0, 1) prior (no ScaleMixturePrior in this dnn2bnn)"
     prior = options["prior"]
-    return f"scale mixture pi={prior.pi:g}, sigma1={prior.sigma1:g}, sigma2={prior.sigma2:.4g}; estimator {options.get('estimator', 'reparam')}"
+    estimator = options.get("estimator", "reparam")
+    return (
+        f"scale mixture pi={prior.pi:g}, sigma1={prior.sigma1:g}, sigma2={prior.sigma2:.4g}; "
+        f"estimator {estimator}"
+    )
 
 
 def blundell_mlp(*, hidden: int = 1200) -> nn.Module:

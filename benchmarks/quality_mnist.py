@@ -61,7 +61,9 @@ def batches(n: int, batch_size: int, generator: torch.Generator):
         yield perm[i : i + batch_size]
 
 
-def train_parent(data: Data, *, epochs: int, seed: int, batch_size: int = 128) -> tuple[nn.Module, float]:
+def train_parent(
+    data: Data, *, epochs: int, seed: int, batch_size: int = 128
+) -> tuple[nn.Module, float]:
     """A deterministic LeNet-5: Adam, one-cycle schedule peaking at 3e-3."""
     torch.manual_seed(seed)
     model = LeNet5()
@@ -160,18 +162,22 @@ def run_lenet(args: argparse.Namespace, data: Data, oods: dict[str, Tensor], res
     results["LeNet-5 (deterministic parent)"] = row
     print(markdown_table({"parent": row}), flush=True)
 
-    print(f"LeNet-5 converted with transform_to_bnn_model + {args.finetune_epochs} epochs", flush=True)
+    print(f"LeNet-5 converted + {args.finetune_epochs} epochs of fine-tuning", flush=True)
     bnn = dnn2bnn.transform_to_bnn_model(parent)
     torch.manual_seed(args.seed)
     after, _ = evaluate(bnn, data.x_test, data.y_test, {}, samples=args.samples)
     with dnn2bnn.set_mode(bnn, "mean"):
         mean_acc = evaluate(bnn, data.x_test, data.y_test, {}, samples=1)[0]["accuracy"]
-    epochs, seconds, log = train_bnn(bnn, data, lr=args.lr, seed=args.seed, epochs=args.finetune_epochs)
+    epochs, seconds, log = train_bnn(
+        bnn, data, lr=args.lr, seed=args.seed, epochs=args.finetune_epochs
+    )
     torch.manual_seed(args.seed)
     row, raw = evaluate(bnn, data.x_test, data.y_test, oods, samples=args.samples)
     row.update(train_s=seconds, epochs=epochs, log=log, **posterior_width(bnn),
-               accuracy_at_conversion_sampled=after["accuracy"], accuracy_at_conversion_mean=mean_acc)
-    row["missed_targets"] = check_targets("converted", row, results["LeNet-5 (deterministic parent)"])
+               accuracy_at_conversion_sampled=after["accuracy"],
+               accuracy_at_conversion_mean=mean_acc)
+    parent_row = results["LeNet-5 (deterministic parent)"]
+    row["missed_targets"] = check_targets("converted", row, parent_row)
     row["plots"] = save_plots(raw, args.plots, "lenet_converted") if args.plots else []
     results[f"LeNet-5 converted + {epochs} ep."] = row
     print(markdown_table({"converted": row}), flush=True)
@@ -181,11 +187,13 @@ def run_mlp(args: argparse.Namespace, data: Data, oods: dict[str, Tensor], resul
     print(f"Blundell MLP 784-1200-1200-10, {mlp_prior_name()}, {args.mlp_minutes} min", flush=True)
     torch.manual_seed(args.seed)
     model = blundell_mlp(hidden=args.mlp_hidden)
-    epochs, seconds, log = train_bnn(model, data, lr=args.lr, seed=args.seed, minutes=args.mlp_minutes,
-                                     epochs=args.mlp_max_epochs, cosine=False)
+    epochs, seconds, log = train_bnn(model, data, lr=args.lr, seed=args.seed,
+                                     minutes=args.mlp_minutes, epochs=args.mlp_max_epochs,
+                                     cosine=False)
     torch.manual_seed(args.seed)
     row, raw = evaluate(model, data.x_test, data.y_test, oods, samples=args.samples)
-    row.update(train_s=seconds, epochs=epochs, log=log, prior=mlp_prior_name(), **posterior_width(model))
+    row.update(train_s=seconds, epochs=epochs, log=log, prior=mlp_prior_name(),
+               **posterior_width(model))
     row["missed_targets"] = check_targets("mlp", row, None)
     row["plots"] = save_plots(raw, args.plots, "blundell_mlp") if args.plots else []
     results[f"Blundell MLP BNN, {epochs} ep."] = row
@@ -206,8 +214,9 @@ def merge_reports(args: argparse.Namespace) -> dict[str, Any]:
     reports = [json.loads(path.read_text()) for path in args.merge]
     models = {name: row for report in reports for name, row in report["models"].items()}
     table = markdown_table(models)
-    report = {**reports[0], "models": models, "table": table, "merged_from": [str(p) for p in args.merge],
-              "parts": [{k: v for k, v in r.items() if k not in ("models", "table")} for r in reports]}
+    parts = [{k: v for k, v in r.items() if k not in ("models", "table")} for r in reports]
+    report = {**reports[0], "models": models, "table": table,
+              "merged_from": [str(p) for p in args.merge], "parts": parts}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(table)
@@ -217,27 +226,32 @@ def merge_reports(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--mnist", type=Path, metavar="PATH", help="the MNIST gzip pickle")
     source.add_argument("--synthetic", action="store_true", help="tiny synthetic data (smoke test)")
     source.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
-                        help="no training: join the models of earlier JSON reports (e.g. of --parts "
-                        "lenet and --parts mlp run in parallel) into --out and --readme")
+                        help="no training: join the models of earlier JSON reports (e.g. of "
+                        "--parts lenet and --parts mlp run in parallel) into --out and --readme")
     parser.add_argument("--parts", default="lenet,mlp", help="comma list of: lenet, mlp")
-    parser.add_argument("--quick", action="store_true", help="1+1 LeNet epochs, 2 MLP minutes, 8 samples")
+    parser.add_argument("--quick", action="store_true",
+                        help="1+1 LeNet epochs, 2 MLP minutes, 8 samples")
     parser.add_argument("--parent-epochs", type=int, default=6)
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--mlp-minutes", type=float, default=20.0)
     parser.add_argument("--mlp-max-epochs", type=int, default=None)
     parser.add_argument("--mlp-hidden", type=int, default=1200)
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the means")
-    parser.add_argument("--samples", type=int, default=20, help="Monte Carlo samples for evaluation")
+    parser.add_argument("--samples", type=int, default=20,
+                        help="Monte Carlo samples for evaluation")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality_mnist.json"))
     parser.add_argument("--plots", type=Path, default=None, help="folder for the PNG plots")
-    parser.add_argument("--readme", type=Path, default=None, help="markdown file to put the table in")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="markdown file to put the table in")
     args = parser.parse_args(argv)
     if args.quick:
         args.parent_epochs, args.finetune_epochs = 1, 1

@@ -56,7 +56,9 @@ def bayes_param_groups(
     rho_lr = DEFAULT_RHO_LR_FACTOR * lr if rho_lr is None else _check_rate("rho_lr", rho_lr)
     for key in ("params", "lr", "name"):
         if key in group_options:
-            raise TypeError(f"bayes_param_groups: {key!r} is set by the function, not by a group option")
+            raise TypeError(
+                f"bayes_param_groups: {key!r} is set by the function, not by a group option"
+            )
     rho_ids: set[int] = set()
     for module in model.modules():
         if is_bayesian_layer(module):
@@ -80,7 +82,9 @@ def bayes_param_groups(
 
 def _check_rate(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"bayes_param_groups: {name} must be a real number, got {type(value).__name__}")
+        raise TypeError(
+            f"bayes_param_groups: {name} must be a real number, got {type(value).__name__}"
+        )
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"bayes_param_groups: {name} must be finite and > 0, got {value!r}")
     return float(value)
