@@ -212,7 +212,10 @@ def update_readme(path: Path, text: str) -> None:
 
 def merge_reports(args: argparse.Namespace) -> dict[str, Any]:
     reports = [json.loads(path.read_text()) for path in args.merge]
-    models = {name: row for report in reports for name, row in report["models"].items()}
+    models: dict[str, Any] = {}
+    for report in reports:  # a model in several reports (the parent): the first one counts
+        for name, row in report["models"].items():
+            models.setdefault(name, row)
     table = markdown_table(models)
     parts = [{k: v for k, v in r.items() if k not in ("models", "table")} for r in reports]
     report = {**reports[0], "models": models, "table": table,
