@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 import dnn2bnn
-from dnn2bnn import BayesConv1d, BayesConv2d, BayesConv3d, BayesLinear, Estimator
+from dnn2bnn import (
+    BayesConv1d,
+    BayesConv2d,
+    BayesConv3d,
+    BayesConvTranspose1d,
+    BayesConvTranspose2d,
+    BayesLinear,
+    Estimator,
+)
 
 # (Bayesian class, constructor arguments, input shape); small so a few thousand draws are cheap
 LAYERS = [
@@ -18,6 +26,8 @@ LAYERS = [
     (BayesConv1d, (2, 3, 3), (2, 2, 5)),
     (BayesConv2d, (2, 2, 2), (2, 2, 3, 3)),
     (BayesConv3d, (2, 2, 2), (1, 2, 3, 3, 3)),
+    (BayesConvTranspose1d, (2, 3, 3), (2, 2, 4)),
+    (BayesConvTranspose2d, (2, 2, 2), (2, 2, 3, 3)),
 ]
 ESTIMATORS = list(Estimator)
 DRAWS = 4000

@@ -8,7 +8,16 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 import dnn2bnn
-from dnn2bnn import BayesConv1d, BayesConv2d, BayesConv3d, BayesLinear, set_mode
+from dnn2bnn import (
+    BayesConv1d,
+    BayesConv2d,
+    BayesConv3d,
+    BayesConvTranspose1d,
+    BayesConvTranspose2d,
+    BayesConvTranspose3d,
+    BayesLinear,
+    set_mode,
+)
 from dnn2bnn.layers._base import softplus_inverse
 
 # (dnn factory, bayes class, input shape) for every built-in layer and many constructor arguments
@@ -21,6 +30,9 @@ CASES = [
     (lambda **kw: nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect", bias=False, **kw), BayesConv2d, (2, 2, 7, 7)),
     (lambda **kw: nn.Conv2d(4, 4, (3, 1), groups=4, padding="same", padding_mode="replicate", **kw), BayesConv2d, (2, 4, 6, 5)),
     (lambda **kw: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=(1, 0, 1), **kw), BayesConv3d, (1, 2, 4, 5, 4)),
+    (lambda **kw: nn.ConvTranspose1d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, **kw), BayesConvTranspose1d, (2, 4, 7)),
+    (lambda **kw: nn.ConvTranspose2d(2, 4, (3, 2), stride=(2, 1), padding=(1, 0), output_padding=(1, 0), dilation=(1, 2), bias=False, **kw), BayesConvTranspose2d, (2, 2, 5, 5)),
+    (lambda **kw: nn.ConvTranspose3d(2, 2, 2, stride=2, output_padding=1, dilation=2, groups=2, **kw), BayesConvTranspose3d, (1, 2, 3, 3, 3)),
 ]
 IDS = [f"{c[1].__name__}-{i}" for i, c in enumerate(CASES)]
 
@@ -35,6 +47,9 @@ def test_from_dnn_keeps_means_and_mean_mode_equals_dnn(make, bayes_cls, shape):
     assert torch.equal(bnn.weight_mu, dnn.weight)
     assert (bnn.bias_mu is None) == (dnn.bias is None)
     assert not bnn.training  # eval mode kept
+    # every constructor argument (stride, padding, output_padding, dilation, groups, padding_mode, ...)
+    carried = {k: v for k, v in vars(dnn).items() if not isinstance(v, (dict, set, torch.Tensor))}
+    assert carried and {k: getattr(bnn, k) for k in carried} == carried
     x = torch.randn(shape)
     with set_mode(bnn, "mean"):
         torch.testing.assert_close(bnn(x), dnn(x), rtol=0, atol=1e-6)
@@ -50,7 +65,9 @@ def test_from_dnn_keeps_means_and_mean_mode_equals_dnn(make, bayes_cls, shape):
 def test_constructor_matches_torch_nn(make, bayes_cls, shape):
     """Built by hand with the same arguments, the layer has the torch.nn layer's attributes."""
     dnn = make()
-    args = {k: getattr(dnn, k) for k in ("stride", "padding", "dilation", "groups", "padding_mode") if hasattr(dnn, k)}
+    keys = ("stride", "padding", "dilation", "groups", "padding_mode")
+    keys += ("output_padding",) if getattr(dnn, "transposed", False) else ()
+    args = {k: getattr(dnn, k) for k in keys if hasattr(dnn, k)}
     if isinstance(dnn, nn.Linear):
         bnn = bayes_cls(dnn.in_features, dnn.out_features, bias=dnn.bias is not None)
     else:
@@ -192,3 +209,18 @@ def test_subclass_keeps_its_forward_and_pickles(tmp_path):
 def test_aliases():
     assert dnn2bnn.DenseReparam is BayesLinear
     assert dnn2bnn.ConvReparam is BayesConv2d
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "flipout", "lrt"])
+def test_transposed_conv_output_size_argument(estimator):
+    dnn = nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1)
+    bnn = BayesConvTranspose2d.from_dnn(dnn, estimator=estimator)
+    x = torch.randn(1, 2, 4, 4)
+    with set_mode(bnn, "mean"):
+        out = bnn(x, output_size=[8, 8])
+    assert out.shape == (1, 3, 8, 8)
+    torch.testing.assert_close(out, dnn(x, output_size=[8, 8]), rtol=0, atol=1e-6)
+    sampled = bnn(x, output_size=[8, 8])
+    assert sampled.shape == (1, 3, 8, 8) and not torch.equal(sampled, out)
+    assert bnn(x).shape == (1, 3, 7, 7)
+    assert type(bnn.to_dnn()) is nn.ConvTranspose2d and not hasattr(bnn.to_dnn(), "_call_output_padding")

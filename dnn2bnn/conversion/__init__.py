@@ -1,5 +1,6 @@
 """Conversion of trained torch.nn models into Bayesian models."""
 
+from dnn2bnn.conversion._mapping import default_mapping, opt_in_mapping
 from dnn2bnn.conversion._mapping import default_mapping
 from dnn2bnn.conversion.deploy import to_dnn
 from dnn2bnn.conversion.report import ConversionReport, ConvertedModule, SkippedModule
@@ -10,6 +11,7 @@ __all__ = [
     "ConvertedModule",
     "SkippedModule",
     "default_mapping",
+    "opt_in_mapping",
     "to_dnn",
     "transform_to_bnn_layer",
     "transform_to_bnn_model",

@@ -76,13 +76,17 @@ def analyse(model: nn.Module, leaf_types: tuple[type, ...]) -> TraceInfo:
     readers: dict[int, set[fx.Node]] = defaultdict(set)
     for node in graph.nodes:
         if node.op == "call_module":
-            uses[id(modules[node.target])] += 1
+            called = modules[node.target]
+            # A leaf's submodules (nn.MultiheadAttention.out_proj) run inside its call.
+            for sub in {id(m): m for m in called.modules()}.values():
+                uses[id(sub)] += 1
         elif node.op == "get_attr":
             owner_name, _, attr = str(node.target).rpartition(".")
             owner = modules.get(owner_name)
-            if isinstance(owner, leaf_types):
+            if owner is not None:
+                # Reads of a parameter (possibly made Bayesian by params=) count as uses.
                 readers[id(owner)].update(node.users)
-            else:
+            if not isinstance(owner, leaf_types):
                 for user in node.users:
                     if user.op == "call_function" and user.target in _WEIGHT_FUNCTIONS:
                         weight = user.args[1] if len(user.args) > 1 else user.kwargs.get("weight")

@@ -17,6 +17,9 @@ class ConvertedModule:
     #: True when the traced forward used it, False when it was converted from the module
     #: tree without being reached, None when tracing was not available.
     traced_use: bool | None = None
+    #: For parameter-level conversions (:class:`dnn2bnn.BayesianParameters`): the names of
+    #: the module's own parameters that became Bayesian; empty for layer-level ones.
+    params: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,10 @@ class ConversionReport:
         width = max([len(c.name) for c in self.converted + self.skipped] + [6])
         for c in self.converted:
             flag = "" if c.traced_use is not False else "  (not reached by the traced forward)"
-            lines.append(f"  {c.name or '<root>':<{width}}  {c.old_type} -> {c.new_type}{flag}")
+            which = f" [{', '.join(c.params)}]" if c.params else ""
+            lines.append(
+                f"  {c.name or '<root>':<{width}}  {c.old_type} -> {c.new_type}{which}{flag}"
+            )
         lines.append(f"skipped ({len(self.skipped)}):")
         for s in self.skipped:
             lines.append(f"  {s.name or '<root>':<{width}}  {s.type}: {s.reason}")

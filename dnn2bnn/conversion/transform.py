@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import inspect
 import warnings
@@ -14,11 +13,14 @@ from typing import Any
 from torch import nn
 
 from dnn2bnn.config import BayesConfig, BayesConfigMapping
-from dnn2bnn.conversion._mapping import default_mapping, lookup
+from dnn2bnn.conversion._copy import copy_sharing, unshare_
+from dnn2bnn.conversion._mapping import default_mapping, lookup, opt_in_mapping
+from dnn2bnn.conversion._params import resolve, select_parameters
 from dnn2bnn.conversion._trace import analyse
 from dnn2bnn.conversion.report import ConversionReport, ConvertedModule, SkippedModule
 from dnn2bnn.errors import ConversionError, ConversionWarning
 from dnn2bnn.layers._base import BayesianLayer, check_convertible, is_bayesian_layer
+from dnn2bnn.layers.params import BayesianParameters
 
 __all__ = ["transform_to_bnn_layer", "transform_to_bnn_model"]
 
@@ -32,12 +34,13 @@ def transform_to_bnn_model(
     layer_types: Iterable[type[nn.Module]] | None = None,
     include: Patterns = None,
     exclude: Patterns = None,
+    params: Patterns = None,
     inplace: bool = False,
     strict: bool = False,
     config: ConfigArg = None,
     **bayes_options: Any,
 ) -> nn.Module:
-    """Convert every Linear and Conv1d/2d/3d layer of a trained model into a Bayesian layer.
+    """Convert the Linear, convolution and attention layers of a trained model into Bayesian ones.
 
     The model's forward is traced with torch.fx to find the layers it calls, the layers it
     uses more than once (they draw one weight sample per forward call) and the parameters it
@@ -47,13 +50,24 @@ def transform_to_bnn_model(
     When tracing fails (e.g. data-dependent control flow), layers are found by walking the
     module tree instead; this is warned once and written in the report.
 
+    Layer types match exactly or through the class hierarchy (a subclass of ``nn.Linear``
+    converts like ``nn.Linear`` and keeps its own ``forward``), never by name. See
+    ``docs/conversion.md`` for the coverage of torchvision, timm and Hugging Face models.
+
     Args:
         model: the trained network. Not modified unless ``inplace=True``.
-        layer_types: torch.nn types to convert (default: all of
-            :func:`dnn2bnn.default_mapping`).
+        layer_types: layer types to convert (default: all of :func:`dnn2bnn.default_mapping`:
+            Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, MultiheadAttention, and GPT-2's
+            ``Conv1D`` once ``transformers`` is imported). Types of
+            :func:`dnn2bnn.opt_in_mapping` (Embedding, LayerNorm, BatchNorm, LSTM, GRU, ...)
+            are converted only when named here.
         include: qualified-name glob patterns (``"fc"``, ``"layer4.*"``); only modules
             matching one of them, or inside a matching module, are converted.
         exclude: patterns of modules to leave deterministic (applied after ``include``).
+        params: qualified parameter names or globs (``"blocks.0.attn.qkv.weight"``,
+            ``"*.pos_embed"``) to make Bayesian wherever they are, in addition to the layer
+            types: their owner module becomes a :class:`dnn2bnn.BayesianParameters`. Not
+            filtered by ``include``/``exclude``. A pattern matching nothing is an error.
         inplace: convert ``model`` itself instead of a deep copy.
         strict: raise :class:`ConversionError` instead of skipping a layer that cannot be
             converted.
@@ -77,16 +91,20 @@ def transform_to_bnn_model(
     if layer_types is not None:
         if isinstance(layer_types, type):
             layer_types = [layer_types]
+        known = {**mapping, **opt_in_mapping()}
         chosen = {}
         for layer_type in layer_types:
-            if layer_type not in mapping:
+            if layer_type not in known:
                 raise TypeError(
                     f"layer_types: no Bayesian layer for {_type_name(layer_type)}; expected "
-                    f"some of {[_type_name(t) for t in mapping]}"
+                    f"some of {[_type_name(t) for t in known]} (or name its parameters in "
+                    "params=)"
                 )
-            chosen[layer_type] = mapping[layer_type]
+            chosen[layer_type] = known[layer_type]
         mapping = chosen
-    return _convert(model, mapping, include, exclude, inplace, strict, config, bayes_options)
+    return _convert(
+        model, mapping, include, exclude, inplace, strict, config, bayes_options, params
+    )
 
 
 def transform_to_bnn_layer(
@@ -126,11 +144,12 @@ def transform_to_bnn_layer(
     if not (isinstance(dnn_layer_type, type) and issubclass(dnn_layer_type, nn.Module)):
         raise TypeError(f"dnn_layer_type must be an nn.Module subclass, got {dnn_layer_type!r}")
     if bnn_layer_type is None:
-        bnn_layer_type = default_mapping().get(dnn_layer_type)
+        known = {**default_mapping(), **opt_in_mapping()}
+        bnn_layer_type = known.get(dnn_layer_type)
         if bnn_layer_type is None:
             raise TypeError(
                 f"no built-in Bayesian layer for {_type_name(dnn_layer_type)}; pass "
-                f"bnn_layer_type (built-in: {[_type_name(t) for t in default_mapping()]})"
+                f"bnn_layer_type (built-in: {[_type_name(t) for t in known]})"
             )
     elif not (
         isinstance(bnn_layer_type, type)
@@ -155,15 +174,19 @@ def _convert(
     strict: bool,
     config: ConfigArg,
     options: dict[str, Any],
+    params: Patterns = None,
 ) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__qualname__}")
     include_patterns = _patterns("include", include)
     exclude_patterns = _patterns("exclude", exclude)
-    config_map = _config_mapping(config, options, mapping)
+    config_map = _config_mapping(
+        config, options, {**mapping, nn.Module: BayesianParameters} if params else mapping
+    )
     for bnn_cls in set(mapping.values()):
         if not issubclass(bnn_cls, BayesianLayer):
             _check_options(bnn_cls, options)
+    select_parameters(model, params)  # fail on a bad pattern before copying
 
     names_by_id: dict[int, list[str]] = defaultdict(list)
     for name, module in model.named_modules(remove_duplicate=False):
@@ -182,11 +205,14 @@ def _convert(
             f"module names look like {[n for n in all_names if n][:8]}"
         )
 
+    shared: set[int] = set()
     if inplace:
         target = model
     else:
         try:
-            target = copy.deepcopy(model)
+            target, shared = copy_sharing(
+                model, lambda m: _will_replace(m, mapping, include_patterns, exclude_patterns)
+            )
         except Exception as exc:
             raise ConversionError(
                 f"cannot copy {type(model).__name__} ({exc}); pass inplace=True to convert "
@@ -194,6 +220,7 @@ def _convert(
             ) from exc
 
     report = ConversionReport(params_before=_count(target))
+    selection, selected_names = select_parameters(target, params)
     leaf_types = (*mapping.keys(), BayesianLayer)
     trace = analyse(target, leaf_types)
     if not trace.ok:
@@ -219,18 +246,19 @@ def _convert(
         if is_bayesian_layer(module):
             continue
         bnn_cls = lookup(mapping, type(module))
-        if bnn_cls is None:
+        chosen = selection.get(id(module))
+        if bnn_cls is None and not chosen:
             continue
         names = names_by_id[id(module)]
         name, type_name = names[0], _type_name(type(module))
-        if include_patterns is not None and not any(_matches(n, include_patterns) for n in names):
-            report.skipped.append(SkippedModule(name, type_name, "not matched by include"))
+        filtered = _filtered(names, include_patterns, exclude_patterns) if bnn_cls else None
+        if filtered is not None and not chosen:
+            report.skipped.append(SkippedModule(name, type_name, filtered))
             continue
-        excluded = [p for p in exclude_patterns or () if any(_matches(n, [p]) for n in names)]
-        if excluded:
-            report.skipped.append(SkippedModule(name, type_name, f"excluded by {excluded[0]!r}"))
-            continue
-        reason = _unconvertible(bnn_cls, module)
+        own_params: tuple[str, ...] | None = None
+        if chosen:
+            bnn_cls, own_params = resolve(None if filtered else bnn_cls, module, chosen, name)
+        reason = _unconvertible(bnn_cls, module, own_params)
         if reason is not None:
             skip = SkippedModule(name, type_name, reason)
             report.skipped.append(skip)
@@ -247,7 +275,9 @@ def _convert(
                 tied.append(f"{name}: {fallback}")
                 layer_config = dataclasses.replace(layer_config, estimator="reparam")
         try:
-            if issubclass(bnn_cls, BayesianLayer):
+            if issubclass(bnn_cls, BayesianParameters):
+                new = bnn_cls._convert_(module, params=own_params, config=layer_config)
+            elif issubclass(bnn_cls, BayesianLayer):
                 new = bnn_cls._convert_(module, config=layer_config)
             else:
                 new = bnn_cls.from_dnn(module, **options)
@@ -262,7 +292,13 @@ def _convert(
                 result = new
         uses = trace.uses.get(id(module), 0)
         report.converted.append(
-            ConvertedModule(name, type_name, type(new).__name__, (uses > 0) if trace.ok else None)
+            ConvertedModule(
+                name,
+                type_name,
+                type(new).__name__,
+                (uses > 0) if trace.ok else None,
+                tuple(new.bayes_params) if isinstance(new, BayesianParameters) else (),
+            )
         )
         if uses > 1 or len(names) > 1:
             report.shared.append(name)
@@ -272,6 +308,8 @@ def _convert(
             report.notes.append(note)
 
     for param_name, function in trace.raw_weights:
+        if param_name in selected_names:
+            continue
         skip = SkippedModule(
             param_name,
             "nn.Parameter",
@@ -280,6 +318,7 @@ def _convert(
         report.skipped.append(skip)
         unexpected.append(skip)
 
+    unshare_(result, shared)  # a copy never shares a tensor with the user's model
     if strict and unexpected:
         listed = "; ".join(f"{s.name or '<root>'} ({s.type}): {s.reason}" for s in unexpected)
         raise ConversionError(f"strict conversion: {len(unexpected)} skipped: {listed}")
@@ -298,8 +337,40 @@ def _convert(
     return result
 
 
-def _unconvertible(bnn_cls: type[nn.Module], module: nn.Module) -> str | None:
-    if issubclass(bnn_cls, BayesianLayer):
+def _filtered(names: list[str], include: list[str] | None, exclude: list[str] | None) -> str | None:
+    """Why ``include``/``exclude`` leave a module out (``None``: they do not)."""
+    if include is not None and not any(_matches(n, include) for n in names):
+        return "not matched by include"
+    excluded = [p for p in exclude or () if any(_matches(n, [p]) for n in names)]
+    return f"excluded by {excluded[0]!r}" if excluded else None
+
+
+def _will_replace(
+    module: nn.Module,
+    mapping: Mapping[type[nn.Module], type[nn.Module]],
+    include: list[str] | None,
+    exclude: list[str] | None,
+) -> tuple[str, ...]:
+    """The parameters of ``module`` the conversion will clone into posterior means."""
+    bnn_cls = lookup(mapping, type(module))
+    if bnn_cls is None or not issubclass(bnn_cls, BayesianLayer) or is_bayesian_layer(module):
+        return ()
+    if include is not None or exclude is not None or _unconvertible(bnn_cls, module):
+        return ()  # filtered modules are rare: copy them as usual
+    if issubclass(bnn_cls, BayesianParameters):
+        return bnn_cls.select_params(module)
+    return tuple(bnn_cls.bayes_params)
+
+
+def _unconvertible(
+    bnn_cls: type[nn.Module], module: nn.Module, params: tuple[str, ...] | None = None
+) -> str | None:
+    if issubclass(bnn_cls, BayesianParameters):
+        try:
+            bnn_cls.check_module(module, params)
+        except TypeError as exc:
+            return str(exc)
+    elif issubclass(bnn_cls, BayesianLayer):
         try:
             check_convertible(bnn_cls._bnn_base or bnn_cls, module)
         except TypeError as exc:

@@ -9,8 +9,17 @@ from dnn2bnn.layers._base import (
     bayesian_class,
     is_bayesian_layer,
 )
-from dnn2bnn.layers.conv import BayesConv1d, BayesConv2d, BayesConv3d, ConvReparam
+from dnn2bnn.layers.conv import (
+    BayesConv1d,
+    BayesConv2d,
+    BayesConv3d,
+    BayesConvTranspose1d,
+    BayesConvTranspose2d,
+    BayesConvTranspose3d,
+    ConvReparam,
+)
 from dnn2bnn.layers.linear import BayesLinear, DenseReparam
+from dnn2bnn.layers.params import BayesianParameters, BayesMultiheadAttention, parameter_converter
 
 __all__ = [
     "DEFAULT_POSTERIOR_SIGMA_INIT",
@@ -19,11 +28,17 @@ __all__ = [
     "BayesConv1d",
     "BayesConv2d",
     "BayesConv3d",
+    "BayesConvTranspose1d",
+    "BayesConvTranspose2d",
+    "BayesConvTranspose3d",
     "BayesLinear",
     "BayesMode",
+    "BayesMultiheadAttention",
     "BayesianLayer",
+    "BayesianParameters",
     "ConvReparam",
     "DenseReparam",
     "bayesian_class",
     "is_bayesian_layer",
+    "parameter_converter",
 ]
