@@ -8,6 +8,7 @@ Example:
 """
 
 from dnn2bnn._version import __version__
+from dnn2bnn.checkpoint import load_bnn, save_bnn
 from dnn2bnn.conversion import (
     ConversionReport,
     ConvertedModule,
@@ -16,7 +17,7 @@ from dnn2bnn.conversion import (
     transform_to_bnn_layer,
     transform_to_bnn_model,
 )
-from dnn2bnn.errors import ConversionError, ConversionWarning, Dnn2BnnError
+from dnn2bnn.errors import CheckpointError, ConversionError, ConversionWarning, Dnn2BnnError
 from dnn2bnn.layers import (
     BayesConv1d,
     BayesConv2d,
@@ -40,6 +41,7 @@ __all__ = [
     "BayesLinear",
     "BayesMode",
     "BayesianLayer",
+    "CheckpointError",
     "ConversionError",
     "ConversionReport",
     "ConversionWarning",
@@ -56,6 +58,8 @@ __all__ = [
     "get_mode",
     "is_bayesian_layer",
     "kl_divergence",
+    "load_bnn",
+    "save_bnn",
     "set_mode",
     "transform_to_bnn_layer",
     "transform_to_bnn_model",

@@ -79,7 +79,11 @@ def transform_to_bnn_model(
                 )
             chosen[layer_type] = mapping[layer_type]
         mapping = chosen
-    return _convert(model, mapping, include, exclude, inplace, strict, bayes_options)
+    call = {
+        "function": "transform_to_bnn_model",
+        "layer_types": None if layer_types is None else [_import_name(t) for t in mapping],
+    }
+    return _convert(model, mapping, include, exclude, inplace, strict, bayes_options, call)
 
 
 def transform_to_bnn_layer(
@@ -129,7 +133,12 @@ def transform_to_bnn_layer(
             f"and a kl() method, got {bnn_layer_type!r}"
         )
     mapping = {dnn_layer_type: bnn_layer_type}
-    return _convert(model, mapping, include, exclude, inplace, strict, bayes_options)
+    call = {
+        "function": "transform_to_bnn_layer",
+        "dnn_layer_type": _import_name(dnn_layer_type),
+        "bnn_layer_type": _import_name(bnn_layer_type),
+    }
+    return _convert(model, mapping, include, exclude, inplace, strict, bayes_options, call)
 
 
 # ---------------------------------------------------------------------------- internals
@@ -141,6 +150,7 @@ def _convert(
     inplace: bool,
     strict: bool,
     options: dict[str, Any],
+    call: dict[str, Any],
 ) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__qualname__}")
@@ -172,7 +182,8 @@ def _convert(
                 "the model itself"
             ) from exc
 
-    report = ConversionReport(params_before=_count(target))
+    call.update(include=include_patterns, exclude=exclude_patterns, strict=strict, options=dict(options))
+    report = ConversionReport(params_before=_count(target), calls=[call])
     leaf_types = (*mapping.keys(), BayesianLayer)
     trace = analyse(target, leaf_types)
     if not trace.ok:
@@ -260,6 +271,7 @@ def _convert(
             ConversionWarning,
             stacklevel=3,
         )
+    call["converted"] = [c.name for c in report.converted]
     if report.shared:
         install_sample_sharing(result)
     report.params_after = _count(result)
@@ -338,6 +350,11 @@ def _tied_parameters(
 
 def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _import_name(cls: type) -> str:
+    """``module:qualname`` of a class, the form :mod:`dnn2bnn.checkpoint` imports back."""
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 def _type_name(cls: type) -> str:
