@@ -125,6 +125,10 @@ def _read_safetensors(path: Path) -> Checkpoint:
 
 
 def _read_torch(path: Path, *, trust_pickle: bool) -> Checkpoint:
+    with open(path, "rb") as handle:
+        magic = handle.read(1)
+    if not zipfile.is_zipfile(path) and magic != b"\x80":  # torch.save: a zip, or a legacy pickle
+        raise CheckpointError(f"{path}: not a torch checkpoint (neither a torch.save zip archive nor a pickle; truncated?)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
