@@ -23,3 +23,14 @@ def test_bayesian_lenet_demo_runs():
     dnn_acc = float(line.split("DNN val acc ")[1].split(",")[0])
     mean_acc = float(line.split("BNN mean-mode ")[1].split(",")[0])
     assert dnn_acc == mean_acc  # conversion keeps the trained weights
+
+
+def test_cli_roundtrip_tutorial_runs():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "cli_roundtrip.py")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "max |difference| = 0.0e+00" in result.stdout and result.stdout.rstrip().endswith(
+        "reproduces the DNN in mean mode"
+    )
