@@ -194,6 +194,7 @@ def _damaged(path: str, keep: float) -> str:
         (["convert", "tiny.pt2", "out.safetensors"], "write it as .pt2"),
         (["convert", "tiny.pt", "out.pt2", *ARCH], "needs --input-shape"),
         (["convert", "tiny.pt", "out.safetensors", *ARCH, "--prior-sigma", "-1"], "sigma must be > 0, got -1.0"),
+        (["convert", "tiny.pt", "out.pt", *ARCH, "--exclude", "*"], "no layer of tiny.pt was converted (features.0: excluded"),
         (["inspect", "missing.safetensors"], "missing.safetensors: no such file"),
         (["to-dnn", "tiny.pt", "mean.pt"], "not a dnn2bnn BNN checkpoint"),
     ],

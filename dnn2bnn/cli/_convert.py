@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         if out_suffix != ".pt2":
             raise CheckpointError(f"a BNN converted from the .pt2 archive {source} has no Python architecture; write it as .pt2")
         model, notes = lift_program(checkpoint.program)
+        if not notes and not any(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in model.modules()):
+            notes = ["the exported graph has no aten.linear/aten.conv call on a parameter (a program decomposed with run_decompositions() has none)"]
     elif checkpoint.module is not None:
         model = checkpoint.module
         arch = arch or spec_of(model)
@@ -100,6 +102,11 @@ def run(args: argparse.Namespace) -> int:
     if checkpoint.program is None:
         model.eval()  # a module rebuilt from a .pt2 keeps the mode it was exported in
     bnn = transform_to_bnn_model(model, layer_types=layer_types, include=args.include, exclude=args.exclude, inplace=True, **options)
+    if not bnn.conversion_report.converted:
+        skipped = "; ".join(f"{s.name}: {s.reason}" for s in bnn.conversion_report.skipped[:3])
+        raise ConversionError(
+            f"no layer of {source} was converted ({'; '.join(notes[:3]) or skipped or 'it has no Linear or Conv layer'}); nothing written"
+        )
     save_bnn(bnn, output, arch=arch, arch_kwargs=arch_kwargs, example_inputs=example_inputs(args.input_shape), force=args.force)
 
     report = bnn.conversion_report
