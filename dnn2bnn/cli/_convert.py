@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +146,7 @@ def bayes_options(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     if args.estimator is not None:
-        if not supports_option("estimator"):
+        if not supports_option("estimator", args.estimator):
             raise ConversionError(
                 f"--estimator {args.estimator}: the Bayesian layers of this dnn2bnn have no "
                 "estimator option (they always use the reparameterization trick); drop --estimator"
@@ -156,10 +155,17 @@ def bayes_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def supports_option(name: str) -> bool:
-    """Whether the built-in Bayesian layers' ``from_dnn`` accepts the keyword ``name``."""
-    parameters = inspect.signature(BayesLinear.from_dnn).parameters
-    return name in parameters
+def supports_option(name: str, value: Any) -> bool:
+    """Whether the built-in Bayesian layers accept the option ``name=value``.
+
+    Asks the layers themselves (``check_options`` raises ``TypeError`` for an unknown
+    option), so an option added to the layers works here without a change.
+    """
+    try:
+        BayesLinear.check_options(**{name: value})
+    except TypeError:
+        return False
+    return True
 
 
 def parse_layers(text: str | None) -> list[type[nn.Module]] | None:
