@@ -151,25 +151,38 @@ def _export_args(program: Any) -> tuple[tuple[Any, ...], dict[str, Any], Any] | 
 
 
 def _collapse_sampling(gm: fx.GraphModule) -> None:
-    """Replace ``mu + softplus(rho) * eps`` feeding a layer call by ``mu`` itself."""
+    """Feed each layer call its posterior mean instead of the weight sample built from it.
+
+    The sample of ``weight`` is whatever subgraph the layers export (``mu + softplus(rho) *
+    eps``, an ``addcmul``, ...); it is recognised by reading exactly one ``<owner>.weight_mu``
+    parameter (``bias_mu`` for the bias), and replaced by that parameter.
+    """
     graph = gm.graph
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in _LAYER_OPS:
             continue
         args = list(node.args)
-        for i in (1, 2):
+        for i, suffix in ((1, ".weight_mu"), (2, ".bias_mu")):
             arg = args[i] if i < len(args) else None
-            if (
-                isinstance(arg, fx.Node)
-                and arg.target is _aten.add.Tensor
-                and isinstance(arg.args[0], fx.Node)
-                and arg.args[0].op == "get_attr"
-                and str(arg.args[0].target).endswith("_mu")
-            ):
-                args[i] = arg.args[0]
+            if isinstance(arg, fx.Node) and arg.op != "get_attr":
+                means = {n for n in _ancestors(arg) if n.op == "get_attr" and str(n.target).endswith(suffix)}
+                if len(means) == 1:
+                    args[i] = means.pop()
         node.args = tuple(args)
     graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output", "call_module"))
     gm.recompile()
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        for parent in current.all_input_nodes:
+            if parent not in seen and parent.op != "placeholder":
+                seen.add(parent)
+                stack.append(parent)
+    return seen
 
 
 def _lift_layers(gm: fx.GraphModule) -> list[str]:
@@ -230,6 +243,10 @@ def _unliftable(gm: fx.GraphModule, weight: Any, bias: Any) -> str | None:
     allowed = {f"{p}{s}" for p in ("weight", "bias") for s in ("", "_mu", "_rho", "_prior_mu", "_prior_sigma")}
     if list(module.children()) or not set(module._parameters) | set(module._buffers) <= allowed:
         return f"{owner} holds other parameters or submodules"
+    for node in gm.graph.nodes:  # the owner is replaced: nothing else may read its attributes
+        if node.op == "get_attr" and str(node.target).startswith(owner + "."):
+            if any(u.op != "call_function" or u.target not in _LAYER_OPS or node not in u.args[1:3] for u in node.users):
+                return f"{node.target} is also used outside linear/conv calls"
     return None
 
 
