@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import glob
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +78,10 @@ def lift_program(program: Any, *, bnn: bool = False) -> tuple[fx.GraphModule, li
 def rebuild_bnn(program: Any, metadata: dict[str, Any]) -> fx.GraphModule:
     """The Python BNN of a BNN archive: layers lifted, conversion replayed, state loaded."""
     state = program.module().state_dict()
-    gm, _ = lift_program(program, bnn=True)
+    try:
+        gm, _ = lift_program(program, bnn=True)
+    except RuntimeError as exc:  # e.g. graph.lint() on a graph we cannot take apart
+        raise CheckpointError(f"cannot rebuild a BNN from this archive's graph: {exc}") from exc
     for call in metadata.get("calls", []):
         names = call.get("converted", [])
         if names:
@@ -109,7 +115,7 @@ def export_module(
     has_bayes = any(isinstance(m, BayesianLayer) for m in model.modules())
     try:
         if has_bayes:
-            with set_mode(model, "sample"):
+            with set_mode(model, "sample"), _reparam_estimator(model):
                 program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic)
         else:
             program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic)
@@ -120,6 +126,24 @@ def export_module(
 
 
 # ------------------------------------------------------------------------- internals
+@contextmanager
+def _reparam_estimator(model: nn.Module) -> Iterator[None]:
+    """Export every layer with the reparameterization estimator (one weight sample per call).
+
+    Flipout and local reparameterization only lower the variance of training gradients; the
+    exported program is for inference, and its weight-sample subgraph is what
+    :func:`rebuild_bnn` recognises. The recorded estimator is restored by :func:`load_bnn`.
+    """
+    saved = [(m, m.estimator) for m in model.modules() if isinstance(m, BayesianLayer) and hasattr(m, "estimator")]
+    try:
+        for layer, estimator in saved:
+            layer.estimator = type(estimator)("reparam") if isinstance(estimator, Enum) else "reparam"
+        yield
+    finally:
+        for layer, estimator in saved:
+            layer.estimator = estimator
+
+
 def _as_args(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(example_inputs, Tensor):
         return (example_inputs,), {}
