@@ -31,8 +31,12 @@ class SmallCNN(nn.Module):
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
         )
         self.classifier = nn.Linear(16, num_classes)
 
@@ -69,9 +73,16 @@ def main(folder: Path) -> None:
     # (2) Convert it: the file holds only weights, so --arch says which class they fit.
     bnn_file = folder / "small_cnn_bnn.safetensors"
     dnn2bnn_cli(
-        "convert", str(checkpoint), str(bnn_file), "--force",
-        "--arch", "cli_roundtrip:SmallCNN", "--arch-kwargs", '{"num_classes": 4}',
-        "--prior-sigma", "0.1",
+        "convert",
+        str(checkpoint),
+        str(bnn_file),
+        "--force",
+        "--arch",
+        "cli_roundtrip:SmallCNN",
+        "--arch-kwargs",
+        '{"num_classes": 4}',
+        "--prior-sigma",
+        "0.1",
     )
     # (3) What is in the file.
     dnn2bnn_cli("inspect", str(bnn_file))

@@ -36,19 +36,25 @@ def _leftovers(folder) -> list[str]:
 def test_round_trip_replays_every_option(tmp_path, suffix):
     dnn = trained_tiny(width=6)
     bnn = dnn2bnn.transform_to_bnn_model(dnn, layer_types=[nn.Linear], prior_sigma=0.25)
-    bnn = dnn2bnn.transform_to_bnn_layer(bnn, nn.Conv2d, include="features", posterior_sigma_init=0.01)
+    bnn = dnn2bnn.transform_to_bnn_layer(
+        bnn, nn.Conv2d, include="features", posterior_sigma_init=0.01
+    )
     with torch.no_grad():
         bnn.head.weight_rho.add_(torch.rand_like(bnn.head.weight_rho))  # "trained" sigma
     path = dnn2bnn.save_bnn(bnn, tmp_path / f"bnn{suffix}", **ARCH)
     loaded = dnn2bnn.load_bnn(path).eval()
     assert type(loaded) is TinyNet
-    assert {n: type(m).__name__ for n, m in loaded.named_modules() if dnn2bnn.is_bayesian_layer(m)} == {
+    assert {
+        n: type(m).__name__ for n, m in loaded.named_modules() if dnn2bnn.is_bayesian_layer(m)
+    } == {
         "features.0": "BayesConv2d",
         "head": "BayesLinear",
     }
     assert loaded.head.prior.sigma == 0.25 and loaded.features[0].posterior_sigma_init == 0.01
     saved, restored = bnn.state_dict(), loaded.state_dict()
-    assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
+    assert saved.keys() == restored.keys() and all(
+        torch.equal(saved[k], restored[k]) for k in saved
+    )
     torch.testing.assert_close(_mean_output(loaded), dnn(X), rtol=0, atol=0)
     assert _leftovers(tmp_path) == []
 
@@ -58,7 +64,10 @@ def test_arch_defaults_to_the_model_class(tmp_path):
     path = dnn2bnn.save_bnn(bnn, tmp_path / "bnn.safetensors")
     metadata = read_checkpoint(path).metadata
     assert metadata["arch"] == {"spec": "_models:TinyNet", "kwargs": {}}
-    assert metadata["format_version"] == FORMAT_VERSION and metadata["dnn2bnn_version"] == dnn2bnn.__version__
+    assert (
+        metadata["format_version"] == FORMAT_VERSION
+        and metadata["dnn2bnn_version"] == dnn2bnn.__version__
+    )
     assert metadata["converted"] == ["features.0", "head"]
     assert metadata["calls"][0]["converted"] == ["features.0", "head"]
     torch.testing.assert_close(_mean_output(dnn2bnn.load_bnn(path).eval()), _mean_output(bnn))
@@ -184,11 +193,15 @@ def test_corrupt_files_are_one_clear_error(tmp_path, suffix, damage):
 
 def test_match_state_names_the_first_mismatches():
     state = TinyNet(width=4).state_dict()
-    with pytest.raises(CheckpointError, match=r"shape mismatch.*features\.0\.weight is \(4, 1, 3, 3\)"):
+    with pytest.raises(
+        CheckpointError, match=r"shape mismatch.*features\.0\.weight is \(4, 1, 3, 3\)"
+    ):
         match_state(TinyNet(width=6), state, source="f", target="t")
     state["extra.weight"] = torch.zeros(1)
     del state["head.bias"]
-    with pytest.raises(CheckpointError, match=r"1 missing key \(head\.bias\); 1 unexpected key \(extra\.weight\)"):
+    with pytest.raises(
+        CheckpointError, match=r"1 missing key \(head\.bias\); 1 unexpected key \(extra\.weight\)"
+    ):
         match_state(TinyNet(width=4), state, source="f", target="t")
 
 

@@ -23,7 +23,9 @@ X = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
 
 def _run(*args, cwd=None, code=None):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
-    command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "dnn2bnn", *map(str, args)]
+    command = (
+        [sys.executable, "-c", code] if code else [sys.executable, "-m", "dnn2bnn", *map(str, args)]
+    )
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
 
 
@@ -51,7 +53,9 @@ def test_help_lists_the_commands(capsys):
 def test_unknown_option_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--bogus"])
-    assert exit_info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert (
+        exit_info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    )
 
 
 @pytest.mark.slow
@@ -62,14 +66,27 @@ def test_convert_resnet18_state_dict(tmp_path):
     state = {"module." + k: v for k, v in dnn.state_dict().items()}
     torch.save({"epoch": 7, "state_dict": state}, tmp_path / "resnet18.pt")
     result = _run(
-        "convert", "resnet18.pt", "bnn.safetensors", "--arch", "torchvision:resnet18",
-        "--exclude", "layer4.*", "--prior-sigma", "0.1", "--json", cwd=tmp_path,
+        "convert",
+        "resnet18.pt",
+        "bnn.safetensors",
+        "--arch",
+        "torchvision:resnet18",
+        "--exclude",
+        "layer4.*",
+        "--prior-sigma",
+        "0.1",
+        "--json",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["arch"] == "torchvision:resnet18" and summary["options"] == {"prior_sigma": 0.1}
     converted = [c["name"] for c in summary["converted"]]
-    assert "fc" in converted and "conv1" in converted and not any(n.startswith("layer4") for n in converted)
+    assert (
+        "fc" in converted
+        and "conv1" in converted
+        and not any(n.startswith("layer4") for n in converted)
+    )
     assert len(converted) == 16 and len(summary["skipped"]) == 5
     bnn = dnn2bnn.load_bnn(tmp_path / "bnn.safetensors").eval()
     assert bnn.fc.prior.sigma == 0.1
@@ -83,9 +100,20 @@ def test_custom_model_safetensors_in_pt_out_then_inspect_and_to_dnn(tmp_path):
 
     save_file(dnn.state_dict(), tmp_path / "tiny.safetensors")
     result = _run(
-        "convert", "tiny.safetensors", "bnn.pt", "--arch", "_models:TinyNet", "--arch-kwargs",
-        '{"width": 6}', "--layers", "linear,conv2d", "--include", "head", "--posterior-sigma-init",
-        "0.01", cwd=tmp_path,
+        "convert",
+        "tiny.safetensors",
+        "bnn.pt",
+        "--arch",
+        "_models:TinyNet",
+        "--arch-kwargs",
+        '{"width": 6}',
+        "--layers",
+        "linear,conv2d",
+        "--include",
+        "head",
+        "--posterior-sigma-init",
+        "0.01",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert "Bayesian layers: 1 (1 BayesLinear)" in result.stdout and "load_bnn" in result.stdout
@@ -97,7 +125,10 @@ def test_custom_model_safetensors_in_pt_out_then_inspect_and_to_dnn(tmp_path):
     info = _run("inspect", "bnn.pt", "--json", cwd=tmp_path)
     assert info.returncode == 0, info.stderr
     info = json.loads(info.stdout)
-    assert info["kind"] == "BNN" and info["arch"] == {"spec": "_models:TinyNet", "kwargs": {"width": 6}}
+    assert info["kind"] == "BNN" and info["arch"] == {
+        "spec": "_models:TinyNet",
+        "kwargs": {"width": 6},
+    }
     (layer,) = info["bayesian_layers"]
     assert layer["name"] == "head" and layer["prior"] == {"mean": 0.0, "sigma": 1.0}
     assert layer["posterior_sigma_mean"] == pytest.approx(0.01, rel=1e-5)
@@ -138,7 +169,9 @@ def test_pt2_round_trip_runs_without_dnn2bnn(tmp_path):
 
 def test_errors_in_a_real_process_are_one_line_without_traceback(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"\x80garbage")
-    result = _run("convert", "broken.pt", "out.safetensors", "--arch", "_models:TinyNet", cwd=tmp_path)
+    result = _run(
+        "convert", "broken.pt", "out.safetensors", "--arch", "_models:TinyNet", cwd=tmp_path
+    )
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("dnn2bnn: error: broken.pt")
     assert "Traceback" not in result.stderr and _files(tmp_path) == ["broken.pt"]
@@ -178,23 +211,50 @@ def _damaged(path: str, keep: float) -> str:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["convert", "TRUNCATED:tiny.pt", "out.safetensors", *ARCH], "damaged.pt: not a torch checkpoint"),
+        (
+            ["convert", "TRUNCATED:tiny.pt", "out.safetensors", *ARCH],
+            "damaged.pt: not a torch checkpoint",
+        ),
         (["convert", "TRUNCATED:tiny.pt2", "out.pt2"], "damaged.pt2: not a torch.export archive"),
-        (["convert", "tiny.pt", "out.safetensors", "--arch", "torchvision:resnet1"], "unknown torchvision model 'resnet1'"),
-        (["convert", "tiny.pt", "out.safetensors", "--arch", "torchvision:resnet18"], "missing key"),
-        (["convert", "tiny.pt", "out.safetensors", *ARCH, "--arch-kwargs", '{"width": 5}'], "shape mismatch"),
-        (["convert", "tiny.pt", "out.safetensors", "--arch", "torch.nn:Sequential"], "unexpected keys (features.0.weight"),
+        (
+            ["convert", "tiny.pt", "out.safetensors", "--arch", "torchvision:resnet1"],
+            "unknown torchvision model 'resnet1'",
+        ),
+        (
+            ["convert", "tiny.pt", "out.safetensors", "--arch", "torchvision:resnet18"],
+            "missing key",
+        ),
+        (
+            ["convert", "tiny.pt", "out.safetensors", *ARCH, "--arch-kwargs", '{"width": 5}'],
+            "shape mismatch",
+        ),
+        (
+            ["convert", "tiny.pt", "out.safetensors", "--arch", "torch.nn:Sequential"],
+            "unexpected keys (features.0.weight",
+        ),
         (["convert", "tiny.pt", "out.safetensors"], "pass --arch"),
-        (["convert", "tiny.pt", "out.safetensors", *ARCH, "--layers", "linear,lstm"], "unknown layer type lstm"),
-        (["convert", "tiny.pt", "out.safetensors", *ARCH, "--include", "body.*"], "matches no module"),
+        (
+            ["convert", "tiny.pt", "out.safetensors", *ARCH, "--layers", "linear,lstm"],
+            "unknown layer type lstm",
+        ),
+        (
+            ["convert", "tiny.pt", "out.safetensors", *ARCH, "--include", "body.*"],
+            "matches no module",
+        ),
         (["convert", "tiny.pt", "out.h5", *ARCH], "unsupported output extension '.h5'"),
         (["convert", "tiny.pt", "tiny.pt", *ARCH, "--force"], "is the input file"),
         (["convert", "tiny.pt", "tiny.pt2", *ARCH], "tiny.pt2 already exists; pass --force"),
         (["convert", "whole.pt", "out.safetensors", *ARCH], "unpickling can run arbitrary code"),
         (["convert", "tiny.pt2", "out.safetensors"], "write it as .pt2"),
         (["convert", "tiny.pt", "out.pt2", *ARCH], "needs --input-shape"),
-        (["convert", "tiny.pt", "out.safetensors", *ARCH, "--prior-sigma", "-1"], "sigma must be > 0, got -1.0"),
-        (["convert", "tiny.pt", "out.pt", *ARCH, "--exclude", "*"], "no layer of tiny.pt was converted (features.0: excluded"),
+        (
+            ["convert", "tiny.pt", "out.safetensors", *ARCH, "--prior-sigma", "-1"],
+            "sigma must be > 0, got -1.0",
+        ),
+        (
+            ["convert", "tiny.pt", "out.pt", *ARCH, "--exclude", "*"],
+            "no layer of tiny.pt was converted (features.0: excluded",
+        ),
         (["inspect", "missing.safetensors"], "missing.safetensors: no such file"),
         (["to-dnn", "tiny.pt", "mean.pt"], "not a dnn2bnn BNN checkpoint"),
     ],

@@ -144,7 +144,9 @@ def load_bnn(path: str | Path) -> nn.Module:
             f"(not recorded: {extra[:5]}, not rebuilt: {lost[:5]})"
         )
     target = f"the BNN rebuilt from {arch['spec']}"
-    model.load_state_dict(match_state(model, checkpoint.state or {}, source=str(path), target=target))
+    model.load_state_dict(
+        match_state(model, checkpoint.state or {}, source=str(path), target=target)
+    )
     return model
 
 
@@ -182,7 +184,11 @@ def bnn_metadata(
         "format_version": FORMAT_VERSION,
         "dnn2bnn_version": __version__,
         "torch_version": torch.__version__,
-        "arch": None if arch is None else {"spec": arch, "kwargs": _jsonable(arch_kwargs or {}, "arch_kwargs")},
+        "arch": (
+            None
+            if arch is None
+            else {"spec": arch, "kwargs": _jsonable(arch_kwargs or {}, "arch_kwargs")}
+        ),
         "calls": calls,
         "converted": [n for n, m in model.named_modules() if isinstance(m, BayesianLayer)],
     }
@@ -208,7 +214,7 @@ def write_state(path: Path, state: dict[str, Tensor], metadata: dict[str, Any] |
 
 
 def to_dnn_model(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every Bayesian layer replaced by its posterior-mean DNN layer."""
+    """A deep copy of ``model`` with each Bayesian layer replaced by its posterior-mean layer."""
     dnn = copy.deepcopy(model)
     if isinstance(dnn, BayesianLayer):
         return dnn.to_dnn()

@@ -134,10 +134,16 @@ def _reparam_estimator(model: nn.Module) -> Iterator[None]:
     exported program is for inference, and its weight-sample subgraph is what
     :func:`rebuild_bnn` recognises. The recorded estimator is restored by :func:`load_bnn`.
     """
-    saved = [(m, m.estimator) for m in model.modules() if isinstance(m, BayesianLayer) and hasattr(m, "estimator")]
+    saved = [
+        (m, m.estimator)
+        for m in model.modules()
+        if isinstance(m, BayesianLayer) and hasattr(m, "estimator")
+    ]
     try:
         for layer, estimator in saved:
-            layer.estimator = type(estimator)("reparam") if isinstance(estimator, Enum) else "reparam"
+            layer.estimator = (
+                type(estimator)("reparam") if isinstance(estimator, Enum) else "reparam"
+            )
         yield
     finally:
         for layer, estimator in saved:
@@ -189,11 +195,17 @@ def _collapse_sampling(gm: fx.GraphModule) -> None:
         for i, suffix in ((1, ".weight_mu"), (2, ".bias_mu")):
             arg = args[i] if i < len(args) else None
             if isinstance(arg, fx.Node) and arg.op != "get_attr":
-                means = {n for n in _ancestors(arg) if n.op == "get_attr" and str(n.target).endswith(suffix)}
+                means = {
+                    n
+                    for n in _ancestors(arg)
+                    if n.op == "get_attr" and str(n.target).endswith(suffix)
+                }
                 if len(means) == 1:
                     args[i] = means.pop()
         node.args = tuple(args)
-    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output", "call_module"))
+    graph.eliminate_dead_code(
+        is_impure_node=lambda n: n.op in ("placeholder", "output", "call_module")
+    )
     gm.recompile()
 
 
@@ -226,10 +238,15 @@ def _lift_layers(gm: fx.GraphModule) -> list[str]:
             notes.append(f"{node.name} ({node.target}): {reason}; left deterministic")
             continue
         owner, _, _ = weight.target.rpartition(".")
-        config = (node.target, tuple((k, str(v)) for k, v in values.items() if k not in ("input", "weight", "bias")))
+        config = (
+            node.target,
+            tuple((k, str(v)) for k, v in values.items() if k not in ("input", "weight", "bias")),
+        )
         if owner in lifted:
             if lifted[owner][0] != config:
-                notes.append(f"{node.name}: {owner} is used with different arguments; left deterministic")
+                notes.append(
+                    f"{node.name}: {owner} is used with different arguments; left deterministic"
+                )
                 continue
         else:
             layer = _make_layer(_LAYER_OPS[node.target], gm.get_parameter(weight.target), values)
@@ -258,18 +275,27 @@ def _unliftable(gm: fx.GraphModule, weight: Any, bias: Any) -> str | None:
     if not owner or attr != "weight" + suffix:
         return f"its weight {weight.target} is not the 'weight' of a submodule"
     if bias is not None and not (
-        isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{owner}.bias{suffix}"
+        isinstance(bias, fx.Node)
+        and bias.op == "get_attr"
+        and bias.target == f"{owner}.bias{suffix}"
     ):
         return f"its bias is not {owner}.bias{suffix}"
     module = gm.get_submodule(owner)
     if not isinstance(module._parameters.get(attr), nn.Parameter):
         return f"{weight.target} is a constant, not a parameter"
-    allowed = {f"{p}{s}" for p in ("weight", "bias") for s in ("", "_mu", "_rho", "_prior_mu", "_prior_sigma")}
+    allowed = {
+        f"{p}{s}"
+        for p in ("weight", "bias")
+        for s in ("", "_mu", "_rho", "_prior_mu", "_prior_sigma")
+    }
     if list(module.children()) or not set(module._parameters) | set(module._buffers) <= allowed:
         return f"{owner} holds other parameters or submodules"
     for node in gm.graph.nodes:  # the owner is replaced: nothing else may read its attributes
         if node.op == "get_attr" and str(node.target).startswith(owner + "."):
-            if any(u.op != "call_function" or u.target not in _LAYER_OPS or node not in u.args[1:3] for u in node.users):
+            if any(
+                u.op != "call_function" or u.target not in _LAYER_OPS or node not in u.args[1:3]
+                for u in node.users
+            ):
                 return f"{node.target} is also used outside linear/conv calls"
     return None
 
@@ -285,7 +311,11 @@ def _make_layer(cls: type[nn.Module], weight: nn.Parameter, values: dict[str, An
             weight.shape[0],
             tuple(weight.shape[2:]),
             stride=tuple(values["stride"]),
-            padding=values["padding"] if isinstance(values["padding"], str) else tuple(values["padding"]),
+            padding=(
+                values["padding"]
+                if isinstance(values["padding"], str)
+                else tuple(values["padding"])
+            ),
             dilation=tuple(values["dilation"]),
             groups=groups,
             **factory,

@@ -83,7 +83,9 @@ def read_checkpoint(path: Path | str, *, trust_pickle: bool = False) -> Checkpoi
     return _read_torch(path, trust_pickle=trust_pickle)
 
 
-def match_state(model: nn.Module, state: Mapping[str, Tensor], *, source: str, target: str) -> dict[str, Tensor]:
+def match_state(
+    model: nn.Module, state: Mapping[str, Tensor], *, source: str, target: str
+) -> dict[str, Tensor]:
     """``state`` with wrapper prefixes removed, checked against ``model.state_dict()``.
 
     Raises:
@@ -100,7 +102,8 @@ def match_state(model: nn.Module, state: Mapping[str, Tensor], *, source: str, t
         problems.append(f"{_count(unexpected, 'unexpected key')} {_first(unexpected)}")
     if not problems:
         shapes = [
-            f"{k} is {tuple(state[k].shape)} in the file but {tuple(expected[k].shape)} in the model"
+            f"{k} is {tuple(state[k].shape)} in the file but "
+            f"{tuple(expected[k].shape)} in the model"
             for k in expected
             if tuple(state[k].shape) != tuple(expected[k].shape)
         ]
@@ -121,14 +124,19 @@ def _read_safetensors(path: Path) -> Checkpoint:
             state = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:  # SafetensorError and friends: not a valid file
         raise CheckpointError(f"{path}: not a readable safetensors file ({_line(exc)})") from exc
-    return Checkpoint(path, "safetensors", state=state, metadata=_metadata(path, header.get(METADATA_KEY)))
+    return Checkpoint(
+        path, "safetensors", state=state, metadata=_metadata(path, header.get(METADATA_KEY))
+    )
 
 
 def _read_torch(path: Path, *, trust_pickle: bool) -> Checkpoint:
     with open(path, "rb") as handle:
         magic = handle.read(1)
     if not zipfile.is_zipfile(path) and magic != b"\x80":  # torch.save: a zip, or a legacy pickle
-        raise CheckpointError(f"{path}: not a torch checkpoint (neither a torch.save zip archive nor a pickle; truncated?)")
+        raise CheckpointError(
+            f"{path}: not a torch checkpoint (neither a torch.save zip archive nor a "
+            "pickle; truncated?)"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -147,7 +155,9 @@ def _read_torch(path: Path, *, trust_pickle: bool) -> Checkpoint:
         state = obj.get("state_dict")
         if not _is_state(state):
             raise CheckpointError(f"{path}: dnn2bnn checkpoint without a 'state_dict' entry")
-        return Checkpoint(path, "torch", state=dict(state), metadata=_metadata(path, obj[METADATA_KEY]))
+        return Checkpoint(
+            path, "torch", state=dict(state), metadata=_metadata(path, obj[METADATA_KEY])
+        )
     found = _find_state(obj, depth=0)
     if isinstance(found, nn.Module):
         return Checkpoint(path, "torch", module=found)
@@ -176,8 +186,12 @@ def _read_pt2(path: Path) -> Checkpoint:
         with _quiet_export_logs():
             program = torch.export.load(path, extra_files=extra)
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable torch.export archive ({_line(exc)})") from exc
-    return Checkpoint(path, "torch.export", program=program, metadata=_metadata(path, extra[PT2_METADATA] or None))
+        raise CheckpointError(
+            f"{path}: not a readable torch.export archive ({_line(exc)})"
+        ) from exc
+    return Checkpoint(
+        path, "torch.export", program=program, metadata=_metadata(path, extra[PT2_METADATA] or None)
+    )
 
 
 # ------------------------------------------------------------------------- helpers
@@ -220,8 +234,12 @@ def _strip_prefixes(state: dict[str, Tensor], expected: Mapping[str, Tensor]) ->
     while changed:
         changed = False
         for prefix in WRAPPER_PREFIXES:
-            if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in expected):
-                state = {k[len(prefix):]: v for k, v in state.items()}
+            if (
+                state
+                and all(k.startswith(prefix) for k in state)
+                and not any(k.startswith(prefix) for k in expected)
+            ):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
                 changed = True
     return state
 

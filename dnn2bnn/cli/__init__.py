@@ -67,4 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if issubclass(warning.category, ConversionWarning):
                     print(f"dnn2bnn: warning: {warning.message}", file=sys.stderr)
                 elif args.debug:
-                    print(warnings.formatwarning(warning.message, warning.category, warning.filename, warning.lineno), file=sys.stderr, end="")
+                    print(
+                        warnings.formatwarning(
+                            warning.message, warning.category, warning.filename, warning.lineno
+                        ),
+                        file=sys.stderr,
+                        end="",
+                    )

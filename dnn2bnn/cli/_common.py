@@ -29,7 +29,9 @@ def input_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or any(n <= 0 for n in shape):
-        raise argparse.ArgumentTypeError(f"expected positive integers like 1,3,224,224, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers like 1,3,224,224, got {text!r}"
+        )
     return shape
 
 

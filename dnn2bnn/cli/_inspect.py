@@ -72,11 +72,17 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
         bayes = sum(layer["mean_elements"] for layer in layers)
         info["bayesian_mean_elements"] = bayes
         info["deterministic_elements"] = sum(
-            t.numel() for k, t in state.items() if not k.rsplit(".", 1)[-1].startswith(("weight_", "bias_"))
+            t.numel()
+            for k, t in state.items()
+            if not k.rsplit(".", 1)[-1].startswith(("weight_", "bias_"))
         )
     elif checkpoint.program is not None:
         gm, notes = lift_program(checkpoint.program)
-        kinds = Counter(type(m).__name__ for m in gm.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)))
+        kinds = Counter(
+            type(m).__name__
+            for m in gm.modules()
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        )
         info["convertible_layers"] = dict(sorted(kinds.items()))
         info["notes"] = notes
     else:
@@ -95,12 +101,18 @@ def _layer(name: str, state: dict[str, Tensor], estimator: str) -> dict[str, Any
     mu, rho = state.get(prefix + "weight_mu"), state.get(prefix + "weight_rho")
     bias = state.get(prefix + "bias_mu")
     elements = (mu.numel() if mu is not None else 0) + (bias.numel() if bias is not None else 0)
-    prior_mu, prior_sigma = state.get(prefix + "weight_prior_mu"), state.get(prefix + "weight_prior_sigma")
+    prior_mu, prior_sigma = state.get(prefix + "weight_prior_mu"), state.get(
+        prefix + "weight_prior_sigma"
+    )
     return {
         "name": name,
         "weight_shape": list(mu.shape) if mu is not None else None,
         "mean_elements": elements,
-        "prior": None if prior_sigma is None else {"mean": float(prior_mu.mean()), "sigma": float(prior_sigma.mean())},
+        "prior": (
+            None
+            if prior_sigma is None
+            else {"mean": float(prior_mu.mean()), "sigma": float(prior_sigma.mean())}
+        ),
         "posterior_sigma_mean": None if rho is None else float(F.softplus(rho.float()).mean()),
         "estimator": estimator,
     }
@@ -109,19 +121,27 @@ def _layer(name: str, state: dict[str, Tensor], estimator: str) -> dict[str, Any
 def _text(info: dict[str, Any]) -> list[str]:
     lines = [
         f"{info['file']}: {info['kind']} checkpoint ({info['format']})",
-        f"  tensors: {info['tensors']}, elements: {params(info['elements'])}, dtypes: {', '.join(info['dtypes'])}",
+        f"  tensors: {info['tensors']}, elements: {params(info['elements'])}, "
+        f"dtypes: {', '.join(info['dtypes'])}",
     ]
     if info["kind"] == "BNN":
         arch = info.get("arch") or {}
         spec = arch.get("spec") or "exported graph"
-        lines.append(f"  architecture: {spec}" + (f" {arch['kwargs']}" if arch.get("kwargs") else ""))
-        lines.append(f"  written by dnn2bnn {info['dnn2bnn_version']} (format {info['format_version']})")
+        lines.append(
+            f"  architecture: {spec}" + (f" {arch['kwargs']}" if arch.get("kwargs") else "")
+        )
+        lines.append(
+            f"  written by dnn2bnn {info['dnn2bnn_version']} (format {info['format_version']})"
+        )
         for call in info["calls"]:
             opts = ", ".join(f"{k}={v}" for k, v in call.get("options", {}).items()) or "defaults"
-            lines.append(f"  conversion: {call['function']}({opts}); {len(call.get('converted', []))} layers")
+            lines.append(
+                f"  conversion: {call['function']}({opts}); {len(call.get('converted', []))} layers"
+            )
         layers = info["bayesian_layers"]
         lines.append(
-            f"  Bayesian layers: {len(layers)}, posterior means: {params(info['bayesian_mean_elements'])} "
+            f"  Bayesian layers: {len(layers)}, "
+            f"posterior means: {params(info['bayesian_mean_elements'])} "
             f"elements (x2 with sigma), deterministic: {params(info['deterministic_elements'])}"
         )
         width = max([len(layer["name"]) for layer in layers] + [4])
@@ -130,7 +150,8 @@ def _text(info: dict[str, Any]) -> list[str]:
             prior_text = f"N({prior['mean']:g}, {prior['sigma']:g}^2)" if prior else "-"
             sigma = layer["posterior_sigma_mean"]
             lines.append(
-                f"    {layer['name'] or '<root>':<{width}}  {str(layer['weight_shape']):<18} prior {prior_text}"
+                f"    {layer['name'] or '<root>':<{width}}  "
+                f"{str(layer['weight_shape']):<18} prior {prior_text}"
                 f"  mean sigma {sigma:.3g}  {layer['estimator']}"
             )
     elif "convertible_layers" in info:
@@ -139,6 +160,8 @@ def _text(info: dict[str, Any]) -> list[str]:
         lines += [f"  note: {n}" for n in info["notes"]]
     else:
         ranks = ", ".join(f"{n} of rank {r}" for r, n in info["weights_by_rank"].items()) or "none"
-        lines.append(f"  state_dict; '*.weight' tensors: {ranks} (rank 2: Linear-like, 3-5: Conv-like)")
+        lines.append(
+            f"  state_dict; '*.weight' tensors: {ranks} (rank 2: Linear-like, 3-5: Conv-like)"
+        )
         lines.append("  convert it with: dnn2bnn convert FILE OUT.safetensors --arch SPEC")
     return lines

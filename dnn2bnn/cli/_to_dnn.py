@@ -36,7 +36,12 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("input", metavar="INPUT", help="BNN checkpoint written by dnn2bnn")
     parser.add_argument("output", metavar="OUTPUT", help=".safetensors, .pt or .pt2 file to write")
-    parser.add_argument("--input-shape", metavar="N,C,...", type=input_shape, help="example input shape, to write a .pt2 OUTPUT from a state_dict BNN")
+    parser.add_argument(
+        "--input-shape",
+        metavar="N,C,...",
+        type=input_shape,
+        help="example input shape, to write a .pt2 OUTPUT from a state_dict BNN",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing OUTPUT")
     parser.set_defaults(run=run)
 
@@ -55,6 +60,18 @@ def run(args: argparse.Namespace) -> int:
         state = dnn.state_dict()
         atomic_write(output, lambda tmp: write_state(tmp, state, None))
     count = sum(p.numel() for p in dnn.parameters())
-    result = {"input": str(source), "output": str(output), "collapsed_layers": layers, "params": count}
-    emit(args, result, [f"wrote {output}: posterior means of {layers} Bayesian layers, {params(count)} parameters"])
+    result = {
+        "input": str(source),
+        "output": str(output),
+        "collapsed_layers": layers,
+        "params": count,
+    }
+    emit(
+        args,
+        result,
+        [
+            f"wrote {output}: posterior means of {layers} Bayesian layers, "
+            f"{params(count)} parameters"
+        ],
+    )
     return 0

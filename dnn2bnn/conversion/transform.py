@@ -182,7 +182,9 @@ def _convert(
                 "the model itself"
             ) from exc
 
-    call.update(include=include_patterns, exclude=exclude_patterns, strict=strict, options=dict(options))
+    call.update(
+        include=include_patterns, exclude=exclude_patterns, strict=strict, options=dict(options)
+    )
     report = ConversionReport(params_before=_count(target), calls=[call])
     leaf_types = (*mapping.keys(), BayesianLayer)
     trace = analyse(target, leaf_types)
