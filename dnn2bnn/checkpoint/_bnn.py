@@ -64,10 +64,11 @@ def save_bnn(
     Example:
         >>> import tempfile, pathlib
         >>> bnn = dnn2bnn.transform_to_bnn_model(torch.nn.Linear(3, 2), prior_sigma=0.5)
-        >>> folder = pathlib.Path(tempfile.mkdtemp())
-        >>> path = dnn2bnn.save_bnn(bnn, folder / "bnn.safetensors", arch="torch.nn:Linear",
-        ...                         arch_kwargs={"in_features": 3, "out_features": 2})
-        >>> dnn2bnn.load_bnn(path).weight_prior_sigma.item()
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = dnn2bnn.save_bnn(bnn, pathlib.Path(folder) / "bnn.safetensors",
+        ...                             arch="torch.nn:Linear",
+        ...                             arch_kwargs={"in_features": 3, "out_features": 2})
+        ...     dnn2bnn.load_bnn(path).weight_prior_sigma.item()
         0.5
     """
     path = Path(path)
