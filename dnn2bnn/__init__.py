@@ -9,6 +9,7 @@ Example:
 
 from dnn2bnn._version import __version__
 from dnn2bnn.checkpoint import load_bnn, save_bnn
+from dnn2bnn.config import BayesConfig, BayesConfigMapping, Estimator
 from dnn2bnn.conversion import (
     ConversionReport,
     ConvertedModule,
@@ -31,10 +32,12 @@ from dnn2bnn.layers import (
 )
 from dnn2bnn.loss import WithBNNLoss, kl_divergence
 from dnn2bnn.mindspore import TransformToBNN
-from dnn2bnn.modes import get_mode, set_mode
-from dnn2bnn.priors import NormalPrior
+from dnn2bnn.modes import get_mode, set_estimator, set_mode
+from dnn2bnn.priors import EmpiricalPrior, NormalPrior, ScaleMixturePrior
 
 __all__ = [
+    "BayesConfig",
+    "BayesConfigMapping",
     "BayesConv1d",
     "BayesConv2d",
     "BayesConv3d",
@@ -49,7 +52,10 @@ __all__ = [
     "ConvertedModule",
     "DenseReparam",
     "Dnn2BnnError",
+    "EmpiricalPrior",
+    "Estimator",
     "NormalPrior",
+    "ScaleMixturePrior",
     "SkippedModule",
     "TransformToBNN",
     "WithBNNLoss",
@@ -60,6 +66,7 @@ __all__ = [
     "kl_divergence",
     "load_bnn",
     "save_bnn",
+    "set_estimator",
     "set_mode",
     "transform_to_bnn_layer",
     "transform_to_bnn_model",

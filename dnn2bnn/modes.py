@@ -7,9 +7,10 @@ from types import TracebackType
 
 from torch import nn
 
-from dnn2bnn.layers._base import BayesMode
+from dnn2bnn.config import Estimator
+from dnn2bnn.layers._base import BayesianLayer, BayesMode
 
-__all__ = ["get_mode", "set_mode"]
+__all__ = ["get_mode", "set_estimator", "set_mode"]
 
 
 class _ModeSwitch:
@@ -77,3 +78,36 @@ def get_mode(model: nn.Module) -> BayesMode | None:
     """The common mode of the model's Bayesian layers; ``None`` if none or if they differ."""
     modes = {BayesMode(m.bayes_mode) for m in _layers_with_mode(model)}
     return modes.pop() if len(modes) == 1 else None
+
+
+def set_estimator(model: nn.Module, estimator: Estimator | str) -> None:
+    """Switch the estimator of every built-in Bayesian layer of ``model``, in place.
+
+    All estimators share parameters and KL, so a model trained with one can be evaluated
+    with another. Layers that cannot run ``estimator`` (user subclasses with their own
+    ``forward``) keep ``"reparam"``; that is warned, naming them.
+
+    Example:
+        >>> bnn = dnn2bnn.transform_to_bnn_model(torch.nn.Linear(3, 2))
+        >>> dnn2bnn.set_estimator(bnn, "lrt")
+        >>> bnn.estimator.value
+        'lrt'
+    """
+    try:
+        estimator = Estimator(estimator)
+    except ValueError as exc:
+        raise ValueError(
+            f"estimator must be one of {[e.value for e in Estimator]}, got {estimator!r}"
+        ) from exc
+    refused = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, BayesianLayer):
+            continue
+        if estimator is not Estimator.REPARAM and not layer.supports_estimators:
+            refused.append(name or "<root>")
+            continue
+        layer.estimator = estimator
+    if refused:
+        warnings.warn(
+            f"set_estimator: {refused} have their own forward and keep 'reparam'", stacklevel=2
+        )

@@ -59,6 +59,31 @@ def test_round_trip_replays_every_option(tmp_path, suffix):
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt2"])
+def test_round_trip_of_config_objects_and_prior_objects(tmp_path, suffix):
+    config = (
+        dnn2bnn.BayesConfigMapping()
+        .set_module_type(nn.Conv2d, dnn2bnn.BayesConfig(estimator="lrt", moped_delta=0.1))
+        .set_module_name("head", dnn2bnn.BayesConfig(prior=dnn2bnn.ScaleMixturePrior(0.3)))
+    )
+    dnn = trained_tiny()
+    bnn = dnn2bnn.transform_to_bnn_model(dnn, config=config)
+    bnn = dnn2bnn.transform_to_bnn_layer(
+        bnn, nn.Linear, exclude="head", prior=dnn2bnn.EmpiricalPrior(0.2)
+    )  # converts nothing new: checks an options object next to a config
+    path = dnn2bnn.save_bnn(bnn, tmp_path / f"bnn{suffix}", example_inputs=X)
+    loaded = dnn2bnn.load_bnn(path)
+    if suffix != ".pt2":  # an exported module keeps the mode it was exported in
+        loaded.eval()
+    for name in ("features.0", "head"):
+        old, new = bnn.get_submodule(name), loaded.get_submodule(name)
+        assert (new.estimator, new.prior) == (old.estimator, old.prior)
+    saved, restored = bnn.state_dict(), loaded.state_dict()
+    assert saved.keys() == restored.keys()
+    assert all(torch.equal(saved[k], restored[k]) for k in saved)
+    torch.testing.assert_close(_mean_output(loaded), dnn(X), rtol=0, atol=0)
+
+
 def test_arch_defaults_to_the_model_class(tmp_path):
     bnn = dnn2bnn.transform_to_bnn_model(trained_tiny())
     path = dnn2bnn.save_bnn(bnn, tmp_path / "bnn.safetensors")

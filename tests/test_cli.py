@@ -130,7 +130,7 @@ def test_custom_model_safetensors_in_pt_out_then_inspect_and_to_dnn(tmp_path):
         "kwargs": {"width": 6},
     }
     (layer,) = info["bayesian_layers"]
-    assert layer["name"] == "head" and layer["prior"] == {"mean": 0.0, "sigma": 1.0}
+    assert layer["name"] == "head" and layer["prior"] == {"mu": 0.0, "sigma": 1.0}
     assert layer["posterior_sigma_mean"] == pytest.approx(0.01, rel=1e-5)
     assert layer["estimator"] == "reparam" and layer["mean_elements"] == 6 * 4 * 3 + 3
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from torch import Tensor, nn
 
 from dnn2bnn._version import __version__
 from dnn2bnn.checkpoint._arch import _import, build_arch, spec_of
+from dnn2bnn.checkpoint._codec import decode, encode
 from dnn2bnn.checkpoint._export import export_args_of, export_module, rebuild_bnn
 from dnn2bnn.checkpoint._files import WRITABLE_SUFFIXES, atomic_write, check_output, suffix_of
 from dnn2bnn.checkpoint._read import METADATA_KEY, match_state, read_checkpoint
@@ -159,8 +159,10 @@ def replay_calls(model: nn.Module, calls: list[dict[str, Any]]) -> nn.Module:
             "exclude": call.get("exclude"),
             "strict": call.get("strict", False),
             "inplace": True,
-            **call.get("options", {}),
+            **decode(call.get("options", {})),
         }
+        if call.get("config") is not None:
+            common["config"] = decode(call["config"])
         if call["function"] == "transform_to_bnn_model":
             names = call.get("layer_types")
             types = None if names is None else [_import(*n.split(":", 1)) for n in names]
@@ -179,7 +181,7 @@ def bnn_metadata(
 ) -> dict[str, Any]:
     """The metadata :func:`save_bnn` writes (all JSON-serialisable)."""
     report = getattr(model, "conversion_report", None)
-    calls = [_jsonable(call, "conversion call") for call in (report.calls if report else [])]
+    calls = [encode(call, "conversion call") for call in (report.calls if report else [])]
     return {
         "format": "dnn2bnn-bnn",
         "format_version": FORMAT_VERSION,
@@ -188,7 +190,7 @@ def bnn_metadata(
         "arch": (
             None
             if arch is None
-            else {"spec": arch, "kwargs": _jsonable(arch_kwargs or {}, "arch_kwargs")}
+            else {"spec": arch, "kwargs": encode(arch_kwargs or {}, "arch_kwargs")}
         ),
         "calls": calls,
         "converted": [n for n, m in model.named_modules() if isinstance(m, BayesianLayer)],
@@ -228,18 +230,3 @@ def to_dnn_model(model: nn.Module) -> nn.Module:
                 setattr(parent, name, replaced[id(child)])
     dnn.__dict__.pop("conversion_report", None)
     return dnn
-
-
-def _jsonable(value: Any, where: str) -> Any:
-    if isinstance(value, Enum):
-        return _jsonable(value.value, where)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, where) for v in value]
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {k: _jsonable(v, f"{where}.{k}") for k, v in value.items()}
-    raise TypeError(
-        f"{where} holds {type(value).__qualname__} {value!r}; a BNN checkpoint records only "
-        "numbers, strings, booleans, lists and dicts"
-    )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import json
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from dnn2bnn.checkpoint._codec import decode
 from dnn2bnn.checkpoint._read import PT2_METADATA, match_state
 from dnn2bnn.conversion import transform_to_bnn_model
 from dnn2bnn.errors import CheckpointError
@@ -85,8 +87,11 @@ def rebuild_bnn(program: Any, metadata: dict[str, Any]) -> fx.GraphModule:
     for call in metadata.get("calls", []):
         names = call.get("converted", [])
         if names:
+            options = decode(call.get("options", {}))
+            if call.get("config") is not None:
+                options["config"] = decode(call["config"])
             transform_to_bnn_model(
-                gm, include=[glob.escape(n) for n in names], inplace=True, **call.get("options", {})
+                gm, include=[glob.escape(n) for n in names], inplace=True, **options
             )
     converted = sorted(n for n, m in gm.named_modules() if isinstance(m, BayesianLayer))
     if converted != sorted(metadata.get("converted", [])):
@@ -134,20 +139,28 @@ def _reparam_estimator(model: nn.Module) -> Iterator[None]:
     exported program is for inference, and its weight-sample subgraph is what
     :func:`rebuild_bnn` recognises. The recorded estimator is restored by :func:`load_bnn`.
     """
-    saved = [
-        (m, m.estimator)
-        for m in model.modules()
-        if isinstance(m, BayesianLayer) and hasattr(m, "estimator")
+    layers = [m for m in model.modules() if isinstance(m, BayesianLayer)]
+    saved = [(m, m.estimator) for m in layers if hasattr(m, "estimator")]
+    # Layers may keep the last weight sample (e.g. for a Monte Carlo KL); tracing would
+    # leave fake tensors there, so those attributes are put back as they were.
+    kept = [
+        (m, dict(m._kl_samples))
+        for m in layers
+        if isinstance(m.__dict__.get("_kl_samples"), dict)
     ]
     try:
         for layer, estimator in saved:
             layer.estimator = (
                 type(estimator)("reparam") if isinstance(estimator, Enum) else "reparam"
             )
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*were assigned during export.*")
+            yield
     finally:
         for layer, estimator in saved:
             layer.estimator = estimator
+        for layer, samples in kept:
+            layer._kl_samples = samples
 
 
 def _as_args(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -283,12 +296,11 @@ def _unliftable(gm: fx.GraphModule, weight: Any, bias: Any) -> str | None:
     module = gm.get_submodule(owner)
     if not isinstance(module._parameters.get(attr), nn.Parameter):
         return f"{weight.target} is a constant, not a parameter"
-    allowed = {
-        f"{p}{s}"
-        for p in ("weight", "bias")
-        for s in ("", "_mu", "_rho", "_prior_mu", "_prior_sigma")
-    }
-    if list(module.children()) or not set(module._parameters) | set(module._buffers) <= allowed:
+    # weight/bias, or a Bayesian layer's weight_mu, weight_rho, weight_prior_* and bias_*
+    names = set(module._parameters) | set(module._buffers)
+    if list(module.children()) or any(
+        n not in ("weight", "bias") and not n.startswith(("weight_", "bias_")) for n in names
+    ):
         return f"{owner} holds other parameters or submodules"
     for node in gm.graph.nodes:  # the owner is replaced: nothing else may read its attributes
         if node.op == "get_attr" and str(node.target).startswith(owner + "."):

@@ -92,7 +92,15 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
 
 
 def _estimator(metadata: dict[str, Any]) -> str:
-    chosen = {c.get("options", {}).get("estimator", "reparam") for c in metadata.get("calls", [])}
+    chosen = set()
+    for call in metadata.get("calls", []):
+        config = call.get("config")
+        if isinstance(config, dict) and "__config_mapping__" in config:
+            chosen.add("per layer (BayesConfigMapping)")
+        elif isinstance(config, dict) and "fields" in config:
+            chosen.add(str(config["fields"].get("estimator", "reparam")))
+        else:
+            chosen.add(str(call.get("options", {}).get("estimator", "reparam")))
     return ", ".join(sorted(chosen)) if chosen else "reparam"
 
 
@@ -101,18 +109,17 @@ def _layer(name: str, state: dict[str, Tensor], estimator: str) -> dict[str, Any
     mu, rho = state.get(prefix + "weight_mu"), state.get(prefix + "weight_rho")
     bias = state.get(prefix + "bias_mu")
     elements = (mu.numel() if mu is not None else 0) + (bias.numel() if bias is not None else 0)
-    prior_mu, prior_sigma = state.get(prefix + "weight_prior_mu"), state.get(
-        prefix + "weight_prior_sigma"
-    )
+    buffers = prefix + "weight_prior_"
+    prior = {
+        key[len(buffers) :]: float(value.float().mean())
+        for key, value in state.items()
+        if key.startswith(buffers)
+    }
     return {
         "name": name,
         "weight_shape": list(mu.shape) if mu is not None else None,
         "mean_elements": elements,
-        "prior": (
-            None
-            if prior_sigma is None
-            else {"mean": float(prior_mu.mean()), "sigma": float(prior_sigma.mean())}
-        ),
+        "prior": prior or None,
         "posterior_sigma_mean": None if rho is None else float(F.softplus(rho.float()).mean()),
         "estimator": estimator,
     }
@@ -134,7 +141,10 @@ def _text(info: dict[str, Any]) -> list[str]:
             f"  written by dnn2bnn {info['dnn2bnn_version']} (format {info['format_version']})"
         )
         for call in info["calls"]:
-            opts = ", ".join(f"{k}={v}" for k, v in call.get("options", {}).items()) or "defaults"
+            given = dict(call.get("options", {}))
+            if call.get("config") is not None:
+                given["config"] = _short(call["config"])
+            opts = ", ".join(f"{k}={v}" for k, v in given.items()) or "defaults"
             lines.append(
                 f"  conversion: {call['function']}({opts}); {len(call.get('converted', []))} layers"
             )
@@ -147,7 +157,7 @@ def _text(info: dict[str, Any]) -> list[str]:
         width = max([len(layer["name"]) for layer in layers] + [4])
         for layer in layers:
             prior = layer["prior"]
-            prior_text = f"N({prior['mean']:g}, {prior['sigma']:g}^2)" if prior else "-"
+            prior_text = " ".join(f"{k}={v:g}" for k, v in prior.items()) if prior else "-"
             sigma = layer["posterior_sigma_mean"]
             lines.append(
                 f"    {layer['name'] or '<root>':<{width}}  "
@@ -165,3 +175,14 @@ def _text(info: dict[str, Any]) -> list[str]:
         )
         lines.append("  convert it with: dnn2bnn convert FILE OUT.safetensors --arch SPEC")
     return lines
+
+
+def _short(encoded: Any) -> str:
+    """``BayesConfig(estimator=lrt, ...)`` from an encoded dataclass, or a mapping's name."""
+    if isinstance(encoded, dict) and "__dataclass__" in encoded:
+        name = encoded["__dataclass__"].rsplit(":", 1)[-1]
+        fields = ", ".join(f"{k}={_short(v)}" for k, v in encoded["fields"].items())
+        return f"{name}({fields})"
+    if isinstance(encoded, dict) and "__config_mapping__" in encoded:
+        return "BayesConfigMapping(...)"
+    return str(encoded)

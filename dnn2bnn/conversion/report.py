@@ -45,7 +45,8 @@ class ConversionReport:
         params_before: number of parameter elements before conversion.
         params_after: number of parameter elements after conversion.
         calls: one record per conversion call that built this model (the function, the
-            layer types, ``include``/``exclude`` and the Bayesian options exactly as passed),
+            layer types, ``include``/``exclude``, ``config`` and the Bayesian options exactly
+            as passed, and the modules it converted),
             in order; :func:`dnn2bnn.save_bnn` stores them so that
             :func:`dnn2bnn.load_bnn` can replay them.
     """

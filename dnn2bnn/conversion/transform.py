@@ -7,11 +7,13 @@ import fnmatch
 import inspect
 import warnings
 from collections import defaultdict
+import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import nn
 
+from dnn2bnn.config import BayesConfig, BayesConfigMapping
 from dnn2bnn.conversion._mapping import default_mapping, lookup
 from dnn2bnn.conversion._trace import analyse
 from dnn2bnn.conversion.report import ConversionReport, ConvertedModule, SkippedModule
@@ -21,6 +23,7 @@ from dnn2bnn.layers._base import BayesianLayer, check_convertible, is_bayesian_l
 __all__ = ["transform_to_bnn_layer", "transform_to_bnn_model"]
 
 Patterns = str | Iterable[str] | None
+ConfigArg = BayesConfig | BayesConfigMapping | None
 
 
 def transform_to_bnn_model(
@@ -31,6 +34,7 @@ def transform_to_bnn_model(
     exclude: Patterns = None,
     inplace: bool = False,
     strict: bool = False,
+    config: ConfigArg = None,
     **bayes_options: Any,
 ) -> nn.Module:
     """Convert every Linear and Conv1d/2d/3d layer of a trained model into a Bayesian layer.
@@ -53,8 +57,11 @@ def transform_to_bnn_model(
         inplace: convert ``model`` itself instead of a deep copy.
         strict: raise :class:`ConversionError` instead of skipping a layer that cannot be
             converted.
-        **bayes_options: options of the Bayesian layers' ``from_dnn`` (``prior_mean``,
-            ``prior_sigma``, ``posterior_sigma_init``).
+        config: a :class:`BayesConfig` for every layer, or a :class:`BayesConfigMapping`
+            choosing one per layer (name pattern > module type > global).
+        **bayes_options: keyword shortcuts for the common case, applied to every layer
+            (cannot be combined with a ``BayesConfigMapping``): ``prior``, ``prior_mean``,
+            ``prior_sigma``, ``posterior_sigma_init``, ``moped_delta``, ``estimator``.
 
     Returns:
         The Bayesian model; its ``conversion_report`` attribute is a
@@ -62,7 +69,7 @@ def transform_to_bnn_model(
 
     Example:
         >>> dnn = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-        >>> bnn = transform_to_bnn_model(dnn, prior_sigma=0.1)
+        >>> bnn = transform_to_bnn_model(dnn, prior_sigma=0.1, estimator="flipout")
         >>> type(bnn[0]).__name__, len(bnn.conversion_report.converted)
         ('BayesLinear', 2)
     """
@@ -83,7 +90,7 @@ def transform_to_bnn_model(
         "function": "transform_to_bnn_model",
         "layer_types": None if layer_types is None else [_import_name(t) for t in mapping],
     }
-    return _convert(model, mapping, include, exclude, inplace, strict, bayes_options, call)
+    return _convert(model, mapping, include, exclude, inplace, strict, config, bayes_options, call)
 
 
 def transform_to_bnn_layer(
@@ -95,6 +102,7 @@ def transform_to_bnn_layer(
     exclude: Patterns = None,
     inplace: bool = False,
     strict: bool = False,
+    config: ConfigArg = None,
     **bayes_options: Any,
 ) -> nn.Module:
     """Convert only the layers of one type, e.g. ``nn.Linear`` -> ``BayesLinear``.
@@ -105,8 +113,9 @@ def transform_to_bnn_layer(
         bnn_layer_type: the Bayesian type to convert into; default: the built-in one.
             A user-written class works if it follows the layer protocol: a classmethod
             ``from_dnn(module, **options)`` returning the new module, and ``kl()``.
-        include, exclude, inplace, strict, bayes_options: as in
-            :func:`transform_to_bnn_model`.
+        include, exclude, inplace, strict, config, bayes_options: as in
+            :func:`transform_to_bnn_model` (``config`` only with built-in Bayesian types;
+            a user-written class receives ``bayes_options`` as they are).
 
     Example:
         >>> dnn = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2))
@@ -138,7 +147,7 @@ def transform_to_bnn_layer(
         "dnn_layer_type": _import_name(dnn_layer_type),
         "bnn_layer_type": _import_name(bnn_layer_type),
     }
-    return _convert(model, mapping, include, exclude, inplace, strict, bayes_options, call)
+    return _convert(model, mapping, include, exclude, inplace, strict, config, bayes_options, call)
 
 
 # ---------------------------------------------------------------------------- internals
@@ -149,6 +158,7 @@ def _convert(
     exclude: Patterns,
     inplace: bool,
     strict: bool,
+    config: ConfigArg,
     options: dict[str, Any],
     call: dict[str, Any],
 ) -> nn.Module:
@@ -156,8 +166,10 @@ def _convert(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__qualname__}")
     include_patterns = _patterns("include", include)
     exclude_patterns = _patterns("exclude", exclude)
+    config_map = _config_mapping(config, options, mapping)
     for bnn_cls in set(mapping.values()):
-        _check_options(bnn_cls, options)
+        if not issubclass(bnn_cls, BayesianLayer):
+            _check_options(bnn_cls, options)
 
     names_by_id: dict[int, list[str]] = defaultdict(list)
     for name, module in model.named_modules(remove_duplicate=False):
@@ -170,6 +182,11 @@ def _convert(
                     f"{kind} pattern {pattern!r} matches no module of {type(model).__name__}; "
                     f"module names look like {[n for n in all_names if n][:8]}"
                 )
+    for pattern in config_map.unmatched_patterns(all_names):
+        raise ConversionError(
+            f"config name pattern {pattern!r} matches no module of {type(model).__name__}; "
+            f"module names look like {[n for n in all_names if n][:8]}"
+        )
 
     if inplace:
         target = model
@@ -183,7 +200,11 @@ def _convert(
             ) from exc
 
     call.update(
-        include=include_patterns, exclude=exclude_patterns, strict=strict, options=dict(options)
+        include=include_patterns,
+        exclude=exclude_patterns,
+        strict=strict,
+        config=config,
+        options=dict(options),
     )
     report = ConversionReport(params_before=_count(target), calls=[call])
     leaf_types = (*mapping.keys(), BayesianLayer)
@@ -229,9 +250,18 @@ def _convert(
             unexpected.append(skip)
             continue
         tied = _tied_parameters(module, names, param_names)
+        if issubclass(bnn_cls, BayesianLayer):
+            layer_config = config_map.config_for(names, type(module))
+            if layer_config is None:
+                report.skipped.append(SkippedModule(name, type_name, "configured None"))
+                continue
+            fallback = bnn_cls.estimator_fallback(type(module), layer_config)
+            if fallback is not None:
+                tied.append(f"{name}: {fallback}")
+                layer_config = dataclasses.replace(layer_config, estimator="reparam")
         try:
             if issubclass(bnn_cls, BayesianLayer):
-                new = bnn_cls._convert_(module, **options)
+                new = bnn_cls._convert_(module, config=layer_config)
             else:
                 new = bnn_cls.from_dnn(module, **options)
         except (TypeError, ValueError) as exc:
@@ -289,6 +319,29 @@ def _unconvertible(bnn_cls: type[nn.Module], module: nn.Module) -> str | None:
         except TypeError as exc:
             return str(exc)
     return None
+
+
+def _config_mapping(
+    config: ConfigArg, options: dict[str, Any], mapping: Mapping[type[nn.Module], type[nn.Module]]
+) -> BayesConfigMapping:
+    """One mapping from ``config=`` and the keyword shortcuts (validated here, up front)."""
+    builtin = any(issubclass(c, BayesianLayer) for c in mapping.values())
+    if isinstance(config, BayesConfigMapping):
+        if options:
+            raise TypeError(
+                f"pass either a BayesConfigMapping as config= or keyword options "
+                f"({sorted(options)}), not both; put them in the mapping's configs"
+            )
+        return config
+    if config is not None and not isinstance(config, BayesConfig):
+        raise TypeError(
+            f"config must be a BayesConfig or a BayesConfigMapping, got {type(config).__name__}"
+        )
+    if config is not None and not builtin:
+        raise TypeError("config= applies to built-in Bayesian layers; pass your class's options")
+    if not builtin:
+        return BayesConfigMapping()
+    return BayesConfigMapping(BayesConfig.from_options(config, **options))
 
 
 def _check_options(bnn_cls: type[nn.Module], options: dict[str, Any]) -> None:

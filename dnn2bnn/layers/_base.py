@@ -14,8 +14,10 @@ function as its parent with Bayesian weights, and returns exactly what the paren
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -25,7 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dnn2bnn.priors import NormalPrior, _check_positive, kl_normal
+from dnn2bnn.config import OPTION_NAMES, BayesConfig, Estimator
+from dnn2bnn.errors import ConversionWarning
+from dnn2bnn.layers import _estimators
+from dnn2bnn.layers._sampling import NormalKL, cached_sigma, sample as _sample
+from dnn2bnn.priors import Prior
 
 __all__ = [
     "DEFAULT_POSTERIOR_SIGMA_INIT",
@@ -76,65 +82,61 @@ class BayesianLayer(nn.Module):
     #: Attributes this mixin adds to an instance; removed again by :meth:`to_dnn`.
     _bayes_attrs: ClassVar[tuple[str, ...]] = (
         "bayes_mode",
+        "bayes_config",
         "prior",
         "posterior_sigma_init",
+        "estimator",
         "_sample_cache",
         "_share_samples",
+        "_kl_samples",
+        "_sigma_cache",
     )
+    #: Whether the flipout/lrt estimators can run this class (False for a user subclass
+    #: with its own ``forward``, which only sees the sampled ``weight``).
+    supports_estimators: ClassVar[bool] = True
 
     bayes_mode: BayesMode
-    prior: NormalPrior
+    bayes_config: BayesConfig
+    prior: Prior
     posterior_sigma_init: float
+    estimator: Estimator
 
-    def __init__(
-        self,
-        *args: Any,
-        prior_mean: float = DEFAULT_PRIOR_MEAN,
-        prior_sigma: float = DEFAULT_PRIOR_SIGMA,
-        posterior_sigma_init: float = DEFAULT_POSTERIOR_SIGMA_INIT,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, config: BayesConfig | None = None, **kwargs: Any) -> None:
+        options = {k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs}
+        config = _resolve(config, options)
         # The torch.nn constructor builds, checks and initialises weight and bias as usual.
         super().__init__(*args, **kwargs)
-        self._bayesianize_(
-            prior=NormalPrior(prior_mean, prior_sigma), posterior_sigma_init=posterior_sigma_init
-        )
+        self._bayesianize_(config)
 
     # ------------------------------------------------------------------ construction
-    def _bayesianize_(self, *, prior: NormalPrior, posterior_sigma_init: float) -> None:
+    def _bayesianize_(self, config: BayesConfig) -> None:
         """Turn this module's plain ``weight``/``bias`` into posterior parameters, in place."""
-        _check_positive("posterior_sigma_init", posterior_sigma_init)
         self.bayes_mode = BayesMode.SAMPLE
-        self.prior = prior
-        self.posterior_sigma_init = float(posterior_sigma_init)
+        self.bayes_config = config
+        self.prior = config.prior
+        self.posterior_sigma_init = config.posterior_sigma_init
+        self.estimator = config.estimator
         self._sample_cache: dict[str, Tensor] | None = None
         self._share_samples = False
-        rho0 = softplus_inverse(posterior_sigma_init)
+        self._kl_samples: dict[str, Tensor] = {}
+        self._sigma_cache: dict[str, tuple[int, int, Tensor]] = {}
         for name in self.bayes_params:
             value = self._parameters.pop(name)
             if value is None:
                 for suffix in ("_mu", "_rho"):
                     self.register_parameter(name + suffix, None)
-                for suffix in ("_prior_mu", "_prior_sigma"):
-                    self.register_buffer(name + suffix, None)
                 continue
             # A copy: the trained tensor may be tied to another module's parameter.
             data = value.detach().clone()
             self.register_parameter(name + "_mu", nn.Parameter(data, value.requires_grad))
-            rho = torch.full_like(data, rho0)
+            rho = _initial_rho(data, config)
             self.register_parameter(name + "_rho", nn.Parameter(rho, value.requires_grad))
-            factory = {"device": data.device, "dtype": data.dtype}
-            self.register_buffer(name + "_prior_mu", torch.tensor(prior.mean, **factory))
-            self.register_buffer(name + "_prior_sigma", torch.tensor(prior.sigma, **factory))
+            for suffix, buffer in config.prior.make_buffers(data).items():
+                self.register_buffer(f"{name}_prior_{suffix}", buffer)
 
     @classmethod
     def from_dnn(
-        cls,
-        module: nn.Module,
-        *,
-        prior_mean: float = DEFAULT_PRIOR_MEAN,
-        prior_sigma: float = DEFAULT_PRIOR_SIGMA,
-        posterior_sigma_init: float = DEFAULT_POSTERIOR_SIGMA_INIT,
+        cls, module: nn.Module, *, config: BayesConfig | None = None, **options: Any
     ) -> BayesianLayer:
         """Build the Bayesian counterpart of a trained layer.
 
@@ -144,54 +146,51 @@ class BayesianLayer(nn.Module):
 
         Args:
             module: an instance of ``cls.dnn_type`` (or of a subclass of it).
-            prior_mean: mean of the Normal prior.
-            prior_sigma: standard deviation of the Normal prior.
-            posterior_sigma_init: initial posterior standard deviation of every weight.
+            config: a :class:`~dnn2bnn.BayesConfig` (default: ``BayesConfig()``).
+            **options: keyword shortcuts applied on top of ``config``: ``prior``,
+                ``prior_mean``, ``prior_sigma``, ``posterior_sigma_init``, ``moped_delta``,
+                ``estimator``.
 
         Example:
             >>> from dnn2bnn import BayesLinear
-            >>> bayes = BayesLinear.from_dnn(torch.nn.Linear(4, 2))
-            >>> bayes.weight_mu.shape
-            torch.Size([2, 4])
+            >>> bayes = BayesLinear.from_dnn(torch.nn.Linear(4, 2), estimator="lrt")
+            >>> bayes.weight_mu.shape, bayes.estimator.value
+            (torch.Size([2, 4]), 'lrt')
         """
-        return cls._convert_(
-            copy.deepcopy(module),
-            prior_mean=prior_mean,
-            prior_sigma=prior_sigma,
-            posterior_sigma_init=posterior_sigma_init,
+        return cls._convert_(copy.deepcopy(module), config=config, **options)
+
+    @classmethod
+    def check_options(cls, *, config: BayesConfig | None = None, **options: Any) -> BayesConfig:
+        """The resolved configuration; raises ``TypeError``/``ValueError`` naming a bad option."""
+        return _resolve(config, options)
+
+    @classmethod
+    def estimator_fallback(cls, dnn_cls: type[nn.Module], config: BayesConfig) -> str | None:
+        """Why ``config.estimator`` cannot run on ``dnn_cls`` (``None`` when it can)."""
+        if config.estimator is Estimator.REPARAM:
+            return None
+        if bayesian_class(cls._bnn_base or cls, dnn_cls).supports_estimators:
+            return None
+        return (
+            f"{dnn_cls.__qualname__} has its own forward, so estimator "
+            f"{config.estimator.value!r} cannot be applied; it uses 'reparam' instead"
         )
 
     @classmethod
-    def check_options(
-        cls,
-        *,
-        prior_mean: float = DEFAULT_PRIOR_MEAN,
-        prior_sigma: float = DEFAULT_PRIOR_SIGMA,
-        posterior_sigma_init: float = DEFAULT_POSTERIOR_SIGMA_INIT,
-    ) -> None:
-        """Raise ``TypeError``/``ValueError`` naming the first invalid Bayesian option."""
-        NormalPrior(prior_mean, prior_sigma)
-        _check_positive("posterior_sigma_init", posterior_sigma_init)
-
-    @classmethod
     def _convert_(
-        cls,
-        module: nn.Module,
-        *,
-        prior_mean: float = DEFAULT_PRIOR_MEAN,
-        prior_sigma: float = DEFAULT_PRIOR_SIGMA,
-        posterior_sigma_init: float = DEFAULT_POSTERIOR_SIGMA_INIT,
+        cls, module: nn.Module, *, config: BayesConfig | None = None, **options: Any
     ) -> BayesianLayer:
         """Like :meth:`from_dnn`, but turns ``module`` itself into the Bayesian layer."""
         base = cls._bnn_base or cls
         check_convertible(base, module)
         # Validate every option before touching the module.
-        cls.check_options(
-            prior_mean=prior_mean, prior_sigma=prior_sigma, posterior_sigma_init=posterior_sigma_init
-        )
-        prior = NormalPrior(prior_mean, prior_sigma)
+        config = _resolve(config, options)
+        reason = base.estimator_fallback(type(module), config)
+        if reason is not None:
+            warnings.warn(f"dnn2bnn: {reason}", ConversionWarning, stacklevel=3)
+            config = dataclasses.replace(config, estimator=Estimator.REPARAM)
         module.__class__ = bayesian_class(base, type(module))
-        module._bayesianize_(prior=prior, posterior_sigma_init=posterior_sigma_init)
+        module._bayesianize_(config)
         return module
 
     def to_dnn(self) -> nn.Module:
@@ -204,8 +203,8 @@ class BayesianLayer(nn.Module):
         for name in self.bayes_params:
             mu = dnn._parameters.pop(name + "_mu")
             del dnn._parameters[name + "_rho"]
-            del dnn._buffers[name + "_prior_mu"]
-            del dnn._buffers[name + "_prior_sigma"]
+            for key in [k for k in dnn._buffers if k.startswith(name + "_prior_")]:
+                del dnn._buffers[key]
             dnn._parameters[name] = None if mu is None else nn.Parameter(mu.data, mu.requires_grad)
         for attr in self._bayes_attrs:
             dnn.__dict__.pop(attr, None)
@@ -232,27 +231,66 @@ class BayesianLayer(nn.Module):
         if cache is not None and name in cache:
             return cache[name]
         rho = params[name + "_rho"]
-        sample = mu + F.softplus(rho) * torch.randn_like(mu)
+        sample = _sample(mu, rho, self._sigma(name, rho))
         if cache is not None:
             cache[name] = sample
+        self._keep_for_kl(name, sample)
         return sample
+
+    def _sigma(self, name: str, rho: Tensor) -> Tensor:
+        """``softplus(rho)`` detached, computed once per change of ``rho`` (see ``_sampling``)."""
+        return cached_sigma(self._sigma_cache, name, rho)
+
+    def _keep_for_kl(self, name: str, sample: Tensor) -> None:
+        """Remember the forward pass's weight sample when the prior's KL is Monte Carlo."""
+        if self.prior.needs_sample and torch.is_grad_enabled():
+            self._kl_samples[name] = sample
+
+    def forward(self, input: Tensor) -> Tensor:
+        """The torch.nn layer's forward, with weights drawn by the configured estimator."""
+        if self.estimator is Estimator.REPARAM or self.bayes_mode == BayesMode.MEAN:
+            return super().forward(input)  # type: ignore[misc]
+        if self.estimator is Estimator.FLIPOUT:
+            return _estimators.flipout(self, input)
+        return _estimators.local_reparam(self, input)
+
+    def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The layer's linear operation with explicit weights (``F.linear``, ``conv``)."""
+        raise NotImplementedError
+
+    def _sign_shapes(self, input: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of the flipout sign tensors for ``input`` and for the output."""
+        raise NotImplementedError
 
     def kl(self) -> Tensor:
         """``KL(q || p)`` of this layer's own Bayesian parameters, summed (not averaged).
 
-        Computed in closed form for the Normal prior, in float32 or wider.
+        Closed form for :class:`~dnn2bnn.NormalPrior` and :class:`~dnn2bnn.EmpiricalPrior`;
+        for :class:`~dnn2bnn.ScaleMixturePrior`, the Monte Carlo estimate at the weight
+        sample of the last forward pass (released here), or at a fresh sample if there is
+        none. In float32 or wider.
         """
         total = None
         for name in self.bayes_params:
             mu = self._parameters[name + "_mu"]
             if mu is None:
                 continue
-            term = kl_normal(
-                mu,
-                F.softplus(self._parameters[name + "_rho"]),
-                self._buffers[name + "_prior_mu"],
-                self._buffers[name + "_prior_sigma"],
-            )
+            rho = self._parameters[name + "_rho"]
+            prefix = name + "_prior_"
+            buffers = {k[len(prefix) :]: v for k, v in self._buffers.items() if k.startswith(prefix)}
+            if not self.prior.needs_sample and buffers["sigma"].numel() == 1:
+                # Normal / empirical prior: fused closed form with a hand-written gradient
+                sigma = self._sigma(name, rho)
+                release = functools.partial(self._sigma_cache.pop, name, None)
+                term = NormalKL.apply(mu, rho, sigma, buffers["mu"], buffers["sigma"], release)
+            else:
+                sigma = F.softplus(rho)
+                sample = None
+                if self.prior.needs_sample:
+                    sample = self._kl_samples.pop(name, None)
+                    if sample is None:
+                        sample = mu + sigma * torch.randn_like(mu)
+                term = self.prior.kl(mu, sigma, buffers, sample)
             total = term if total is None else total + term
         if total is None:
             raise RuntimeError(f"{type(self).__name__} has no Bayesian parameter")
@@ -269,19 +307,48 @@ class BayesianLayer(nn.Module):
             for name in self.bayes_params:
                 rho = self._parameters[name + "_rho"]
                 if rho is not None:
-                    rho.fill_(softplus_inverse(self.posterior_sigma_init))
+                    rho.copy_(_initial_rho(self._parameters[name + "_mu"], self.bayes_config))
 
     def extra_repr(self) -> str:
         with _peek_means(self):  # the parent's repr reads .bias: do not draw a sample for it
             base = super().extra_repr()
-        return f"{base}, prior={self.prior}, posterior_sigma_init={self.posterior_sigma_init:g}"
+        init = (
+            f"moped_delta={self.bayes_config.moped_delta:g}"
+            if self.bayes_config.moped_delta is not None
+            else f"posterior_sigma_init={self.posterior_sigma_init:g}"
+        )
+        return f"{base}, prior={self.prior}, {init}, estimator={self.estimator.value!r}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Weight samples kept for the KL are part of an autograd graph: never copied.
+        state = super().__getstate__()
+        state = dict(state)
+        state["_kl_samples"] = {}
+        state["_sigma_cache"] = {}
+        state["_sample_cache"] = None
+        return state
 
     # ------------------------------------------------------------------ pickling
     def __reduce_ex__(self, protocol: Any) -> Any:
         if type(self).__dict__.get("_bnn_base") is None:
             return super().__reduce_ex__(protocol)
         # A class made by bayesian_class() cannot be found by name: rebuild it instead.
-        return (_new_bayesian_instance, (self._bnn_base, type(self).dnn_type), self.__dict__.copy())
+        return (_new_bayesian_instance, (self._bnn_base, type(self).dnn_type), self.__getstate__())
+
+
+def _resolve(config: BayesConfig | None, options: dict[str, Any]) -> BayesConfig:
+    if config is not None and not isinstance(config, BayesConfig):
+        raise TypeError(f"config must be a dnn2bnn.BayesConfig, got {type(config).__name__}")
+    return BayesConfig.from_options(config, **options)
+
+
+def _initial_rho(mu: Tensor, config: BayesConfig) -> Tensor:
+    """``rho`` giving the configured initial sigma (constant, or MOPED ``delta * |mu|``)."""
+    with torch.no_grad():
+        if config.moped_delta is None:
+            return torch.full_like(mu, softplus_inverse(config.posterior_sigma_init))
+        sigma = (config.moped_delta * mu.abs()).clamp_min(1e-8)
+        return sigma + torch.log(-torch.expm1(-sigma))
 
 
 def check_convertible(base: type[BayesianLayer], module: nn.Module) -> None:
@@ -348,11 +415,11 @@ def bayesian_class(base: type[BayesianLayer], dnn_cls: type[nn.Module]) -> type[
         return base
     if not issubclass(dnn_cls, base.dnn_type):
         raise TypeError(f"{dnn_cls.__qualname__} is not a subclass of {base.dnn_type.__qualname__}")
-    return type(
-        f"Bayes{dnn_cls.__name__}",
-        (base, dnn_cls),
-        {"dnn_type": dnn_cls, "_bnn_base": base, "__module__": base.__module__},
-    )
+    namespace: dict[str, Any] = {"dnn_type": dnn_cls, "_bnn_base": base, "__module__": base.__module__}
+    if dnn_cls.forward is not base.dnn_type.forward:
+        # The subclass's own forward reads the sampled ``weight``: only "reparam" applies.
+        namespace.update(forward=dnn_cls.forward, supports_estimators=False)
+    return type(f"Bayes{dnn_cls.__name__}", (base, dnn_cls), namespace)
 
 
 def _new_bayesian_instance(base: type[BayesianLayer], dnn_cls: type[nn.Module]) -> BayesianLayer:

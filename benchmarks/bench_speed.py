@@ -1,0 +1,246 @@
+"""Cost of dnn2bnn against the deterministic model (issue 8), all measurements in one run.
+
+    python benchmarks/bench_speed.py            # full run (10 rounds)
+    python benchmarks/bench_speed.py --quick    # 3 rounds, fewer repetitions
+
+Measures, on CPU with one thread (interleaved rounds, median of per-round ratios):
+1. one training step (forward, cross-entropy + KL/N, backward, Adam), default estimator, on
+   MLP 784-1200-1200-10 (batch 128), LeNet-5 (batch 64), ResNet-18 3x32x32 (batch 32);
+2. Monte Carlo prediction with 16 samples against 16 deterministic passes (a plain loop of
+   forward passes; ``dnn2bnn.predict`` too when the installed dnn2bnn has it);
+3. ResNet-18 with only ``fc`` Bayesian: 16-sample prediction against ONE deterministic pass
+   (needs ``dnn2bnn.predict``, which runs the deterministic trunk once; the plain loop is
+   shown for reference);
+4. conversion time of a ResNet-50 (median of 3);
+5. peak training memory (growth of the peak RSS of a fresh subprocess, Linux) relative to
+   deterministic.
+With bayesian-torch installed (``pip install .[bench]``), its ``dnn_to_bnn`` is timed
+side by side. Prints a table; writes benchmarks/results/bench_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import dnn2bnn  # noqa: E402
+from _common import WORKLOADS, Workload, batch, interleaved, median_ratio, table, train_step, write_json  # noqa: E402
+
+SAMPLES = 16
+KL_SCALE = 1.0 / 60_000
+TARGETS = {  # issue 8
+    "train": {"MLP 784-1200-1200-10": 1.6, "LeNet-5": 1.15, "ResNet-18 3x32x32": 1.25},
+    "mc": 1.2,
+    "last_layer": 1.3,
+    "resnet50_conversion_s": 1.0,
+    "memory": 2.5,
+}
+
+try:  # optional comparison, never required
+    from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn, get_kl_loss
+except ImportError:  # pragma: no cover - depends on the environment
+    dnn_to_bnn = get_kl_loss = None
+
+
+def bayesian_torch_model(workload: Workload) -> torch.nn.Module | None:
+    if dnn_to_bnn is None:
+        return None
+    model = workload.make()
+    dnn_to_bnn(model, {
+        "prior_mu": 0.0, "prior_sigma": 1.0, "posterior_mu_init": 0.0, "posterior_rho_init": -3.0,
+        "type": "Reparameterization", "moped_enable": False, "moped_delta": 0.5,
+    })
+    return model
+
+
+def bt_train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y) + KL_SCALE * get_kl_loss(model)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def mc_loop(model: torch.nn.Module, x: torch.Tensor, samples: int = SAMPLES) -> Callable[[], None]:
+    model.eval()
+
+    def run() -> None:
+        with torch.no_grad():
+            torch.stack([model(x).softmax(-1) for _ in range(samples)]).mean(0)
+
+    return run
+
+
+def mc_predict(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None] | None:
+    predict = getattr(dnn2bnn, "predict", None)
+    if predict is None:
+        return None
+    model.eval()
+    return lambda: predict(model, x, num_samples=SAMPLES)
+
+
+def one_pass(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    model.eval()
+
+    def run() -> None:
+        with torch.no_grad():
+            model(x)
+
+    return run
+
+
+def fmt(ratio: float | None, target: float | None = None) -> str:
+    if ratio is None:
+        return "n/a"
+    mark = "" if target is None else (" ok" if ratio <= target else " MISS")
+    return f"{ratio:.2f}x{mark}"
+
+
+def measure_memory(index: int, variant: str) -> float:
+    """Max-RSS growth (MiB) of a fresh process doing 3 train steps of one variant."""
+    # glibc keeps freed large blocks in the heap (dynamic mmap threshold), so the RSS would
+    # show the allocator's high-water mark rather than live tensors; a fixed threshold makes
+    # every large tensor its own mapping, returned on free. Same setting for every variant.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(
+        [sys.executable, __file__, "--_memory", str(index), variant],
+        capture_output=True, text=True, check=True, env=env,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _memory_child(index: int, variant: str) -> None:
+    torch.set_num_threads(1)
+    workload = WORKLOADS[index]
+    x, y = batch(workload)
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    base = _status_kib("VmRSS")
+    model = workload.make()
+    if variant == "dnn2bnn":
+        model = dnn2bnn.transform_to_bnn_model(model, inplace=True)
+    elif variant == "bayesian-torch":
+        model = bayesian_torch_model(workload)
+    step = bt_train_step(model, x, y) if variant == "bayesian-torch" else train_step(
+        model, x, y, None if variant == "deterministic" else KL_SCALE)
+    for _ in range(3):
+        step()
+    print((_status_kib("VmHWM") - base) / 1024)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds, 1 repetition")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._memory:
+        _memory_child(int(args._memory[0]), args._memory[1])
+        return
+    rounds = args.rounds or (3 if args.quick else 10)
+    reps = 1 if args.quick else 3
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    tools = ["dnn2bnn"] + (["bayesian-torch"] if dnn_to_bnn is not None else [])
+    results: dict = {"rounds": rounds, "reps": reps, "samples": SAMPLES, "targets": TARGETS}
+    rows = []
+    for index, workload in enumerate(WORKLOADS):
+        x, y = batch(workload)
+        dnn = workload.make()
+        bnn = dnn2bnn.transform_to_bnn_model(dnn)
+        bt = bayesian_torch_model(workload)
+        train = {"deterministic": train_step(dnn, x, y, None), "dnn2bnn": train_step(bnn, x, y, KL_SCALE)}
+        mc = {"deterministic": mc_loop(dnn, x), "dnn2bnn": mc_loop(bnn, x)}
+        if bt is not None:
+            train["bayesian-torch"] = bt_train_step(bt, x, y)
+            mc["bayesian-torch"] = mc_loop(bt, x)
+        predict = mc_predict(bnn, x)
+        if predict is not None:
+            mc["dnn2bnn.predict"] = predict
+        train_times = interleaved(train, rounds=rounds, reps=reps)
+        mc_times = interleaved(mc, rounds=rounds, reps=reps)
+        entry = {
+            "train": {k: median_ratio(train_times, k, "deterministic") for k in train if k != "deterministic"},
+            "mc": {k: median_ratio(mc_times, k, "deterministic") for k in mc if k != "deterministic"},
+            "train_deterministic_ms": 1e3 * statistics.median(train_times["deterministic"]),
+            "mc_deterministic_ms": 1e3 * statistics.median(mc_times["deterministic"]),
+        }
+        entry["memory_mib"] = {v: measure_memory(index, v) for v in ["deterministic", *tools]}
+        entry["memory"] = {
+            v: entry["memory_mib"][v] / entry["memory_mib"]["deterministic"] for v in tools
+        }
+        results[workload.name] = entry
+        target = TARGETS["train"][workload.name]
+        rows.append([
+            workload.name,
+            f"{entry['train_deterministic_ms']:.1f} ms",
+            fmt(entry["train"]["dnn2bnn"], target) + f" (<= {target})",
+            fmt(entry["mc"]["dnn2bnn"], TARGETS["mc"]),
+            fmt(entry["mc"].get("dnn2bnn.predict"), TARGETS["mc"]),
+            fmt(entry["memory"]["dnn2bnn"], TARGETS["memory"]),
+            *([fmt(entry["train"]["bayesian-torch"]), fmt(entry["mc"]["bayesian-torch"]),
+               fmt(entry["memory"]["bayesian-torch"])] if bt is not None else []),
+        ])
+        print(f"done: {workload.name}", file=sys.stderr, flush=True)
+
+    # 3. ResNet-18 with a Bayesian last layer: 16 samples vs ONE deterministic pass
+    workload = WORKLOADS[2]
+    x, _ = batch(workload)
+    dnn = workload.make()
+    last = dnn2bnn.transform_to_bnn_model(dnn, include="fc")
+    variants = {"deterministic x1": one_pass(dnn, x), "loop x16": mc_loop(last, x)}
+    predict = mc_predict(last, x)
+    if predict is not None:
+        variants["dnn2bnn.predict"] = predict
+    times = interleaved(variants, rounds=rounds, reps=1, warmup=1)
+    last_layer = {k: median_ratio(times, k, "deterministic x1") for k in variants if k != "deterministic x1"}
+    results["last_layer"] = last_layer
+
+    # 4. conversion time of ResNet-50
+    resnet50 = torchvision.models.resnet50()
+    conversions = []
+    for _ in range(3):
+        start = time.perf_counter()
+        dnn2bnn.transform_to_bnn_model(resnet50)
+        conversions.append(time.perf_counter() - start)
+    results["resnet50_conversion_s"] = statistics.median(conversions)
+
+    header = ["workload", "det. step", "train step", "MC x16 (loop)", "MC x16 (predict)", "peak memory"]
+    if len(tools) > 1:
+        header += ["bayesian-torch train", "bayesian-torch MC", "bayesian-torch memory"]
+    print(table(header, rows))
+    print()
+    print(table(["ResNet-18, Bayesian fc only: 16 samples vs ONE deterministic pass", "ratio"], [
+        ["plain loop of 16 passes (reference)", fmt(last_layer["loop x16"])],
+        ["dnn2bnn.predict", fmt(last_layer.get("dnn2bnn.predict"), TARGETS["last_layer"])],
+    ]))
+    print(f"\nResNet-50 conversion: {results['resnet50_conversion_s']:.3f} s (target < 1 s)")
+    path = write_json("bench_speed", results)
+    print(f"JSON: {path}")
+
+
+if __name__ == "__main__":
+    main()

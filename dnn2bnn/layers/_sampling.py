@@ -1,0 +1,118 @@
+"""Weight sampling and the closed-form KL with hand-written gradients.
+
+Autograd through ``mu + softplus(rho) * eps`` keeps ``rho``, ``sigma`` and ``eps`` alive and
+computes softplus again for the KL. Here:
+
+* ``sigma = softplus(rho)`` is computed once per optimizer step and cached (detached, keyed
+  by the version counter of ``rho``, so any in-place update or ``load_state_dict``
+  invalidates it); repeated Monte Carlo passes in inference never recompute it. In
+  training the KL's backward, the last use before the optimizer changes ``rho``, drops it.
+* :class:`GaussianSample` returns ``mu + sigma * eps`` and allocates nothing for its
+  backward (see there); ``grad_mu = g``, ``grad_rho = g * eps * sigmoid(rho)``.
+* :class:`NormalKL` returns the summed closed-form KL with reductions (dot products) instead
+  of elementwise temporaries, and its gradient in closed form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["GaussianSample", "NormalKL", "cached_sigma", "sample"]
+
+
+def cached_sigma(cache: dict[str, tuple[int, int, Tensor]], name: str, rho: Tensor) -> Tensor:
+    """``softplus(rho)``, detached, recomputed only when ``rho`` changed since the last call."""
+    if torch.compiler.is_compiling():  # torch.export/compile: fake tensors have no storage
+        return F.softplus(rho).detach()  # (no no_grad block: it would export as a submodule)
+    key = (rho._version, rho.data_ptr())
+    entry = cache.get(name)
+    if entry is not None and entry[:2] == key and entry[2].shape == rho.shape:
+        return entry[2]
+    with torch.no_grad():
+        sigma = F.softplus(rho)
+    cache[name] = (*key, sigma)
+    return sigma
+
+
+class GaussianSample(torch.autograd.Function):
+    """``mu + sigma * eps`` with ``eps ~ N(0, 1)``; ``sigma = softplus(rho)`` precomputed.
+
+    Saves nothing new: the sample itself (which the layer's op keeps for its own backward
+    anyway), ``mu`` and ``rho`` (parameters) and ``sigma`` (cached). Backward recovers
+    ``eps = (w - mu) / sigma`` (the noise actually applied, after rounding) and returns
+    ``grad_mu = g``, ``grad_rho = g * eps * sigmoid(rho)``.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(mu: Tensor, rho: Tensor, sigma: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.addcmul(mu, sigma, torch.randn_like(mu))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        mu, rho, sigma = inputs
+        ctx.save_for_backward(mu, rho, sigma, output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        mu, rho, sigma, weight = ctx.saved_tensors
+        grad_rho = None
+        if ctx.needs_input_grad[1]:
+            grad_rho = torch.sub(weight, mu).div_(sigma).mul_(torch.sigmoid(rho)).mul_(grad)
+        return (grad if ctx.needs_input_grad[0] else None), grad_rho, None
+
+
+def sample(mu: Tensor, rho: Tensor, sigma: Tensor) -> Tensor:
+    """One reparameterized sample; the cheapest path when no gradient is needed."""
+    if torch.is_grad_enabled() and (mu.requires_grad or rho.requires_grad):
+        return GaussianSample.apply(mu, rho, sigma)
+    return torch.randn_like(mu).mul_(sigma).add_(mu)
+
+
+class NormalKL(torch.autograd.Function):
+    """Summed ``KL(N(mu, softplus(rho)^2) || N(prior_mu, prior_sigma^2))``, scalar prior sigma.
+
+    Computed in float32 or wider. Gradients: ``(mu - prior_mu) / prior_sigma^2`` and
+    ``(sigma / prior_sigma^2 - 1 / sigma) * sigmoid(rho)``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        mu: Tensor,
+        rho: Tensor,
+        sigma: Tensor,
+        prior_mu: Tensor,
+        prior_sigma: Tensor,
+        release: Callable[[], None] | None = None,
+    ) -> Tensor:
+        dtype = torch.promote_types(mu.dtype, torch.float32)
+        m, s = mu.to(dtype).flatten(), sigma.to(dtype).flatten()
+        ps = prior_sigma.to(dtype).reshape(())
+        diff = m - prior_mu.to(dtype).flatten()  # broadcasts a scalar prior mean
+        # 0.5 * sum(s^2 + d^2) / ps^2 - sum(log s) + n * (log ps - 1/2), with reductions only
+        kl = (torch.dot(s, s) + torch.dot(diff, diff)) / (2 * ps * ps) - torch.log(s).sum()
+        kl = kl + m.numel() * (torch.log(ps) - 0.5)
+        ctx.save_for_backward(mu, rho, sigma, prior_mu, prior_sigma)
+        ctx.release = release
+        return kl
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        mu, rho, sigma, prior_mu, prior_sigma = ctx.saved_tensors
+        inv_var = (grad / (prior_sigma * prior_sigma)).to(rho.dtype)
+        grad_mu = grad_rho = None
+        if ctx.needs_input_grad[0]:
+            grad_mu = torch.sub(mu, prior_mu).mul_(inv_var)
+        if ctx.needs_input_grad[1]:
+            grad_rho = sigma.reciprocal().mul_(-grad.to(rho.dtype)).add_(sigma * inv_var)
+            grad_rho.mul_(torch.sigmoid(rho))
+        if ctx.release is not None:
+            ctx.release()  # rho changes at the next optimizer step: do not hold sigma meanwhile
+        return grad_mu, grad_rho, None, None, None, None

@@ -1,0 +1,78 @@
+"""The hand-written gradients of the weight sample and the KL equal autograd's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dnn2bnn import BayesLinear, EmpiricalPrior, NormalPrior
+from dnn2bnn.layers._sampling import GaussianSample, NormalKL, cached_sigma
+from dnn2bnn.priors import kl_normal
+
+
+def _params():
+    mu = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    rho = (torch.randn(7, 5, dtype=torch.float64) - 2).requires_grad_()
+    return mu, rho
+
+
+def test_sample_gradient_equals_autograd_of_the_formula():
+    mu, rho = _params()
+    sigma = torch.nn.functional.softplus(rho).detach()
+    torch.manual_seed(3)
+    weight = GaussianSample.apply(mu, rho, sigma)
+    torch.manual_seed(3)
+    eps = torch.randn_like(mu)
+    g = torch.randn_like(weight)
+    grads = torch.autograd.grad(weight, (mu, rho), g)
+    reference = mu + torch.nn.functional.softplus(rho) * eps
+    torch.testing.assert_close(weight, reference)
+    for got, want in zip(grads, torch.autograd.grad(reference, (mu, rho), g)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("prior_mu", [0.0, 0.3, "tensor"])
+def test_fused_normal_kl_value_and_gradient_equal_the_reference(prior_mu):
+    mu, rho = _params()
+    pm = torch.randn(7, 5, dtype=torch.float64) if prior_mu == "tensor" else torch.tensor(prior_mu, dtype=torch.float64)
+    ps = torch.tensor(0.4, dtype=torch.float64)
+    sigma = torch.nn.functional.softplus(rho).detach()
+    fused = NormalKL.apply(mu, rho, sigma, pm, ps)
+    reference = kl_normal(mu, torch.nn.functional.softplus(rho), pm, ps)
+    torch.testing.assert_close(fused, reference)
+    for got, want in zip(torch.autograd.grad(3 * fused, (mu, rho)), torch.autograd.grad(3 * reference, (mu, rho))):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("prior", [NormalPrior(0.1, 0.5), EmpiricalPrior(0.2)], ids=str)
+def test_layer_kl_gradient_equals_the_unfused_reference(prior):
+    layer = BayesLinear(6, 3, prior=prior, posterior_sigma_init=0.1, dtype=torch.float64)
+    layer.kl().backward()
+    got = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    total = sum(
+        kl_normal(getattr(layer, n + "_mu"), layer.posterior_sigma(n), getattr(layer, n + "_prior_mu"),
+                  getattr(layer, n + "_prior_sigma"))
+        for n in ("weight", "bias")
+    )
+    total.backward()
+    for g, p in zip(got, layer.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_sigma_cache_follows_every_change_of_rho():
+    layer = BayesLinear(4, 2, posterior_sigma_init=0.1)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
+    layer(torch.ones(3, 4)).sum().backward()
+    optimizer.step()  # in-place update of rho
+    torch.testing.assert_close(layer._sigma("weight", layer.weight_rho), layer.posterior_sigma().detach())
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["weight_rho"].fill_(-1.0)
+    layer.load_state_dict(state)
+    torch.testing.assert_close(layer._sigma("weight", layer.weight_rho), layer.posterior_sigma().detach())
+    cache = {}
+    rho = torch.zeros(3)
+    first = cached_sigma(cache, "w", rho)
+    assert cached_sigma(cache, "w", rho) is first
+    rho.add_(1.0)
+    torch.testing.assert_close(cached_sigma(cache, "w", rho), torch.nn.functional.softplus(rho))
