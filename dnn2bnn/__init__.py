@@ -7,6 +7,7 @@ Example:
     >>> loss_fn = dnn2bnn.WithBNNLoss.elbo(bnn, torch.nn.CrossEntropyLoss(), num_train_examples=100)
 """
 
+from dnn2bnn import distributed
 from dnn2bnn._version import __version__
 from dnn2bnn.checkpoint import load_bnn, save_bnn
 from dnn2bnn.config import BayesConfig, BayesConfigMapping, Estimator
@@ -61,6 +62,7 @@ __all__ = [
     "WithBNNLoss",
     "__version__",
     "default_mapping",
+    "distributed",
     "get_mode",
     "is_bayesian_layer",
     "kl_divergence",

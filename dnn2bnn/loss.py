@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from dnn2bnn.distributed import _gather_kl
 from dnn2bnn.layers._base import is_bayesian_layer
 
 __all__ = ["WithBNNLoss", "kl_divergence"]
@@ -18,14 +19,16 @@ def kl_divergence(model: nn.Module) -> Tensor:
     """``KL(q || p)`` summed over every Bayesian layer of ``model``.
 
     Each layer's ``kl()`` covers its own parameters only, so nested layers are counted once.
-    Returns a float32 (or wider) scalar; zero when the model has no Bayesian layer.
+    Returns a float32 (or wider) scalar; zero when the model has no Bayesian layer. Layers
+    sharded by FSDP2 (``fully_shard``) give partial sums over their shards, which are added
+    up across ranks here (a collective: every rank must call it, as in a training step).
 
     Example:
         >>> bnn = dnn2bnn.transform_to_bnn_model(torch.nn.Linear(3, 2))
         >>> kl_divergence(bnn).item() > 0
         True
     """
-    terms = [m.kl() for m in model.modules() if is_bayesian_layer(m)]
+    terms = [_gather_kl(m.kl()) for m in model.modules() if is_bayesian_layer(m)]
     if not terms:
         param = next(model.parameters(), None)
         device = param.device if param is not None else None
@@ -101,6 +104,8 @@ class WithBNNLoss(nn.Module):
         """The per-example negative ELBO: ``loss_fn(...) + KL / num_train_examples``.
 
         ``loss_fn`` should average over the batch (the default reduction of torch losses).
+        Under DDP/FSDP, ``num_train_examples`` is the size of the whole training set, not of
+        one rank's shard (see ``docs/distributed.md``).
         """
         if isinstance(num_train_examples, bool) or not isinstance(num_train_examples, int):
             raise TypeError(

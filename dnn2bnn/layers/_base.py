@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from dnn2bnn.config import OPTION_NAMES, BayesConfig, Estimator
 from dnn2bnn.errors import ConversionWarning
 from dnn2bnn.layers import _estimators
-from dnn2bnn.layers._sampling import NormalKL, cached_sigma, sample as _sample
+from dnn2bnn.layers._sampling import NormalKL, cached_sigma, softplus32
+from dnn2bnn.layers._sampling import sample as _sample
 from dnn2bnn.priors import Prior
 
 __all__ = [
@@ -213,9 +214,9 @@ class BayesianLayer(nn.Module):
 
     # ------------------------------------------------------------------ the posterior
     def posterior_sigma(self, name: str = "weight") -> Tensor | None:
-        """``softplus(rho)`` of the named Bayesian parameter (``None`` if it is absent)."""
+        """``softplus(rho)`` of the named Bayesian parameter (``None`` if absent), in float32+."""
         rho = self._parameters[name + "_rho"]
-        return None if rho is None else F.softplus(rho)
+        return None if rho is None else softplus32(rho)
 
     def _draw(self, name: str) -> Tensor | None:
         params = self.__dict__["_parameters"]
@@ -231,7 +232,9 @@ class BayesianLayer(nn.Module):
         if cache is not None and name in cache:
             return cache[name]
         rho = params[name + "_rho"]
-        sample = _sample(mu, rho, self._sigma(name, rho))
+        # sigma is float32+ (see softplus32); the sample goes back to the parameter dtype so
+        # the parent's forward sees weights of the dtype it was built with.
+        sample = _sample(mu, rho, self._sigma(name, rho)).to(mu.dtype)
         if cache is not None:
             cache[name] = sample
         self._keep_for_kl(name, sample)
@@ -284,7 +287,7 @@ class BayesianLayer(nn.Module):
                 release = functools.partial(self._sigma_cache.pop, name, None)
                 term = NormalKL.apply(mu, rho, sigma, buffers["mu"], buffers["sigma"], release)
             else:
-                sigma = F.softplus(rho)
+                sigma = softplus32(rho)
                 sample = None
                 if self.prior.needs_sample:
                     sample = self._kl_samples.pop(name, None)

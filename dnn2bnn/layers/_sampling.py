@@ -22,19 +22,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GaussianSample", "NormalKL", "cached_sigma", "sample"]
+__all__ = ["GaussianSample", "NormalKL", "cached_sigma", "sample", "softplus32"]
+
+
+def softplus32(rho: Tensor) -> Tensor:
+    """``softplus(rho)`` computed in float32 (or wider) whatever the dtype of ``rho``.
+
+    Keeps sigma from underflowing to 0 (and the KL's ``log(sigma)`` from becoming -inf) in
+    float16/bfloat16 models and under autocast. A no-op cast for float32 parameters.
+    """
+    return F.softplus(rho.to(torch.promote_types(rho.dtype, torch.float32)))
 
 
 def cached_sigma(cache: dict[str, tuple[int, int, Tensor]], name: str, rho: Tensor) -> Tensor:
-    """``softplus(rho)``, detached, recomputed only when ``rho`` changed since the last call."""
-    if torch.compiler.is_compiling():  # torch.export/compile: fake tensors have no storage
-        return F.softplus(rho).detach()  # (no no_grad block: it would export as a submodule)
+    """``softplus(rho)``, detached, recomputed only when ``rho`` changed since the last call.
+
+    Under torch.compile the cache is bypassed: dynamo cannot trace the version/pointer check,
+    and the compiled graph fuses softplus into the sampling kernel anyway.
+    """
+    if torch.compiler.is_compiling():
+        # detach, not no_grad: torch.export turns a no_grad block into a submodule call
+        return softplus32(rho).detach()
     key = (rho._version, rho.data_ptr())
     entry = cache.get(name)
     if entry is not None and entry[:2] == key and entry[2].shape == rho.shape:
         return entry[2]
     with torch.no_grad():
-        sigma = F.softplus(rho)
+        sigma = softplus32(rho)
     cache[name] = (*key, sigma)
     return sigma
 
