@@ -3,6 +3,7 @@ converted with one call; both trained with the KL-aware loss.
 
     python examples/bayesian_lenet.py                 # scikit-learn's bundled digits
     python examples/bayesian_lenet.py --mnist PATH    # the MNIST gzip pickle (mnist.pkl.gz)
+    python examples/bayesian_lenet.py --quick         # a few seconds: 1 epoch on 512 images (CI)
 """
 
 from __future__ import annotations
@@ -103,10 +104,14 @@ def main() -> None:
     parser.add_argument("--mnist", metavar="PATH", help="MNIST gzip pickle instead of scikit-learn digits")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per stage (default 10 digits, 2 MNIST)")
     parser.add_argument("--samples", type=int, default=8, help="Monte Carlo samples for accuracy")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 epoch, 512 training images, 2 samples")
     args = parser.parse_args()
     torch.manual_seed(0)
     start = time.perf_counter()
     train_set, val_set = load_data(args.mnist)
+    if args.quick:
+        train_set, val_set = _head(train_set, 512), _head(val_set, 256)
+        args.epochs, args.samples = 1, 2
     epochs = args.epochs or (2 if args.mnist else 10)
     n = len(train_set)
     print(f"data: {n} training / {len(val_set)} validation images ({'MNIST' if args.mnist else 'sklearn digits'})")
@@ -129,6 +134,10 @@ def main() -> None:
     print("fine-tuning the BNN with WithBNNLoss (bnn_factor = 1/N):")
     train(bnn, WithBNNLoss.elbo(bnn, nn.CrossEntropyLoss(), num_train_examples=n), train_set, val_set, max(1, epochs // 2), 1e-3, args.samples)
     print(f"\ndone in {time.perf_counter() - start:.1f}s")
+
+
+def _head(data: TensorDataset, n: int) -> TensorDataset:
+    return TensorDataset(*(t[:n] for t in data.tensors))
 
 
 class _PlainLoss(nn.Module):

@@ -2,6 +2,7 @@
 
     python examples/cli_roundtrip.py            # works in a temporary folder
     python examples/cli_roundtrip.py --keep DIR # leaves the files in DIR
+    (--quick is accepted and changes nothing: the script always takes a few seconds)
 
 Steps: (1) save a trained model's state_dict as most training scripts do; (2) run
 ``dnn2bnn convert`` on it, naming the architecture by import path; (3) ``dnn2bnn inspect``
@@ -103,6 +104,7 @@ def main(folder: Path) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=Path, help="write the files to this folder and keep them")
+    parser.add_argument("--quick", action="store_true", help="accepted for the test suite; the script is always quick")
     args = parser.parse_args()
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)

@@ -90,6 +90,8 @@ def test_convert_resnet18_state_dict(tmp_path):
     assert len(converted) == 16 and len(summary["skipped"]) == 5
     bnn = dnn2bnn.load_bnn(tmp_path / "bnn.safetensors").eval()
     assert bnn.fc.prior.sigma == 0.1
+    dnn2bnn.save_bnn(bnn, tmp_path / "copy.pt")  # remembers torchvision:resnet18
+    bnn = dnn2bnn.load_bnn(tmp_path / "copy.pt").eval()
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(_mean(bnn, x), dnn(x), rtol=0, atol=0)
 

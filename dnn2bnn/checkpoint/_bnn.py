@@ -25,6 +25,8 @@ __all__ = ["FORMAT_VERSION", "bnn_metadata", "load_bnn", "save_bnn", "to_dnn_mod
 
 #: Version of the metadata layout; a file with a higher version is refused.
 FORMAT_VERSION = 1
+#: Instance attribute in which load_bnn remembers the architecture it rebuilt.
+ARCH_ATTR = "_dnn2bnn_arch"
 
 
 def save_bnn(
@@ -51,7 +53,8 @@ def save_bnn(
         path: ``.safetensors``, ``.pt`` or ``.pt2`` file; an existing file is refused unless
             ``force=True``.
         arch: how to rebuild the deterministic model: ``"torchvision:resnet18"``,
-            ``"timm:NAME"`` or ``"package.module:callable"``. Default: the model's own class,
+            ``"timm:NAME"`` or ``"package.module:callable"``. Default: the architecture a
+            model returned by :func:`load_bnn` was built from, else the model's own class
             called with ``arch_kwargs``.
         arch_kwargs: keyword arguments of the architecture call (JSON-serialisable).
         example_inputs: for ``.pt2``: a tensor or tuple of positional inputs to export with
@@ -80,6 +83,9 @@ def save_bnn(
             f"{type(model).__name__} was rebuilt from a torch.export archive and has no Python "
             "architecture to record; save it as .pt2"
         )
+    remembered = model.__dict__.get(ARCH_ATTR)
+    if arch is None and remembered is not None:
+        arch, arch_kwargs = remembered["spec"], remembered["kwargs"]
     if suffix == ".pt2":
         spec = arch
     else:
@@ -148,6 +154,8 @@ def load_bnn(path: str | Path) -> nn.Module:
     model.load_state_dict(
         match_state(model, checkpoint.state or {}, source=str(path), target=target)
     )
+    # so that save_bnn(model, ...) records the same architecture again without arch=
+    model.__dict__[ARCH_ATTR] = {"spec": arch["spec"], "kwargs": arch.get("kwargs") or {}}
     return model
 
 

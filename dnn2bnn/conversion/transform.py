@@ -113,9 +113,13 @@ def transform_to_bnn_layer(
         bnn_layer_type: the Bayesian type to convert into; default: the built-in one.
             A user-written class works if it follows the layer protocol: a classmethod
             ``from_dnn(module, **options)`` returning the new module, and ``kl()``.
-        include, exclude, inplace, strict, config, bayes_options: as in
-            :func:`transform_to_bnn_model` (``config`` only with built-in Bayesian types;
-            a user-written class receives ``bayes_options`` as they are).
+        include: as in :func:`transform_to_bnn_model`.
+        exclude: as in :func:`transform_to_bnn_model`.
+        inplace: as in :func:`transform_to_bnn_model`.
+        strict: as in :func:`transform_to_bnn_model`.
+        config: as in :func:`transform_to_bnn_model`; only with built-in Bayesian types.
+        **bayes_options: as in :func:`transform_to_bnn_model`; a user-written class receives
+            them as they are.
 
     Example:
         >>> dnn = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2))

@@ -241,7 +241,14 @@ class BayesianLayer(nn.Module):
         return sample
 
     def _sigma(self, name: str, rho: Tensor) -> Tensor:
-        """``softplus(rho)`` detached, computed once per change of ``rho`` (see ``_sampling``)."""
+        """``softplus(rho)`` detached, computed once per change of ``rho`` (see ``_sampling``).
+
+        Not cached on FSDP2-sharded layers: FSDP2 refills the unsharded parameters in place
+        without changing their version counter, so a cached sigma would go stale.
+        """
+        if _FSDPModule is not None and isinstance(self, _FSDPModule):
+            with torch.no_grad():
+                return softplus32(rho)
         return cached_sigma(self._sigma_cache, name, rho)
 
     def _keep_for_kl(self, name: str, sample: Tensor) -> None:
@@ -281,7 +288,8 @@ class BayesianLayer(nn.Module):
             rho = self._parameters[name + "_rho"]
             prefix = name + "_prior_"
             buffers = {k[len(prefix) :]: v for k, v in self._buffers.items() if k.startswith(prefix)}
-            if not self.prior.needs_sample and buffers["sigma"].numel() == 1:
+            fused = type(mu) in (Tensor, nn.Parameter)  # not e.g. an FSDP2-sharded DTensor
+            if fused and not self.prior.needs_sample and buffers["sigma"].numel() == 1:
                 # Normal / empirical prior: fused closed form with a hand-written gradient
                 sigma = self._sigma(name, rho)
                 release = functools.partial(self._sigma_cache.pop, name, None)
@@ -376,6 +384,12 @@ def check_convertible(base: type[BayesianLayer], module: nn.Module) -> None:
                 f"{type(module).__qualname__}.{name} is uninitialized (a lazy module); run "
                 "one forward pass before converting"
             )
+
+
+try:  # FSDP2's module marker; absent on builds without torch.distributed
+    from torch.distributed.fsdp import FSDPModule as _FSDPModule
+except ImportError:  # pragma: no cover
+    _FSDPModule = None
 
 
 def _bayes_property(name: str) -> property:

@@ -50,5 +50,5 @@ class BayesConv3d(_BayesConvNd, nn.Conv3d):
     dnn_type = nn.Conv3d
 
 
-#: MindSpore-compatible name of :class:`BayesConv2d`.
 ConvReparam = BayesConv2d
+"""MindSpore-compatible name of :class:`BayesConv2d` (the same class)."""

@@ -36,5 +36,5 @@ class BayesLinear(BayesianLayer, nn.Linear):
         return tuple(input.shape), (*input.shape[:-1], self.out_features)
 
 
-#: MindSpore-compatible name of :class:`BayesLinear`.
 DenseReparam = BayesLinear
+"""MindSpore-compatible name of :class:`BayesLinear` (the same class)."""
