@@ -16,6 +16,7 @@ from dnn2bnn.conversion import (
     ConvertedModule,
     SkippedModule,
     default_mapping,
+    to_dnn,
     transform_to_bnn_layer,
     transform_to_bnn_model,
 )
@@ -34,7 +35,14 @@ from dnn2bnn.layers import (
 from dnn2bnn.loss import WithBNNLoss, kl_divergence
 from dnn2bnn.mindspore import TransformToBNN
 from dnn2bnn.modes import get_mode, set_estimator, set_mode
+from dnn2bnn.prediction import (
+    ClassificationPrediction,
+    PredictionWarning,
+    RegressionPrediction,
+    predict,
+)
 from dnn2bnn.priors import EmpiricalPrior, NormalPrior, ScaleMixturePrior
+from dnn2bnn import metrics, plots  # noqa: E402  (submodules: dnn2bnn.metrics.ece, ...)
 
 __all__ = [
     "BayesConfig",
@@ -46,6 +54,7 @@ __all__ = [
     "BayesMode",
     "BayesianLayer",
     "CheckpointError",
+    "ClassificationPrediction",
     "ConversionError",
     "ConversionReport",
     "ConversionWarning",
@@ -56,6 +65,8 @@ __all__ = [
     "EmpiricalPrior",
     "Estimator",
     "NormalPrior",
+    "PredictionWarning",
+    "RegressionPrediction",
     "ScaleMixturePrior",
     "SkippedModule",
     "TransformToBNN",
@@ -68,8 +79,12 @@ __all__ = [
     "kl_divergence",
     "load_bnn",
     "save_bnn",
+    "metrics",
+    "plots",
+    "predict",
     "set_estimator",
     "set_mode",
+    "to_dnn",
     "transform_to_bnn_layer",
     "transform_to_bnn_model",
 ]

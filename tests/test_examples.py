@@ -48,6 +48,17 @@ def _check_torchvision(out: str, tmp_path: Path) -> None:
     assert mi_test == 0.0  # a deterministic network has no epistemic uncertainty
 
 
+def _check_uncertainty(out: str, tmp_path: Path) -> None:
+    assert "method='vectorized'" in out
+    for heading in ("accuracy", "NLL", "ECE", "OOD AUROC", "BNN mutual information"):
+        assert heading in out
+    row = next(line for line in out.splitlines() if line.startswith("BNN (MC predictive)"))
+    accuracy, nll, ece = (float(v) for v in row.split()[3:6])
+    assert 0 <= accuracy <= 1 and nll > 0 and 0 <= ece <= 1
+    for name in ("reliability_diagram.png", "uncertainty_histogram.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
 def _check_ddp(out: str, tmp_path: Path) -> None:
     assert "2 rank(s) on cpu" in out
     assert out.count("BNN epoch  1") == 1  # metrics come from rank 0 only
@@ -91,7 +102,12 @@ EXAMPLES = [
     Example("bayesian_lenet.py", check=_check_lenet),
     Example("convert_torchvision.py", check=_check_torchvision),
     Example("cli_roundtrip.py", check=_check_cli, author="issue 6 (command line)"),
-    Example("uncertainty_digits.py", author="issue 5 (prediction)"),
+    Example(
+        "uncertainty_digits.py",
+        quick_args=("--quick", "--out", "{tmp}"),
+        check=_check_uncertainty,
+        author="issue 5 (prediction)",
+    ),
     Example(
         "ddp_train.py",
         quick_args=("--quick", "--checkpoint", "{tmp}/bnn.pt"),

@@ -1,0 +1,12 @@
+"""Monte Carlo prediction with uncertainty: :func:`predict` and its result types."""
+
+from dnn2bnn.prediction.predict import PredictionWarning, Task, predict
+from dnn2bnn.prediction.results import ClassificationPrediction, RegressionPrediction
+
+__all__ = [
+    "ClassificationPrediction",
+    "PredictionWarning",
+    "RegressionPrediction",
+    "Task",
+    "predict",
+]

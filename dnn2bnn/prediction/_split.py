@@ -1,0 +1,200 @@
+"""Run a model for ``S`` posterior samples at once, split by its torch.fx graph.
+
+The graph is traced with every stochastic module (a Bayesian layer in "sample" mode, or a
+module containing one) as a leaf. Nodes that do not depend on a stochastic module form the
+deterministic part: they run ONCE at batch ``B``. The rest runs on a folded batch of
+``B * S`` rows (see :mod:`dnn2bnn.prediction._vectorized`): a value crossing from the
+deterministic part is repeated ``S`` times, Bayesian layers apply ``S`` weight draws in one
+batched call, and every other operation simply sees a bigger batch. A network whose last
+layer alone is Bayesian thus costs about one deterministic pass for any ``S``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.fx.node import Argument, map_aggregate, map_arg
+
+from dnn2bnn.layers._base import BayesianLayer, BayesMode, is_bayesian_layer
+from dnn2bnn.prediction._vectorized import (
+    FoldError,
+    WeightDraws,
+    is_stochastic,
+    per_draw_call,
+    vectorizable,
+)
+
+__all__ = ["SplitPlan", "plan_split"]
+
+
+class _Tracer(fx.Tracer):
+    """Bayesian layers are leaves (besides torch.nn's own leaf modules)."""
+
+    def __init__(self, bayesian: set[int]) -> None:
+        super().__init__()
+        self._bayesian = bayesian
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return id(m) in self._bayesian or super().is_leaf_module(m, module_qualified_name)
+
+
+@contextmanager
+def _means_for_tracing(model: nn.Module) -> Iterator[list[BayesianLayer]]:
+    """Layers in "mean" mode return their ``weight_mu`` *parameter*, which fx records as a
+    ``get_attr`` node: that is how a functional read of a Bayesian weight is found."""
+    layers = [m for m in model.modules() if isinstance(m, BayesianLayer)]
+    previous = [m.bayes_mode for m in layers]
+    for m in layers:
+        m.__dict__["bayes_mode"] = BayesMode.MEAN
+    try:
+        yield [m for m, mode in zip(layers, previous) if mode != BayesMode.MEAN]
+    finally:
+        for m, mode in zip(layers, previous):
+            m.__dict__["bayes_mode"] = mode
+
+
+@dataclass
+class SplitPlan:
+    """A traced model and which of its nodes depend on a posterior sample."""
+
+    #: The traced model (run by an interpreter over ``graph``; no code is generated).
+    module: nn.Module
+    graph: fx.Graph
+    stochastic: set[fx.Node]
+    #: Nodes whose value depends on the model input (only those carry a batch dimension).
+    batched: set[fx.Node]
+    #: Qualified names of the stochastic modules applied with batched weight draws.
+    vectorized: list[str]
+    #: Qualified names of stochastic modules called once per draw (not batchable).
+    per_draw: list[str]
+    #: ids of vectorizable Linear layers called once per forward (local reparameterization).
+    single_use: frozenset[int] = frozenset()
+
+    def run(self, x: Tensor, draws: WeightDraws) -> Any:
+        """The model output for ``S`` draws, every tensor shaped ``[S, B, ...]``."""
+        draws.new_pass()
+        draws.local = self.single_use
+        out = _FoldedInterpreter(self, draws, x.shape[0]).run(x)
+        return _unfold(out, x.shape[0], draws.num_samples)
+
+
+def plan_split(model: nn.Module) -> SplitPlan | str:
+    """Trace ``model`` and find its stochastic part; a reason string if that is impossible."""
+    if is_bayesian_layer(model):  # a single layer: trace a container so it stays a leaf
+        model = nn.Sequential(model)
+    # Computed before tracing, which switches the layers to "mean" mode.
+    stochastic_modules = {id(m) for m in model.modules() if is_stochastic(m)}
+    bayesian = {id(m) for m in model.modules() if is_bayesian_layer(m)}
+    with _means_for_tracing(model) as sampling:
+        try:
+            graph = _Tracer(bayesian).trace(model)
+        except Exception as exc:  # any failure: the caller falls back to the loop
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            kind = type(exc).__name__
+            return f"torch.fx could not trace {type(model).__name__} ({kind}: {first})"
+    names = {id(m): name for name, m in model.named_modules()}
+    owners = {id(m) for m in sampling}
+    modules = dict(model.named_modules())
+    stochastic: set[fx.Node] = set()
+    batched: set[fx.Node] = set()
+    vectorized: list[str] = []
+    per_draw: list[str] = []
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            owner = modules.get(str(node.target).rpartition(".")[0])
+            if owner is not None and id(owner) in owners:
+                return (
+                    f"{node.target} (a Bayesian parameter) is read outside its layer's forward; "
+                    f"its samples cannot be batched"
+                )
+        if node.op == "placeholder" or any(a in batched for a in node.all_input_nodes):
+            batched.add(node)
+        if node.op == "call_module" and id(modules[node.target]) in stochastic_modules:
+            target = modules[node.target]
+            if not node.all_input_nodes or not all(a in batched for a in node.all_input_nodes):
+                return (
+                    f"{node.target} (stochastic) is applied to a value that does not depend on "
+                    "the input, so it has no batch dimension to fold the samples into"
+                )
+            stochastic.add(node)
+            (vectorized if vectorizable(target) else per_draw).append(names[id(target)])
+        elif any(a in stochastic for a in node.all_input_nodes) or node.op == "output":
+            stochastic.add(node)
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    single_use = frozenset(
+        id(m) for name, m in modules.items()
+        if calls[name] == 1 and vectorizable(m) and isinstance(m, nn.Linear)
+        and sum(1 for other in modules.values() if other is m) == 1
+    )
+    return SplitPlan(
+        model, graph, stochastic, batched, sorted(set(vectorized)), sorted(set(per_draw)),
+        single_use,
+    )
+
+
+class _FoldedInterpreter(fx.Interpreter):
+    def __init__(self, plan: SplitPlan, draws: WeightDraws, batch: int) -> None:
+        super().__init__(plan.module, graph=plan.graph)
+        self.plan = plan
+        self.draws = draws
+        self.batch = batch
+        self._folded: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n not in self.plan.stochastic:
+            return super().run_node(n)
+        with self._set_current_node(n):
+            args = map_arg(n.args, self._fetch_folded)
+            kwargs = map_arg(n.kwargs, self._fetch_folded)
+            if n.op == "call_module":
+                module = self.fetch_attr(str(n.target))
+                if vectorizable(module) and not kwargs and len(args) == 1:
+                    return self.draws.apply(module, args[0])
+                if is_stochastic(module):
+                    return per_draw_call(module, tuple(args), dict(kwargs), self.draws)
+            return getattr(self, n.op)(n.target, args, kwargs)
+
+    def _fetch_folded(self, node: fx.Node) -> Argument:
+        if node in self.plan.stochastic:
+            return self.env[node]
+        if node not in self._folded:
+            value = self.env[node]
+            self._folded[node] = self._repeat(value) if node in self.plan.batched else value
+        return self._folded[node]
+
+    def _repeat(self, value: Any) -> Any:
+        b, s = self.batch, self.draws.num_samples
+
+        def repeat(v: Any) -> Any:
+            if isinstance(v, Tensor):
+                if v.dim() == 0:
+                    return v
+                if v.shape[0] != b:
+                    raise FoldError(f"a batched value of shape {tuple(v.shape)} has no batch dim 0")
+                return v.unsqueeze(1).expand(b, s, *v.shape[1:]).reshape(b * s, *v.shape[1:])
+            if isinstance(v, int) and not isinstance(v, bool) and v == b:
+                # Most likely the batch size, read before the first Bayesian layer.
+                raise FoldError(f"the batch size ({b}) is used as a number in the stochastic part")
+            return v
+
+        return map_aggregate(value, repeat)
+
+
+def _unfold(value: Any, b: int, s: int) -> Any:
+    if isinstance(value, Tensor):
+        if value.dim() == 0 or value.shape[0] != b * s:
+            raise FoldError(f"an output of shape {tuple(value.shape)} is not a folded batch")
+        return value.reshape(b, s, *value.shape[1:]).transpose(0, 1)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_unfold(v, b, s) for v in value)
+    if isinstance(value, dict):
+        return {k: _unfold(v, b, s) for k, v in value.items()}
+    if isinstance(value, torch.distributions.Normal):
+        return torch.distributions.Normal(_unfold(value.loc, b, s), _unfold(value.scale, b, s))
+    raise FoldError(f"cannot read a model output of type {type(value).__name__}")

@@ -1,0 +1,344 @@
+"""dnn2bnn.predict: uncertainty decomposition by hand, vectorized path against the plain loop."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import dnn2bnn
+from dnn2bnn import ClassificationPrediction, PredictionWarning, RegressionPrediction
+from dnn2bnn.prediction._split import plan_split
+from dnn2bnn.prediction._vectorized import WeightDraws
+
+from tests.conftest import mlp
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: a second thread only adds contention on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- hand-computed results
+def test_classification_decomposition_by_hand():
+    # Two samples, probabilities (0.8, 0.2) and (0.2, 0.8): the mean is (0.5, 0.5).
+    logits = torch.log(torch.tensor([[[0.8, 0.2]], [[0.2, 0.8]]]))
+    pred = ClassificationPrediction.from_logits(logits, keep_samples=True)
+    h = -(0.8 * math.log(0.8) + 0.2 * math.log(0.2))
+    assert pred.probs[0].tolist() == pytest.approx([0.5, 0.5])
+    assert pred.predictive_entropy.item() == pytest.approx(math.log(2))
+    assert pred.expected_entropy.item() == pytest.approx(h)
+    assert pred.mutual_information.item() == pytest.approx(math.log(2) - h)
+    assert pred.variance[0].tolist() == pytest.approx([0.18, 0.18])  # unbiased, S=2
+    assert pred.samples.shape == (2, 1, 2) and pred.num_samples == 2
+
+
+def test_agreeing_samples_have_no_epistemic_uncertainty():
+    logits = torch.tensor([[3.0, 0.0, -1.0]]).expand(4, 1, 3)
+    pred = ClassificationPrediction.from_logits(logits)
+    assert pred.mutual_information.item() == pytest.approx(0.0, abs=1e-6)
+    assert pred.expected_entropy.item() == pytest.approx(pred.predictive_entropy.item())
+    assert pred.samples is None
+
+
+def test_one_logit_is_binary():
+    pred = ClassificationPrediction.from_logits(torch.tensor([[[0.0]], [[math.log(3.0)]]]))
+    assert pred.probs[0].tolist() == pytest.approx([0.375, 0.625])  # p1: mean of .5 and .75
+
+
+def test_regression_conventions_by_hand():
+    means = torch.tensor([[1.0], [3.0]])
+    log_var = torch.log(torch.tensor([[1.0], [3.0]]))
+    pred = RegressionPrediction.from_outputs((means, log_var))
+    assert pred.mean.tolist() == [2.0]
+    assert pred.epistemic_variance.tolist() == [2.0]
+    assert pred.aleatoric_variance.tolist() == pytest.approx([2.0])
+    assert pred.variance.tolist() == pytest.approx([4.0])
+    normal = torch.distributions.Normal(means, log_var.exp().sqrt())
+    assert RegressionPrediction.from_outputs(normal).variance.tolist() == pytest.approx([4.0])
+    only_mean = RegressionPrediction.from_outputs(means)
+    assert only_mean.aleatoric_variance is None and only_mean.variance.tolist() == [2.0]
+
+
+# ---------------------------------------------------------------- the batched layers
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (nn.Linear(6, 4), (3, 6)),
+        (nn.Linear(6, 4, bias=False), (3, 5, 6)),
+        (nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2), (3, 4, 9)),
+        (nn.Conv2d(2, 4, 3, padding="same", dilation=2, padding_mode="reflect"), (3, 2, 7, 7)),
+        (nn.Conv2d(3, 5, 2, stride=2, bias=False, padding_mode="circular", padding=1), (3, 3, 6, 6)),
+        (nn.Conv3d(2, 3, 3, padding=1), (2, 2, 4, 4, 4)),
+    ],
+    ids=["linear", "linear-3d-input", "conv1d-groups", "conv2d-reflect", "conv2d-circular", "conv3d"],
+)
+def test_weight_draws_apply_each_draw_to_its_rows(layer, shape):
+    bnn = dnn2bnn.transform_to_bnn_layer(nn.Sequential(layer), type(layer), posterior_sigma_init=0.3)[0]
+    draws = WeightDraws(5)
+    x = torch.randn(shape[0] * 5, *shape[1:])
+    out = draws.apply(bnn, x)
+    sampled = draws.draws(bnn)
+    plain = bnn.to_dnn()
+    for s in range(5):
+        with torch.no_grad():
+            plain.weight.copy_(sampled["weight"][s])
+            if plain.bias is not None:
+                plain.bias.copy_(sampled["bias"][s])
+        rows = torch.arange(shape[0]) * 5 + s  # batch-major folding
+        torch.testing.assert_close(out[rows], plain(x[rows]), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(sampled["weight"][0], sampled["weight"][1])
+
+
+# ---------------------------------------------------------------- vectorized == loop in distribution
+class Residual(nn.Module):
+    """A deterministic branch joins the stochastic one after the Bayesian layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(10, 16)
+        self.head = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        return self.out(h + torch.relu(self.head(h)))
+
+
+class Shared(nn.Module):
+    """One layer applied twice: both uses must see the same weight sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.cls = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.cls(self.fc(torch.relu(self.fc(x))))
+
+
+class OwnForward(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) * 2.0
+
+
+class CustomLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(8, 8)
+        self.top = OwnForward(8, 3)
+
+    def forward(self, x):
+        return self.top(torch.relu(self.body(x)))
+
+
+def small_cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3),
+    )
+
+
+CASES = {
+    "mlp": (lambda: mlp((10, 16, 16, 3)), {}, lambda: torch.randn(6, 10)),
+    "last-layer": (lambda: mlp((10, 16, 16, 3)), {"include": "4"}, lambda: torch.randn(6, 10)),
+    "cnn": (small_cnn, {}, lambda: torch.randn(4, 1, 8, 8)),
+    "residual": (Residual, {"exclude": "stem"}, lambda: torch.randn(6, 10)),
+    "shared": (Shared, {}, lambda: torch.randn(6, 8)),
+    "own-forward": (CustomLayer, {}, lambda: torch.randn(6, 8)),
+    # The loop runs the layers' estimators; the vectorized path draws weights explicitly.
+    "mlp-flipout": (lambda: mlp((10, 16, 16, 3)), {"estimator": "flipout"}, lambda: torch.randn(6, 10)),
+    "cnn-lrt": (small_cnn, {"estimator": "lrt"}, lambda: torch.randn(4, 1, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_vectorized_matches_loop_in_distribution(case):
+    build, options, make_input = CASES[case]
+    bnn = dnn2bnn.transform_to_bnn_model(build(), posterior_sigma_init=0.1, **options)
+    x = make_input()
+    s = 200
+    # task="regression" returns the raw output samples, the quantity compared here.
+    fast = dnn2bnn.predict(bnn, x, s, task="regression", return_samples=True)
+    slow = dnn2bnn.predict(bnn, x, s, task="regression", return_samples=True, method="loop")
+    assert (fast.method, slow.method) == ("vectorized", "loop")
+    a, b = fast.samples, slow.samples
+    var_a, var_b = a.var(0), b.var(0)
+    assert var_b.min() > 0
+    # Means agree within 5 standard errors of their difference ...
+    z = (a.mean(0) - b.mean(0)) / ((var_a + var_b) / s).sqrt()
+    assert z.abs().max() < 5.0, z.abs().max()
+    # ... and variances within 6 sd of a log-variance ratio (sd ~ sqrt(2/(S-1)) each, doubled
+    # for the heavier tails of outputs that are nonlinear in the weights).
+    log_ratio = (var_a / var_b).log()
+    assert log_ratio.abs().max() < 6 * 2 * math.sqrt(2 * 2 / (s - 1)), log_ratio.abs().max()
+
+
+def test_shared_layer_uses_one_sample_per_pass():
+    bnn = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Linear(4, 4)), posterior_sigma_init=0.5)
+    layer = bnn[0]
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = layer
+
+        def forward(self, x):
+            return self.fc(x) - self.fc(x)  # zero only if both uses share the sample
+
+    out = dnn2bnn.predict(Twice(), torch.randn(3, 4), 8, task="regression", return_samples=True)
+    assert out.method == "vectorized" and torch.equal(out.samples, torch.zeros(8, 3, 4))
+
+
+def test_a_single_bayesian_layer_is_vectorized():
+    layer = dnn2bnn.BayesConv2d(2, 3, 3, posterior_sigma_init=0.1)
+    pred = dnn2bnn.predict(layer, torch.randn(2, 2, 5, 5), 4, task="regression", return_samples=True)
+    assert pred.method == "vectorized" and pred.samples.shape == (4, 2, 3, 3, 3)
+
+
+def test_last_layer_plan_runs_the_prefix_once():
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((10, 16, 16, 3)), include="4")
+    plan = plan_split(bnn)
+    assert plan.vectorized == ["4"] and plan.per_draw == []
+    assert plan.single_use == {id(bnn[4])}  # a Linear called once: local reparameterization
+    full = plan_split(dnn2bnn.transform_to_bnn_model(CustomLayer()))
+    assert full.vectorized == ["body"] and full.per_draw == ["top"]
+    deterministic = [n.target for n in plan.graph.nodes if n not in plan.stochastic]
+    assert deterministic[1:] == ["0", "1", "2", "3"]  # after the placeholder: run once
+
+
+def test_mean_mode_layers_are_deterministic():
+    bnn = dnn2bnn.transform_to_bnn_model(mlp(), posterior_sigma_init=0.1)
+    x = torch.randn(5, 20)
+    with dnn2bnn.set_mode(bnn, "mean"), pytest.warns(PredictionWarning, match="no Bayesian layer"):
+        pred = dnn2bnn.predict(bnn, x, 4)
+        expected = bnn(x).softmax(-1)
+    assert pred.mutual_information.abs().max() < 1e-6
+    torch.testing.assert_close(pred.probs, expected)
+
+
+# ---------------------------------------------------------------- fallbacks
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > -1e9 else -self.fc(x)
+
+
+class UsesBatchSize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x):
+        b = x.shape[0]
+        return self.fc(x).view(b, 2, 3).sum(1)
+
+
+class FunctionalRead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return F.linear(x, self.fc.weight) + self.fc(x)
+
+
+class ConstantInput(nn.Module):
+    """A Bayesian layer applied to a learned embedding, not to the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(5, 4))
+        self.proj = nn.Linear(4, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x + self.proj(self.query).mean(0))
+
+
+@pytest.mark.parametrize(
+    "model, reason",
+    [
+        (DataDependent, "could not trace"),
+        (UsesBatchSize, "batch size"),
+        (FunctionalRead, "read outside"),
+        (ConstantInput, "does not depend on the input"),
+    ],
+)
+def test_falls_back_to_the_loop_with_a_warning(model, reason):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dnn2bnn.ConversionWarning)  # DataDependent: not traced
+        bnn = dnn2bnn.transform_to_bnn_model(model(), posterior_sigma_init=0.1)
+    x = torch.randn(5, 4)
+    with pytest.warns(PredictionWarning, match=reason):
+        pred = dnn2bnn.predict(bnn, x, 3)
+    assert pred.method == "loop" and pred.probs.shape == (5, 3)
+    with pytest.raises(ValueError, match="cannot vectorize"):
+        dnn2bnn.predict(bnn, x, 3, method="vectorized")
+
+
+# ---------------------------------------------------------------- inputs, options, errors
+def test_tensor_batches_and_dataloader_give_the_same_shapes(capsys):
+    bnn = dnn2bnn.transform_to_bnn_model(mlp())
+    x = torch.randn(10, 20)
+    whole = dnn2bnn.predict(bnn, x, 4, return_samples=True)
+    split = dnn2bnn.predict(bnn, x, 4, batch_size=3, return_samples=True)
+    loader = DataLoader(TensorDataset(x, torch.zeros(10)), batch_size=4)
+    looped = dnn2bnn.predict(bnn, loader, 4, return_samples=True, progress=True)
+    for pred in (whole, split, looped):
+        assert pred.probs.shape == (10, 5) and pred.samples.shape == (4, 10, 5)
+        assert pred.predictive_entropy.shape == (10,) and pred.method == "vectorized"
+    assert "predict" in capsys.readouterr().err  # the tqdm bar
+
+
+def test_restores_training_flags_and_runs_without_grad():
+    bnn = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)))
+    bnn.train()
+    pred = dnn2bnn.predict(bnn, torch.randn(3, 4), 2)
+    assert all(m.training for m in bnn.modules()) and not pred.probs.requires_grad
+
+
+def test_regression_with_log_variance_head():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(3, 8)
+            self.mean = nn.Linear(8, 2)
+            self.log_var = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.body(x))
+            return self.mean(h), self.log_var(h)
+
+    bnn = dnn2bnn.transform_to_bnn_model(Head(), posterior_sigma_init=0.1)
+    pred = dnn2bnn.predict(bnn, torch.randn(7, 3), 16, task="regression")
+    assert pred.method == "vectorized" and pred.mean.shape == (7, 2)
+    torch.testing.assert_close(pred.variance, pred.epistemic_variance + pred.aleatoric_variance)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"num_samples": 0}, ValueError, "num_samples"),
+        ({"task": "segmentation"}, ValueError, "task must be one of"),
+        ({"method": "fast"}, ValueError, "method must be one of"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"inputs": 3}, TypeError, "tensor or an iterable"),
+        ({"inputs": [{"x": torch.ones(1, 20)}]}, TypeError, "each batch"),
+    ],
+)
+def test_mistakes_raise(kwargs, error, match):
+    bnn = dnn2bnn.transform_to_bnn_model(mlp())
+    args = {"inputs": torch.randn(2, 20), "num_samples": 2, **kwargs}
+    with pytest.raises(error, match=match):
+        dnn2bnn.predict(bnn, args.pop("inputs"), args.pop("num_samples"), **args)
