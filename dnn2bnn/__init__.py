@@ -42,9 +42,11 @@ from dnn2bnn.prediction import (
     predict,
 )
 from dnn2bnn.priors import EmpiricalPrior, NormalPrior, ScaleMixturePrior
+from dnn2bnn.recipe import DEFAULT_RHO_LR_FACTOR, bayes_param_groups
 from dnn2bnn import metrics, plots  # noqa: E402  (submodules: dnn2bnn.metrics.ece, ...)
 
 __all__ = [
+    "DEFAULT_RHO_LR_FACTOR",
     "BayesConfig",
     "BayesConfigMapping",
     "BayesConv1d",
@@ -72,6 +74,7 @@ __all__ = [
     "TransformToBNN",
     "WithBNNLoss",
     "__version__",
+    "bayes_param_groups",
     "default_mapping",
     "distributed",
     "get_mode",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dnn2bnn import BayesLinear, EmpiricalPrior, NormalPrior
-from dnn2bnn.layers._sampling import GaussianSample, NormalKL, cached_sigma
+from dnn2bnn.layers._sampling import GaussianSample, GaussianSampleTransformable, NormalKL, cached_sigma
 from dnn2bnn.priors import kl_normal
 
 
@@ -16,11 +16,12 @@ def _params():
     return mu, rho
 
 
-def test_sample_gradient_equals_autograd_of_the_formula():
+@pytest.mark.parametrize("function", [GaussianSample, GaussianSampleTransformable], ids=lambda f: f.__name__)
+def test_sample_gradient_equals_autograd_of_the_formula(function):
     mu, rho = _params()
     sigma = torch.nn.functional.softplus(rho).detach()
     torch.manual_seed(3)
-    weight = GaussianSample.apply(mu, rho, sigma)
+    weight = function.apply(mu, rho, sigma)
     torch.manual_seed(3)
     eps = torch.randn_like(mu)
     g = torch.randn_like(weight)
@@ -37,7 +38,7 @@ def test_fused_normal_kl_value_and_gradient_equal_the_reference(prior_mu):
     pm = torch.randn(7, 5, dtype=torch.float64) if prior_mu == "tensor" else torch.tensor(prior_mu, dtype=torch.float64)
     ps = torch.tensor(0.4, dtype=torch.float64)
     sigma = torch.nn.functional.softplus(rho).detach()
-    fused = NormalKL.apply(mu, rho, sigma, pm, ps)
+    fused = NormalKL.apply(mu, rho, sigma, pm, 0.4)
     reference = kl_normal(mu, torch.nn.functional.softplus(rho), pm, ps)
     torch.testing.assert_close(fused, reference)
     for got, want in zip(torch.autograd.grad(3 * fused, (mu, rho)), torch.autograd.grad(3 * reference, (mu, rho))):
@@ -76,3 +77,29 @@ def test_sigma_cache_follows_every_change_of_rho():
     assert cached_sigma(cache, "w", rho) is first
     rho.add_(1.0)
     torch.testing.assert_close(cached_sigma(cache, "w", rho), torch.nn.functional.softplus(rho))
+
+
+def test_sigma_is_recomputed_in_training_and_after_inference_mode():
+    layer = BayesLinear(4, 2, posterior_sigma_init=0.1)
+    with torch.inference_mode():
+        layer(torch.ones(1, 4))  # caches an inference tensor
+    layer(torch.ones(1, 4)).sum().backward()  # must not save the inference tensor
+    assert layer.weight_rho.grad is not None
+    with torch.no_grad():
+        layer(torch.ones(1, 4))
+    layer.weight_rho.data.fill_(-2.0)  # invisible to the version counter ...
+    layer(torch.ones(1, 4))  # ... but a training forward recomputes
+    torch.testing.assert_close(layer._sigma("weight", layer.weight_rho), layer.posterior_sigma().detach())
+
+
+def test_per_example_gradients_with_vmap_use_the_transformable_sample():
+    layer = BayesLinear(3, 2, posterior_sigma_init=0.1)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(p, x):
+        return torch.func.functional_call(layer, p, (x.unsqueeze(0),)).sum()
+
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0), randomness="different")(
+        params, torch.randn(4, 3)
+    )
+    assert grads["weight_rho"].shape == (4, 2, 3) and torch.isfinite(grads["weight_rho"]).all()

@@ -91,6 +91,7 @@ class BayesianLayer(nn.Module):
         "_share_samples",
         "_kl_samples",
         "_sigma_cache",
+        "_scalar_cache",
     )
     #: Whether the flipout/lrt estimators can run this class (False for a user subclass
     #: with its own ``forward``, which only sees the sampled ``weight``).
@@ -121,6 +122,7 @@ class BayesianLayer(nn.Module):
         self._share_samples = False
         self._kl_samples: dict[str, Tensor] = {}
         self._sigma_cache: dict[str, tuple[int, int, Tensor]] = {}
+        self._scalar_cache: dict[str, tuple[tuple[int, int], float]] = {}
         for name in self.bayes_params:
             value = self._parameters.pop(name)
             if value is None:
@@ -232,15 +234,18 @@ class BayesianLayer(nn.Module):
         if cache is not None and name in cache:
             return cache[name]
         rho = params[name + "_rho"]
+        # training recomputes sigma once per forward (the KL of the same step reuses it);
+        # repeated passes without autograd (Monte Carlo prediction) reuse it while rho is unchanged
         # sigma is float32+ (see softplus32); the sample goes back to the parameter dtype so
         # the parent's forward sees weights of the dtype it was built with.
-        sample = _sample(mu, rho, self._sigma(name, rho)).to(mu.dtype)
+        sigma = self._sigma(name, rho, reuse=not torch.is_grad_enabled())
+        sample = _sample(mu, rho, sigma).to(mu.dtype)
         if cache is not None:
             cache[name] = sample
         self._keep_for_kl(name, sample)
         return sample
 
-    def _sigma(self, name: str, rho: Tensor) -> Tensor:
+    def _sigma(self, name: str, rho: Tensor, *, reuse: bool = True) -> Tensor:
         """``softplus(rho)`` detached, computed once per change of ``rho`` (see ``_sampling``).
 
         Not cached on FSDP2-sharded layers: FSDP2 refills the unsharded parameters in place
@@ -249,7 +254,16 @@ class BayesianLayer(nn.Module):
         if _FSDPModule is not None and isinstance(self, _FSDPModule):
             with torch.no_grad():
                 return softplus32(rho)
-        return cached_sigma(self._sigma_cache, name, rho)
+        return cached_sigma(self._sigma_cache, name, rho, reuse=reuse)
+
+    def _prior_scalar(self, key: str, buffer: Tensor) -> float:
+        """``float(buffer)``, read again only when the buffer changed (no device sync per step)."""
+        stamp = (buffer._version, buffer.data_ptr())
+        cached = self._scalar_cache.get(key)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, float(buffer))
+            self._scalar_cache[key] = cached
+        return cached[1]
 
     def _keep_for_kl(self, name: str, sample: Tensor) -> None:
         """Remember the forward pass's weight sample when the prior's KL is Monte Carlo."""
@@ -288,13 +302,18 @@ class BayesianLayer(nn.Module):
             rho = self._parameters[name + "_rho"]
             prefix = name + "_prior_"
             buffers = {k[len(prefix) :]: v for k, v in self._buffers.items() if k.startswith(prefix)}
-            fused = type(mu) in (Tensor, nn.Parameter)  # not e.g. an FSDP2-sharded DTensor
-            if fused and not self.prior.needs_sample and buffers["sigma"].numel() == 1:
+            # the fused KL flattens plain tensors; compile fuses the reference itself, and
+            # tensor subclasses (FSDP2 DTensor shards) and meta tensors take the reference
+            fusable = type(mu) in (Tensor, nn.Parameter) and not (
+                torch.compiler.is_compiling() or mu.is_meta
+            )
+            if fusable and not self.prior.needs_sample and buffers["sigma"].numel() == 1:
                 # Normal / empirical prior: fused closed form with a hand-written gradient
                 sigma = self._sigma(name, rho)
                 release = functools.partial(self._sigma_cache.pop, name, None)
-                term = NormalKL.apply(mu, rho, sigma, buffers["mu"], buffers["sigma"], release)
-            else:
+                prior_sigma = self._prior_scalar(name + "_prior_sigma", buffers["sigma"])
+                term = NormalKL.apply(mu, rho, sigma, buffers["mu"], prior_sigma, release)
+            else:  # the prior's own KL, through autograd
                 sigma = softplus32(rho)
                 sample = None
                 if self.prior.needs_sample:
@@ -336,6 +355,7 @@ class BayesianLayer(nn.Module):
         state = dict(state)
         state["_kl_samples"] = {}
         state["_sigma_cache"] = {}
+        state["_scalar_cache"] = {}
         state["_sample_cache"] = None
         return state
 

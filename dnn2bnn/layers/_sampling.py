@@ -15,6 +15,7 @@ computes softplus again for the KL. Here:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GaussianSample", "NormalKL", "cached_sigma", "sample", "softplus32"]
+__all__ = [
+    "GaussianSample",
+    "GaussianSampleTransformable",
+    "NormalKL",
+    "cached_sigma",
+    "sample",
+    "softplus32",
+]
 
 
 def softplus32(rho: Tensor) -> Tensor:
@@ -34,23 +42,49 @@ def softplus32(rho: Tensor) -> Tensor:
     return F.softplus(rho.to(torch.promote_types(rho.dtype, torch.float32)))
 
 
-def cached_sigma(cache: dict[str, tuple[int, int, Tensor]], name: str, rho: Tensor) -> Tensor:
-    """``softplus(rho)``, detached, recomputed only when ``rho`` changed since the last call.
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
-    Under torch.compile the cache is bypassed: dynamo cannot trace the version/pointer check,
-    and the compiled graph fuses softplus into the sampling kernel anyway.
+
+def cached_sigma(
+    cache: dict[str, tuple[int, int, Tensor]], name: str, rho: Tensor, *, reuse: bool = True
+) -> Tensor:
+    """``softplus(rho)``, detached; with ``reuse``, recomputed only when ``rho`` changed.
+
+    "Changed" means a new version of ``rho`` (any in-place update through autograd-visible
+    ops: optimizer steps, ``load_state_dict``, ``with torch.no_grad(): rho.fill_(...)``) or a
+    different tensor. Writes through ``rho.data`` bypass the version counter and are not seen
+    until the next training forward, which always recomputes (``reuse=False``).
+
+    Bypassed under torch.compile (dynamo cannot trace the version/pointer check, and the
+    compiled graph fuses softplus into the sampling kernel anyway) and under torch.func
+    transforms (their wrappers have no storage to key on).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _transforms_active():
         # detach, not no_grad: torch.export turns a no_grad block into a submodule call
         return softplus32(rho).detach()
     key = (rho._version, rho.data_ptr())
     entry = cache.get(name)
-    if entry is not None and entry[:2] == key and entry[2].shape == rho.shape:
+    if (
+        reuse
+        and entry is not None
+        and entry[:2] == key
+        and entry[2].shape == rho.shape
+        and (torch.is_inference_mode_enabled() or not entry[2].is_inference())
+    ):
         return entry[2]
     with torch.no_grad():
         sigma = softplus32(rho)
     cache[name] = (*key, sigma)
     return sigma
+
+
+def _sample_backward(
+    ctx: Any, grad: Tensor, mu: Tensor, rho: Tensor, sigma: Tensor, weight: Tensor
+) -> tuple[Tensor | None, ...]:
+    grad_rho = None
+    if ctx.needs_input_grad[1]:
+        grad_rho = torch.sub(weight, mu).div_(sigma).mul_(torch.sigmoid(rho)).mul_(grad)
+    return (grad if ctx.needs_input_grad[0] else None), grad_rho, None
 
 
 class GaussianSample(torch.autograd.Function):
@@ -60,7 +94,25 @@ class GaussianSample(torch.autograd.Function):
     anyway), ``mu`` and ``rho`` (parameters) and ``sigma`` (cached). Backward recovers
     ``eps = (w - mu) / sigma`` (the noise actually applied, after rounding) and returns
     ``grad_mu = g``, ``grad_rho = g * eps * sigmoid(rho)``.
+
+    The ``ctx``-in-forward form: ``Function.apply`` binds arguments with ``inspect`` on every
+    call when ``setup_context`` is defined, which costs more than the arithmetic on small
+    layers. :class:`GaussianSampleTransformable` is the same under torch.func transforms.
     """
+
+    @staticmethod
+    def forward(ctx: Any, mu: Tensor, rho: Tensor, sigma: Tensor) -> Tensor:  # type: ignore[override]
+        weight = torch.addcmul(mu, sigma, torch.randn_like(mu))
+        ctx.save_for_backward(mu, rho, sigma, weight)
+        return weight
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return _sample_backward(ctx, grad, *ctx.saved_tensors)
+
+
+class GaussianSampleTransformable(torch.autograd.Function):
+    """:class:`GaussianSample` in the ``setup_context`` form that ``torch.func.vmap`` needs."""
 
     generate_vmap_rule = True
 
@@ -70,21 +122,18 @@ class GaussianSample(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        mu, rho, sigma = inputs
-        ctx.save_for_backward(mu, rho, sigma, output)
+        ctx.save_for_backward(*inputs, output)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        mu, rho, sigma, weight = ctx.saved_tensors
-        grad_rho = None
-        if ctx.needs_input_grad[1]:
-            grad_rho = torch.sub(weight, mu).div_(sigma).mul_(torch.sigmoid(rho)).mul_(grad)
-        return (grad if ctx.needs_input_grad[0] else None), grad_rho, None
+        return _sample_backward(ctx, grad, *ctx.saved_tensors)
 
 
 def sample(mu: Tensor, rho: Tensor, sigma: Tensor) -> Tensor:
     """One reparameterized sample; the cheapest path when no gradient is needed."""
     if torch.is_grad_enabled() and (mu.requires_grad or rho.requires_grad):
+        if _transforms_active():
+            return GaussianSampleTransformable.apply(mu, rho, sigma)
         return GaussianSample.apply(mu, rho, sigma)
     return torch.randn_like(mu).mul_(sigma).add_(mu)
 
@@ -92,8 +141,9 @@ def sample(mu: Tensor, rho: Tensor, sigma: Tensor) -> Tensor:
 class NormalKL(torch.autograd.Function):
     """Summed ``KL(N(mu, softplus(rho)^2) || N(prior_mu, prior_sigma^2))``, scalar prior sigma.
 
-    Computed in float32 or wider. Gradients: ``(mu - prior_mu) / prior_sigma^2`` and
-    ``(sigma / prior_sigma^2 - 1 / sigma) * sigmoid(rho)``.
+    ``prior_sigma`` is a Python float (the layer reads its buffer once per change), so the
+    forward is a handful of reductions. Computed in float32 or wider. Gradients:
+    ``(mu - prior_mu) / prior_sigma^2`` and ``(sigma / prior_sigma^2 - 1 / sigma) * sigmoid(rho)``.
     """
 
     @staticmethod
@@ -103,29 +153,31 @@ class NormalKL(torch.autograd.Function):
         rho: Tensor,
         sigma: Tensor,
         prior_mu: Tensor,
-        prior_sigma: Tensor,
+        prior_sigma: float,
         release: Callable[[], None] | None = None,
     ) -> Tensor:
         dtype = torch.promote_types(mu.dtype, torch.float32)
         m, s = mu.to(dtype).flatten(), sigma.to(dtype).flatten()
-        ps = prior_sigma.to(dtype).reshape(())
         diff = m - prior_mu.to(dtype).flatten()  # broadcasts a scalar prior mean
         # 0.5 * sum(s^2 + d^2) / ps^2 - sum(log s) + n * (log ps - 1/2), with reductions only
-        kl = (torch.dot(s, s) + torch.dot(diff, diff)) / (2 * ps * ps) - torch.log(s).sum()
-        kl = kl + m.numel() * (torch.log(ps) - 0.5)
-        ctx.save_for_backward(mu, rho, sigma, prior_mu, prior_sigma)
+        # out of place: under FSDP2 the dot products are partial sums (DTensor Partial)
+        kl = (torch.dot(s, s) + torch.dot(diff, diff)) * (0.5 / prior_sigma**2)
+        kl = kl - torch.log(s).sum() + m.numel() * (math.log(prior_sigma) - 0.5)
+        ctx.save_for_backward(mu, rho, sigma, prior_mu)
+        ctx.prior_sigma = prior_sigma
         ctx.release = release
         return kl
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        mu, rho, sigma, prior_mu, prior_sigma = ctx.saved_tensors
-        inv_var = (grad / (prior_sigma * prior_sigma)).to(rho.dtype)
+        mu, rho, sigma, prior_mu = ctx.saved_tensors
+        grad = grad.to(rho.dtype)
+        inv_var = grad / ctx.prior_sigma**2
         grad_mu = grad_rho = None
         if ctx.needs_input_grad[0]:
             grad_mu = torch.sub(mu, prior_mu).mul_(inv_var)
         if ctx.needs_input_grad[1]:
-            grad_rho = sigma.reciprocal().mul_(-grad.to(rho.dtype)).add_(sigma * inv_var)
+            grad_rho = sigma.reciprocal().mul_(-grad).add_(sigma * inv_var)
             grad_rho.mul_(torch.sigmoid(rho))
         if ctx.release is not None:
             ctx.release()  # rho changes at the next optimizer step: do not hold sigma meanwhile

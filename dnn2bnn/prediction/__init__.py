@@ -1,6 +1,6 @@
 """Monte Carlo prediction with uncertainty: :func:`predict` and its result types."""
 
-from dnn2bnn.prediction.predict import PredictionWarning, Task, predict
+from dnn2bnn.prediction._predict import PredictionWarning, Task, predict
 from dnn2bnn.prediction.results import ClassificationPrediction, RegressionPrediction
 
 __all__ = [

@@ -1,0 +1,78 @@
+"""Networks of ``quality_mnist.py``: LeNet-5 and Blundell et al. (2015)'s Bayesian MLP."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dnn2bnn
+from dnn2bnn import BayesLinear
+
+__all__ = ["LeNet5", "blundell_mlp", "mlp_prior_name"]
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 with ReLU and max-pooling, for 1x28x28 inputs."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
+
+
+def _mlp_options() -> dict[str, object]:
+    """Scale-mixture prior (pi=0.5, sigma1=1, sigma2=e^-6) and the local reparameterization,
+    when this dnn2bnn has them (issue 3); otherwise the FALLBACK: a N(0, 1) prior, reparam."""
+    prior_cls = getattr(dnn2bnn, "ScaleMixturePrior", None)
+    if prior_cls is None:  # pragma: no cover - older dnn2bnn
+        return {}
+    prior = prior_cls(pi=0.5, sigma1=1.0, sigma2=math.exp(-6.0))
+    options: dict[str, object] = {"prior": prior}
+    if "estimator" in _option_names():
+        options["estimator"] = "lrt"
+    return options
+
+
+def _option_names() -> tuple[str, ...]:
+    config = getattr(dnn2bnn, "config", None)
+    names = getattr(config, "OPTION_NAMES", None)
+    if names is not None:
+        return tuple(names)
+    return tuple(inspect.signature(BayesLinear.from_dnn).parameters)
+
+
+def mlp_prior_name() -> str:
+    options = _mlp_options()
+    if not options:
+        return "FALLBACK N(0, 1) prior (no ScaleMixturePrior in this dnn2bnn)"
+    prior = options["prior"]
+    estimator = options.get("estimator", "reparam")
+    return (
+        f"scale mixture pi={prior.pi:g}, sigma1={prior.sigma1:g}, sigma2={prior.sigma2:.4g}; "
+        f"estimator {estimator}"
+    )
+
+
+def blundell_mlp(*, hidden: int = 1200) -> nn.Module:
+    """784-hidden-hidden-10 MLP of Bayesian linear layers (Blundell et al. 2015), from scratch."""
+    options = _mlp_options()
+    return nn.Sequential(
+        nn.Flatten(),
+        BayesLinear(784, hidden, **options),
+        nn.ReLU(),
+        BayesLinear(hidden, hidden, **options),
+        nn.ReLU(),
+        BayesLinear(hidden, 10, **options),
+    )
