@@ -9,6 +9,7 @@ Example:
 
 from dnn2bnn import distributed
 from dnn2bnn._version import __version__
+from dnn2bnn.checkpoint import load_bnn, save_bnn
 from dnn2bnn.config import BayesConfig, BayesConfigMapping, Estimator
 from dnn2bnn.conversion import (
     ConversionReport,
@@ -20,7 +21,7 @@ from dnn2bnn.conversion import (
     transform_to_bnn_layer,
     transform_to_bnn_model,
 )
-from dnn2bnn.errors import ConversionError, ConversionWarning, Dnn2BnnError
+from dnn2bnn.errors import CheckpointError, ConversionError, ConversionWarning, Dnn2BnnError
 from dnn2bnn.layers import (
     BayesConv1d,
     BayesConv2d,
@@ -65,6 +66,7 @@ __all__ = [
     "BayesMultiheadAttention",
     "BayesianLayer",
     "BayesianParameters",
+    "CheckpointError",
     "ClassificationPrediction",
     "ConversionError",
     "ConversionReport",
@@ -90,6 +92,8 @@ __all__ = [
     "is_bayesian_layer",
     "kl_divergence",
     "opt_in_mapping",
+    "load_bnn",
+    "save_bnn",
     "metrics",
     "plots",
     "predict",

@@ -6,7 +6,7 @@ Every error subclasses the built-in exception a user would expect (``ValueError`
 
 from __future__ import annotations
 
-__all__ = ["ConversionError", "ConversionWarning", "Dnn2BnnError"]
+__all__ = ["CheckpointError", "ConversionError", "ConversionWarning", "Dnn2BnnError"]
 
 
 class Dnn2BnnError(Exception):
@@ -15,6 +15,10 @@ class Dnn2BnnError(Exception):
 
 class ConversionError(Dnn2BnnError, ValueError):
     """A model, a layer or an option could not be converted as asked."""
+
+
+class CheckpointError(Dnn2BnnError, ValueError):
+    """A checkpoint file cannot be read, written, or matched to its architecture."""
 
 
 class ConversionWarning(UserWarning):

@@ -77,6 +77,11 @@ def _check_ddp(out: str, tmp_path: Path) -> None:
     assert reloaded > 0.2  # and it learned something (10 classes)
 
 
+def _check_cli(out: str, tmp_path: Path) -> None:
+    assert "max |difference| = 0.0e+00" in out  # the reloaded BNN in mean mode is the DNN
+    assert out.rstrip().endswith("reproduces the DNN in mean mode")
+
+
 @dataclass(frozen=True)
 class Example:
     """One tutorial script and how to run it quickly."""
@@ -96,7 +101,7 @@ TORCHRUN_2 = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
 EXAMPLES = [
     Example("bayesian_lenet.py", check=_check_lenet),
     Example("convert_torchvision.py", check=_check_torchvision),
-    Example("cli_roundtrip.py", author="issue 6 (command line)"),
+    Example("cli_roundtrip.py", check=_check_cli, author="issue 6 (command line)"),
     Example(
         "uncertainty_digits.py",
         quick_args=("--quick", "--out", "{tmp}"),

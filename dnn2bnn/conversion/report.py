@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["ConversionReport", "ConvertedModule", "SkippedModule"]
 
@@ -46,6 +47,11 @@ class ConversionReport:
         notes: anything else the user should know (e.g. broken weight tying).
         params_before: number of parameter elements before conversion.
         params_after: number of parameter elements after conversion.
+        calls: one record per conversion call that built this model (the function, the
+            layer types, ``include``/``exclude``, ``config`` and the Bayesian options exactly
+            as passed, and the modules it converted),
+            in order; :func:`dnn2bnn.save_bnn` stores them so that
+            :func:`dnn2bnn.load_bnn` can replay them.
     """
 
     method: str = "torch.fx"
@@ -56,6 +62,7 @@ class ConversionReport:
     notes: list[str] = field(default_factory=list)
     params_before: int = 0
     params_after: int = 0
+    calls: list[dict[str, Any]] = field(default_factory=list)
 
     def merge(self, other: ConversionReport) -> ConversionReport:
         """A report covering this conversion followed by ``other``."""
@@ -68,6 +75,7 @@ class ConversionReport:
             notes=self.notes + other.notes,
             params_before=self.params_before,
             params_after=other.params_after,
+            calls=self.calls + other.calls,
         )
 
     def __str__(self) -> str:

@@ -102,8 +102,13 @@ def transform_to_bnn_model(
                 )
             chosen[layer_type] = known[layer_type]
         mapping = chosen
+    call = {
+        "function": "transform_to_bnn_model",
+        "layer_types": None if layer_types is None else [_import_name(t) for t in mapping],
+        "params": None if params is None else ([params] if isinstance(params, str) else list(params)),
+    }
     return _convert(
-        model, mapping, include, exclude, inplace, strict, config, bayes_options, params
+        model, mapping, include, exclude, inplace, strict, config, bayes_options, call, params
     )
 
 
@@ -161,7 +166,14 @@ def transform_to_bnn_layer(
             f"and a kl() method, got {bnn_layer_type!r}"
         )
     mapping = {dnn_layer_type: bnn_layer_type}
-    return _convert(model, mapping, include, exclude, inplace, strict, config, bayes_options)
+    call = {
+        "function": "transform_to_bnn_layer",
+        "dnn_layer_type": _import_name(dnn_layer_type),
+        "bnn_layer_type": _import_name(bnn_layer_type),
+    }
+    return _convert(
+        model, mapping, include, exclude, inplace, strict, config, bayes_options, call, None
+    )
 
 
 # ---------------------------------------------------------------------------- internals
@@ -174,7 +186,8 @@ def _convert(
     strict: bool,
     config: ConfigArg,
     options: dict[str, Any],
-    params: Patterns = None,
+    call: dict[str, Any],
+    params: Patterns,
 ) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__qualname__}")
@@ -219,7 +232,14 @@ def _convert(
                 "the model itself"
             ) from exc
 
-    report = ConversionReport(params_before=_count(target))
+    call.update(
+        include=include_patterns,
+        exclude=exclude_patterns,
+        strict=strict,
+        config=config,
+        options=dict(options),
+    )
+    report = ConversionReport(params_before=_count(target), calls=[call])
     selection, selected_names = select_parameters(target, params)
     leaf_types = (*mapping.keys(), BayesianLayer)
     trace = analyse(target, leaf_types)
@@ -329,6 +349,7 @@ def _convert(
             ConversionWarning,
             stacklevel=3,
         )
+    call["converted"] = [c.name for c in report.converted]
     if report.shared:
         install_sample_sharing(result)
     report.params_after = _count(result)
@@ -462,6 +483,11 @@ def _tied_parameters(
 
 def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _import_name(cls: type) -> str:
+    """``module:qualname`` of a class, the form :mod:`dnn2bnn.checkpoint` imports back."""
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 def _type_name(cls: type) -> str:

@@ -60,8 +60,8 @@ def cached_sigma(
     transforms (their wrappers have no storage to key on).
     """
     if torch.compiler.is_compiling() or _transforms_active():
-        with torch.no_grad():
-            return softplus32(rho)
+        # detach, not no_grad: torch.export turns a no_grad block into a submodule call
+        return softplus32(rho).detach()
     key = (rho._version, rho.data_ptr())
     entry = cache.get(name)
     if (

@@ -1,0 +1,111 @@
+"""Architecture specs: how to rebuild a model's Python object from a short string.
+
+``torchvision:resnet18`` (built with ``weights=None``: nothing is downloaded),
+``timm:resnet18`` (``pretrained=False``), or an import path ``package.module:callable``
+(a class or a factory function). Keyword arguments come from a JSON object.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+from typing import Any
+
+from torch import nn
+
+from dnn2bnn.errors import CheckpointError
+
+__all__ = ["build_arch", "spec_of"]
+
+_FORMS = "torchvision:NAME, timm:NAME or package.module:callable"
+
+
+def build_arch(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """Build the (untrained) model named by ``spec`` with keyword arguments ``kwargs``.
+
+    Raises:
+        CheckpointError: the spec is malformed, names nothing, or the call fails.
+
+    Example:
+        >>> build_arch("torch.nn:Linear", {"in_features": 3, "out_features": 2})
+        Linear(in_features=3, out_features=2, bias=True)
+    """
+    kwargs = dict(kwargs or {})
+    source, sep, name = spec.partition(":")
+    if not sep or not source or not name:
+        raise CheckpointError(f"architecture spec {spec!r} is malformed; expected {_FORMS}")
+    if source == "torchvision":
+        factory, label = _torchvision(name), f"torchvision model {name!r}"
+        kwargs.setdefault("weights", None)
+    elif source == "timm":
+        factory, label = _timm(name), f"timm model {name!r}"
+        kwargs.setdefault("pretrained", False)
+    else:
+        factory, label = _import(source, name), spec
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise CheckpointError(f"building {label} with {kwargs} failed: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(
+            f"{spec} returned {type(model).__qualname__}; expected a torch.nn.Module"
+        )
+    return model
+
+
+def spec_of(model: nn.Module) -> str:
+    """The import-path spec of ``model``'s class (``package.module:Class``)."""
+    cls = type(model)
+    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+        raise CheckpointError(
+            f"{cls.__qualname__} is defined in a script or a function, so it cannot be "
+            "imported to rebuild the model; move it into an importable module or pass arch="
+        )
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _torchvision(name: str) -> Any:
+    import torchvision
+
+    known = torchvision.models.list_models()
+    if name not in known:
+        raise CheckpointError(f"unknown torchvision model {name!r}{_close(name, known)}")
+    return lambda **kw: torchvision.models.get_model(name, **kw)
+
+
+def _timm(name: str) -> Any:
+    if importlib.util.find_spec("timm") is None:
+        raise CheckpointError(f"timm:{name} needs the timm package (pip install timm)")
+    import timm
+
+    if not timm.is_model(name):
+        raise CheckpointError(f"unknown timm model {name!r}{_close(name, timm.list_models())}")
+    return lambda **kw: timm.create_model(name, **kw)
+
+
+def _import(module_name: str, qualname: str) -> Any:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CheckpointError(
+            f"cannot import {module_name!r} for architecture {module_name}:{qualname} ({exc}); "
+            f"expected {_FORMS} with the module on the Python path"
+        ) from exc
+    target: Any = module
+    for part in qualname.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise CheckpointError(
+                f"module {module_name!r} has no attribute {qualname!r}"
+                f"{_close(part, [n for n in dir(target) if not n.startswith('_')])}"
+            ) from None
+    if not callable(target):
+        raise CheckpointError(f"{module_name}:{qualname} is not callable")
+    return target
+
+
+def _close(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""

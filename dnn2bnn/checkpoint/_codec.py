@@ -1,0 +1,88 @@
+"""JSON encoding of conversion options: numbers and strings as they are, priors and
+configurations (frozen dataclasses), ``BayesConfigMapping`` and classes by import path.
+
+Decoding rebuilds the objects by importing their classes, so a recorded conversion call can
+be replayed exactly by :func:`dnn2bnn.load_bnn`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from enum import Enum
+from typing import Any
+
+from dnn2bnn.checkpoint._arch import _import
+from dnn2bnn.config import BayesConfigMapping
+
+__all__ = ["decode", "encode"]
+
+_DATACLASS, _TYPE, _MAPPING = "__dataclass__", "__type__", "__config_mapping__"
+
+
+def encode(value: Any, where: str) -> Any:
+    """A JSON-serialisable form of ``value``; ``TypeError`` naming ``where`` otherwise."""
+    if isinstance(value, Enum):
+        return encode(value.value, where)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [encode(v, where) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: encode(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, type):
+        return {_TYPE: _name(value, where)}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {
+            f.name: encode(getattr(value, f.name), f"{where}.{f.name}")
+            for f in dataclasses.fields(value)
+            if f.init
+        }
+        return {_DATACLASS: _name(type(value), where), "fields": fields}
+    if isinstance(value, BayesConfigMapping):
+        return {
+            _MAPPING: {
+                "global": encode(value.global_config, f"{where}.global"),
+                "types": [
+                    [_name(t, where), encode(c, f"{where}.types")]
+                    for t, c in value.type_configs.items()
+                ],
+                "names": [[p, encode(c, f"{where}.names")] for p, c in value.name_configs.items()],
+            }
+        }
+    raise TypeError(
+        f"{where} holds {type(value).__qualname__} {value!r}; a BNN checkpoint records numbers, "
+        "strings, booleans, lists, dicts, classes, dataclasses (priors, BayesConfig) and "
+        "BayesConfigMapping"
+    )
+
+
+def decode(value: Any) -> Any:
+    """The inverse of :func:`encode` (enums come back as their values)."""
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if _TYPE in value:
+        return _import(*value[_TYPE].split(":", 1))
+    if _DATACLASS in value:
+        cls = _import(*value[_DATACLASS].split(":", 1))
+        return cls(**{k: decode(v) for k, v in value["fields"].items()})
+    if _MAPPING in value:
+        spec = value[_MAPPING]
+        mapping = BayesConfigMapping(decode(spec["global"]))
+        mapping.global_config = decode(spec["global"])
+        for type_name, config in spec["types"]:
+            mapping.set_module_type(_import(*type_name.split(":", 1)), decode(config))
+        for pattern, config in spec["names"]:
+            mapping.set_module_name(pattern, decode(config))
+        return mapping
+    return {k: decode(v) for k, v in value.items()}
+
+
+def _name(cls: type, where: str) -> str:
+    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+        raise TypeError(
+            f"{where}: {cls.__qualname__} is defined in a script or a function and cannot be "
+            "imported back; move it into an importable module"
+        )
+    return f"{cls.__module__}:{cls.__qualname__}"
