@@ -14,7 +14,7 @@ from torch import nn
 import dnn2bnn
 from dnn2bnn.checkpoint import FORMAT_VERSION
 from dnn2bnn.checkpoint._arch import build_arch, spec_of
-from dnn2bnn.checkpoint._bnn import to_dnn_model, write_state
+from dnn2bnn.checkpoint._bnn import write_state
 from dnn2bnn.checkpoint._export import lift_program
 from dnn2bnn.checkpoint._read import match_state, read_checkpoint
 from dnn2bnn.errors import CheckpointError
@@ -269,11 +269,11 @@ def test_arch_specs_build_models():
         spec_of(type("Local", (nn.Module,), {"__module__": "__main__"})())
 
 
-def test_to_dnn_model_keeps_shared_layers_shared():
+def test_to_dnn_of_a_checkpointed_model_keeps_shared_layers_shared():
     shared = nn.Linear(3, 3)
     dnn = nn.Sequential(shared, nn.ReLU(), shared)
     bnn = dnn2bnn.transform_to_bnn_model(dnn, prior_sigma=0.1)
-    back = to_dnn_model(bnn)
+    back = dnn2bnn.to_dnn(bnn)
     assert type(back[0]) is nn.Linear and back[0] is back[2]
     x = torch.randn(2, 3)
     torch.testing.assert_close(back(x), _mean_output(bnn, x))

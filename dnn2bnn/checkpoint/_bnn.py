@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import warnings
 from pathlib import Path
@@ -21,7 +20,7 @@ from dnn2bnn.conversion import transform_to_bnn_layer, transform_to_bnn_model
 from dnn2bnn.errors import CheckpointError, ConversionWarning
 from dnn2bnn.layers import BayesianLayer
 
-__all__ = ["FORMAT_VERSION", "bnn_metadata", "load_bnn", "save_bnn", "to_dnn_model", "write_state"]
+__all__ = ["FORMAT_VERSION", "bnn_metadata", "load_bnn", "save_bnn", "write_state"]
 
 #: Version of the metadata layout; a file with a higher version is refused.
 FORMAT_VERSION = 1
@@ -223,19 +222,3 @@ def write_state(path: Path, state: dict[str, Tensor], metadata: dict[str, Any] |
         save_file(tensors, str(path), metadata=None if text is None else {METADATA_KEY: text})
     else:
         torch.save(state if text is None else {METADATA_KEY: text, "state_dict": state}, path)
-
-
-def to_dnn_model(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with each Bayesian layer replaced by its posterior-mean layer."""
-    dnn = copy.deepcopy(model)
-    if isinstance(dnn, BayesianLayer):
-        return dnn.to_dnn()
-    replaced: dict[int, nn.Module] = {}  # a layer shared by two parents stays shared
-    for parent in list(dnn.modules()):
-        for name, child in list(parent._modules.items()):
-            if isinstance(child, BayesianLayer):
-                if id(child) not in replaced:
-                    replaced[id(child)] = child.to_dnn()
-                setattr(parent, name, replaced[id(child)])
-    dnn.__dict__.pop("conversion_report", None)
-    return dnn

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from dnn2bnn.checkpoint._bnn import load_bnn, to_dnn_model, write_state
+from dnn2bnn.checkpoint._bnn import load_bnn, write_state
+from dnn2bnn.conversion.deploy import to_dnn
 from dnn2bnn.checkpoint._export import export_module
 from dnn2bnn.checkpoint._files import WRITABLE_SUFFIXES, atomic_write, check_output, suffix_of
 from dnn2bnn.cli._common import emit, example_inputs, input_shape, params
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     check_output(output, inputs=(source,), force=args.force)
     bnn = load_bnn(source)
     layers = sum(isinstance(m, BayesianLayer) for m in bnn.modules())
-    dnn = to_dnn_model(bnn)
+    dnn = to_dnn(bnn)
     if suffix == ".pt2":
         inputs = example_inputs(args.input_shape)
         atomic_write(output, lambda tmp: export_module(dnn, tmp, None, inputs))

@@ -6,7 +6,6 @@ import copy
 from enum import Enum
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dnn2bnn.layers._base import BayesianLayer, is_bayesian_layer
@@ -84,8 +83,8 @@ def _plain(layer: nn.Module, mode: _Mode, name: str) -> nn.Module:
             mu = layer._parameters[param + "_mu"]
             if mu is None:
                 continue
-            sigma = F.softplus(layer._parameters[param + "_rho"])
-            getattr(plain, param).copy_(mu + sigma * torch.randn_like(mu))
+            sigma = layer.posterior_sigma(param)  # float32+: no underflow in half precision
+            getattr(plain, param).copy_(mu + sigma * torch.randn_like(sigma))
     return plain
 
 

@@ -24,7 +24,6 @@ from enum import Enum
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dnn2bnn.config import OPTION_NAMES, BayesConfig, Estimator

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from dnn2bnn.prediction._split import SplitPlan, plan_split
-from dnn2bnn.prediction._vectorized import FoldError, WeightDraws, is_stochastic
+from dnn2bnn.prediction._vectorized import WeightDraws, is_stochastic
 from dnn2bnn.prediction.results import ClassificationPrediction, RegressionPrediction
 
 __all__ = ["PredictionWarning", "Task", "predict"]
