@@ -397,12 +397,16 @@ def check_convertible(base: type[BayesianLayer], module: nn.Module) -> None:
                 "parametrized, e.g. by weight_norm or spectral_norm?); remove the "
                 "parametrization before converting"
             )
-        value = module._parameters[name]
-        if isinstance(value, nn.parameter.UninitializedParameter):
-            raise TypeError(
-                f"{type(module).__qualname__}.{name} is uninitialized (a lazy module); run "
-                "one forward pass before converting"
-            )
+        check_initialized(module, name)
+
+
+def check_initialized(module: nn.Module, name: str) -> None:
+    """Raise ``TypeError`` when parameter ``name`` of ``module`` is a lazy, uninitialized one."""
+    if isinstance(module._parameters.get(name), nn.parameter.UninitializedParameter):
+        raise TypeError(
+            f"{type(module).__qualname__}.{name} is uninitialized (a lazy module); run "
+            "one forward pass before converting"
+        )
 
 
 try:  # FSDP2's module marker; absent on builds without torch.distributed

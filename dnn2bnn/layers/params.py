@@ -31,6 +31,7 @@ from dnn2bnn.errors import ConversionWarning
 from dnn2bnn.layers._base import (
     BayesianLayer,
     _bayes_property,
+    check_initialized,
     _initial_rho,
     _peek_means,
     _resolve,
@@ -107,11 +108,7 @@ class BayesianParameters(BayesianLayer):
                     f"{what}.{name} is {found} (parametrized or a buffer?); expected one of "
                     f"{[n for n, p in module._parameters.items() if p is not None]}"
                 )
-            if isinstance(value, nn.parameter.UninitializedParameter):
-                raise TypeError(
-                    f"{what}.{name} is uninitialized (a lazy module); run one forward pass "
-                    "before converting"
-                )
+            check_initialized(module, name)
             taken = [a for a in (name + "_mu", name + "_rho") if hasattr(module, a)]
             stores = (module._parameters, module._buffers, module.__dict__)
             taken += [k for d in stores for k in d if k.startswith(name + "_prior_")]
