@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -32,42 +31,22 @@ class LeNet5(nn.Module):
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
 
 
-def _mlp_options() -> dict[str, object]:
-    """Scale-mixture prior (pi=0.5, sigma1=1, sigma2=e^-6) and the local reparameterization,
-    when this dnn2bnn has them (issue 3); otherwise the FALLBACK: a N(0, 1) prior, reparam."""
-    prior_cls = getattr(dnn2bnn, "ScaleMixturePrior", None)
-    if prior_cls is None:  # pragma: no cover - older dnn2bnn
-        return {}
-    prior = prior_cls(pi=0.5, sigma1=1.0, sigma2=math.exp(-6.0))
-    options: dict[str, object] = {"prior": prior}
-    if "estimator" in _option_names():
-        options["estimator"] = "lrt"
-    return options
+def _mlp_prior() -> dnn2bnn.ScaleMixturePrior:
+    """Blundell et al.'s scale mixture: pi=0.5, sigma1=1, sigma2=e^-6."""
+    return dnn2bnn.ScaleMixturePrior(pi=0.5, sigma1=1.0, sigma2=math.exp(-6.0))
 
 
-def _option_names() -> tuple[str, ...]:
-    config = getattr(dnn2bnn, "config", None)
-    names = getattr(config, "OPTION_NAMES", None)
-    if names is not None:
-        return tuple(names)
-    return tuple(inspect.signature(BayesLinear.from_dnn).parameters)
-
-
-def mlp_prior_name() -> str:
-    options = _mlp_options()
-    if not options:
-        return "FALLBACK N(0, 1) prior (no ScaleMixturePrior in this dnn2bnn)"
-    prior = options["prior"]
-    estimator = options.get("estimator", "reparam")
+def mlp_prior_name(estimator: str = "lrt") -> str:
+    prior = _mlp_prior()
     return (
         f"scale mixture pi={prior.pi:g}, sigma1={prior.sigma1:g}, sigma2={prior.sigma2:.4g}; "
         f"estimator {estimator}"
     )
 
 
-def blundell_mlp(*, hidden: int = 1200) -> nn.Module:
+def blundell_mlp(*, hidden: int = 1200, estimator: str = "lrt") -> nn.Module:
     """784-hidden-hidden-10 MLP of Bayesian linear layers (Blundell et al. 2015), from scratch."""
-    options = _mlp_options()
+    options = {"prior": _mlp_prior(), "estimator": estimator}
     return nn.Sequential(
         nn.Flatten(),
         BayesLinear(784, hidden, **options),

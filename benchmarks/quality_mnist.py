@@ -95,22 +95,37 @@ def train_bnn(
     cosine: bool = True,
 ) -> tuple[int, float, list[dict[str, float]]]:
     """Minimise the true per-example negative ELBO for ``epochs``, or for as many epochs as
-    fit in ``minutes`` (judged by the mean epoch time so far)."""
+    fit in ``minutes``: the first epoch's time fixes that number, and with ``cosine`` the
+    learning rates then decay to 0 over the remaining epochs (reproducible given the count)."""
     n = len(data.y_train)
     criterion = dnn2bnn.WithBNNLoss.elbo(model, nn.CrossEntropyLoss(), num_train_examples=n)
     optimizer = torch.optim.Adam(dnn2bnn.bayes_param_groups(model, lr=lr))
     steps_per_epoch = math.ceil(n / batch_size)
     schedule = None
-    if cosine and epochs is not None:
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    if cosine:  # cosine over the epochs after the first (when the count is known) down to 0
+        horizon: dict[str, int] = {"steps": (epochs or 1) * steps_per_epoch}
+
+        def factor(step: int) -> float:
+            return 0.5 * (1.0 + math.cos(math.pi * min(step / horizon["steps"], 1.0)))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        if epochs is None:
+            horizon["steps"] = 10**12  # constant until the first epoch fixes the count
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     start, done, log = time.perf_counter(), 0, []
     model.train()
     while epochs is None or done < epochs:
         elapsed = time.perf_counter() - start
-        if minutes is not None and done and elapsed + elapsed / done > 60 * minutes:
-            break  # the next epoch would not fit in the time budget
+        if epochs is None and minutes is not None and done:
+            epochs = max(1, int(60 * minutes // elapsed))  # as many as the first one says fit
+            print(f"    {epochs} epochs fit in {minutes:g} min", flush=True)
+            if schedule is not None:
+                horizon["steps"] = (epochs - 1) * steps_per_epoch
+                schedule.base_lrs = [group["lr"] for group in optimizer.param_groups]
+                schedule.last_epoch = 0
+            if done >= epochs:
+                break
         total = kl = 0.0
         for idx in batches(n, batch_size, g):
             loss = criterion(data.x_train[idx], data.y_train[idx])
@@ -184,15 +199,16 @@ def run_lenet(args: argparse.Namespace, data: Data, oods: dict[str, Tensor], res
 
 
 def run_mlp(args: argparse.Namespace, data: Data, oods: dict[str, Tensor], results: dict) -> None:
-    print(f"Blundell MLP 784-1200-1200-10, {mlp_prior_name()}, {args.mlp_minutes} min", flush=True)
+    budget = f"{args.mlp_epochs} epochs" if args.mlp_epochs else f"{args.mlp_minutes:g} min"
+    print(f"Blundell MLP 784-1200-1200-10, {mlp_prior_name(args.mlp_estimator)}, {budget}",
+          flush=True)
     torch.manual_seed(args.seed)
-    model = blundell_mlp(hidden=args.mlp_hidden)
+    model = blundell_mlp(hidden=args.mlp_hidden, estimator=args.mlp_estimator)
     epochs, seconds, log = train_bnn(model, data, lr=args.lr, seed=args.seed,
-                                     minutes=args.mlp_minutes, epochs=args.mlp_max_epochs,
-                                     cosine=False)
+                                     minutes=args.mlp_minutes, epochs=args.mlp_epochs)
     torch.manual_seed(args.seed)
     row, raw = evaluate(model, data.x_test, data.y_test, oods, samples=args.samples)
-    row.update(train_s=seconds, epochs=epochs, log=log, prior=mlp_prior_name(),
+    row.update(train_s=seconds, epochs=epochs, log=log, prior=mlp_prior_name(args.mlp_estimator),
                **posterior_width(model))
     row["missed_targets"] = check_targets("mlp", row, None)
     row["plots"] = save_plots(raw, args.plots, "blundell_mlp") if args.plots else []
@@ -244,7 +260,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--parent-epochs", type=int, default=6)
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--mlp-minutes", type=float, default=20.0)
-    parser.add_argument("--mlp-max-epochs", type=int, default=None)
+    parser.add_argument("--mlp-epochs", type=int, default=None,
+                        help="a fixed number of MLP epochs instead of --mlp-minutes")
+    parser.add_argument("--mlp-estimator", default="lrt", choices=["reparam", "lrt", "flipout"])
     parser.add_argument("--mlp-hidden", type=int, default=1200)
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the means")
     parser.add_argument("--samples", type=int, default=20,

@@ -93,6 +93,36 @@ def test_scale_mixture_kl_uses_the_forward_sample_once():
     assert layer._kl_samples == {}  # nothing kept without autograd
 
 
+@pytest.mark.parametrize("pi, sigma1, sigma2", [(0.5, 1.0, math.exp(-6)), (0.25, 0.1, 2.0)])
+def test_fused_scale_mixture_kl_equals_the_reference_in_value_and_gradient(pi, sigma1, sigma2):
+    """The layer's fused Monte Carlo KL against ScaleMixturePrior.kl through autograd, at the
+    same weight sample, for the value and every gradient (mu and rho, through the sample)."""
+    prior = ScaleMixturePrior(pi, sigma1, sigma2)
+    layer = BayesLinear(30, 20, prior=prior, posterior_sigma_init=0.05, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight_rho.add_(torch.rand_like(layer.weight_rho))
+        layer.weight_mu.mul_(50.0)  # weights far in both components' tails too
+    layer(torch.randn(3, 30, dtype=torch.float64))
+    samples = dict(layer._kl_samples)
+    fused = layer.kl()
+    fused.backward()
+    grads = [p.grad.clone() for p in (layer.weight_mu, layer.weight_rho, layer.bias_mu, layer.bias_rho)]
+    layer.zero_grad()
+    reference = 0.0
+    for name in ("weight", "bias"):
+        mu, rho = getattr(layer, name + "_mu"), getattr(layer, name + "_rho")
+        sigma = nn.functional.softplus(rho)
+        # the same draw, as a function of mu and rho
+        w = mu + sigma * ((samples[name] - mu) / sigma).detach()
+        buffers = {k: getattr(layer, f"{name}_prior_{k}") for k in ("pi", "sigma1", "sigma2")}
+        reference = reference + prior.kl(mu, sigma, buffers, w)
+    reference.backward()
+    torch.testing.assert_close(fused, reference.detach())
+    expected = [p.grad for p in (layer.weight_mu, layer.weight_rho, layer.bias_mu, layer.bias_rho)]
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
 def test_empirical_prior_and_moped_initialisation():
     dnn = nn.Linear(6, 4)
     bnn = BayesLinear.from_dnn(dnn, prior=EmpiricalPrior(0.1), moped_delta=0.05)

@@ -23,7 +23,7 @@ def quality():
 def test_end_to_end_on_synthetic_data(quality, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# Benchmarks\n\nkept\n")
-    args = ["--synthetic", "--quick", "--mlp-hidden", "16", "--mlp-max-epochs", "1",
+    args = ["--synthetic", "--quick", "--mlp-hidden", "16", "--mlp-epochs", "1",
             "--samples", "3", "--threads", "1", "--out", str(tmp_path / "q.json"),
             "--readme", str(readme)]
     report = quality.main(args)

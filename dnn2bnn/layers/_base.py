@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from dnn2bnn.config import OPTION_NAMES, BayesConfig, Estimator
 from dnn2bnn.errors import ConversionWarning
 from dnn2bnn.layers import _estimators
-from dnn2bnn.layers._sampling import NormalKL, cached_sigma, softplus32
+from dnn2bnn.layers._sampling import MixtureKL, NormalKL, cached_sigma, softplus32
 from dnn2bnn.layers._sampling import sample as _sample
 from dnn2bnn.priors import Prior
 
@@ -264,6 +264,15 @@ class BayesianLayer(nn.Module):
             self._scalar_cache[key] = cached
         return cached[1]
 
+    def _mixture_scalars(self, name: str, buffers: dict[str, Tensor]) -> tuple[float, ...] | None:
+        """``(pi, sigma1, sigma2)`` for the fused scale-mixture KL, or None to take the
+        prior's reference KL (not a two-component mixture of scalar buffers, or pi == 1)."""
+        keys = ("pi", "sigma1", "sigma2")
+        if set(buffers) != set(keys) or any(buffers[k].numel() != 1 for k in keys):
+            return None
+        values = tuple(self._prior_scalar(f"{name}_prior_{k}", buffers[k]) for k in keys)
+        return values if values[0] < 1.0 else None
+
     def _keep_for_kl(self, name: str, sample: Tensor) -> None:
         """Remember the forward pass's weight sample when the prior's KL is Monte Carlo."""
         if self.prior.needs_sample and torch.is_grad_enabled():
@@ -319,7 +328,11 @@ class BayesianLayer(nn.Module):
                     sample = self._kl_samples.pop(name, None)
                     if sample is None:
                         sample = mu + sigma * torch.randn_like(mu)
-                term = self.prior.kl(mu, sigma, buffers, sample)
+                mixture = self._mixture_scalars(name, buffers) if fusable else None
+                if mixture is not None:
+                    term = MixtureKL.apply(sample, mu, sigma, *mixture)
+                else:
+                    term = self.prior.kl(mu, sigma, buffers, sample)
             total = term if total is None else total + term
         if total is None:
             raise RuntimeError(f"{type(self).__name__} has no Bayesian parameter")

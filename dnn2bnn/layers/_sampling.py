@@ -26,6 +26,7 @@ from torch import Tensor
 __all__ = [
     "GaussianSample",
     "GaussianSampleTransformable",
+    "MixtureKL",
     "NormalKL",
     "cached_sigma",
     "sample",
@@ -182,3 +183,54 @@ class NormalKL(torch.autograd.Function):
         if ctx.release is not None:
             ctx.release()  # rho changes at the next optimizer step: do not hold sigma meanwhile
         return grad_mu, grad_rho, None, None, None, None
+
+
+class MixtureKL(torch.autograd.Function):
+    """Single-sample Monte Carlo ``KL(q || p)`` for the scale-mixture prior, summed, fused.
+
+    ``p = pi N(0, s1^2) + (1 - pi) N(0, s2^2)`` with scalar ``0 < pi < 1``; ``w`` is the weight
+    sample, ``q = N(mu, sigma^2)``. With ``eps = (w - mu) / sigma`` and
+    ``u = c w^2 + d`` (``c = 1/(2 s2^2) - 1/(2 s1^2)``, ``d = log(pi s2 / ((1 - pi) s1))``),
+    ``log p(w) = log((1 - pi) / s2) - w^2 / (2 s2^2) + softplus(u) - log sqrt(2 pi)``, so
+
+        KL = -sum(log sigma) - sum(eps^2) / 2 - n log((1 - pi) / s2)
+             + sum(w^2) / (2 s2^2) - sum(softplus(u))
+
+    a handful of passes and reductions instead of the two-component ``logaddexp`` through
+    autograd (about 5x fewer passes over the weights). Gradients are the partial derivatives
+    in ``w``, ``mu`` and ``sigma``; autograd composes them with the sample's own.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, w: Tensor, mu: Tensor, sigma: Tensor, pi: float, s1: float, s2: float
+    ) -> Tensor:
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        w, mu, sigma = w.to(dtype), mu.to(dtype), sigma.to(dtype)
+        c = 0.5 / s2**2 - 0.5 / s1**2
+        d = math.log(pi * s2 / ((1.0 - pi) * s1))
+        eps = torch.sub(w, mu).div_(sigma)
+        flat_w, flat_eps = w.flatten(), eps.flatten()
+        sq = flat_w * flat_w
+        u = sq.mul_(c).add_(d)  # c w^2 + d, in place of w^2 (its sum comes from a dot)
+        kl = (torch.dot(flat_w, flat_w) * (0.5 / s2**2) - 0.5 * torch.dot(flat_eps, flat_eps)
+              - torch.log(sigma).sum() - F.softplus(u).sum()
+              - w.numel() * math.log((1.0 - pi) / s2))
+        ctx.save_for_backward(w, sigma, eps, torch.sigmoid_(u))
+        ctx.c, ctx.s2 = c, s2
+        return kl
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        w, sigma, eps, sig_u = ctx.saved_tensors
+        grad_w = grad_mu = grad_sigma = None
+        eps_over_sigma = eps / sigma
+        if ctx.needs_input_grad[0]:
+            # d/dw: -eps/sigma - dlog p/dw, dlog p/dw = w (2 c sigmoid(u) - 1/s2^2)
+            grad_w = sig_u.view_as(w).mul(2.0 * ctx.c).sub_(1.0 / ctx.s2**2).mul_(w)
+            grad_w.add_(eps_over_sigma).mul_(-grad)
+        if ctx.needs_input_grad[1]:
+            grad_mu = eps_over_sigma.mul(grad)
+        if ctx.needs_input_grad[2]:
+            grad_sigma = eps.square().sub_(1.0).div_(sigma).mul_(grad)  # (eps^2 - 1) / sigma
+        return grad_w, grad_mu, grad_sigma, None, None, None
