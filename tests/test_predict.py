@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dnn2bnn
 from dnn2bnn import ClassificationPrediction, PredictionWarning, RegressionPrediction
-from dnn2bnn.prediction._split import plan_split
+from dnn2bnn.prediction._split import cached_plan, plan_split
 from dnn2bnn.prediction._vectorized import WeightDraws
 
 from tests.conftest import mlp
@@ -212,6 +212,33 @@ def test_last_layer_plan_runs_the_prefix_once():
     assert full.vectorized == ["body"] and full.per_draw == ["top"]
     deterministic = [n.target for n in plan.graph.nodes if n not in plan.stochastic]
     assert deterministic[1:] == ["0", "1", "2", "3"]  # after the placeholder: run once
+
+
+def test_the_plan_is_traced_once_per_model_structure():
+    import gc
+    import weakref
+
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((10, 16, 16, 3)), posterior_sigma_init=0.1)
+    first = cached_plan(bnn)
+    assert cached_plan(bnn) is first  # same structure: no new trace
+    x = torch.randn(3, 10)
+    assert dnn2bnn.predict(bnn, x, 4).method == "vectorized" and cached_plan(bnn) is first
+    with dnn2bnn.set_mode(bnn[0], "mean"):  # a mode change: traced again
+        changed = cached_plan(bnn)
+        assert changed is not first and changed.vectorized == ["2", "4"]
+    handle = bnn[2].register_forward_hook(lambda m, i, o: o)  # a hook: traced again
+    hooked = cached_plan(bnn)
+    assert hooked not in (first, changed) and "2" in hooked.per_draw
+    handle.remove()
+    bnn[4] = dnn2bnn.transform_to_bnn_model(nn.Linear(16, 5))  # a replaced layer
+    replaced = cached_plan(bnn)
+    assert dnn2bnn.predict(bnn, x, 4).probs.shape == (3, 5)
+    dnn2bnn.prediction.clear_plan_cache(bnn)
+    assert cached_plan(bnn) is not replaced
+    ref = weakref.ref(bnn)
+    del bnn, first, changed, hooked, replaced
+    gc.collect()
+    assert ref() is None  # the cache does not keep the model alive
 
 
 def test_mean_mode_layers_are_deterministic():

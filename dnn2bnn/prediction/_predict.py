@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dnn2bnn.prediction._split import SplitPlan, plan_split
+from dnn2bnn.prediction._split import SplitPlan, cached_plan
 from dnn2bnn.prediction._vectorized import WeightDraws, is_stochastic
 from dnn2bnn.prediction.results import ClassificationPrediction, RegressionPrediction
 
@@ -148,7 +148,7 @@ class _Sampler:
         self.draws = WeightDraws(num_samples)
         self.used: set[str] = set()
         if method is not Method.LOOP:
-            plan = plan_split(model)
+            plan = cached_plan(model)
             if isinstance(plan, str):
                 self._fall_back(plan)
             else:

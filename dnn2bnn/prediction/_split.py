@@ -11,6 +11,7 @@ layer alone is Bayesian thus costs about one deterministic pass for any ``S``.
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ from dnn2bnn.prediction._vectorized import (
     vectorizable,
 )
 
-__all__ = ["SplitPlan", "plan_split"]
+__all__ = ["SplitPlan", "cached_plan", "clear_plan_cache", "plan_split"]
 
 
 class _Tracer(fx.Tracer):
@@ -63,8 +64,9 @@ def _means_for_tracing(model: nn.Module) -> Iterator[list[BayesianLayer]]:
 class SplitPlan:
     """A traced model and which of its nodes depend on a posterior sample."""
 
-    #: The traced model (run by an interpreter over ``graph``; no code is generated).
-    module: nn.Module
+    #: The traced model (run by an interpreter over ``graph``; no code is generated); a
+    #: weak reference when the plan is cached for that model (the cache must not keep it).
+    root: nn.Module | weakref.ref[nn.Module]
     graph: fx.Graph
     stochastic: set[fx.Node]
     #: Nodes whose value depends on the model input (only those carry a batch dimension).
@@ -76,12 +78,67 @@ class SplitPlan:
     #: ids of vectorizable Linear layers called once per forward (local reparameterization).
     single_use: frozenset[int] = frozenset()
 
+    @property
+    def module(self) -> nn.Module:
+        root = self.root
+        if isinstance(root, weakref.ref):
+            module = root()
+            if module is None:  # pragma: no cover - the plan outlived its model
+                raise RuntimeError("the model of this prediction plan was deleted")
+            return module
+        return root
+
     def run(self, x: Tensor, draws: WeightDraws) -> Any:
         """The model output for ``S`` draws, every tensor shaped ``[S, B, ...]``."""
         draws.new_pass()
         draws.local = self.single_use
         out = _FoldedInterpreter(self, draws, x.shape[0]).run(x)
         return _unfold(out, x.shape[0], draws.num_samples)
+
+
+# model -> (structure stamp, plan or reason). Values hold the model only weakly.
+_PLANS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], SplitPlan | str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _stamp(model: nn.Module) -> tuple[Any, ...]:
+    """What a plan depends on besides the code: the module tree (objects and classes, shared
+    modules included), each layer's sampling mode and the module hooks."""
+    return tuple(
+        (name, id(m), type(m), m.__dict__.get("bayes_mode"),
+         tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+        for name, m in model.named_modules(remove_duplicate=False)
+    )
+
+
+def cached_plan(model: nn.Module) -> SplitPlan | str:
+    """:func:`plan_split`, traced once per model and reused while its structure is unchanged.
+
+    The plan is traced again when a submodule is added, removed or replaced, a layer's mode
+    changes or a hook is added or removed. Python control flow in ``forward`` that reads
+    other attributes is frozen in the trace (as in any torch.fx capture): after changing
+    such an attribute, call :func:`clear_plan_cache`.
+    """
+    if is_bayesian_layer(model):  # wrapped in a container by plan_split: cheap to trace
+        return plan_split(model)
+    stamp = _stamp(model)
+    entry = _PLANS.get(model)
+    if entry is not None and entry[0] == stamp:
+        return entry[1]
+    plan = plan_split(model)
+    if isinstance(plan, SplitPlan):
+        plan.root = weakref.ref(model)
+    _PLANS[model] = (stamp, plan)
+    return plan
+
+
+def clear_plan_cache(model: nn.Module | None = None) -> None:
+    """Forget the cached prediction plan of ``model`` (of every model with ``None``)."""
+    if model is None:
+        _PLANS.clear()
+    else:
+        _PLANS.pop(model, None)
 
 
 def plan_split(model: nn.Module) -> SplitPlan | str:
