@@ -5,12 +5,18 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from dnn2bnn.distributed import _gather_kl
-from dnn2bnn.layers._base import is_bayesian_layer
+from dnn2bnn.layers._base import BayesianLayer, is_bayesian_layer
+from dnn2bnn.layers._sampling import MultiNormalKL, NormalKL
+
+#: Parameters up to this many elements with a closed-form KL share one multi-tensor KL node
+#: (their cost is dispatch, not arithmetic); larger ones get a node each.
+SMALL_KL_NUMEL = 1 << 16
 
 __all__ = ["WithBNNLoss", "kl_divergence"]
 
@@ -28,12 +34,55 @@ def kl_divergence(model: nn.Module) -> Tensor:
         >>> kl_divergence(bnn).item() > 0
         True
     """
-    terms = [_gather_kl(m.kl()) for m in model.modules() if is_bayesian_layer(m)]
+    terms: list[Tensor] = []
+    small: list[tuple[Any, ...]] = []  # NormalKL arguments of small float32 parameters
+    for m in model.modules():
+        if not is_bayesian_layer(m):
+            continue
+        if not _own_kl(m):
+            terms.append(_gather_kl(m.kl()))
+            continue
+        found = False
+        for name in m.bayes_params:
+            mu = m._parameters[name + "_mu"]
+            if mu is None:
+                continue
+            found = True
+            args = None
+            if mu.numel() <= SMALL_KL_NUMEL and mu.dtype == torch.float32:
+                args = m._normal_kl_args(name)
+            if args is None:
+                terms.append(_gather_kl(m._kl_term(name)))
+            else:
+                prior_mean = args[3]
+                if prior_mean.numel() == 1:
+                    prior_mean = m._prior_scalar(name + "_prior_mu", prior_mean)
+                small.append((*args[:3], prior_mean, *args[4:]))
+        if not found:
+            m.kl()  # raises: a Bayesian layer without any Bayesian parameter
+    if len(small) == 1:
+        mu, rho, sigma, prior_mean, prior_sigma, release = small[0]
+        if isinstance(prior_mean, float):
+            prior_mean = torch.tensor(prior_mean, device=mu.device)
+        terms.append(NormalKL.apply(mu, rho, sigma, prior_mean, prior_sigma, release))
+    elif small:
+        columns = list(zip(*small))
+        terms.append(MultiNormalKL.apply(
+            list(columns[3]), list(columns[4]), list(columns[5]), *columns[0], *columns[1], *columns[2]
+        ))
     if not terms:
         param = next(model.parameters(), None)
         device = param.device if param is not None else None
         return torch.zeros((), device=device)
     return torch.stack([t.reshape(()) for t in terms]).sum()
+
+
+def _own_kl(module: nn.Module) -> bool:
+    """Whether ``module`` computes its KL with the built-in per-parameter terms."""
+    cls = type(module)
+    return isinstance(module, BayesianLayer) and (
+        cls.kl is BayesianLayer.kl and cls._kl_term is BayesianLayer._kl_term
+    )
 
 
 def _check_factor(name: str, value: float) -> float:

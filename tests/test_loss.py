@@ -56,3 +56,40 @@ def test_gradients_flow_through_loss_to_every_posterior_parameter():
     for name, param in bnn.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
         assert param.grad.abs().sum() > 0, name
+
+
+def test_kl_divergence_batches_small_parameters_without_changing_the_result(monkeypatch):
+    """Small float32 parameters with a closed-form KL share one multi-tensor node; the value
+    and every gradient equal the per-layer sum, whatever the prior and size mix."""
+    from dnn2bnn import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "SMALL_KL_NUMEL", 500)  # some large, some small here
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 30), nn.ReLU(),
+        nn.Linear(30, 10), nn.Linear(10, 3), nn.Linear(3, 2, dtype=torch.float64),
+    )
+    bnn = dnn2bnn.transform_to_bnn_model(
+        net,
+        config=dnn2bnn.BayesConfigMapping()
+        .set_global(dnn2bnn.BayesConfig(prior=dnn2bnn.NormalPrior(0.1, 0.5), posterior_sigma_init=0.05))
+        .set_module_name("4", dnn2bnn.BayesConfig(prior=dnn2bnn.EmpiricalPrior(0.3)))
+        .set_module_name("5", dnn2bnn.BayesConfig(prior=dnn2bnn.ScaleMixturePrior(0.5, 1.0, 0.1))),
+    )
+    with torch.no_grad():
+        for p in bnn.parameters():
+            p.add_(torch.rand_like(p) * 0.3)
+    x = torch.randn(2, 1, 8, 8)
+    torch.manual_seed(1)
+    bnn[:6](x)  # a forward pass, so the scale-mixture layer has its sample
+    total = dnn2bnn.kl_divergence(bnn)
+    total.backward()
+    grads = [p.grad.clone() for p in bnn.parameters()]
+    bnn.zero_grad()
+    torch.manual_seed(1)
+    bnn[:6](x)  # the same Monte Carlo sample for the reference
+    reference = sum(m.kl().to(torch.float64) for m in bnn.modules() if dnn2bnn.is_bayesian_layer(m))
+    reference.backward()
+    torch.testing.assert_close(total.to(torch.float64), reference, rtol=1e-6, atol=1e-3)
+    for (name, p), got in zip(bnn.named_parameters(), grads):
+        torch.testing.assert_close(got, p.grad, msg=name)

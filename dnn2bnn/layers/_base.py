@@ -304,39 +304,57 @@ class BayesianLayer(nn.Module):
         """
         total = None
         for name in self.bayes_params:
-            mu = self._parameters[name + "_mu"]
-            if mu is None:
+            if self._parameters[name + "_mu"] is None:
                 continue
-            rho = self._parameters[name + "_rho"]
-            prefix = name + "_prior_"
-            buffers = {k[len(prefix) :]: v for k, v in self._buffers.items() if k.startswith(prefix)}
-            # the fused KL flattens plain tensors; compile fuses the reference itself, and
-            # tensor subclasses (FSDP2 DTensor shards) and meta tensors take the reference
-            fusable = type(mu) in (Tensor, nn.Parameter) and not (
-                torch.compiler.is_compiling() or mu.is_meta
-            )
-            if fusable and not self.prior.needs_sample and buffers["sigma"].numel() == 1:
-                # Normal / empirical prior: fused closed form with a hand-written gradient
-                sigma = self._sigma(name, rho)
-                release = functools.partial(self._sigma_cache.pop, name, None)
-                prior_sigma = self._prior_scalar(name + "_prior_sigma", buffers["sigma"])
-                term = NormalKL.apply(mu, rho, sigma, buffers["mu"], prior_sigma, release)
-            else:  # the prior's own KL, through autograd
-                sigma = softplus32(rho)
-                sample = None
-                if self.prior.needs_sample:
-                    sample = self._kl_samples.pop(name, None)
-                    if sample is None:
-                        sample = mu + sigma * torch.randn_like(mu)
-                mixture = self._mixture_scalars(name, buffers) if fusable else None
-                if mixture is not None:
-                    term = MixtureKL.apply(sample, mu, sigma, *mixture)
-                else:
-                    term = self.prior.kl(mu, sigma, buffers, sample)
+            term = self._kl_term(name)
             total = term if total is None else total + term
         if total is None:
             raise RuntimeError(f"{type(self).__name__} has no Bayesian parameter")
         return total
+
+    def _prior_buffers(self, name: str) -> dict[str, Tensor]:
+        prefix = name + "_prior_"
+        return {k[len(prefix) :]: v for k, v in self._buffers.items() if k.startswith(prefix)}
+
+    def _fusable(self, mu: Tensor) -> bool:
+        # the fused KLs flatten plain tensors; compile fuses the reference itself, and
+        # tensor subclasses (FSDP2 DTensor shards) and meta tensors take the reference
+        return type(mu) in (Tensor, nn.Parameter) and not (
+            torch.compiler.is_compiling() or mu.is_meta
+        )
+
+    def _normal_kl_args(self, name: str) -> tuple[Any, ...] | None:
+        """``(mu, rho, sigma, prior_mu, prior_sigma, release)`` for :class:`NormalKL` when the
+        closed form applies with a scalar prior sigma on plain tensors, else None."""
+        mu = self._parameters[name + "_mu"]
+        if mu is None or self.prior.needs_sample or not self._fusable(mu):
+            return None
+        buffers = self._prior_buffers(name)
+        if buffers["sigma"].numel() != 1:
+            return None
+        rho = self._parameters[name + "_rho"]
+        sigma = self._sigma(name, rho)
+        release = functools.partial(self._sigma_cache.pop, name, None)
+        prior_sigma = self._prior_scalar(name + "_prior_sigma", buffers["sigma"])
+        return mu, rho, sigma, buffers["mu"], prior_sigma, release
+
+    def _kl_term(self, name: str) -> Tensor:
+        """The KL of one Bayesian parameter (see :meth:`kl`)."""
+        args = self._normal_kl_args(name)
+        if args is not None:  # Normal / empirical prior: fused closed form, hand-written gradient
+            return NormalKL.apply(*args)
+        mu, rho = self._parameters[name + "_mu"], self._parameters[name + "_rho"]
+        buffers = self._prior_buffers(name)
+        sigma = softplus32(rho)  # the prior's own KL, through autograd
+        sample = None
+        if self.prior.needs_sample:
+            sample = self._kl_samples.pop(name, None)
+            if sample is None:
+                sample = mu + sigma * torch.randn_like(mu)
+        mixture = self._mixture_scalars(name, buffers) if self._fusable(mu) else None
+        if mixture is not None:
+            return MixtureKL.apply(sample, mu, sigma, *mixture)
+        return self.prior.kl(mu, sigma, buffers, sample)
 
     def reset_parameters(self) -> None:
         """Re-initialise like the torch.nn layer (means) and reset sigma to its initial value."""
