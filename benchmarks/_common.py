@@ -68,18 +68,21 @@ WORKLOADS = [
 ]
 
 
-def batch(workload: Workload, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(workload: Workload, seed: int = 0, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(workload.batch, *workload.input_shape, generator=g)
     y = torch.randint(0, 10, (workload.batch,), generator=g)
-    return x, y
+    return x.to(device), y.to(device)
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kl_scale: float | None) -> Callable[[], None]:
-    """A closure doing one step: forward, cross-entropy (+ KL/N), backward, Adam."""
+def train_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, kl_scale: float | None, *, fused: bool = False
+) -> Callable[[], None]:
+    """A closure doing one step: forward, cross-entropy (+ KL/N), backward, Adam (torch's
+    default multi-tensor implementation, or ``fused=True``: the single-kernel one)."""
     import dnn2bnn
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, **({"fused": True} if fused else {}))
     model.train()
 
     def step() -> None:
@@ -93,6 +96,12 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kl_scale: flo
     return step
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work (timings on CUDA); nothing on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def interleaved(
     variants: dict[str, Callable[[], Any]], *, rounds: int, reps: int, warmup: int = 2
 ) -> dict[str, list[float]]:
@@ -103,9 +112,11 @@ def interleaved(
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
+            synchronize()
             start = time.perf_counter()
             for _ in range(reps):
                 fn()
+            synchronize()
             times[name].append((time.perf_counter() - start) / reps)
     return times
 

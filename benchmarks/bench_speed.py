@@ -12,8 +12,13 @@ Measures, on CPU with one thread (interleaved rounds, median of per-round ratios
    (needs ``dnn2bnn.predict``, which runs the deterministic trunk once; the plain loop is
    shown for reference);
 4. conversion time of a ResNet-50 (median of 3);
-5. peak training memory (growth of the peak RSS of a fresh subprocess, Linux) relative to
-   deterministic.
+5. peak training memory (growth of the peak RSS of a fresh subprocess, Linux; on CUDA the
+   peak allocated GPU memory) relative to deterministic;
+6. the same train step with ``torch.optim.Adam(fused=True)`` on both sides, and the *noise
+   floor*: ``1 + t(randn over every Bayesian weight) / t(deterministic step)`` (train) and
+   ``1 + 16 t(randn) / t(16 deterministic passes)`` (MC), the ratio that drawing one fresh
+   Gaussian per weight with ``torch.randn`` costs by itself, before any other work.
+``--device cuda`` runs everything on the GPU (timings synchronised).
 With bayesian-torch installed (``pip install .[bench]``), its ``dnn_to_bnn`` is timed
 side by side. Prints a table; writes benchmarks/results/bench_speed.json.
 """
@@ -37,7 +42,9 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import dnn2bnn  # noqa: E402
-from _common import WORKLOADS, Workload, batch, interleaved, median_ratio, table, train_step, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    WORKLOADS, Workload, batch, interleaved, median_ratio, table, train_step, write_json,
+)
 
 SAMPLES = 16
 KL_SCALE = 1.0 / 60_000
@@ -133,6 +140,39 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def cuda_memory(workload: Workload, variant: str, device: str) -> float:
+    """Peak allocated GPU memory (MiB) over 3 train steps of one variant, from a clean slate."""
+    x, y = batch(workload, device=device)
+    model = workload.make().to(device)
+    if variant == "dnn2bnn":
+        model = dnn2bnn.transform_to_bnn_model(model, inplace=True)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step = train_step(model, x, y, None if variant == "deterministic" else KL_SCALE)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del model, step
+    return peak / 2**20
+
+
+def noise(model: torch.nn.Module, draws: int = 1) -> Callable[[], None]:
+    """``torch.randn`` over as many numbers as ``model`` has Bayesian weights, ``draws`` times."""
+    count = sum(
+        p.numel() for name, p in model.named_parameters() if name.endswith("_mu")
+    )
+    device = next(model.parameters()).device
+
+    def run() -> None:
+        for _ in range(draws):
+            torch.randn(count, device=device)
+
+    return run
+
+
 def _memory_child(index: int, variant: str) -> None:
     torch.set_num_threads(1)
     workload = WORKLOADS[index]
@@ -155,6 +195,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds, 1 repetition")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._memory:
@@ -164,16 +205,29 @@ def main() -> None:
     reps = 1 if args.quick else 3
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    tools = ["dnn2bnn"] + (["bayesian-torch"] if dnn_to_bnn is not None else [])
-    results: dict = {"rounds": rounds, "reps": reps, "samples": SAMPLES, "targets": TARGETS}
+    device = args.device
+    cuda = device.startswith("cuda")
+    bt_model = bayesian_torch_model if not cuda else (lambda workload: None)
+    tools = ["dnn2bnn"] + (["bayesian-torch"] if dnn_to_bnn is not None and not cuda else [])
+    results: dict = {"rounds": rounds, "reps": reps, "samples": SAMPLES, "targets": TARGETS,
+                     "device": torch.cuda.get_device_name() if cuda else "cpu"}
     rows = []
     for index, workload in enumerate(WORKLOADS):
-        x, y = batch(workload)
-        dnn = workload.make()
+        x, y = batch(workload, device=device)
+        dnn = workload.make().to(device)
         bnn = dnn2bnn.transform_to_bnn_model(dnn)
-        bt = bayesian_torch_model(workload)
-        train = {"deterministic": train_step(dnn, x, y, None), "dnn2bnn": train_step(bnn, x, y, KL_SCALE)}
-        mc = {"deterministic": mc_loop(dnn, x), "dnn2bnn": mc_loop(bnn, x)}
+        bt = bt_model(workload)
+        dnn_f = workload.make().to(device)
+        bnn_f = dnn2bnn.transform_to_bnn_model(dnn_f)
+        train = {
+            "deterministic": train_step(dnn, x, y, None),
+            "dnn2bnn": train_step(bnn, x, y, KL_SCALE),
+            "deterministic (fused Adam)": train_step(dnn_f, x, y, None, fused=True),
+            "dnn2bnn (fused Adam)": train_step(bnn_f, x, y, KL_SCALE, fused=True),
+            "noise": noise(bnn),
+        }
+        mc = {"deterministic": mc_loop(dnn, x), "dnn2bnn": mc_loop(bnn, x),
+              "noise": noise(bnn, SAMPLES)}
         if bt is not None:
             train["bayesian-torch"] = bt_train_step(bt, x, y)
             mc["bayesian-torch"] = mc_loop(bt, x)
@@ -182,13 +236,24 @@ def main() -> None:
             mc["dnn2bnn.predict"] = predict
         train_times = interleaved(train, rounds=rounds, reps=reps)
         mc_times = interleaved(mc, rounds=rounds, reps=reps)
+        fused_ratio = median_ratio(train_times, "dnn2bnn (fused Adam)", "deterministic (fused Adam)")
         entry = {
-            "train": {k: median_ratio(train_times, k, "deterministic") for k in train if k != "deterministic"},
-            "mc": {k: median_ratio(mc_times, k, "deterministic") for k in mc if k != "deterministic"},
+            "train": {k: median_ratio(train_times, k, "deterministic") for k in train
+                      if k in tools or k == "bayesian-torch"},
+            "train_fused_adam": fused_ratio,
+            "train_noise_floor": 1 + median_ratio(train_times, "noise", "deterministic"),
+            "train_noise_floor_fused_adam": 1 + median_ratio(train_times, "noise", "deterministic (fused Adam)"),
+            "mc": {k: median_ratio(mc_times, k, "deterministic") for k in mc
+                   if k not in ("deterministic", "noise")},
+            "mc_noise_floor": 1 + median_ratio(mc_times, "noise", "deterministic"),
             "train_deterministic_ms": 1e3 * statistics.median(train_times["deterministic"]),
+            "train_deterministic_fused_adam_ms": 1e3 * statistics.median(train_times["deterministic (fused Adam)"]),
             "mc_deterministic_ms": 1e3 * statistics.median(mc_times["deterministic"]),
         }
-        entry["memory_mib"] = {v: measure_memory(index, v) for v in ["deterministic", *tools]}
+        if cuda:
+            entry["memory_mib"] = {v: cuda_memory(workload, v, device) for v in ["deterministic", *tools]}
+        else:
+            entry["memory_mib"] = {v: measure_memory(index, v) for v in ["deterministic", *tools]}
         entry["memory"] = {
             v: entry["memory_mib"][v] / entry["memory_mib"]["deterministic"] for v in tools
         }
@@ -198,8 +263,11 @@ def main() -> None:
             workload.name,
             f"{entry['train_deterministic_ms']:.1f} ms",
             fmt(entry["train"]["dnn2bnn"], target) + f" (<= {target})",
+            f"{entry['train_noise_floor']:.2f}x",
+            fmt(entry["train_fused_adam"], target) + f" ({entry['train_noise_floor_fused_adam']:.2f}x)",
             fmt(entry["mc"]["dnn2bnn"], TARGETS["mc"]),
             fmt(entry["mc"].get("dnn2bnn.predict"), TARGETS["mc"]),
+            f"{entry['mc_noise_floor']:.2f}x",
             fmt(entry["memory"]["dnn2bnn"], TARGETS["memory"]),
             *([fmt(entry["train"]["bayesian-torch"]), fmt(entry["mc"]["bayesian-torch"]),
                fmt(entry["memory"]["bayesian-torch"])] if bt is not None else []),
@@ -208,8 +276,8 @@ def main() -> None:
 
     # 3. ResNet-18 with a Bayesian last layer: 16 samples vs ONE deterministic pass
     workload = WORKLOADS[2]
-    x, _ = batch(workload)
-    dnn = workload.make()
+    x, _ = batch(workload, device=device)
+    dnn = workload.make().to(device)
     last = dnn2bnn.transform_to_bnn_model(dnn, include="fc")
     variants = {"deterministic x1": one_pass(dnn, x), "loop x16": mc_loop(last, x)}
     predict = mc_predict(last, x)
@@ -228,7 +296,8 @@ def main() -> None:
         conversions.append(time.perf_counter() - start)
     results["resnet50_conversion_s"] = statistics.median(conversions)
 
-    header = ["workload", "det. step", "train step", "MC x16 (loop)", "MC x16 (predict)", "peak memory"]
+    header = ["workload", "det. step", "train step", "noise floor", "train, fused Adam (floor)",
+              "MC x16 (loop)", "MC x16 (predict)", "MC noise floor", "peak memory"]
     if len(tools) > 1:
         header += ["bayesian-torch train", "bayesian-torch MC", "bayesian-torch memory"]
     print(table(header, rows))
@@ -238,7 +307,7 @@ def main() -> None:
         ["dnn2bnn.predict", fmt(last_layer.get("dnn2bnn.predict"), TARGETS["last_layer"])],
     ]))
     print(f"\nResNet-50 conversion: {results['resnet50_conversion_s']:.3f} s (target < 1 s)")
-    path = write_json("bench_speed", results)
+    path = write_json("bench_speed" + ("_cuda" if cuda else ""), results)
     print(f"JSON: {path}")
 
 
