@@ -64,7 +64,10 @@ def predict(
     Sampling is vectorized: torch.fx finds the part of the network upstream of the first
     Bayesian layer, which runs once; the rest runs on a batch of ``B * num_samples`` rows
     where each Bayesian linear/convolution layer applies all its weight draws in one batched
-    call (softplus(rho) is computed once per call of ``predict``). This assumes dim 0 of
+    call (softplus(rho) is computed once per call of ``predict``). The split is traced once
+    per model and reused until a submodule, a layer's mode or a hook changes (after changing
+    an attribute that ``forward``'s Python control flow reads, call
+    :func:`dnn2bnn.prediction.clear_plan_cache`). This assumes dim 0 of
     every batched tensor is the batch and that the model, in eval mode, treats batch items
     independently. Where the graph cannot be split (tracing fails, a Bayesian weight is read
     outside its layer, the batch size is used as a number, ...), a
