@@ -11,7 +11,7 @@ from torch import nn
 import dnn2bnn
 from dnn2bnn import BayesLinear
 
-__all__ = ["LeNet5", "blundell_mlp", "mlp_prior_name"]
+__all__ = ["LeNet5", "blundell_mlp", "mlp_prior", "mlp_prior_name"]
 
 
 class LeNet5(nn.Module):
@@ -31,27 +31,28 @@ class LeNet5(nn.Module):
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
 
 
-def _mlp_prior() -> dnn2bnn.ScaleMixturePrior:
+def mlp_prior() -> dnn2bnn.ScaleMixturePrior:
     """Blundell et al.'s scale mixture: pi=0.5, sigma1=1, sigma2=e^-6."""
     return dnn2bnn.ScaleMixturePrior(pi=0.5, sigma1=1.0, sigma2=math.exp(-6.0))
 
 
 def mlp_prior_name(estimator: str = "lrt") -> str:
-    prior = _mlp_prior()
+    prior = mlp_prior()
     return (
         f"scale mixture pi={prior.pi:g}, sigma1={prior.sigma1:g}, sigma2={prior.sigma2:.4g}; "
         f"estimator {estimator}"
     )
 
 
-def blundell_mlp(*, hidden: int = 1200, estimator: str = "lrt") -> nn.Module:
-    """784-hidden-hidden-10 MLP of Bayesian linear layers (Blundell et al. 2015), from scratch."""
-    options = {"prior": _mlp_prior(), "estimator": estimator}
+def blundell_mlp(*, hidden: int = 1200, estimator: str = "lrt", bayesian: bool = True) -> nn.Module:
+    """784-hidden-hidden-10 MLP (Blundell et al. 2015), of Bayesian linear layers built from
+    scratch, or of plain ``nn.Linear`` layers with ``bayesian=False``."""
+    def linear(i: int, o: int) -> nn.Module:
+        if not bayesian:
+            return nn.Linear(i, o)
+        return BayesLinear(i, o, prior=mlp_prior(), estimator=estimator)
+
     return nn.Sequential(
-        nn.Flatten(),
-        BayesLinear(784, hidden, **options),
-        nn.ReLU(),
-        BayesLinear(hidden, hidden, **options),
-        nn.ReLU(),
-        BayesLinear(hidden, 10, **options),
+        nn.Flatten(), linear(784, hidden), nn.ReLU(), linear(hidden, hidden), nn.ReLU(),
+        linear(hidden, 10),
     )

@@ -34,6 +34,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dnn2bnn  # noqa: E402
 from _quality_data import Data, load_mnist, ood_sets, synthetic  # noqa: E402
 from _quality_eval import EVALUATION, evaluate, markdown_table, save_plots  # noqa: E402
-from _quality_models import LeNet5, blundell_mlp, mlp_prior_name  # noqa: E402
+from _quality_models import LeNet5, blundell_mlp, mlp_prior, mlp_prior_name  # noqa: E402
 
 BEGIN, END = "<!-- quality_mnist:begin -->", "<!-- quality_mnist:end -->"
 TARGETS = {
@@ -62,11 +63,11 @@ def batches(n: int, batch_size: int, generator: torch.Generator):
 
 
 def train_parent(
-    data: Data, *, epochs: int, seed: int, batch_size: int = 128
+    data: Data, *, epochs: int, seed: int, batch_size: int = 128, make: Callable[[], nn.Module] = LeNet5
 ) -> tuple[nn.Module, float]:
-    """A deterministic LeNet-5: Adam, one-cycle schedule peaking at 3e-3."""
+    """A deterministic network (LeNet-5 by default): Adam, one-cycle schedule peaking at 3e-3."""
     torch.manual_seed(seed)
-    model = LeNet5()
+    model = make()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     steps = epochs * math.ceil(len(data.y_train) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
@@ -204,15 +205,27 @@ def run_mlp(args: argparse.Namespace, data: Data, oods: dict[str, Tensor], resul
           flush=True)
     torch.manual_seed(args.seed)
     model = blundell_mlp(hidden=args.mlp_hidden, estimator=args.mlp_estimator)
+    pretrain_s, name = 0.0, "Blundell MLP BNN"
+    if args.mlp_pretrain_epochs:  # the dnn2bnn way: train deterministically, convert, go on
+        dnn, pretrain_s = train_parent(
+            data, epochs=args.mlp_pretrain_epochs, seed=args.seed,
+            make=lambda: blundell_mlp(hidden=args.mlp_hidden, bayesian=False))
+        options = {"prior": mlp_prior(), "estimator": args.mlp_estimator}
+        model = dnn2bnn.transform_to_bnn_model(dnn, **options)
+        name = f"Blundell MLP, {args.mlp_pretrain_epochs} det. ep. + converted"
+        print(f"    {args.mlp_pretrain_epochs} deterministic epochs in {pretrain_s:.0f} s", flush=True)
+    minutes = None if args.mlp_epochs else max(args.mlp_minutes - pretrain_s / 60, 0.1)
     epochs, seconds, log = train_bnn(model, data, lr=args.lr, seed=args.seed,
-                                     minutes=args.mlp_minutes, epochs=args.mlp_epochs)
+                                     minutes=minutes, epochs=args.mlp_epochs)
+    seconds += pretrain_s
     torch.manual_seed(args.seed)
     row, raw = evaluate(model, data.x_test, data.y_test, oods, samples=args.samples)
     row.update(train_s=seconds, epochs=epochs, log=log, prior=mlp_prior_name(args.mlp_estimator),
                **posterior_width(model))
     row["missed_targets"] = check_targets("mlp", row, None)
     row["plots"] = save_plots(raw, args.plots, "blundell_mlp") if args.plots else []
-    results[f"Blundell MLP BNN, {epochs} ep."] = row
+    row["pretrain_epochs"] = args.mlp_pretrain_epochs
+    results[f"{name}, {epochs} ep."] = row
     print(markdown_table({"mlp": row}), flush=True)
 
 
@@ -263,6 +276,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--mlp-epochs", type=int, default=None,
                         help="a fixed number of MLP epochs instead of --mlp-minutes")
     parser.add_argument("--mlp-estimator", default="lrt", choices=["reparam", "lrt", "flipout"])
+    parser.add_argument("--mlp-pretrain-epochs", type=int, default=0,
+                        help="train the MLP deterministically this many epochs first, convert "
+                        "it with dnn2bnn, then train the BNN for the rest of the time budget")
     parser.add_argument("--mlp-hidden", type=int, default=1200)
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the means")
     parser.add_argument("--samples", type=int, default=20,

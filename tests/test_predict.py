@@ -80,7 +80,11 @@ def test_regression_conventions_by_hand():
     ],
     ids=["linear", "linear-3d-input", "conv1d-groups", "conv2d-reflect", "conv2d-circular", "conv3d"],
 )
-def test_weight_draws_apply_each_draw_to_its_rows(layer, shape):
+@pytest.mark.parametrize("conv_path", ["grouped", "per-draw"])
+def test_weight_draws_apply_each_draw_to_its_rows(layer, shape, conv_path, monkeypatch):
+    from dnn2bnn.prediction import _vectorized
+
+    monkeypatch.setattr(_vectorized, "CPU_PER_DRAW_CONV", conv_path == "per-draw")
     bnn = dnn2bnn.transform_to_bnn_layer(nn.Sequential(layer), type(layer), posterior_sigma_init=0.3)[0]
     draws = WeightDraws(5)
     x = torch.randn(shape[0] * 5, *shape[1:])

@@ -4,7 +4,9 @@ Layout: a *folded* batch holds ``S`` copies of a batch of ``B`` inputs, batch-ma
 ``[B * S, ...]`` (row ``b * S + s`` is input ``b`` under weight draw ``s``). This layout
 makes a convolution over all draws free of copies: ``[B * S, C, ...]`` is viewed as
 ``[B, S * C, ...]`` and convolved with the ``S`` weight draws stacked as ``S * groups``
-groups. A linear layer applies the draws with one batched matrix product.
+groups (on CPU, where oneDNN's grouped kernels are slower, one ordinary convolution per
+draw on a strided slice instead). A linear layer applies the draws with one batched matrix
+product.
 
 Only the built-in layers whose ``forward`` is torch's own are handled here; any other
 stochastic module is run once per draw on its slice of the folded batch
@@ -186,6 +188,15 @@ def _conv(
     if layer.padding_mode != "zeros":
         xg = F.pad(xg, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
         padding = 0
+    if _per_draw_conv(x):
+        xs = xg.reshape(b, s, -1, *xg.shape[2:])
+        outs = [
+            conv(xs[:, i], weight[i], None if bias is None else bias[i], layer.stride, padding,
+                 layer.dilation, layer.groups)
+            for i in range(s)
+        ]
+        out = torch.stack(outs, dim=1)  # [B, S, C_out, ...]
+        return out.reshape(b * s, *out.shape[2:])
     out = conv(
         xg,
         weight.reshape(-1, *weight.shape[2:]),
@@ -196,6 +207,17 @@ def _conv(
         layer.groups * s,
     )
     return out.reshape(b * s, weight.shape[1], *out.shape[2:])
+
+
+#: On CPU a convolution's S draws run as S ordinary convolutions on strided slices of the
+#: folded batch: oneDNN's grouped kernels (one convolution of ``S * groups`` groups, the
+#: path on other devices) were slower there for every layer shape of LeNet-5 and ResNet-18
+#: measured (``benchmarks/bench_predict.py``).
+CPU_PER_DRAW_CONV = True
+
+
+def _per_draw_conv(x: Tensor) -> bool:
+    return CPU_PER_DRAW_CONV and x.device.type == "cpu"
 
 
 def per_draw_call(
