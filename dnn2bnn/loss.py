@@ -48,6 +48,10 @@ def kl_divergence(model: nn.Module) -> Tensor:
             if mu is None:
                 continue
             found = True
+            pending = m._take_pending_kl(name)  # computed with this step's sample
+            if pending is not None:
+                terms.append(pending)
+                continue
             args = None
             if mu.numel() <= SMALL_KL_NUMEL and mu.dtype == torch.float32:
                 args = m._normal_kl_args(name)

@@ -103,3 +103,62 @@ def test_per_example_gradients_with_vmap_use_the_transformable_sample():
         params, torch.randn(4, 3)
     )
     assert grads["weight_rho"].shape == (4, 2, 3) and torch.isfinite(grads["weight_rho"]).all()
+
+
+@pytest.mark.parametrize("uses", ["both", "weight only", "kl only"])
+@pytest.mark.parametrize("prior_mu", [0.0, "tensor"])
+def test_sample_and_kl_in_one_node_equal_autograd_of_the_formulas(uses, prior_mu):
+    """GaussianSampleKL: the weight sample and its KL from one node, gradients combined."""
+    from dnn2bnn.layers._sampling import GaussianSampleKL
+
+    mu, rho = _params()
+    sigma = torch.nn.functional.softplus(rho).detach()
+    pm = torch.randn(7, 5, dtype=torch.float64) if prior_mu == "tensor" else torch.tensor(0.0, dtype=torch.float64)
+    torch.manual_seed(3)
+    weight, kl = GaussianSampleKL.apply(mu, rho, sigma, pm, 0.7, None)
+    torch.manual_seed(3)
+    eps = torch.randn_like(mu)
+    reference_w = mu + torch.nn.functional.softplus(rho) * eps
+    reference_kl = kl_normal(mu, torch.nn.functional.softplus(rho), pm, torch.tensor(0.7, dtype=torch.float64))
+    torch.testing.assert_close(weight, reference_w)
+    torch.testing.assert_close(kl, reference_kl)
+    g = torch.randn_like(weight)
+
+    def loss(w, k):
+        terms = {"both": (w * g).sum() + 0.3 * k, "weight only": (w * g).sum(), "kl only": 0.3 * k}
+        return terms[uses]
+
+    grads = torch.autograd.grad(loss(weight, kl), (mu, rho))
+    expected = torch.autograd.grad(loss(reference_w, reference_kl), (mu, rho))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_training_forward_leaves_its_kl_for_the_loss_and_never_a_stale_one():
+    torch.manual_seed(0)
+    layer = BayesLinear(5, 3, posterior_sigma_init=0.1)
+    x = torch.randn(4, 5)
+    out = layer(x)
+    assert set(layer._pending_kl) == {"weight", "bias"}
+    with torch.no_grad():
+        logged = layer.kl()  # logging: a detached value, the pending KL stays
+    assert logged.grad_fn is None and set(layer._pending_kl) == {"weight", "bias"}
+    kl = layer.kl()
+    assert layer._pending_kl == {}  # handed out once, with its graph
+    torch.testing.assert_close(kl, logged)
+    reference = sum(
+        kl_normal(getattr(layer, n + "_mu"), layer.posterior_sigma(n), torch.tensor(0.0), torch.tensor(1.0))
+        for n in ("weight", "bias")
+    )
+    torch.testing.assert_close(kl, reference)
+    (out.sum() + kl).backward()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x)  # a new pending KL...
+    optimizer.step()  # ... made stale by the update
+    fresh = layer.kl()
+    expected = sum(
+        kl_normal(getattr(layer, n + "_mu"), layer.posterior_sigma(n), torch.tensor(0.0), torch.tensor(1.0))
+        for n in ("weight", "bias")
+    )
+    torch.testing.assert_close(fresh, expected)
+    assert layer._pending_kl == {}

@@ -29,7 +29,14 @@ from torch import Tensor, nn
 from dnn2bnn.config import OPTION_NAMES, BayesConfig, Estimator
 from dnn2bnn.errors import ConversionWarning
 from dnn2bnn.layers import _estimators
-from dnn2bnn.layers._sampling import MixtureKL, NormalKL, cached_sigma, softplus32
+from dnn2bnn.layers._sampling import (
+    GaussianSampleKL,
+    MixtureKL,
+    NormalKL,
+    cached_sigma,
+    softplus32,
+    transforms_active,
+)
 from dnn2bnn.layers._sampling import sample as _sample
 from dnn2bnn.priors import Prior
 
@@ -89,6 +96,7 @@ class BayesianLayer(nn.Module):
         "_sample_cache",
         "_share_samples",
         "_kl_samples",
+        "_pending_kl",
         "_sigma_cache",
         "_scalar_cache",
     )
@@ -120,6 +128,8 @@ class BayesianLayer(nn.Module):
         self._sample_cache: dict[str, Tensor] | None = None
         self._share_samples = False
         self._kl_samples: dict[str, Tensor] = {}
+        # name -> (KL computed with the last training sample, the versions it is valid for)
+        self._pending_kl: dict[str, tuple[Tensor, tuple[int, ...]]] = {}
         self._sigma_cache: dict[str, tuple[int, int, Tensor]] = {}
         self._scalar_cache: dict[str, tuple[tuple[int, int], float]] = {}
         for name in self.bayes_params:
@@ -238,11 +248,57 @@ class BayesianLayer(nn.Module):
         # sigma is float32+ (see softplus32); the sample goes back to the parameter dtype so
         # the parent's forward sees weights of the dtype it was built with.
         sigma = self._sigma(name, rho, reuse=not torch.is_grad_enabled())
-        sample = _sample(mu, rho, sigma).to(mu.dtype)
+        fused = self._sample_with_kl(name, mu, rho, sigma)
+        sample = fused if fused is not None else _sample(mu, rho, sigma).to(mu.dtype)
         if cache is not None:
             cache[name] = sample
         self._keep_for_kl(name, sample)
         return sample
+
+    def _sample_with_kl(self, name: str, mu: Tensor, rho: Tensor, sigma: Tensor) -> Tensor | None:
+        """In training, the weight sample and this parameter's closed-form KL from one
+        autograd node (:class:`GaussianSampleKL`); the KL waits in ``_pending_kl`` for
+        :meth:`kl` / :func:`dnn2bnn.kl_divergence`. None where that does not apply."""
+        if not (torch.is_grad_enabled() and (mu.requires_grad or rho.requires_grad)):
+            return None
+        if self.prior.needs_sample or mu.dtype not in (torch.float32, torch.float64):
+            return None
+        if sigma.dtype != mu.dtype or not self._fusable(mu) or transforms_active():
+            return None
+        if _FSDPModule is not None and isinstance(self, _FSDPModule):
+            return None  # the KL of sharded parameters is taken per shard, outside forward
+        prior_mu, prior_sigma = self._buffers[name + "_prior_mu"], self._buffers[name + "_prior_sigma"]
+        if prior_sigma.numel() != 1:
+            return None
+        scalar = self._prior_scalar(name + "_prior_sigma", prior_sigma)
+        release = functools.partial(self._sigma_cache.pop, name, None)
+        weight, kl = GaussianSampleKL.apply(mu, rho, sigma, prior_mu, scalar, release)
+        self._pending_kl[name] = (kl, self._kl_stamp(name, mu, rho))
+        return weight
+
+    def _kl_stamp(self, name: str, mu: Tensor, rho: Tensor) -> tuple[int, ...]:
+        prior_mu, prior_sigma = self._buffers[name + "_prior_mu"], self._buffers[name + "_prior_sigma"]
+        return (id(mu), mu._version, id(rho), rho._version, id(prior_mu), prior_mu._version,
+                id(prior_sigma), prior_sigma._version)
+
+    def _take_pending_kl(self, name: str) -> Tensor | None:
+        """The KL left by this step's forward pass, if the parameters are unchanged since.
+
+        With autograd on, it is handed out once (its node is backpropagated with the loss);
+        without (logging under ``torch.no_grad()``), a detached copy is returned and it stays.
+        """
+        entry = self._pending_kl.get(name)
+        if entry is None:
+            return None
+        kl, stamp = entry
+        mu, rho = self._parameters[name + "_mu"], self._parameters[name + "_rho"]
+        if mu is None or rho is None or stamp != self._kl_stamp(name, mu, rho):
+            del self._pending_kl[name]
+            return None
+        if not torch.is_grad_enabled():
+            return kl.detach()
+        del self._pending_kl[name]
+        return kl
 
     def _sigma(self, name: str, rho: Tensor, *, reuse: bool = True) -> Tensor:
         """``softplus(rho)`` detached, computed once per change of ``rho`` (see ``_sampling``).
@@ -340,6 +396,9 @@ class BayesianLayer(nn.Module):
 
     def _kl_term(self, name: str) -> Tensor:
         """The KL of one Bayesian parameter (see :meth:`kl`)."""
+        pending = self._take_pending_kl(name)
+        if pending is not None:
+            return pending
         args = self._normal_kl_args(name)
         if args is not None:  # Normal / empirical prior: fused closed form, hand-written gradient
             return NormalKL.apply(*args)
@@ -384,6 +443,7 @@ class BayesianLayer(nn.Module):
         state = super().__getstate__()
         state = dict(state)
         state["_kl_samples"] = {}
+        state["_pending_kl"] = {}
         state["_sigma_cache"] = {}
         state["_scalar_cache"] = {}
         state["_sample_cache"] = None

@@ -25,6 +25,7 @@ from torch import Tensor
 
 __all__ = [
     "GaussianSample",
+    "GaussianSampleKL",
     "GaussianSampleTransformable",
     "MixtureKL",
     "MultiNormalKL",
@@ -32,6 +33,7 @@ __all__ = [
     "cached_sigma",
     "sample",
     "softplus32",
+    "transforms_active",
 ]
 
 
@@ -45,6 +47,11 @@ def softplus32(rho: Tensor) -> Tensor:
 
 
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
+def transforms_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, ...) is running."""
+    return bool(_transforms_active())
 
 
 def cached_sigma(
@@ -140,6 +147,78 @@ def sample(mu: Tensor, rho: Tensor, sigma: Tensor) -> Tensor:
     return torch.randn_like(mu).mul_(sigma).add_(mu)
 
 
+def _normal_kl_value(mu: Tensor, sigma: Tensor, prior_mu: Tensor, prior_sigma: float) -> Tensor:
+    """Summed closed-form ``KL(N(mu, sigma^2) || N(prior_mu, prior_sigma^2))``, float32+."""
+    dtype = torch.promote_types(mu.dtype, torch.float32)
+    m, s = mu.to(dtype).flatten(), sigma.to(dtype).flatten()
+    diff = m - prior_mu.to(dtype).flatten()  # broadcasts a scalar prior mean
+    # 0.5 * sum(s^2 + d^2) / ps^2 - sum(log s) + n * (log ps - 1/2), with reductions only
+    # out of place: under FSDP2 the dot products are partial sums (DTensor Partial)
+    kl = (torch.dot(s, s) + torch.dot(diff, diff)) * (0.5 / prior_sigma**2)
+    return kl - torch.log(s).sum() + m.numel() * (math.log(prior_sigma) - 0.5)
+
+
+class GaussianSampleKL(torch.autograd.Function):
+    """:class:`GaussianSample` and :class:`NormalKL` of the same parameter in ONE node.
+
+    Returns ``(weight, kl)``. The layer keeps ``kl`` for :func:`dnn2bnn.kl_divergence` of
+    the same step, so the backward receives both gradients at once and combines them::
+
+        grad_mu  = g + c (mu - prior_mu) / prior_sigma^2
+        grad_rho = sigmoid(rho) * ((g (w - mu) - c) / sigma + c sigma / prior_sigma^2)
+
+    with ``g`` the weight's gradient and ``c`` the KL's: about ten passes over the weights
+    instead of fifteen for the two nodes, one ``sigmoid`` instead of two, and no gradient
+    accumulation between them. Either gradient may be absent (weight or KL unused).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        mu: Tensor,
+        rho: Tensor,
+        sigma: Tensor,
+        prior_mu: Tensor,
+        prior_sigma: float,
+        release: Callable[[], None] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        weight = torch.addcmul(mu, sigma, torch.randn_like(mu))
+        kl = _normal_kl_value(mu, sigma, prior_mu, prior_sigma)
+        ctx.save_for_backward(mu, rho, sigma, prior_mu, weight)
+        ctx.prior_sigma, ctx.release = prior_sigma, release
+        ctx.set_materialize_grads(False)
+        return weight, kl
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad: Tensor | None, grad_kl: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        mu, rho, sigma, prior_mu, weight = ctx.saved_tensors
+        scale = None if grad_kl is None else grad_kl.to(sigma.dtype) / ctx.prior_sigma**2
+        grad_mu = grad_rho = None
+        if ctx.needs_input_grad[0]:
+            if scale is None:
+                grad_mu = grad if grad is not None else torch.zeros_like(mu)
+            else:
+                grad_mu = torch.sub(mu, prior_mu).mul_(scale)
+                if grad is not None:
+                    grad_mu.add_(grad)
+        if ctx.needs_input_grad[1]:
+            grad_rho = torch.sub(weight, mu)  # sigma * eps
+            if grad is not None:
+                grad_rho.mul_(grad)
+            else:
+                grad_rho.zero_()
+            if scale is not None:
+                grad_rho.sub_(grad_kl.to(sigma.dtype)).div_(sigma).addcmul_(sigma, scale)
+            else:
+                grad_rho.div_(sigma)
+            grad_rho.mul_(torch.sigmoid(rho))
+        if ctx.release is not None:
+            ctx.release()  # rho changes at the next optimizer step: do not hold sigma meanwhile
+        return grad_mu, grad_rho, None, None, None, None
+
+
 class NormalKL(torch.autograd.Function):
     """Summed ``KL(N(mu, softplus(rho)^2) || N(prior_mu, prior_sigma^2))``, scalar prior sigma.
 
@@ -158,13 +237,7 @@ class NormalKL(torch.autograd.Function):
         prior_sigma: float,
         release: Callable[[], None] | None = None,
     ) -> Tensor:
-        dtype = torch.promote_types(mu.dtype, torch.float32)
-        m, s = mu.to(dtype).flatten(), sigma.to(dtype).flatten()
-        diff = m - prior_mu.to(dtype).flatten()  # broadcasts a scalar prior mean
-        # 0.5 * sum(s^2 + d^2) / ps^2 - sum(log s) + n * (log ps - 1/2), with reductions only
-        # out of place: under FSDP2 the dot products are partial sums (DTensor Partial)
-        kl = (torch.dot(s, s) + torch.dot(diff, diff)) * (0.5 / prior_sigma**2)
-        kl = kl - torch.log(s).sum() + m.numel() * (math.log(prior_sigma) - 0.5)
+        kl = _normal_kl_value(mu, sigma, prior_mu, prior_sigma)
         ctx.save_for_backward(mu, rho, sigma, prior_mu)
         ctx.prior_sigma = prior_sigma
         ctx.release = release
