@@ -106,7 +106,7 @@ def test_per_example_gradients_with_vmap_use_the_transformable_sample():
 
 
 @pytest.mark.parametrize("uses", ["both", "weight only", "kl only"])
-@pytest.mark.parametrize("prior_mu", [0.0, "tensor"])
+@pytest.mark.parametrize("prior_mu", [0.0, "zero as None", "tensor"])
 def test_sample_and_kl_in_one_node_equal_autograd_of_the_formulas(uses, prior_mu):
     """GaussianSampleKL: the weight sample and its KL from one node, gradients combined."""
     from dnn2bnn.layers._sampling import GaussianSampleKL
@@ -115,7 +115,7 @@ def test_sample_and_kl_in_one_node_equal_autograd_of_the_formulas(uses, prior_mu
     sigma = torch.nn.functional.softplus(rho).detach()
     pm = torch.randn(7, 5, dtype=torch.float64) if prior_mu == "tensor" else torch.tensor(0.0, dtype=torch.float64)
     torch.manual_seed(3)
-    weight, kl = GaussianSampleKL.apply(mu, rho, sigma, pm, 0.7, None)
+    weight, kl = GaussianSampleKL.apply(mu, rho, sigma, None if prior_mu == "zero as None" else pm, 0.7, None)
     torch.manual_seed(3)
     eps = torch.randn_like(mu)
     reference_w = mu + torch.nn.functional.softplus(rho) * eps

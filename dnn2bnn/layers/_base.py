@@ -272,7 +272,10 @@ class BayesianLayer(nn.Module):
             return None
         scalar = self._prior_scalar(name + "_prior_sigma", prior_sigma)
         release = functools.partial(self._sigma_cache.pop, name, None)
-        weight, kl = GaussianSampleKL.apply(mu, rho, sigma, prior_mu, scalar, release)
+        zero_mean = prior_mu.numel() == 1 and self._prior_scalar(name + "_prior_mu", prior_mu) == 0.0
+        weight, kl = GaussianSampleKL.apply(
+            mu, rho, sigma, None if zero_mean else prior_mu, scalar, release
+        )
         self._pending_kl[name] = (kl, self._kl_stamp(name, mu, rho))
         return weight
 

@@ -147,11 +147,15 @@ def sample(mu: Tensor, rho: Tensor, sigma: Tensor) -> Tensor:
     return torch.randn_like(mu).mul_(sigma).add_(mu)
 
 
-def _normal_kl_value(mu: Tensor, sigma: Tensor, prior_mu: Tensor, prior_sigma: float) -> Tensor:
-    """Summed closed-form ``KL(N(mu, sigma^2) || N(prior_mu, prior_sigma^2))``, float32+."""
+def _normal_kl_value(
+    mu: Tensor, sigma: Tensor, prior_mu: Tensor | None, prior_sigma: float
+) -> Tensor:
+    """Summed closed-form ``KL(N(mu, sigma^2) || N(prior_mu, prior_sigma^2))``, float32+.
+    ``prior_mu=None`` means a zero prior mean (one pass fewer)."""
     dtype = torch.promote_types(mu.dtype, torch.float32)
     m, s = mu.to(dtype).flatten(), sigma.to(dtype).flatten()
-    diff = m - prior_mu.to(dtype).flatten()  # broadcasts a scalar prior mean
+    # broadcasts a scalar prior mean
+    diff = m if prior_mu is None else m - prior_mu.to(dtype).flatten()
     # 0.5 * sum(s^2 + d^2) / ps^2 - sum(log s) + n * (log ps - 1/2), with reductions only
     # out of place: under FSDP2 the dot products are partial sums (DTensor Partial)
     kl = (torch.dot(s, s) + torch.dot(diff, diff)) * (0.5 / prior_sigma**2)
@@ -178,13 +182,13 @@ class GaussianSampleKL(torch.autograd.Function):
         mu: Tensor,
         rho: Tensor,
         sigma: Tensor,
-        prior_mu: Tensor,
+        prior_mu: Tensor | None,
         prior_sigma: float,
         release: Callable[[], None] | None = None,
     ) -> tuple[Tensor, Tensor]:
         weight = torch.addcmul(mu, sigma, torch.randn_like(mu))
         kl = _normal_kl_value(mu, sigma, prior_mu, prior_sigma)
-        ctx.save_for_backward(mu, rho, sigma, prior_mu, weight)
+        ctx.save_for_backward(mu, rho, sigma, weight, prior_mu)
         ctx.prior_sigma, ctx.release = prior_sigma, release
         ctx.set_materialize_grads(False)
         return weight, kl
@@ -193,14 +197,14 @@ class GaussianSampleKL(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad: Tensor | None, grad_kl: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        mu, rho, sigma, prior_mu, weight = ctx.saved_tensors
+        mu, rho, sigma, weight, prior_mu = ctx.saved_tensors
         scale = None if grad_kl is None else grad_kl.to(sigma.dtype) / ctx.prior_sigma**2
         grad_mu = grad_rho = None
         if ctx.needs_input_grad[0]:
             if scale is None:
                 grad_mu = grad if grad is not None else torch.zeros_like(mu)
             else:
-                grad_mu = torch.sub(mu, prior_mu).mul_(scale)
+                grad_mu = torch.mul(mu, scale) if prior_mu is None else torch.sub(mu, prior_mu).mul_(scale)
                 if grad is not None:
                     grad_mu.add_(grad)
         if ctx.needs_input_grad[1]:
