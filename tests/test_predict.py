@@ -163,8 +163,13 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("fold", ["at once", "in chunks"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_vectorized_matches_loop_in_distribution(case):
+def test_vectorized_matches_loop_in_distribution(case, fold, monkeypatch):
+    if fold == "in chunks":  # a 1-byte budget: CPU chunks of one draw each
+        from dnn2bnn.prediction import _predict
+
+        monkeypatch.setattr(_predict, "CPU_FOLD_BYTES", 1)
     build, options, make_input = CASES[case]
     bnn = dnn2bnn.transform_to_bnn_model(build(), posterior_sigma_init=0.1, **options)
     x = make_input()
@@ -183,6 +188,21 @@ def test_vectorized_matches_loop_in_distribution(case):
     # for the heavier tails of outputs that are nonlinear in the weights).
     log_ratio = (var_a / var_b).log()
     assert log_ratio.abs().max() < 6 * 2 * math.sqrt(2 * 2 / (s - 1)), log_ratio.abs().max()
+
+
+def test_chunked_folding_runs_the_deterministic_part_once(monkeypatch):
+    from dnn2bnn.prediction import _predict
+
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((10, 16, 16, 3)), include="4", posterior_sigma_init=0.1)
+    calls = []
+    bnn[0].register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    x = torch.randn(6, 10)
+    # the fc output is 12 bytes a row: a 100-byte budget gives chunks of one draw
+    monkeypatch.setattr(_predict, "CPU_FOLD_BYTES", 100)
+    pred = dnn2bnn.predict(bnn, x, 9, return_samples=True)
+    assert pred.method == "vectorized" and pred.samples.shape == (9, 6, 3)
+    assert calls == [6]  # the prefix ran once, at batch size, for all chunks
+    assert not torch.allclose(pred.samples[0], pred.samples[1])
 
 
 def test_shared_layer_uses_one_sample_per_pass():

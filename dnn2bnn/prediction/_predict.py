@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dnn2bnn.prediction._split import SplitPlan, cached_plan
+from dnn2bnn.prediction._split import Chunk, SplitPlan, cached_plan
 from dnn2bnn.prediction._vectorized import WeightDraws, is_stochastic
 from dnn2bnn.prediction.results import ClassificationPrediction, RegressionPrediction
 
@@ -20,6 +20,12 @@ __all__ = ["PredictionWarning", "Task", "predict"]
 
 #: A DataLoader with at least this many batches gets a progress bar when ``progress=None``.
 AUTO_PROGRESS_MIN_BATCHES = 20
+
+#: On CPU the folded batch is split into chunks of draws so that the largest activation of
+#: the stochastic part stays within about this many bytes (cache-sized): a fully Bayesian
+#: CNN folded at once thrashes the cache and loses to the plain loop. The first chunk (one
+#: draw) measures the activation size; the deterministic part runs once for all chunks.
+CPU_FOLD_BYTES = 16 * 2**20
 
 
 class Task(str, Enum):
@@ -176,7 +182,7 @@ class _Sampler:
     def __call__(self, x: Tensor) -> Any:
         if self.plan is not None:
             try:
-                out = self.plan.run(x, self.draws)
+                out = self._run_plan(self.plan, x)
             except Exception as exc:  # noqa: BLE001 - any failure: the reference loop decides
                 self._fall_back(f"the folded batch failed ({type(exc).__name__}: {exc})")
             else:
@@ -184,6 +190,39 @@ class _Sampler:
                 return out
         self.used.add("loop")
         return _stack([self.model(x) for _ in range(self.num_samples)])
+
+    def _run_plan(self, plan: SplitPlan, x: Tensor) -> Any:
+        """All draws folded at once; on CPU in cache-sized chunks (see CPU_FOLD_BYTES)."""
+        s = self.num_samples
+        if x.device.type != "cpu" or s == 1:
+            return plan.run(x, self.draws)
+        chunk = Chunk(frontier={})
+        parts = [plan.run(x, WeightDraws(1, self.draws._sigmas), chunk)]
+        done = 1
+        while done < s:
+            rows = max(1, CPU_FOLD_BYTES // max(1, chunk.row_bytes))
+            k = min(s - done, max(1, rows // max(1, x.shape[0])))
+            parts.append(plan.run(x, WeightDraws(k, self.draws._sigmas), chunk))
+            done += k
+        return _concat(parts)
+
+
+def _concat(parts: list[Any]) -> Any:
+    """Join ``[k, B, ...]`` outputs of several chunks of draws along the sample dimension."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    if isinstance(first, Tensor):
+        return torch.cat(parts)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat([p[i] for p in parts]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _concat([p[k] for p in parts]) for k in first}
+    if isinstance(first, torch.distributions.Normal):
+        return torch.distributions.Normal(
+            torch.cat([p.loc for p in parts]), torch.cat([p.scale for p in parts])
+        )
+    raise TypeError(f"cannot collect model outputs of type {type(first).__name__}")
 
 
 def _stack(outputs: list[Any]) -> Any:

@@ -31,7 +31,7 @@ from dnn2bnn.prediction._vectorized import (
     vectorizable,
 )
 
-__all__ = ["SplitPlan", "cached_plan", "clear_plan_cache", "plan_split"]
+__all__ = ["Chunk", "SplitPlan", "cached_plan", "clear_plan_cache", "plan_split"]
 
 
 class _Tracer(fx.Tracer):
@@ -77,6 +77,8 @@ class SplitPlan:
     per_draw: list[str]
     #: ids of vectorizable Linear layers called once per forward (local reparameterization).
     single_use: frozenset[int] = frozenset()
+    #: Deterministic nodes read by stochastic ones: all that a chunk after the first needs.
+    frontier: frozenset[fx.Node] = frozenset()
 
     @property
     def module(self) -> nn.Module:
@@ -88,12 +90,29 @@ class SplitPlan:
             return module
         return root
 
-    def run(self, x: Tensor, draws: WeightDraws) -> Any:
-        """The model output for ``S`` draws, every tensor shaped ``[S, B, ...]``."""
+    def run(self, x: Tensor, draws: WeightDraws, chunk: Chunk | None = None) -> Any:
+        """The model output for ``S`` draws, every tensor shaped ``[S, B, ...]``.
+
+        With ``chunk``, the deterministic part runs only in the first call that gets this
+        ``chunk``: later calls (more draws of the same batch) reuse its frontier values.
+        """
         draws.new_pass()
         draws.local = self.single_use
-        out = _FoldedInterpreter(self, draws, x.shape[0]).run(x)
+        interpreter = _FoldedInterpreter(self, draws, x.shape[0], chunk)
+        out = interpreter.run(x)
+        if chunk is not None:
+            chunk.started = True
         return _unfold(out, x.shape[0], draws.num_samples)
+
+
+@dataclass
+class Chunk:
+    """State shared by the calls of :meth:`SplitPlan.run` that split one batch's draws."""
+
+    frontier: dict[fx.Node, Any]
+    started: bool = False
+    #: Largest bytes per folded row of a tensor of the stochastic part (measured).
+    row_bytes: int = 0
 
 
 # model -> (structure stamp, plan or reason). Values hold the model only weakly.
@@ -189,23 +208,41 @@ def plan_split(model: nn.Module) -> SplitPlan | str:
         if calls[name] == 1 and vectorizable(m) and isinstance(m, nn.Linear)
         and sum(1 for other in modules.values() if other is m) == 1
     )
+    frontier = frozenset(
+        a for n in stochastic for a in n.all_input_nodes if a not in stochastic
+    )
     return SplitPlan(
         model, graph, stochastic, batched, sorted(set(vectorized)), sorted(set(per_draw)),
-        single_use,
+        single_use, frontier,
     )
 
 
 class _FoldedInterpreter(fx.Interpreter):
-    def __init__(self, plan: SplitPlan, draws: WeightDraws, batch: int) -> None:
+    def __init__(self, plan: SplitPlan, draws: WeightDraws, batch: int, chunk: Chunk | None) -> None:
         super().__init__(plan.module, graph=plan.graph)
         self.plan = plan
         self.draws = draws
         self.batch = batch
+        self.chunk = chunk
         self._folded: dict[fx.Node, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
+        chunk = self.chunk
         if n not in self.plan.stochastic:
-            return super().run_node(n)
+            if chunk is None:
+                return super().run_node(n)
+            if chunk.started:  # later chunk: no deterministic work, only the frontier's values
+                return chunk.frontier.get(n)
+            value = super().run_node(n)
+            if n in self.plan.frontier:
+                chunk.frontier[n] = value
+            return value
+        value = self._run_stochastic(n)
+        if chunk is not None and isinstance(value, Tensor) and value.dim() > 0 and value.shape[0]:
+            chunk.row_bytes = max(chunk.row_bytes, value.numel() * value.element_size() // value.shape[0])
+        return value
+
+    def _run_stochastic(self, n: fx.Node) -> Any:
         with self._set_current_node(n):
             args = map_arg(n.args, self._fetch_folded)
             kwargs = map_arg(n.kwargs, self._fetch_folded)

@@ -87,9 +87,10 @@ class WeightDraws:
     are shared by every use of the layer within a pass (:meth:`new_pass` starts a new one).
     """
 
-    def __init__(self, num_samples: int) -> None:
+    def __init__(self, num_samples: int, sigmas: dict[int, dict[str, Tensor]] | None = None) -> None:
         self.num_samples = num_samples
-        self._sigmas: dict[int, dict[str, Tensor]] = {}
+        #: softplus(rho) per layer; pass the dict of another WeightDraws to share it.
+        self._sigmas: dict[int, dict[str, Tensor]] = {} if sigmas is None else sigmas
         self._draws: dict[int, dict[str, Tensor | None]] = {}
         self._caches: dict[int, list[dict[str, Tensor]]] = {}
         #: ids of Linear layers called once per pass: sampled by local reparameterization.
