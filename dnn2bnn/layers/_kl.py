@@ -1,0 +1,173 @@
+"""The KL side of a Bayesian layer: one term per Bayesian parameter, fused where possible.
+
+:class:`PosteriorKL` is a mixin of :class:`~dnn2bnn.layers._base.BayesianLayer`. Per
+parameter it picks the cheapest exact computation:
+
+* in training, the weight sample and its closed-form KL come from ONE autograd node
+  (:class:`~dnn2bnn.layers._sampling.GaussianSampleKL`); the KL waits in ``_pending_kl``
+  until :meth:`BayesianLayer.kl` or :func:`dnn2bnn.kl_divergence` takes it, and is dropped
+  if any parameter or prior buffer changed meanwhile;
+* otherwise the fused closed form (:class:`~dnn2bnn.layers._sampling.NormalKL`), the
+  fused scale-mixture Monte Carlo KL (:class:`~dnn2bnn.layers._sampling.MixtureKL`) at
+  the forward pass's sample, or the prior's own reference formula through autograd
+  (tensor subclasses, meta tensors, torch.compile, per-parameter prior tensors).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from dnn2bnn.layers._sampling import (
+    GaussianSampleKL,
+    MixtureKL,
+    NormalKL,
+    softplus32,
+    transforms_active,
+)
+
+if TYPE_CHECKING:
+    from dnn2bnn.priors import Prior
+
+__all__ = ["PosteriorKL"]
+
+try:  # FSDP2's module marker; absent on builds without torch.distributed
+    from torch.distributed.fsdp import FSDPModule as _FSDPModule
+except ImportError:  # pragma: no cover
+    _FSDPModule = None
+
+
+class PosteriorKL:
+    """KL terms of the Bayesian parameters of an ``nn.Module`` (see the module docstring)."""
+
+    _parameters: dict[str, nn.Parameter | None]
+    _buffers: dict[str, Tensor | None]
+    prior: Prior
+    _kl_samples: dict[str, Tensor]
+    _pending_kl: dict[str, tuple[Tensor, tuple[int, ...]]]
+    _sigma_cache: dict[str, tuple[int, int, Tensor]]
+    _scalar_cache: dict[str, tuple[tuple[int, int], float]]
+
+    def _sigma(self, name: str, rho: Tensor, *, reuse: bool = True) -> Tensor:
+        raise NotImplementedError
+
+    def _sample_with_kl(self, name: str, mu: Tensor, rho: Tensor, sigma: Tensor) -> Tensor | None:
+        """In training, the weight sample and this parameter's closed-form KL from one
+        autograd node (:class:`GaussianSampleKL`); the KL waits in ``_pending_kl`` for
+        :meth:`kl` / :func:`dnn2bnn.kl_divergence`. None where that does not apply."""
+        if not (torch.is_grad_enabled() and (mu.requires_grad or rho.requires_grad)):
+            return None
+        if self.prior.needs_sample or mu.dtype not in (torch.float32, torch.float64):
+            return None
+        if sigma.dtype != mu.dtype or not self._fusable(mu) or transforms_active():
+            return None
+        if _FSDPModule is not None and isinstance(self, _FSDPModule):
+            return None  # the KL of sharded parameters is taken per shard, outside forward
+        prior_mu, prior_sigma = self._buffers[name + "_prior_mu"], self._buffers[name + "_prior_sigma"]
+        if prior_sigma.numel() != 1:
+            return None
+        scalar = self._prior_scalar(name + "_prior_sigma", prior_sigma)
+        release = functools.partial(self._sigma_cache.pop, name, None)
+        zero_mean = prior_mu.numel() == 1 and self._prior_scalar(name + "_prior_mu", prior_mu) == 0.0
+        weight, kl = GaussianSampleKL.apply(
+            mu, rho, sigma, None if zero_mean else prior_mu, scalar, release
+        )
+        self._pending_kl[name] = (kl, self._kl_stamp(name, mu, rho))
+        return weight
+
+    def _kl_stamp(self, name: str, mu: Tensor, rho: Tensor) -> tuple[int, ...]:
+        prior_mu, prior_sigma = self._buffers[name + "_prior_mu"], self._buffers[name + "_prior_sigma"]
+        return (id(mu), mu._version, id(rho), rho._version, id(prior_mu), prior_mu._version,
+                id(prior_sigma), prior_sigma._version)
+
+    def _take_pending_kl(self, name: str) -> Tensor | None:
+        """The KL left by this step's forward pass, if the parameters are unchanged since.
+
+        With autograd on, it is handed out once (its node is backpropagated with the loss);
+        without (logging under ``torch.no_grad()``), a detached copy is returned and it stays.
+        """
+        entry = self._pending_kl.get(name)
+        if entry is None:
+            return None
+        kl, stamp = entry
+        mu, rho = self._parameters[name + "_mu"], self._parameters[name + "_rho"]
+        if mu is None or rho is None or stamp != self._kl_stamp(name, mu, rho):
+            del self._pending_kl[name]
+            return None
+        if not torch.is_grad_enabled():
+            return kl.detach()
+        del self._pending_kl[name]
+        return kl
+
+    def _prior_scalar(self, key: str, buffer: Tensor) -> float:
+        """``float(buffer)``, read again only when the buffer changed (no device sync per step)."""
+        stamp = (buffer._version, buffer.data_ptr())
+        cached = self._scalar_cache.get(key)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, float(buffer))
+            self._scalar_cache[key] = cached
+        return cached[1]
+
+    def _mixture_scalars(self, name: str, buffers: dict[str, Tensor]) -> tuple[float, ...] | None:
+        """``(pi, sigma1, sigma2)`` for the fused scale-mixture KL, or None to take the
+        prior's reference KL (not a two-component mixture of scalar buffers, or pi == 1)."""
+        keys = ("pi", "sigma1", "sigma2")
+        if set(buffers) != set(keys) or any(buffers[k].numel() != 1 for k in keys):
+            return None
+        values = tuple(self._prior_scalar(f"{name}_prior_{k}", buffers[k]) for k in keys)
+        return values if values[0] < 1.0 else None
+
+    def _keep_for_kl(self, name: str, sample: Tensor) -> None:
+        """Remember the forward pass's weight sample when the prior's KL is Monte Carlo."""
+        if self.prior.needs_sample and torch.is_grad_enabled():
+            self._kl_samples[name] = sample
+
+    def _prior_buffers(self, name: str) -> dict[str, Tensor]:
+        prefix = name + "_prior_"
+        return {k[len(prefix) :]: v for k, v in self._buffers.items() if k.startswith(prefix)}
+
+    def _fusable(self, mu: Tensor) -> bool:
+        # the fused KLs flatten plain tensors; compile fuses the reference itself, and
+        # tensor subclasses (FSDP2 DTensor shards) and meta tensors take the reference
+        return type(mu) in (Tensor, nn.Parameter) and not (
+            torch.compiler.is_compiling() or mu.is_meta
+        )
+
+    def _normal_kl_args(self, name: str) -> tuple[Any, ...] | None:
+        """``(mu, rho, sigma, prior_mu, prior_sigma, release)`` for :class:`NormalKL` when the
+        closed form applies with a scalar prior sigma on plain tensors, else None."""
+        mu = self._parameters[name + "_mu"]
+        if mu is None or self.prior.needs_sample or not self._fusable(mu):
+            return None
+        buffers = self._prior_buffers(name)
+        if buffers["sigma"].numel() != 1:
+            return None
+        rho = self._parameters[name + "_rho"]
+        sigma = self._sigma(name, rho)
+        release = functools.partial(self._sigma_cache.pop, name, None)
+        prior_sigma = self._prior_scalar(name + "_prior_sigma", buffers["sigma"])
+        return mu, rho, sigma, buffers["mu"], prior_sigma, release
+
+    def _kl_term(self, name: str) -> Tensor:
+        """The KL of one Bayesian parameter (see :meth:`kl`)."""
+        pending = self._take_pending_kl(name)
+        if pending is not None:
+            return pending
+        args = self._normal_kl_args(name)
+        if args is not None:  # Normal / empirical prior: fused closed form, hand-written gradient
+            return NormalKL.apply(*args)
+        mu, rho = self._parameters[name + "_mu"], self._parameters[name + "_rho"]
+        buffers = self._prior_buffers(name)
+        sigma = softplus32(rho)  # the prior's own KL, through autograd
+        sample = None
+        if self.prior.needs_sample:
+            sample = self._kl_samples.pop(name, None)
+            if sample is None:
+                sample = mu + sigma * torch.randn_like(mu)
+        mixture = self._mixture_scalars(name, buffers) if self._fusable(mu) else None
+        if mixture is not None:
+            return MixtureKL.apply(sample, mu, sigma, *mixture)
+        return self.prior.kl(mu, sigma, buffers, sample)
