@@ -90,7 +90,7 @@ def _plain(layer: nn.Module, mode: _Mode, name: str) -> nn.Module:
 
 def _remove_sample_hooks(model: nn.Module) -> None:
     """Drop the forward hooks that conversion installs for one-sample-per-call sharing."""
-    from dnn2bnn.conversion.transform import _close_sample_scope, _open_sample_scope
+    from dnn2bnn.conversion._sharing import _close_sample_scope, _open_sample_scope
 
     for module in model.modules():
         pairs = (

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
-import inspect
 import warnings
 from collections import defaultdict
 import dataclasses
@@ -12,20 +10,38 @@ from typing import Any
 
 from torch import nn
 
-from dnn2bnn.config import BayesConfig, BayesConfigMapping
 from dnn2bnn.conversion._copy import copy_sharing, unshare_
 from dnn2bnn.conversion._mapping import default_mapping, lookup, opt_in_mapping
 from dnn2bnn.conversion._params import resolve, select_parameters
+from dnn2bnn.conversion._select import (
+    ConfigArg,
+    Patterns,
+    check_options,
+    config_mapping,
+    count_parameters,
+    filtered_out,
+    import_name,
+    matches,
+    parent_index,
+    pattern_list,
+    tied_parameters,
+    short_type_name,
+    unconvertible,
+    will_replace,
+)
+from dnn2bnn.conversion import _sharing
+from dnn2bnn.conversion._sharing import install_sample_sharing
 from dnn2bnn.conversion._trace import analyse
 from dnn2bnn.conversion.report import ConversionReport, ConvertedModule, SkippedModule
 from dnn2bnn.errors import ConversionError, ConversionWarning
-from dnn2bnn.layers._base import BayesianLayer, check_convertible, is_bayesian_layer
+from dnn2bnn.layers._base import BayesianLayer, is_bayesian_layer
 from dnn2bnn.layers.params import BayesianParameters
 
 __all__ = ["transform_to_bnn_layer", "transform_to_bnn_model"]
 
-Patterns = str | Iterable[str] | None
-ConfigArg = BayesConfig | BayesConfigMapping | None
+# The sample-sharing hooks lived here; pickles of models converted before refer to them here.
+_open_sample_scope = _sharing._open_sample_scope
+_close_sample_scope = _sharing._close_sample_scope
 
 
 def transform_to_bnn_model(
@@ -96,15 +112,15 @@ def transform_to_bnn_model(
         for layer_type in layer_types:
             if layer_type not in known:
                 raise TypeError(
-                    f"layer_types: no Bayesian layer for {_type_name(layer_type)}; expected "
-                    f"some of {[_type_name(t) for t in known]} (or name its parameters in "
+                    f"layer_types: no Bayesian layer for {short_type_name(layer_type)}; expected "
+                    f"some of {[short_type_name(t) for t in known]} (or name its parameters in "
                     "params=)"
                 )
             chosen[layer_type] = known[layer_type]
         mapping = chosen
     call = {
         "function": "transform_to_bnn_model",
-        "layer_types": None if layer_types is None else [_import_name(t) for t in mapping],
+        "layer_types": None if layer_types is None else [import_name(t) for t in mapping],
         "params": None if params is None else ([params] if isinstance(params, str) else list(params)),
     }
     return _convert(
@@ -153,8 +169,8 @@ def transform_to_bnn_layer(
         bnn_layer_type = known.get(dnn_layer_type)
         if bnn_layer_type is None:
             raise TypeError(
-                f"no built-in Bayesian layer for {_type_name(dnn_layer_type)}; pass "
-                f"bnn_layer_type (built-in: {[_type_name(t) for t in known]})"
+                f"no built-in Bayesian layer for {short_type_name(dnn_layer_type)}; pass "
+                f"bnn_layer_type (built-in: {[short_type_name(t) for t in known]})"
             )
     elif not (
         isinstance(bnn_layer_type, type)
@@ -168,8 +184,8 @@ def transform_to_bnn_layer(
     mapping = {dnn_layer_type: bnn_layer_type}
     call = {
         "function": "transform_to_bnn_layer",
-        "dnn_layer_type": _import_name(dnn_layer_type),
-        "bnn_layer_type": _import_name(bnn_layer_type),
+        "dnn_layer_type": import_name(dnn_layer_type),
+        "bnn_layer_type": import_name(bnn_layer_type),
     }
     return _convert(
         model, mapping, include, exclude, inplace, strict, config, bayes_options, call, None
@@ -191,14 +207,14 @@ def _convert(
 ) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__qualname__}")
-    include_patterns = _patterns("include", include)
-    exclude_patterns = _patterns("exclude", exclude)
-    config_map = _config_mapping(
+    include_patterns = pattern_list("include", include)
+    exclude_patterns = pattern_list("exclude", exclude)
+    config_map = config_mapping(
         config, options, {**mapping, nn.Module: BayesianParameters} if params else mapping
     )
     for bnn_cls in set(mapping.values()):
         if not issubclass(bnn_cls, BayesianLayer):
-            _check_options(bnn_cls, options)
+            check_options(bnn_cls, options)
     select_parameters(model, params)  # fail on a bad pattern before copying
 
     names_by_id: dict[int, list[str]] = defaultdict(list)
@@ -207,7 +223,7 @@ def _convert(
     all_names = [n for names in names_by_id.values() for n in names]
     for kind, patterns in (("include", include_patterns), ("exclude", exclude_patterns)):
         for pattern in patterns or ():
-            if not any(_matches(name, [pattern]) for name in all_names):
+            if not any(matches(name, [pattern]) for name in all_names):
                 raise ConversionError(
                     f"{kind} pattern {pattern!r} matches no module of {type(model).__name__}; "
                     f"module names look like {[n for n in all_names if n][:8]}"
@@ -224,7 +240,7 @@ def _convert(
     else:
         try:
             target, shared = copy_sharing(
-                model, lambda m: _will_replace(m, mapping, include_patterns, exclude_patterns)
+                model, lambda m: will_replace(m, mapping, include_patterns, exclude_patterns)
             )
         except Exception as exc:
             raise ConversionError(
@@ -239,7 +255,7 @@ def _convert(
         config=config,
         options=dict(options),
     )
-    report = ConversionReport(params_before=_count(target), calls=[call])
+    report = ConversionReport(params_before=count_parameters(target), calls=[call])
     selection, selected_names = select_parameters(target, params)
     leaf_types = (*mapping.keys(), BayesianLayer)
     trace = analyse(target, leaf_types)
@@ -258,7 +274,7 @@ def _convert(
     param_names: dict[int, list[str]] = defaultdict(list)
     for name, param in target.named_parameters(remove_duplicate=False):
         param_names[id(param)].append(name)
-    parents = _parent_index(target)
+    parents = parent_index(target)
 
     unexpected: list[SkippedModule] = []
     result = target
@@ -270,21 +286,21 @@ def _convert(
         if bnn_cls is None and not chosen:
             continue
         names = names_by_id[id(module)]
-        name, type_name = names[0], _type_name(type(module))
-        filtered = _filtered(names, include_patterns, exclude_patterns) if bnn_cls else None
+        name, type_name = names[0], short_type_name(type(module))
+        filtered = filtered_out(names, include_patterns, exclude_patterns) if bnn_cls else None
         if filtered is not None and not chosen:
             report.skipped.append(SkippedModule(name, type_name, filtered))
             continue
         own_params: tuple[str, ...] | None = None
         if chosen:
             bnn_cls, own_params = resolve(None if filtered else bnn_cls, module, chosen, name)
-        reason = _unconvertible(bnn_cls, module, own_params)
+        reason = unconvertible(bnn_cls, module, own_params)
         if reason is not None:
             skip = SkippedModule(name, type_name, reason)
             report.skipped.append(skip)
             unexpected.append(skip)
             continue
-        tied = _tied_parameters(module, names, param_names)
+        tied = tied_parameters(module, names, param_names)
         if issubclass(bnn_cls, BayesianLayer):
             layer_config = config_map.config_for(names, type(module))
             if layer_config is None:
@@ -314,7 +330,7 @@ def _convert(
         report.converted.append(
             ConvertedModule(
                 name,
-                type_name,
+                short_type_name,
                 type(new).__name__,
                 (uses > 0) if trace.ok else None,
                 tuple(new.bayes_params) if isinstance(new, BayesianParameters) else (),
@@ -352,166 +368,7 @@ def _convert(
     call["converted"] = [c.name for c in report.converted]
     if report.shared:
         install_sample_sharing(result)
-    report.params_after = _count(result)
+    report.params_after = count_parameters(result)
     previous = result.__dict__.get("conversion_report")
     result.conversion_report = previous.merge(report) if previous is not None else report
     return result
-
-
-def _filtered(names: list[str], include: list[str] | None, exclude: list[str] | None) -> str | None:
-    """Why ``include``/``exclude`` leave a module out (``None``: they do not)."""
-    if include is not None and not any(_matches(n, include) for n in names):
-        return "not matched by include"
-    excluded = [p for p in exclude or () if any(_matches(n, [p]) for n in names)]
-    return f"excluded by {excluded[0]!r}" if excluded else None
-
-
-def _will_replace(
-    module: nn.Module,
-    mapping: Mapping[type[nn.Module], type[nn.Module]],
-    include: list[str] | None,
-    exclude: list[str] | None,
-) -> tuple[str, ...]:
-    """The parameters of ``module`` the conversion will clone into posterior means."""
-    bnn_cls = lookup(mapping, type(module))
-    if bnn_cls is None or not issubclass(bnn_cls, BayesianLayer) or is_bayesian_layer(module):
-        return ()
-    if include is not None or exclude is not None or _unconvertible(bnn_cls, module):
-        return ()  # filtered modules are rare: copy them as usual
-    if issubclass(bnn_cls, BayesianParameters):
-        return bnn_cls.select_params(module)
-    return tuple(bnn_cls.bayes_params)
-
-
-def _unconvertible(
-    bnn_cls: type[nn.Module], module: nn.Module, params: tuple[str, ...] | None = None
-) -> str | None:
-    if issubclass(bnn_cls, BayesianParameters):
-        try:
-            bnn_cls.check_module(module, params)
-        except TypeError as exc:
-            return str(exc)
-    elif issubclass(bnn_cls, BayesianLayer):
-        try:
-            check_convertible(bnn_cls._bnn_base or bnn_cls, module)
-        except TypeError as exc:
-            return str(exc)
-    return None
-
-
-def _config_mapping(
-    config: ConfigArg, options: dict[str, Any], mapping: Mapping[type[nn.Module], type[nn.Module]]
-) -> BayesConfigMapping:
-    """One mapping from ``config=`` and the keyword shortcuts (validated here, up front)."""
-    builtin = any(issubclass(c, BayesianLayer) for c in mapping.values())
-    if isinstance(config, BayesConfigMapping):
-        if options:
-            raise TypeError(
-                f"pass either a BayesConfigMapping as config= or keyword options "
-                f"({sorted(options)}), not both; put them in the mapping's configs"
-            )
-        return config
-    if config is not None and not isinstance(config, BayesConfig):
-        raise TypeError(
-            f"config must be a BayesConfig or a BayesConfigMapping, got {type(config).__name__}"
-        )
-    if config is not None and not builtin:
-        raise TypeError("config= applies to built-in Bayesian layers; pass your class's options")
-    if not builtin:
-        return BayesConfigMapping()
-    return BayesConfigMapping(BayesConfig.from_options(config, **options))
-
-
-def _check_options(bnn_cls: type[nn.Module], options: dict[str, Any]) -> None:
-    signature = inspect.signature(bnn_cls.from_dnn)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
-        return
-    allowed = [
-        n for n, p in list(signature.parameters.items())[1:] if p.kind is not p.VAR_POSITIONAL
-    ]
-    for key in options:
-        if key not in allowed:
-            raise TypeError(
-                f"unknown Bayesian option {key!r} for {bnn_cls.__name__}; expected one of {allowed}"
-            )
-    if issubclass(bnn_cls, BayesianLayer):
-        bnn_cls.check_options(**options)
-
-
-def _patterns(kind: str, value: Patterns) -> list[str] | None:
-    if value is None:
-        return None
-    patterns = [value] if isinstance(value, str) else list(value)
-    for pattern in patterns:
-        if not isinstance(pattern, str) or not pattern:
-            raise TypeError(f"{kind} patterns must be non-empty strings, got {pattern!r}")
-    return patterns
-
-
-def _matches(name: str, patterns: list[str]) -> bool:
-    """Whether ``name`` or one of its ancestors ("a.b" for "a.b.c") matches a pattern."""
-    parts = name.split(".") if name else [""]
-    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
-    return any(fnmatch.fnmatchcase(p, pattern) for p in prefixes for pattern in patterns)
-
-
-def _parent_index(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    index: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
-    for parent in model.modules():
-        for attr, child in parent._modules.items():
-            if child is not None:
-                index[id(child)].append((parent, attr))
-    return index
-
-
-def _tied_parameters(
-    module: nn.Module, names: list[str], param_names: dict[int, list[str]]
-) -> list[str]:
-    notes = []
-    for attr, param in module._parameters.items():
-        if param is None:
-            continue
-        own = {f"{alias}.{attr}" if alias else attr for alias in names}
-        others = [n for n in param_names[id(param)] if n not in own]
-        if others:
-            notes.append(
-                f"{sorted(own)[0]} was tied to {others[0]}; the Bayesian layer now has its own "
-                f"posterior mean and {others[0]} stays deterministic"
-            )
-    return notes
-
-
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _import_name(cls: type) -> str:
-    """``module:qualname`` of a class, the form :mod:`dnn2bnn.checkpoint` imports back."""
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def _type_name(cls: type) -> str:
-    module = cls.__module__
-    if module.startswith("torch.nn.modules"):
-        module = "nn"
-    return f"{module}.{cls.__qualname__}"
-
-
-# ------------------------------------------------------------ one sample per forward call
-def install_sample_sharing(model: nn.Module) -> None:
-    """Make layers flagged ``_share_samples`` draw one weight sample per call of ``model``."""
-    if _open_sample_scope not in model._forward_pre_hooks.values():
-        model.register_forward_pre_hook(_open_sample_scope)
-        model.register_forward_hook(_close_sample_scope, always_call=True)
-
-
-def _open_sample_scope(model: nn.Module, args: Any) -> None:
-    for module in model.modules():
-        if isinstance(module, BayesianLayer) and module._share_samples:
-            module._sample_cache = {}
-
-
-def _close_sample_scope(model: nn.Module, args: Any, output: Any) -> None:
-    for module in model.modules():
-        if isinstance(module, BayesianLayer):
-            module._sample_cache = None
