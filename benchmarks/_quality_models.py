@@ -36,7 +36,7 @@ def mlp_prior() -> dnn2bnn.ScaleMixturePrior:
     return dnn2bnn.ScaleMixturePrior(pi=0.5, sigma1=1.0, sigma2=math.exp(-6.0))
 
 
-def mlp_prior_name(estimator: str = "lrt") -> str:
+def mlp_prior_name(estimator: str = "reparam") -> str:
     prior = mlp_prior()
     return (
         f"scale mixture pi={prior.pi:g}, sigma1={prior.sigma1:g}, sigma2={prior.sigma2:.4g}; "
@@ -44,7 +44,7 @@ def mlp_prior_name(estimator: str = "lrt") -> str:
     )
 
 
-def blundell_mlp(*, hidden: int = 1200, estimator: str = "lrt", bayesian: bool = True) -> nn.Module:
+def blundell_mlp(*, hidden: int = 1200, estimator: str = "reparam", bayesian: bool = True) -> nn.Module:
     """784-hidden-hidden-10 MLP (Blundell et al. 2015), of Bayesian linear layers built from
     scratch, or of plain ``nn.Linear`` layers with ``bayesian=False``."""
     def linear(i: int, o: int) -> nn.Module:
