@@ -11,6 +11,10 @@ computes softplus again for the KL. Here:
   backward (see there); ``grad_mu = g``, ``grad_rho = g * eps * sigmoid(rho)``.
 * :class:`NormalKL` returns the summed closed-form KL with reductions (dot products) instead
   of elementwise temporaries, and its gradient in closed form.
+* :class:`GaussianSampleKL` is both in one node (training: the KL of a parameter meets its
+  sample's gradient in one backward); :class:`MultiNormalKL` is :class:`NormalKL` for many
+  small parameters with multi-tensor ops; :class:`MixtureKL` is the scale-mixture prior's
+  Monte Carlo KL, fused.
 """
 
 from __future__ import annotations
