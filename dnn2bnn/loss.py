@@ -12,11 +12,8 @@ from torch import Tensor, nn
 
 from dnn2bnn.distributed import _gather_kl
 from dnn2bnn.layers._base import BayesianLayer, is_bayesian_layer
+from dnn2bnn.layers import _kl
 from dnn2bnn.layers._sampling import MultiNormalKL, NormalKL
-
-#: Parameters up to this many elements with a closed-form KL share one multi-tensor KL node
-#: (their cost is dispatch, not arithmetic); larger ones get a node each.
-SMALL_KL_NUMEL = 1 << 16
 
 __all__ = ["WithBNNLoss", "kl_divergence"]
 
@@ -53,7 +50,7 @@ def kl_divergence(model: nn.Module) -> Tensor:
                 terms.append(pending)
                 continue
             args = None
-            if mu.numel() <= SMALL_KL_NUMEL and mu.dtype == torch.float32:
+            if mu.numel() <= _kl.SMALL_KL_NUMEL and mu.dtype == torch.float32:
                 args = m._normal_kl_args(name)
             if args is None:
                 terms.append(_gather_kl(m._kl_term(name)))

@@ -41,16 +41,26 @@ def test_mean_mode_reproduces_the_dnn_and_sampling_varies():
         assert not torch.allclose(bnn(x), bnn(x))
 
 
+@pytest.mark.parametrize("path", ["batched", "fused with the sample"])
 @pytest.mark.parametrize("prior", [
     dnn2bnn.NormalPrior(0.1, 0.5), dnn2bnn.EmpiricalPrior(0.3), dnn2bnn.ScaleMixturePrior(0.5, 1.0, 0.05),
 ])
-def test_kl_value_and_gradients_equal_the_cpu_ones(prior):
+def test_kl_value_and_gradients_equal_the_cpu_ones(prior, path, monkeypatch):
+    """The multi-tensor KL node (small parameters), the sample+KL node of a training forward
+    (``SMALL_KL_NUMEL = 0`` sends every parameter there) and the fused mixture KL."""
+    from dnn2bnn.layers import _kl
+
+    if path != "batched":
+        monkeypatch.setattr(_kl, "SMALL_KL_NUMEL", 0)
     cpu = _perturbed(dnn2bnn.transform_to_bnn_model(
         LeNet5(), prior=prior, posterior_sigma_init=0.05))
     gpu = copy.deepcopy(cpu).to(DEVICE)
     x = torch.randn(2, 1, 28, 28)
     results = []
     for model, inputs in ((cpu, x), (gpu, x.to(DEVICE))):
+        if path != "batched" and not prior.needs_sample:
+            model(inputs)  # leaves each parameter's KL, computed with its sample, for the loss
+            assert all(m._pending_kl for m in model.modules() if dnn2bnn.is_bayesian_layer(m))
         if prior.needs_sample:  # the same weight sample on both devices
             with dnn2bnn.set_mode(model, "mean"):
                 model(inputs)

@@ -61,9 +61,9 @@ def test_gradients_flow_through_loss_to_every_posterior_parameter():
 def test_kl_divergence_batches_small_parameters_without_changing_the_result(monkeypatch):
     """Small float32 parameters with a closed-form KL share one multi-tensor node; the value
     and every gradient equal the per-layer sum, whatever the prior and size mix."""
-    from dnn2bnn import loss as loss_module
+    from dnn2bnn.layers import _kl
 
-    monkeypatch.setattr(loss_module, "SMALL_KL_NUMEL", 500)  # some large, some small here
+    monkeypatch.setattr(_kl, "SMALL_KL_NUMEL", 500)  # some large, some small here
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 30), nn.ReLU(),

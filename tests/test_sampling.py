@@ -134,7 +134,10 @@ def test_sample_and_kl_in_one_node_equal_autograd_of_the_formulas(uses, prior_mu
         torch.testing.assert_close(got, want)
 
 
-def test_a_training_forward_leaves_its_kl_for_the_loss_and_never_a_stale_one():
+def test_a_training_forward_leaves_its_kl_for_the_loss_and_never_a_stale_one(monkeypatch):
+    from dnn2bnn.layers import _kl
+
+    monkeypatch.setattr(_kl, "SMALL_KL_NUMEL", 0)  # this small layer takes the fused path
     torch.manual_seed(0)
     layer = BayesLinear(5, 3, posterior_sigma_init=0.1)
     x = torch.randn(4, 5)

@@ -32,7 +32,12 @@ from dnn2bnn.layers._sampling import (
 if TYPE_CHECKING:
     from dnn2bnn.priors import Prior
 
-__all__ = ["PosteriorKL"]
+__all__ = ["SMALL_KL_NUMEL", "PosteriorKL"]
+
+#: Parameters up to this many elements are dispatch-bound, not bandwidth-bound: their
+#: closed-form KLs are computed together by one multi-tensor node in
+#: :func:`dnn2bnn.kl_divergence`; larger ones get their KL from the sampling node itself.
+SMALL_KL_NUMEL = 1 << 16
 
 try:  # FSDP2's module marker; absent on builds without torch.distributed
     from torch.distributed.fsdp import FSDPModule as _FSDPModule
@@ -62,6 +67,8 @@ class PosteriorKL:
             return None
         if self.prior.needs_sample or mu.dtype not in (torch.float32, torch.float64):
             return None
+        if mu.numel() <= SMALL_KL_NUMEL:
+            return None  # cheaper in the multi-tensor KL node of kl_divergence
         if sigma.dtype != mu.dtype or not self._fusable(mu) or transforms_active():
             return None
         if _FSDPModule is not None and isinstance(self, _FSDPModule):
