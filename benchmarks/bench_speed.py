@@ -18,7 +18,9 @@ Measures, on CPU with one thread (interleaved rounds, median of per-round ratios
    *floors*, ratios that any implementation drawing one fresh Gaussian per weight pays
    before doing anything else: noise, ``1 + t(randn over every Bayesian weight) / t(det.
    step)`` (``1 + 16 t(randn) / t(16 det. passes)`` for MC), and noise + the optimizer over
-   the extra parameters, adding ``t(Adam step over the rho parameters) / t(det. step)``.
+   the extra parameters, adding ``t(Adam step over the rho parameters) / t(det. step)``;
+   a third adds one pass each of ``softplus(rho)``, ``sigmoid(rho)`` and ``log(sigma)``,
+   which ``sigma = softplus(rho)`` and the closed-form KL need in any implementation.
 ``--device cuda`` runs everything on the GPU (timings synchronised).
 With bayesian-torch installed (``pip install .[bench]``), its ``dnn_to_bnn`` is timed
 side by side. Prints a table; writes benchmarks/results/bench_speed.json.
@@ -174,6 +176,20 @@ def noise(model: torch.nn.Module, draws: int = 1) -> Callable[[], None]:
     return run
 
 
+def transcendentals(model: torch.nn.Module) -> Callable[[], None]:
+    """``softplus(rho)``, ``sigmoid(rho)`` and ``log(sigma)`` over every Bayesian weight: one
+    pass each that ``sigma = softplus(rho)`` (forward), its derivative (backward) and the
+    closed-form KL's ``sum(log sigma)`` need whatever the implementation."""
+    rhos = [p.detach() for name, p in model.named_parameters() if name.endswith("_rho")]
+
+    def run() -> None:
+        for rho in rhos:
+            torch.log(torch.nn.functional.softplus(rho)).sum()
+            torch.sigmoid(rho)
+
+    return run
+
+
 def rho_adam(model: torch.nn.Module, fused: bool = False) -> Callable[[], None]:
     """One Adam step over the ``rho`` parameters alone: the optimizer work a Bayesian model
     adds (its means replace the deterministic weights one for one)."""
@@ -238,6 +254,7 @@ def main() -> None:
             "dnn2bnn (fused Adam)": train_step(bnn_f, x, y, KL_SCALE, fused=True),
             "noise": noise(bnn),
             "rho Adam": rho_adam(bnn),
+            "softplus, sigmoid, log": transcendentals(bnn),
             "rho Adam (fused)": rho_adam(bnn, fused=True),
         }
         mc = {"deterministic": mc_loop(dnn, x), "dnn2bnn": mc_loop(bnn, x),
@@ -262,6 +279,10 @@ def main() -> None:
             + median_ratio(train_times, "rho Adam", "deterministic"),
             "train_floor_fused_adam": 1 + median_ratio(train_times, "noise", "deterministic (fused Adam)")
             + median_ratio(train_times, "rho Adam (fused)", "deterministic (fused Adam)"),
+            # + the three transcendental passes of the softplus parametrization and the KL
+            "train_floor_parametrization": 1 + median_ratio(train_times, "noise", "deterministic")
+            + median_ratio(train_times, "rho Adam", "deterministic")
+            + median_ratio(train_times, "softplus, sigmoid, log", "deterministic"),
             "mc": {k: median_ratio(mc_times, k, "deterministic") for k in mc
                    if k not in ("deterministic", "noise")},
             "mc_noise_floor": 1 + median_ratio(mc_times, "noise", "deterministic"),
@@ -282,7 +303,8 @@ def main() -> None:
             workload.name,
             f"{entry['train_deterministic_ms']:.1f} ms",
             fmt(entry["train"]["dnn2bnn"], target) + f" (<= {target})",
-            f"{entry['train_noise_floor']:.2f}x / {entry['train_floor']:.2f}x",
+            f"{entry['train_noise_floor']:.2f}x / {entry['train_floor']:.2f}x / "
+            f"{entry['train_floor_parametrization']:.2f}x",
             fmt(entry["train_fused_adam"], target) + f" ({entry['train_floor_fused_adam']:.2f}x)",
             fmt(entry["mc"]["dnn2bnn"], TARGETS["mc"]),
             fmt(entry["mc"].get("dnn2bnn.predict"), TARGETS["mc"]),
@@ -315,7 +337,8 @@ def main() -> None:
         conversions.append(time.perf_counter() - start)
     results["resnet50_conversion_s"] = statistics.median(conversions)
 
-    header = ["workload", "det. step", "train step", "floor: noise / +rho Adam", "train, fused Adam (floor)",
+    header = ["workload", "det. step", "train step", "floor: noise / +rho Adam / +softplus,sigmoid,log",
+              "train, fused Adam (floor)",
               "MC x16 (loop)", "MC x16 (predict)", "MC noise floor", "peak memory"]
     if len(tools) > 1:
         header += ["bayesian-torch train", "bayesian-torch MC", "bayesian-torch memory"]
