@@ -330,7 +330,7 @@ def _convert(
         report.converted.append(
             ConvertedModule(
                 name,
-                short_type_name,
+                type_name,
                 type(new).__name__,
                 (uses > 0) if trace.ok else None,
                 tuple(new.bayes_params) if isinstance(new, BayesianParameters) else (),
