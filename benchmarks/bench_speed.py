@@ -269,8 +269,7 @@ def main() -> None:
         mc_times = interleaved(mc, rounds=rounds, reps=reps)
         fused_ratio = median_ratio(train_times, "dnn2bnn (fused Adam)", "deterministic (fused Adam)")
         entry = {
-            "train": {k: median_ratio(train_times, k, "deterministic") for k in train
-                      if k in tools or k == "bayesian-torch"},
+            "train": {k: median_ratio(train_times, k, "deterministic") for k in tools},
             "train_fused_adam": fused_ratio,
             "train_noise_floor": 1 + median_ratio(train_times, "noise", "deterministic"),
             "train_noise_floor_fused_adam": 1 + median_ratio(train_times, "noise", "deterministic (fused Adam)"),

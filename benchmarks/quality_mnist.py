@@ -123,8 +123,7 @@ def train_bnn(
             print(f"    {epochs} epochs fit in {minutes:g} min", flush=True)
             if schedule is not None:
                 horizon["steps"] = (epochs - 1) * steps_per_epoch
-                schedule.base_lrs = [group["lr"] for group in optimizer.param_groups]
-                schedule.last_epoch = 0
+                schedule.last_epoch = 0  # the cosine starts now, from the base rates
             if done >= epochs:
                 break
         total = kl = 0.0

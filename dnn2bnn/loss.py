@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from dnn2bnn.distributed import _gather_kl
 from dnn2bnn.layers._base import BayesianLayer, is_bayesian_layer
 from dnn2bnn.layers import _kl
-from dnn2bnn.layers._sampling import MultiNormalKL, NormalKL
+from dnn2bnn.layers._sampling import MultiNormalKL
 
 __all__ = ["WithBNNLoss", "kl_divergence"]
 
@@ -61,12 +61,7 @@ def kl_divergence(model: nn.Module) -> Tensor:
                 small.append((*args[:3], prior_mean, *args[4:]))
         if not found:
             m.kl()  # raises: a Bayesian layer without any Bayesian parameter
-    if len(small) == 1:
-        mu, rho, sigma, prior_mean, prior_sigma, release = small[0]
-        if isinstance(prior_mean, float):
-            prior_mean = torch.tensor(prior_mean, device=mu.device)
-        terms.append(NormalKL.apply(mu, rho, sigma, prior_mean, prior_sigma, release))
-    elif small:
+    if small:
         columns = list(zip(*small))
         terms.append(MultiNormalKL.apply(
             list(columns[3]), list(columns[4]), list(columns[5]), *columns[0], *columns[1], *columns[2]

@@ -65,22 +65,17 @@ class PosteriorKL:
         :meth:`kl` / :func:`dnn2bnn.kl_divergence`. None where that does not apply."""
         if not (torch.is_grad_enabled() and (mu.requires_grad or rho.requires_grad)):
             return None
-        if self.prior.needs_sample or mu.dtype not in (torch.float32, torch.float64):
+        if mu.dtype not in (torch.float32, torch.float64) or mu.numel() <= SMALL_KL_NUMEL:
+            return None  # small: cheaper in the multi-tensor KL node of kl_divergence
+        if transforms_active() or (_FSDPModule is not None and isinstance(self, _FSDPModule)):
+            return None  # FSDP2: the KL of sharded parameters is taken per shard
+        args = self._normal_kl_args(name)
+        if args is None or args[2] is not sigma:
             return None
-        if mu.numel() <= SMALL_KL_NUMEL:
-            return None  # cheaper in the multi-tensor KL node of kl_divergence
-        if sigma.dtype != mu.dtype or not self._fusable(mu) or transforms_active():
-            return None
-        if _FSDPModule is not None and isinstance(self, _FSDPModule):
-            return None  # the KL of sharded parameters is taken per shard, outside forward
-        prior_mu, prior_sigma = self._buffers[name + "_prior_mu"], self._buffers[name + "_prior_sigma"]
-        if prior_sigma.numel() != 1:
-            return None
-        scalar = self._prior_scalar(name + "_prior_sigma", prior_sigma)
-        release = functools.partial(self._sigma_cache.pop, name, None)
+        prior_mu, prior_sigma, release = args[3:]
         zero_mean = prior_mu.numel() == 1 and self._prior_scalar(name + "_prior_mu", prior_mu) == 0.0
         weight, kl = GaussianSampleKL.apply(
-            mu, rho, sigma, None if zero_mean else prior_mu, scalar, release
+            mu, rho, sigma, None if zero_mean else prior_mu, prior_sigma, release
         )
         self._pending_kl[name] = (kl, self._kl_stamp(name, mu, rho))
         return weight

@@ -154,7 +154,8 @@ class _Sampler:
         self.num_samples = num_samples
         self.method = method
         self.plan: SplitPlan | None = None
-        self.draws = WeightDraws(num_samples)
+        #: softplus(rho) per layer, computed once per predict call, shared by every draw set
+        self.sigmas: dict[int, dict[str, Tensor]] = {}
         self.used: set[str] = set()
         if method is not Method.LOOP:
             plan = cached_plan(model)
@@ -195,14 +196,14 @@ class _Sampler:
         """All draws folded at once; on CPU in cache-sized chunks (see CPU_FOLD_BYTES)."""
         s = self.num_samples
         if x.device.type != "cpu" or s == 1:
-            return plan.run(x, self.draws)
+            return plan.run(x, WeightDraws(s, self.sigmas))
         chunk = Chunk(frontier={})
-        parts = [plan.run(x, WeightDraws(1, self.draws._sigmas), chunk)]
+        parts = [plan.run(x, WeightDraws(1, self.sigmas), chunk)]
         done = 1
         while done < s:
             rows = max(1, CPU_FOLD_BYTES // max(1, chunk.row_bytes))
             k = min(s - done, max(1, rows // max(1, x.shape[0])))
-            parts.append(plan.run(x, WeightDraws(k, self.draws._sigmas), chunk))
+            parts.append(plan.run(x, WeightDraws(k, self.sigmas), chunk))
             done += k
         return _concat(parts)
 

@@ -238,8 +238,10 @@ class _FoldedInterpreter(fx.Interpreter):
                 chunk.frontier[n] = value
             return value
         value = self._run_stochastic(n)
-        if chunk is not None and isinstance(value, Tensor) and value.dim() > 0 and value.shape[0]:
-            chunk.row_bytes = max(chunk.row_bytes, value.numel() * value.element_size() // value.shape[0])
+        if chunk is not None and not chunk.started and isinstance(value, Tensor) and value.dim():
+            # the first chunk measures the activation size that sizes the next chunks
+            rows = max(1, value.shape[0])
+            chunk.row_bytes = max(chunk.row_bytes, value.numel() * value.element_size() // rows)
         return value
 
     def _run_stochastic(self, n: fx.Node) -> Any:
