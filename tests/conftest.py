@@ -50,3 +50,13 @@ def _seed() -> None:
 def state_equal(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: on tiny tensors a second thread only adds
+    thread-pool overhead and contention on a busy machine. Restores the previous count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

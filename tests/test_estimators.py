@@ -33,13 +33,7 @@ ESTIMATORS = list(Estimator)
 DRAWS = 4000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread-pool overhead dominates on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _draws(layer, x, n):

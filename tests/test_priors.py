@@ -38,16 +38,8 @@ def _numerical_kl(mu, sigma, buffers, points=4001):
     return torch.trapezoid(integrand, w, dim=-1).sum()
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_scale_mixture_monte_carlo_kl_matches_numerical_integration():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: avoid thread-pool overhead on a busy machine
-    try:
-        _check_mixture_kl()
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _check_mixture_kl():
     prior = ScaleMixturePrior(0.3, 1.0, 0.05)
     layer = BayesLinear(4, 3, prior=prior, posterior_sigma_init=0.1, dtype=torch.float64)
     with torch.no_grad():
