@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dnn2bnn
 from dnn2bnn import ClassificationPrediction, PredictionWarning, RegressionPrediction
+from dnn2bnn.prediction._io import ModelInputs
 from dnn2bnn.prediction._split import cached_plan, plan_split
 from dnn2bnn.prediction._vectorized import WeightDraws
 
@@ -42,9 +43,14 @@ def test_agreeing_samples_have_no_epistemic_uncertainty():
     assert pred.samples is None
 
 
-def test_one_logit_is_binary():
-    pred = ClassificationPrediction.from_logits(torch.tensor([[[0.0]], [[math.log(3.0)]]]))
+def test_one_logit_is_binary_only_when_asked():
+    logits = torch.tensor([[[0.0]], [[math.log(3.0)]]])
+    pred = ClassificationPrediction.from_logits(logits, binary=True)
     assert pred.probs[0].tolist() == pytest.approx([0.375, 0.625])  # p1: mean of .5 and .75
+    squeezed = ClassificationPrediction.from_logits(logits.squeeze(-1), binary=True)
+    torch.testing.assert_close(squeezed.probs, pred.probs)
+    with pytest.raises(ValueError, match="use task='binary'"):
+        ClassificationPrediction.from_logits(logits)  # softmax over one logit: never guessed
 
 
 def test_regression_conventions_by_hand():
@@ -193,6 +199,8 @@ def test_chunked_folding_runs_the_deterministic_part_once(monkeypatch):
     x = torch.randn(6, 10)
     # the fc output is 12 bytes a row: a 100-byte budget gives chunks of one draw
     monkeypatch.setattr(_predict, "CPU_FOLD_BYTES", 100)
+    dnn2bnn.predict(bnn, x, 2)  # traces and probes the plan (on 3 and 2 rows)
+    calls.clear()
     pred = dnn2bnn.predict(bnn, x, 9, return_samples=True)
     assert pred.method == "vectorized" and pred.samples.shape == (9, 6, 3)
     assert calls == [6]  # the prefix ran once, at batch size, for all chunks
@@ -223,10 +231,10 @@ def test_a_single_bayesian_layer_is_vectorized():
 
 def test_last_layer_plan_runs_the_prefix_once():
     bnn = dnn2bnn.transform_to_bnn_model(mlp((10, 16, 16, 3)), include="4")
-    plan = plan_split(bnn)
+    plan = plan_split(bnn, ModelInputs.of(torch.randn(3, 10)))
     assert plan.vectorized == ["4"] and plan.per_draw == []
     assert plan.single_use == {id(bnn[4])}  # a Linear called once: local reparameterization
-    full = plan_split(dnn2bnn.transform_to_bnn_model(CustomLayer()))
+    full = plan_split(dnn2bnn.transform_to_bnn_model(CustomLayer()), ModelInputs.of(torch.randn(3, 8)))
     assert full.vectorized == ["body"] and full.per_draw == ["top"]
     deterministic = [n.target for n in plan.graph.nodes if n not in plan.stochastic]
     assert deterministic[1:] == ["0", "1", "2", "3"]  # after the placeholder: run once
@@ -237,22 +245,23 @@ def test_the_plan_is_traced_once_per_model_structure():
     import weakref
 
     bnn = dnn2bnn.transform_to_bnn_model(mlp((10, 16, 16, 3)), posterior_sigma_init=0.1)
-    first = cached_plan(bnn)
-    assert cached_plan(bnn) is first  # same structure: no new trace
     x = torch.randn(3, 10)
-    assert dnn2bnn.predict(bnn, x, 4).method == "vectorized" and cached_plan(bnn) is first
+    inputs = ModelInputs.of(x)
+    first = cached_plan(bnn, inputs)
+    assert cached_plan(bnn, ModelInputs.of(torch.randn(7, 10))) is first  # same structure: no new trace
+    assert dnn2bnn.predict(bnn, x, 4).method == "vectorized" and cached_plan(bnn, inputs) is first
     with dnn2bnn.set_mode(bnn[0], "mean"):  # a mode change: traced again
-        changed = cached_plan(bnn)
+        changed = cached_plan(bnn, inputs)
         assert changed is not first and changed.vectorized == ["2", "4"]
     handle = bnn[2].register_forward_hook(lambda m, i, o: o)  # a hook: traced again
-    hooked = cached_plan(bnn)
+    hooked = cached_plan(bnn, inputs)
     assert hooked not in (first, changed) and "2" in hooked.per_draw
     handle.remove()
     bnn[4] = dnn2bnn.transform_to_bnn_model(nn.Linear(16, 5))  # a replaced layer
-    replaced = cached_plan(bnn)
+    replaced = cached_plan(bnn, inputs)
     assert dnn2bnn.predict(bnn, x, 4).probs.shape == (3, 5)
     dnn2bnn.prediction.clear_plan_cache(bnn)
-    assert cached_plan(bnn) is not replaced
+    assert cached_plan(bnn, inputs) is not replaced
     ref = weakref.ref(bnn)
     del bnn, first, changed, hooked, replaced
     gc.collect()
@@ -378,8 +387,15 @@ def test_regression_with_log_variance_head():
         ({"task": "segmentation"}, ValueError, "task must be one of"),
         ({"method": "fast"}, ValueError, "method must be one of"),
         ({"batch_size": 0}, ValueError, "batch_size"),
-        ({"inputs": 3}, TypeError, "tensor or an iterable"),
-        ({"inputs": [{"x": torch.ones(1, 20)}]}, TypeError, "each batch"),
+        ({"inputs": 3}, TypeError, "a mapping of keyword inputs or an iterable of batches"),
+        ({"inputs": [{"x": torch.ones(1, 20)}]}, TypeError, "do not match Sequential.forward"),
+        ({"inputs": [[3]]}, TypeError, "each batch must be a tensor, a mapping"),
+        ({"inputs": {"input": torch.ones(2, 20), "x": torch.ones(3, 1)}}, TypeError, "do not match"),
+        ({"class_dim": 1, "task": "regression"}, ValueError, "class_dim applies"),
+        ({"class_dim": 0}, ValueError, "is the batch dim"),
+        ({"class_dim": 2}, ValueError, "out of range"),
+        ({"class_dim": 1.0}, TypeError, "class_dim must be an int"),
+        ({"output_fn": 3}, TypeError, "output_fn must be callable"),
     ],
 )
 def test_mistakes_raise(kwargs, error, match):
