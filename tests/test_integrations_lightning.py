@@ -134,7 +134,7 @@ def test_checkpoint_reloads_into_a_converted_model(tmp_path):
     trainer.fit(module, _loader(_data(N_TRAIN, 0)))
     path = tmp_path / "bnn.ckpt"
     trainer.save_checkpoint(path)
-    again = lightning.BayesLightningModule.load_from_checkpoint(path, model=_cnn())
+    again = lightning.BayesLightningModule.load_from_checkpoint(path, model=_cnn(), weights_only=True)
     assert state_equal(again.model, module.model)
     assert again.hparams.num_train_examples == N_TRAIN
 

@@ -301,3 +301,24 @@ def test_trainer_options_are_checked(tmp_path):
     trainer = hf.BayesTrainer(model=_bert(), args=_args(tmp_path, max_steps=1), train_dataset=stream)
     with pytest.raises(ValueError, match="pass num_train_examples"):
         trainer.num_train_examples
+
+
+@pytest.mark.parametrize("items", [None, 24], ids=["trainer-divides", "loss-already-scaled"])
+def test_kl_counts_once_per_optimizer_step_under_gradient_accumulation(items, tmp_path):
+    bnn = _gpt2()  # accepts num_items_in_batch: its loss may already be scaled for accumulation
+    args = _args(tmp_path, gradient_accumulation_steps=2)
+    trainer = hf.BayesTrainer(model=bnn, args=args, train_dataset=_Tokens(16, 0, lm=True))
+    trainer.current_gradient_accumulation_steps = 2
+    assert trainer.model_accepts_loss_kwargs
+    ids = torch.randint(0, 100, (2, 12))
+    bnn.train()
+    with dnn2bnn.set_mode(bnn, "mean"), torch.no_grad():
+        torch.manual_seed(1)
+        loss = trainer.compute_loss(bnn, {"input_ids": ids, "labels": ids}, num_items_in_batch=items)
+        torch.manual_seed(1)  # the same dropout
+        kwargs = {} if items is None else {"num_items_in_batch": items}
+        data = bnn(input_ids=ids, labels=ids, **kwargs).loss
+        kl = dnn2bnn.kl_divergence(bnn)
+    # the Trainer divides an unscaled micro-batch loss by the 2 steps itself; a scaled one it does not
+    expected = data + kl / 16 / (1 if items is None else 2)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from dnn2bnn import metrics
 from dnn2bnn.layers._base import is_bayesian_layer
-from dnn2bnn.loss import kl_divergence
+from dnn2bnn.loss import check_num_train_examples, kl_divergence
 from dnn2bnn.modes import set_mode
 from dnn2bnn.recipe import bayes_param_groups
 
@@ -72,17 +72,14 @@ class BayesLightningMixin:
                 f"{type(self).__name__}: expected a network converted by "
                 f"dnn2bnn.transform_to_bnn_model, got {type(model).__name__} without Bayesian layer"
             )
-        if num_train_examples is not None and (
-            isinstance(num_train_examples, bool)
-            or not isinstance(num_train_examples, int)
-            or num_train_examples < 1
-        ):
-            raise ValueError(f"num_train_examples must be an int >= 1, got {num_train_examples!r}")
+        if num_train_examples is not None:
+            num_train_examples = check_num_train_examples(num_train_examples)
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
         self.model = model
         self.loss_fn = _cross_entropy if loss_fn is None else loss_fn
         self._num_train_examples = num_train_examples
+        self._found_num_train_examples: int | None = None  # from the first training batch on
         self.lr, self.rho_lr, self.mc_samples = lr, rho_lr, mc_samples
         self.optimizer_cls = optimizer_cls
         self._outputs: dict[str, list[tuple[Tensor, Tensor]]] = {"val": [], "test": []}
@@ -93,16 +90,22 @@ class BayesLightningMixin:
         """``N`` of the KL weight: the given number, else the training dataset's length."""
         if self._num_train_examples is not None:
             return self._num_train_examples
+        if self._found_num_train_examples is not None:
+            return self._found_num_train_examples
         trainer = getattr(self, "_trainer", None)
         loader = getattr(trainer, "train_dataloader", None) if trainer is not None else None
         dataset = getattr(loader, "dataset", None)
         try:
-            return len(dataset)  # type: ignore[arg-type]
+            self._found_num_train_examples = len(dataset)  # type: ignore[arg-type]
         except TypeError:
             raise ValueError(
                 f"{type(self).__name__}: cannot take num_train_examples from the training "
                 f"data ({type(dataset).__name__} has no length); pass num_train_examples="
             ) from None
+        return self._found_num_train_examples
+
+    def on_fit_start(self) -> None:
+        self._found_num_train_examples = None  # a new fit may train on other data
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -166,7 +169,8 @@ class BayesLightningMixin:
         probs = self.all_gather(probs).reshape(-1, probs.shape[-1])  # type: ignore[attr-defined]
         labels = self.all_gather(labels).reshape(-1)  # type: ignore[attr-defined]
         for name, fn in (("accuracy", metrics.accuracy), ("nll", metrics.nll), ("ece", metrics.ece)):
-            self.log(f"{stage}/{name}", fn(probs, labels))  # type: ignore[attr-defined]
+            # the same value on every process (gathered above): syncing averages equal numbers
+            self.log(f"{stage}/{name}", fn(probs, labels), sync_dist=True)  # type: ignore[attr-defined]
 
 
 class BayesLightningModule(BayesLightningMixin, pl.LightningModule):

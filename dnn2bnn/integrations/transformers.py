@@ -16,11 +16,13 @@ Importing this module imports ``transformers`` (``pip install transformers``); i
   converted weight (reporting them as MISSING/UNEXPECTED keys).
 
 Example:
-    >>> import transformers
+    >>> import transformers, warnings
     >>> from dnn2bnn.integrations.transformers import BayesTrainer
     >>> config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
     ...                                  num_attention_heads=2, intermediate_size=16)
-    >>> bnn = dnn2bnn.transform_to_bnn_model(transformers.BertForSequenceClassification(config))
+    >>> with warnings.catch_warnings():  # BERT defeats torch.fx: converted by module tree
+    ...     warnings.simplefilter("ignore", dnn2bnn.ConversionWarning)
+    ...     bnn = dnn2bnn.transform_to_bnn_model(transformers.BertForSequenceClassification(config))
     >>> args = transformers.TrainingArguments("out", report_to=[], use_cpu=True)
     >>> trainer = BayesTrainer(model=bnn, args=args, num_train_examples=1000, mc_samples=4)
     >>> trainer.kl_weight
@@ -48,7 +50,7 @@ from dnn2bnn.checkpoint._read import match_state
 from dnn2bnn.errors import CheckpointError, ConversionWarning
 from dnn2bnn.integrations._hf_model import RECORD_NAME
 from dnn2bnn.layers._base import BayesianLayer
-from dnn2bnn.loss import kl_divergence
+from dnn2bnn.loss import check_num_train_examples, kl_divergence
 from dnn2bnn.modes import set_mode
 from dnn2bnn.recipe import DEFAULT_RHO_LR_FACTOR, bayes_param_groups
 
@@ -96,12 +98,8 @@ class BayesTrainerMixin:
         mc_samples: int = 8,
         **kwargs: Any,
     ) -> None:
-        if num_train_examples is not None and (
-            isinstance(num_train_examples, bool)
-            or not isinstance(num_train_examples, (int, np.integer))
-            or num_train_examples < 1
-        ):
-            raise ValueError(f"num_train_examples must be an int >= 1, got {num_train_examples!r}")
+        if num_train_examples is not None:
+            num_train_examples = check_num_train_examples(num_train_examples)
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 0:
             raise ValueError(f"mc_samples must be an int >= 0, got {mc_samples!r}")
         if rho_lr is not None and not (isinstance(rho_lr, (int, float)) and rho_lr > 0):
@@ -159,7 +157,10 @@ class BayesTrainerMixin:
         scale = self.kl_weight
         if self._loss_is_scaled_for_ga(num_items_in_batch):
             # the Trainer will not divide this micro-batch's loss by the accumulation steps
-            scale /= self.current_gradient_accumulation_steps  # type: ignore[attr-defined]
+            scale /= getattr(  # transformers >= 4.48; older ones use the argument's value
+                self, "current_gradient_accumulation_steps",
+                self.args.gradient_accumulation_steps,  # type: ignore[attr-defined]
+            )
         self._kl_sum += kl.detach().item()
         self._kl_count += 1
         loss = loss + scale * kl.to(loss.dtype)
@@ -349,10 +350,12 @@ def from_pretrained(directory: str | os.PathLike[str]) -> nn.Module:
         CheckpointError: the directory has no conversion record or its weights do not fit.
 
     Example:
-        >>> import tempfile, transformers
+        >>> import tempfile, transformers, warnings
         >>> config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
         ...                                  num_attention_heads=2, intermediate_size=16)
-        >>> bnn = dnn2bnn.transform_to_bnn_model(transformers.BertForSequenceClassification(config))
+        >>> with warnings.catch_warnings():  # BERT defeats torch.fx: converted by module tree
+        ...     warnings.simplefilter("ignore", dnn2bnn.ConversionWarning)
+        ...     bnn = dnn2bnn.transform_to_bnn_model(transformers.BertForSequenceClassification(config))
         >>> with tempfile.TemporaryDirectory() as folder:
         ...     bnn.save_pretrained(folder)
         ...     again = from_pretrained(folder)
