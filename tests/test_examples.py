@@ -166,6 +166,7 @@ def test_example_runs_in_quick_mode(example: Example, tmp_path: Path) -> None:
         pytest.skip(f"examples/{example.script} does not exist yet (written by {example.author})")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.setdefault("MPLBACKEND", "Agg")
+    env.setdefault("HF_HUB_OFFLINE", "1")  # examples build models from configs: never reach the Hub
     args = [a.replace("{tmp}", str(tmp_path)) for a in example.quick_args]
     result = subprocess.run(
         [sys.executable, *example.launcher, str(script), *args],
