@@ -322,3 +322,22 @@ def test_kl_counts_once_per_optimizer_step_under_gradient_accumulation(items, tm
     # the Trainer divides an unscaled micro-batch loss by the 2 steps itself; a scaled one it does not
     expected = data + kl / 16 / (1 if items is None else 2)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_seq2seq_trainer_trains_and_evaluates_a_tiny_t5(tmp_path):
+    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=37, num_layers=1,
+                                   num_heads=2, decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    bnn = _convert(transformers.T5ForConditionalGeneration(config))
+    args = transformers.Seq2SeqTrainingArguments(
+        str(tmp_path), max_steps=2, per_device_train_batch_size=8, per_device_eval_batch_size=8,
+        report_to=[], use_cpu=True, seed=0, disable_tqdm=True, logging_steps=1, save_strategy="no",
+    )
+    trainer = hf.BayesSeq2SeqTrainer(model=bnn, args=args, mc_samples=2,
+                                     train_dataset=_Tokens(16, 0, lm=True), eval_dataset=_Tokens(8, 1, lm=True))
+    trainer.train()
+    log = next(entry for entry in trainer.state.log_history if "kl" in entry)
+    assert log["loss"] == pytest.approx(log["data_loss"] + log["kl"] / 16, rel=1e-6)
+    result = trainer.evaluate()  # labels are the decoder targets: no shift
+    assert result["eval_nll"] == pytest.approx(result["eval_loss"], rel=1e-5)
+    assert 3.0 < result["eval_nll"] < 6.0 and 0 <= result["eval_ece"] <= 1

@@ -263,12 +263,13 @@ class BayesTrainerMixin:
             )
         inputs = self._prepare_inputs(inputs)  # type: ignore[attr-defined]
         labels = inputs[label_names[0]]
-        forward = {k: v for k, v in inputs.items() if k not in label_names}
+        # the labels stay in the forward, as in the Trainer's own step: encoder-decoder
+        # models build their decoder inputs from them
         unwrapped = self.accelerator.unwrap_model(model)  # type: ignore[attr-defined]
         with torch.no_grad(), set_mode(unwrapped, "sample"):
             probs = None
             for _ in range(self.mc_samples):
-                p = torch.softmax(_logits_of(model(**forward)).float(), dim=-1)
+                p = torch.softmax(_logits_of(model(**inputs)).float(), dim=-1)
                 probs = p if probs is None else probs + p
         assert probs is not None
         probs = probs / self.mc_samples
@@ -293,8 +294,8 @@ def _logits_of(outputs: Any) -> Tensor:
                 f"{list(outputs.keys())}; pass mc_samples=0 for the Trainer's own evaluation"
             )
         return outputs["logits"]
-    if isinstance(outputs, (tuple, list)):
-        return outputs[0]
+    if isinstance(outputs, (tuple, list)):  # (loss, logits, ...): the labels were passed
+        return outputs[1] if len(outputs) > 1 else outputs[0]
     raise TypeError(f"cannot take logits from a model output of type {type(outputs).__name__}")
 
 
