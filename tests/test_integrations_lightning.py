@@ -146,3 +146,22 @@ def test_options_are_checked():
         lightning.BayesLightningModule(_cnn(), mc_samples=0)
     with pytest.raises(ValueError, match="num_train_examples"):
         lightning.BayesLightningModule(_cnn(), num_train_examples=0)
+
+
+def test_mixin_works_with_the_pytorch_lightning_package_name(tmp_path):
+    pytorch_lightning = pytest.importorskip("pytorch_lightning")
+
+    class Module(lightning.BayesLightningMixin, pytorch_lightning.LightningModule):
+        def __init__(self, bnn):
+            super().__init__()
+            self.setup_bayes(bnn, lr=1e-2)
+
+    module = Module(_cnn())
+    trainer = pytorch_lightning.Trainer(
+        accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+    )
+    before = module.model[-1].weight_rho.detach().clone()
+    trainer.fit(module, _loader(_data(N_TRAIN, 0)))
+    assert not torch.equal(module.model[-1].weight_rho, before)  # it trained
+    assert trainer.logged_metrics["train/kl"] > 0 and module.num_train_examples == N_TRAIN

@@ -213,8 +213,9 @@ class BayesTrainerMixin:
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(  # type: ignore[attr-defined]
                 self.args, opt_model  # type: ignore[attr-defined]
             )
-        for key in ("params", "model", "optimizer_dict"):
-            if key in optimizer_kwargs:
+        is_factory = getattr(transformers.trainer, "is_optimizer_factory", lambda cls: False)
+        for key in ("params", "model", "optimizer_dict", "<factory>"):
+            if key in optimizer_kwargs or (key == "<factory>" and is_factory(optimizer_cls)):
                 raise ValueError(
                     f"{type(self).__name__}: optimizer {self.args.optim!r} builds its own parameter "  # type: ignore[attr-defined]
                     "groups, so the rho learning rate cannot be applied; use a torch optimizer "
