@@ -186,6 +186,28 @@ def test_gpt2_resize_token_embeddings_keeps_the_head_bayesian(tmp_path):
     assert state_equal(hf.from_pretrained(tmp_path), bnn)
 
 
+def test_bert_mlm_head_tied_by_pattern_is_untied_saved_and_resized(tmp_path):
+    # BertForMaskedLM ties decoder.weight/bias by patterns that Transformers expands against
+    # the parameter names: without untying, tie_weights() would tie decoder.weight_rho and
+    # weight_mu to the word embeddings, and save_pretrained would drop the decoder's tensors.
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=37,
+                                     max_position_embeddings=32)
+    torch.manual_seed(0)
+    bnn = _convert(transformers.BertForMaskedLM(config))
+    assert bnn.config.tie_word_embeddings is False
+    assert bnn.get_expanded_tied_weights_keys(all_submodels=True) == {}
+    rho = bnn.cls.predictions.decoder.weight_rho.detach().clone()
+    bnn.tie_weights()
+    assert torch.equal(bnn.cls.predictions.decoder.weight_rho, rho)
+    bnn.save_pretrained(tmp_path / "a")
+    assert state_equal(hf.from_pretrained(tmp_path / "a"), bnn)
+    bnn.resize_token_embeddings(110)  # BERT's set_output_embeddings also assigns the head's bias
+    decoder = bnn.cls.predictions.decoder
+    assert isinstance(decoder, dnn2bnn.BayesLinear) and decoder.bias_rho.shape == (110,)
+    assert bnn(input_ids=torch.randint(0, 110, (2, 6))).logits.shape == (2, 6, 110)
+
+
 # ---------------------------------------------------------------------- Trainer
 def test_trainer_loss_is_data_loss_plus_kl_over_n(tmp_path):
     bnn = _bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)

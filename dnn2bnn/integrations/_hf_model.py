@@ -77,8 +77,13 @@ def _bayesian_owner(model: nn.Module, param_name: str) -> str | None:
         module = model.get_submodule(prefix)
     except AttributeError:
         return None
-    if is_bayesian_layer(module) and leaf in getattr(module, "bayes_params", ("weight", "bias")):
-        return prefix
+    if not is_bayesian_layer(module):
+        return None
+    # the sampled parameter itself, or (when Transformers expands its tie patterns against
+    # the parameter names) its weight_mu / weight_rho / weight_prior_* tensors
+    for name in getattr(module, "bayes_params", ("weight", "bias")):
+        if leaf == name or leaf.startswith(name + "_"):
+            return prefix
     return None
 
 
@@ -151,19 +156,27 @@ class BayesianPreTrainedMixin:
                 "a BayesLinear; resizing it is not supported: resize the deterministic model "
                 "before converting"
             )
+        path = _name_of(self, head)  # type: ignore[arg-type]
         self.set_output_embeddings(head.to_dnn())  # type: ignore[attr-defined]
         try:
             result = super().resize_token_embeddings(*args, **kwargs)  # type: ignore[misc]
             resized = _resized_bayesian_head(head, self.get_output_embeddings())  # type: ignore[attr-defined]
         except BaseException:
-            self.set_output_embeddings(head)  # type: ignore[attr-defined]
+            _replace(self, path, head)  # type: ignore[arg-type]
             raise
-        self.set_output_embeddings(resized)  # type: ignore[attr-defined]
+        # not set_output_embeddings: some models (BERT MLM) also assign the head's bias,
+        # which on a Bayesian layer is a sample, to a parameter of theirs
+        _replace(self, path, resized)  # type: ignore[arg-type]
         return result
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # A class made by bayesian_pretrained_class() cannot be found by name: rebuild it.
         return (_new_instance, (type(self)._dnn2bnn_hf_base,), self.__getstate__())  # type: ignore[attr-defined]
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_name, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_name), name, module)
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:
