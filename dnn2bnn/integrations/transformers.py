@@ -104,9 +104,9 @@ class BayesTrainerMixin:
             raise ValueError(f"mc_samples must be an int >= 0, got {mc_samples!r}")
         if rho_lr is not None and not (isinstance(rho_lr, (int, float)) and rho_lr > 0):
             raise ValueError(f"rho_lr must be a number > 0, got {rho_lr!r}")
-        if kwargs.get("compute_metrics") is None and mc_samples > 0:
-            kwargs["compute_metrics"] = mc_metrics
         super().__init__(*args, **kwargs)
+        if self.compute_metrics is None and mc_samples > 0:  # type: ignore[has-type]
+            self.compute_metrics = mc_metrics
         self._num_train_examples = None if num_train_examples is None else int(num_train_examples)
         self.rho_lr = rho_lr
         self.mc_samples = mc_samples
