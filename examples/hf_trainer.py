@@ -47,7 +47,7 @@ class Tokens(torch.utils.data.Dataset):
 
 
 def make_dnn(quick: bool) -> transformers.BertForSequenceClassification:
-    size = 32 if quick else 128
+    size = 32 if quick else 64
     config = transformers.BertConfig(
         vocab_size=VOCAB, hidden_size=size, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=2 * size, max_position_embeddings=LENGTH, num_labels=2,
@@ -71,8 +71,8 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1 if args.quick else torch.get_num_threads())
     transformers.logging.set_verbosity_error()
-    train, val = Tokens(256 if args.quick else 4096, 0), Tokens(128 if args.quick else 1024, 1)
-    dnn_steps, bnn_steps = (30, 8) if args.quick else (300, 200)
+    train, val = Tokens(256 if args.quick else 4096, 0), Tokens(128 if args.quick else 512, 1)
+    dnn_steps, bnn_steps = (30, 8) if args.quick else (200, 100)
 
     # 1. A trained deterministic classifier (stands in for a fine-tuned Hub checkpoint).
     dnn = make_dnn(args.quick)
