@@ -190,6 +190,107 @@ def test_vectorized_matches_loop_in_distribution(case, fold, monkeypatch):
     assert log_ratio.abs().max() < 6 * 2 * math.sqrt(2 * 2 / (s - 1)), log_ratio.abs().max()
 
 
+# ---------------------------------------------------------------- batch axis: model families (issue 14 item 1)
+class SeqFirstTagger(nn.Module):
+    """The reproducer of issue 14 item 1: ``nn.LSTM`` defaults to ``[T, B, D]``."""
+
+    def __init__(self, batch_first=False):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.lstm = nn.LSTM(16, 16, batch_first=batch_first)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.head(self.lstm(torch.tanh(self.proj(x)))[0])
+
+
+class BatchFirstClassifier(nn.Module):
+    """A batch-first LSTM read at its last step: every value keeps the batch on dim 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.lstm = nn.LSTM(16, 16, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(torch.tanh(self.proj(x)))[0][:, -1])
+
+
+class PoolDim0(nn.Module):
+    """A sequence-first model that pools over dim 0 (time) after a Bayesian layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):  # x: [T, B, 8]
+        return self.head(torch.tanh(self.proj(x)).mean(0))
+
+
+class Encoder(nn.Module):
+    """A Bayesian projection, then a transformer encoder, seq-first or batch-first."""
+
+    def __init__(self, batch_first, bayesian_encoder=True):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.proj(x)))
+
+
+FAMILIES = {
+    # name: (build, conversion options, input, expected method of "auto")
+    "mlp": (lambda: mlp((10, 16, 16, 3)), {}, (6, 10), "vectorized"),
+    "cnn": (small_cnn, {}, (4, 1, 8, 8), "vectorized"),
+    "lstm-seq-first": (SeqFirstTagger, {}, (5, 3, 8), "loop"),
+    "lstm-batch-first": (BatchFirstClassifier, {}, (3, 5, 8), "vectorized"),
+    "lstm-seq-first-bayesian": (SeqFirstTagger, {"layer_types": (nn.Linear, nn.LSTM)}, (5, 3, 8), "vectorized"),
+    "pool-dim-0": (PoolDim0, {}, (5, 3, 8), "loop"),
+    # the encoder is Bayesian: called once per draw, each draw sees its own [T, B, D] batch
+    "encoder-seq-first": (lambda: Encoder(False), {}, (5, 3, 8), "vectorized"),
+    "encoder-batch-first": (lambda: Encoder(True), {}, (3, 5, 8), "vectorized"),
+    # the encoder is deterministic: it runs on the folded batch and mixes dim 0 (time)
+    "encoder-seq-first-deterministic": (lambda: Encoder(False), {"exclude": "encoder.*"}, (5, 3, 8), "loop"),
+    "encoder-batch-first-deterministic": (lambda: Encoder(True), {"exclude": "encoder.*"}, (3, 5, 8), "vectorized"),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_auto_matches_the_loop_in_distribution_for_every_layout(family):
+    """Vectorized where the batch is on dim 0 and rows stay apart, else the loop with a
+    warning; never different from the loop in distribution (the reproducer's means were
+    4-5 standard errors apart)."""
+    build, options, shape, expected = FAMILIES[family]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dnn2bnn.ConversionWarning)
+        bnn = dnn2bnn.transform_to_bnn_model(build(), posterior_sigma_init=0.2, **options)
+    x = torch.randn(*shape)
+    s = 300
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = dnn2bnn.predict(bnn, x, s, task="regression", return_samples=True)
+    fallbacks = [str(w.message) for w in caught if issubclass(w.category, PredictionWarning)]
+    slow = dnn2bnn.predict(bnn, x, s, task="regression", return_samples=True, method="loop")
+    assert fast.method == expected, fallbacks
+    if expected == "loop":
+        assert len(fallbacks) == 1 and "dim 0" in fallbacks[0], fallbacks
+    else:
+        assert not fallbacks
+    a, b = fast.samples, slow.samples
+    var_a, var_b = a.var(0), b.var(0)
+    assert var_b.min() > 0
+    z = (a.mean(0) - b.mean(0)) / ((var_a + var_b) / s).sqrt()
+    assert z.abs().max() < 5.0, z.abs().max()
+    log_ratio = (var_a / var_b).log()
+    assert log_ratio.abs().max() < 6 * 2 * math.sqrt(2 * 2 / (s - 1)), log_ratio.abs().max()
+
+
 def test_chunked_folding_runs_the_deterministic_part_once(monkeypatch):
     from dnn2bnn.prediction import _predict
 
