@@ -504,3 +504,183 @@ def test_mistakes_raise(kwargs, error, match):
     args = {"inputs": torch.randn(2, 20), "num_samples": 2, **kwargs}
     with pytest.raises(error, match=match):
         dnn2bnn.predict(bnn, args.pop("inputs"), args.pop("num_samples"), **args)
+
+
+# ---------------------------------------------------------------- output conventions (issue 14 item 10)
+class SqueezedBinary(nn.Module):
+    """The BCEWithLogitsLoss pattern: one logit per input, squeezed to ``[N]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.fc(x).squeeze(-1)
+
+
+def _mean_mode_predict(bnn, x, **kwargs):
+    """predict and the output with every layer in "mean" mode (the deterministic network)."""
+    with dnn2bnn.set_mode(bnn, "mean"), pytest.warns(PredictionWarning, match="no Bayesian layer"):
+        return dnn2bnn.predict(bnn, x, 2, **kwargs), bnn(x)
+
+
+@pytest.mark.parametrize("batch_size", [None, 1, 2])
+def test_squeezed_binary_logits(batch_size):
+    bnn = dnn2bnn.transform_to_bnn_model(SqueezedBinary(), posterior_sigma_init=0.1)
+    x = torch.randn(5, 4)
+    pred, out = _mean_mode_predict(bnn, x, task="binary", batch_size=batch_size)
+    p1 = torch.sigmoid(out)
+    torch.testing.assert_close(pred.probs, torch.stack([1 - p1, p1], dim=1))
+    assert pred.predictive_entropy.shape == (5,) and pred.predictions.shape == (5,)
+    sampled = dnn2bnn.predict(bnn, x, 8, task="binary", batch_size=batch_size)
+    assert sampled.method == "vectorized" and sampled.mutual_information.shape == (5,)
+    with pytest.raises(ValueError, match="use task='binary'"):
+        dnn2bnn.predict(bnn, x, 2, batch_size=batch_size)
+
+
+def test_binary_logits_with_a_class_dim_of_size_one():
+    net = nn.Sequential(nn.Conv2d(2, 1, 3, padding=1))  # [N, 1, H, W]: binary segmentation
+    bnn = dnn2bnn.transform_to_bnn_model(net, posterior_sigma_init=0.1)
+    x = torch.randn(3, 2, 5, 6)
+    pred, out = _mean_mode_predict(bnn, x, task="binary")
+    p1 = torch.sigmoid(out)[:, 0]
+    torch.testing.assert_close(pred.probs, torch.stack([1 - p1, p1], dim=1))
+    assert pred.probs.shape == (3, 2, 5, 6) and pred.predictive_entropy.shape == (3, 5, 6)
+    with pytest.raises(ValueError, match="has size 5"):
+        dnn2bnn.predict(bnn, x, 2, task="binary", class_dim=2)
+
+
+def test_segmentation_softmax_is_over_the_class_dim_and_keeps_the_spatial_dims():
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1))
+    bnn = dnn2bnn.transform_to_bnn_model(net, posterior_sigma_init=0.1)
+    x = torch.randn(2, 2, 5, 7)
+    pred, out = _mean_mode_predict(bnn, x)
+    torch.testing.assert_close(pred.probs, out.softmax(1))  # the class dim 1, not W
+    torch.testing.assert_close(pred.probs.sum(1), torch.ones(2, 5, 7))
+    assert pred.class_dim == 1 and pred.predictions.shape == (2, 5, 7)
+    torch.testing.assert_close(pred.predictions, out.argmax(1))
+    sampled = dnn2bnn.predict(bnn, x, 6, return_samples=True, batch_size=1)
+    assert sampled.probs.shape == sampled.variance.shape == (2, 3, 5, 7)
+    for field in ("predictive_entropy", "expected_entropy", "mutual_information", "confidence"):
+        assert getattr(sampled, field).shape == (2, 5, 7), field
+    assert sampled.samples.shape == (6, 2, 3, 5, 7)
+    torch.testing.assert_close(sampled.probs, sampled.samples.mean(0))
+    assert (sampled.mutual_information >= 0).all() and sampled.mutual_information.max() > 0
+
+
+def test_class_dim_last_for_token_logits():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5))  # [N, T, C] token logits
+    bnn = dnn2bnn.transform_to_bnn_model(net, posterior_sigma_init=0.1)
+    x = torch.randn(3, 6, 4)
+    pred, out = _mean_mode_predict(bnn, x, class_dim=-1)
+    torch.testing.assert_close(pred.probs, out.softmax(-1))
+    assert pred.predictive_entropy.shape == (3, 6) and pred.class_dim == 2
+    torch.testing.assert_close(pred.confidence, out.softmax(-1).max(-1).values)
+
+
+# ---------------------------------------------------------------- inputs and outputs of real models (issue 16)
+class KeywordModel(nn.Module):
+    """Keyword inputs (an optional mask) and a dict output, as Hugging Face models have."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, features, mask=None):
+        h = torch.relu(self.emb(features))
+        if mask is not None:
+            h = h * mask.unsqueeze(-1)
+        return {"scores": self.head(h), "hidden": h}
+
+
+def test_dict_inputs_dataloaders_and_output_fn():
+    torch.manual_seed(0)
+    bnn = dnn2bnn.transform_to_bnn_model(KeywordModel(), posterior_sigma_init=0.1)
+    x, mask, y = torch.randn(6, 6), (torch.rand(6) > 0.3).float(), torch.randint(0, 3, (6,))
+    scores = lambda out: out["scores"]  # noqa: E731
+    with dnn2bnn.set_mode(bnn, "mean"):
+        expected = bnn(x, mask=mask)["scores"].softmax(-1)
+        unmasked = bnn(x)["scores"].softmax(-1)
+    dicts = [{"features": x[i:i + 2], "mask": mask[i:i + 2], "labels": y[i:i + 2]} for i in range(0, 6, 2)]
+    pairs = DataLoader(TensorDataset(x, y), batch_size=4, collate_fn=lambda b: (
+        {"features": torch.stack([r[0] for r in b])}, torch.stack([r[1] for r in b])
+    ))
+    with dnn2bnn.set_mode(bnn, "mean"), pytest.warns(PredictionWarning, match="no Bayesian layer"):
+        for inputs, kwargs, reference in [
+            ({"features": x, "mask": mask}, {}, expected),
+            ({"features": x, "mask": mask}, {"batch_size": 4}, expected),
+            (dicts, {}, expected),  # the "labels" key is left out of the forward
+            (pairs, {}, unmasked),  # (inputs, labels) batches: the inputs
+            (x, {}, unmasked),
+        ]:
+            pred = dnn2bnn.predict(bnn, inputs, 2, output_fn=scores, **kwargs)
+            torch.testing.assert_close(pred.probs, reference)
+    with pytest.raises(TypeError, match="output_fn= to pick the logits"):
+        dnn2bnn.predict(bnn, x, 2)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_keyword_inputs_are_vectorized_and_match_the_loop(with_mask):
+    torch.manual_seed(0)
+    bnn = dnn2bnn.transform_to_bnn_model(KeywordModel(), posterior_sigma_init=0.2)
+    inputs = {"features": torch.randn(5, 6)}
+    if with_mask:
+        inputs["mask"] = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.5])
+    s = 200
+    options = dict(task="regression", return_samples=True, output_fn=lambda out: out["scores"])
+    fast = dnn2bnn.predict(bnn, inputs, s, **options)
+    slow = dnn2bnn.predict(bnn, inputs, s, method="loop", **options)
+    assert fast.method == "vectorized"
+    a, b = fast.samples, slow.samples
+    z = (a.mean(0) - b.mean(0)) / ((a.var(0) + b.var(0)) / s).sqrt()
+    assert z.abs().max() < 5.0
+    log_ratio = (a.var(0) / b.var(0)).log()
+    assert log_ratio.abs().max() < 6 * 2 * math.sqrt(2 * 2 / (s - 1))
+
+
+def _tiny_hugging_face(kind):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "bert":
+        config = transformers.BertConfig(
+            vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, max_position_embeddings=32, num_labels=3,
+        )
+        model = transformers.BertForSequenceClassification(config)
+    else:
+        config = transformers.GPT2Config(
+            vocab_size=60, n_positions=32, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0
+        )
+        model = transformers.GPT2LMHeadModel(config)
+    with warnings.catch_warnings():  # HF forwards defeat torch.fx: converted from the module tree
+        warnings.simplefilter("ignore", dnn2bnn.ConversionWarning)
+        return transformers, dnn2bnn.transform_to_bnn_model(model.eval(), posterior_sigma_init=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_hugging_face_models_predict_from_batch_encodings_and_dataloaders(kind):
+    transformers, bnn = _tiny_hugging_face(kind)
+    ids = torch.randint(1, 60, (4, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    batch = transformers.BatchEncoding({"input_ids": ids, "attention_mask": mask})
+    with dnn2bnn.set_mode(bnn, "mean"):
+        logits = bnn(**batch).logits
+    classes = 3 if kind == "bert" else 60
+    assert logits.shape[-1] == classes
+    with dnn2bnn.set_mode(bnn, "mean"), pytest.warns(PredictionWarning) as caught:
+        pred = dnn2bnn.predict(bnn, batch, 2)
+    torch.testing.assert_close(pred.probs, logits.softmax(-1))  # ModelOutput: classes last
+    assert any("**kwargs" in str(w.message) for w in caught)  # why it is not vectorized
+    loader = [{**batch, "labels": torch.zeros(4, dtype=torch.long)}]
+    with pytest.warns(PredictionWarning, match="separate forward passes"):
+        sampled = dnn2bnn.predict(bnn, loader, 4, return_samples=True)
+    assert sampled.method == "loop" and sampled.probs.shape == logits.shape
+    assert sampled.mutual_information.shape == logits.shape[:-1]
+    assert sampled.mutual_information.max() > 0
+    pick = (lambda out: out.logits) if kind == "bert" else (lambda out: out.logits[:, -1])
+    with pytest.warns(PredictionWarning):  # the next-token logits of GPT-2: [N, V]
+        last = dnn2bnn.predict(bnn, ids, 2, output_fn=pick)
+    assert last.probs.shape == (4, classes)
