@@ -287,7 +287,10 @@ def _concat(parts: list[Any]) -> Any:
         return torch.distributions.Normal(
             torch.cat([p.loc for p in parts]), torch.cat([p.scale for p in parts])
         )
-    raise TypeError(f"cannot collect model outputs of type {type(first).__name__}")
+    raise TypeError(
+        f"cannot collect model outputs of type {type(first).__name__}: pass output_fn= to pick "
+        "the prediction (a tensor, a (mean, log_variance) pair or a Normal)"
+    )
 
 
 def _stack(outputs: list[Any]) -> Any:
@@ -300,7 +303,10 @@ def _stack(outputs: list[Any]) -> Any:
         return torch.distributions.Normal(
             torch.stack([o.loc for o in outputs]), torch.stack([o.scale for o in outputs])
         )
-    raise TypeError(f"cannot collect model outputs of type {type(first).__name__}")
+    raise TypeError(
+        f"cannot collect model outputs of type {type(first).__name__}: pass output_fn= to pick "
+        "the prediction (a tensor, a (mean, log_variance) pair or a Normal)"
+    )
 
 
 def _enum(cls: type[Enum], value: Any, name: str) -> Any:
