@@ -421,6 +421,27 @@ class ConstantInput(nn.Module):
         return self.fc(x + self.proj(self.query).mean(0))
 
 
+class MixesRows(nn.Module):
+    """After its Bayesian layer, an operation that mixes the rows of dim 0."""
+
+    def __init__(self, mix):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.mix = mix
+
+    def forward(self, x):
+        return self.mix(self.fc(x))
+
+
+ROW_MIXERS = {  # name: (operation, what the warning says)
+    "softmax-dim-0": (lambda h: h.softmax(0), "mixes rows"),
+    "centred-over-dim-0": (lambda h: h - h.mean(0), "node mean .* does not have the batch on dim 0"),
+    "batch-statistics": (lambda h: F.batch_norm(h, None, None, training=True), "mixes rows"),
+    "cumsum-dim-0": (lambda h: h.cumsum(0), "mixes rows"),
+    "view-minus-1": (lambda h: h.view(-1).reshape(-1, 3), "node view .* does not have the batch on dim 0"),
+}
+
+
 @pytest.mark.parametrize(
     "model, reason",
     [
@@ -428,7 +449,9 @@ class ConstantInput(nn.Module):
         (UsesBatchSize, "batch size"),
         (FunctionalRead, "read outside"),
         (ConstantInput, "does not depend on the input"),
+        *[(lambda mix=mix: MixesRows(mix), reason) for mix, reason in ROW_MIXERS.values()],
     ],
+    ids=["data-dependent", "batch-size", "functional-read", "constant-input", *ROW_MIXERS],
 )
 def test_falls_back_to_the_loop_with_a_warning(model, reason):
     with warnings.catch_warnings():
