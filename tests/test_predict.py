@@ -707,3 +707,32 @@ def test_hugging_face_models_predict_from_batch_encodings_and_dataloaders(kind):
     with pytest.warns(PredictionWarning):  # the next-token logits of GPT-2: [N, V]
         last = dnn2bnn.predict(bnn, ids, 2, output_fn=pick)
     assert last.probs.shape == (4, classes)
+
+
+def test_hugging_face_class_dim_follows_the_output_type():
+    """HF token/LM logits are [N, T, C]; segmentation logits [N, C, H, W]; others: ask."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_outputs import (
+        CausalLMOutput, SemanticSegmenterOutput, TokenClassifierOutput,
+    )
+
+    class Wrapped(nn.Module):
+        def __init__(self, output_type, conv):
+            super().__init__()
+            self.layer = nn.Conv2d(2, 3, 1) if conv else nn.Linear(2, 3)
+            self.output_type = output_type
+
+        def forward(self, x):
+            return self.output_type(logits=self.layer(x))
+
+    for output_type, conv, dim in [
+        (TokenClassifierOutput, False, -1), (CausalLMOutput, False, -1), (SemanticSegmenterOutput, True, 1)
+    ]:
+        bnn = dnn2bnn.transform_to_bnn_model(Wrapped(output_type, conv), posterior_sigma_init=0.1)
+        x = torch.randn(2, 2, 4, 4) if conv else torch.randn(2, 5, 2)
+        pred, out = _mean_mode_predict(bnn, x)
+        torch.testing.assert_close(pred.probs, out.logits.softmax(dim))
+    bnn = dnn2bnn.transform_to_bnn_model(Wrapped(transformers.utils.ModelOutput, False))
+    with pytest.raises(ValueError, match="pass class_dim="):
+        dnn2bnn.predict(bnn, torch.randn(2, 5, 2), 2)
+    assert dnn2bnn.predict(bnn, torch.randn(2, 5, 2), 2, class_dim=-1).probs.shape == (2, 5, 3)

@@ -26,13 +26,13 @@ from torch import Tensor, fx
 from torch.fx.node import map_aggregate, map_arg
 from torch.utils._pytree import tree_leaves
 
-from dnn2bnn.prediction._io import ModelInputs
+from dnn2bnn.prediction._io import ModelInputs, is_model_output
 from dnn2bnn.prediction._vectorized import is_stochastic
 
 if TYPE_CHECKING:
     from dnn2bnn.prediction._split import SplitPlan
 
-__all__ = ["check_batch_axis"]
+__all__ = ["check_batch_axis", "model_output_type"]
 
 #: Relative tolerance of the row probe (the same row computed in two batches of equal size).
 ROW_RTOL = 1e-4
@@ -76,6 +76,19 @@ def check_batch_axis(plan: SplitPlan, inputs: ModelInputs) -> str | None:
             "folded into dim 0"
         )
     return None
+
+
+def model_output_type(plan: SplitPlan, inputs: ModelInputs) -> type | None:
+    """The Hugging Face ``ModelOutput`` class the model returns, or ``None``.
+
+    torch.fx records such an output as a plain dict; the real model, called once on two rows
+    in "mean" mode, says which class to rebuild (so that its ``logits`` are found).
+    """
+    from dnn2bnn.prediction._split import means_for_tracing
+
+    with torch.no_grad(), means_for_tracing(plan.module):
+        out = _rows(_pool(inputs), [0, 1])(plan.module)
+    return type(out) if is_model_output(out) else None
 
 
 def _where(node: fx.Node, index: int) -> str:

@@ -145,6 +145,8 @@ class SplitPlan:
     frontier: frozenset[fx.Node] = frozenset()
     #: How the call's inputs were bound to ``forward``'s parameters when tracing.
     binding: Binding | None = None
+    #: The Hugging Face ``ModelOutput`` class of the model's output (fx records a dict).
+    output_type: type | None = None
 
     def placeholder_values(self, inputs: ModelInputs) -> list[Any]:
         """The graph inputs for ``inputs`` (``forward``'s parameters in order)."""
@@ -181,6 +183,8 @@ class SplitPlan:
         batch = inputs.batch_size
         interpreter = _FoldedInterpreter(self, draws, batch, chunk)
         out = interpreter.run(*self.placeholder_values(inputs))
+        if self.output_type is not None and isinstance(out, dict):
+            out = self.output_type(**out)
         if select is not None:
             out = select(out)
         if chunk is not None:
@@ -323,10 +327,13 @@ def plan_split(model: nn.Module, inputs: ModelInputs) -> SplitPlan | str:
         model, graph, stochastic, batched, sorted(set(vectorized)), sorted(set(per_draw)),
         single_use, frontier, binding,
     )
-    from dnn2bnn.prediction._probe import check_batch_axis
+    from dnn2bnn.prediction._probe import check_batch_axis, model_output_type
 
     reason = check_batch_axis(plan, inputs)
-    return plan if reason is None else reason
+    if reason is not None:
+        return reason
+    plan.output_type = model_output_type(plan, inputs)
+    return plan
 
 
 
