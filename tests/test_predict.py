@@ -736,3 +736,18 @@ def test_hugging_face_class_dim_follows_the_output_type():
     with pytest.raises(ValueError, match="pass class_dim="):
         dnn2bnn.predict(bnn, torch.randn(2, 5, 2), 2)
     assert dnn2bnn.predict(bnn, torch.randn(2, 5, 2), 2, class_dim=-1).probs.shape == (2, 5, 3)
+
+
+def test_the_probe_is_not_blinded_by_identical_rows():
+    """Left-padded sequence-first inputs: the first time steps are all zeros. The probe
+    searches distinct rows and completes them with noise, so the recurrence is still found."""
+    torch.manual_seed(0)
+    bnn = dnn2bnn.transform_to_bnn_model(SeqFirstTagger(), posterior_sigma_init=0.2)
+    x = torch.randn(6, 3, 8)
+    x[:4] = 0.0  # only rows 4 and 5 differ from the padding: one distinct row short
+    with pytest.raises(ValueError, match="mixes rows"):
+        dnn2bnn.predict(bnn, x, 4, task="regression", method="vectorized")
+    dnn2bnn.prediction.clear_plan_cache(bnn)
+    x[:] = 0.0  # a single distinct row
+    with pytest.raises(ValueError, match="mixes rows"):
+        dnn2bnn.predict(bnn, x, 4, task="regression", method="vectorized")

@@ -116,21 +116,48 @@ def _same(a: Tensor, b: Tensor) -> bool:
     return bool(torch.allclose(a, b, rtol=ROW_RTOL, atol=ROW_RTOL * scale + 1e-6, equal_nan=True))
 
 
+#: How many of the caller's rows are searched for three distinct ones.
+POOL_SEARCH_ROWS = 64
+
+
 def _pool(inputs: ModelInputs) -> ModelInputs:
-    """At least three rows: the caller's, then copies rolled along the last dim."""
-    def grow(v: Any) -> Any:
-        if not isinstance(v, Tensor) or v.dim() == 0:
+    """Three distinct rows: the caller's first distinct ones, completed by perturbed copies.
+
+    Identical rows would hide a mixing operation (a recurrence over left-padded sequences):
+    a float row is completed with Gaussian noise of its own scale, an integer row (token
+    ids) is rolled along its last dim. The noise comes from a local generator: the caller's
+    random stream is not touched.
+    """
+    tensors = [v for v in (*inputs.args, *inputs.kwargs.values()) if _batched(v)]
+    picked: list[int] = []
+    for i in range(min(inputs.batch_size, POOL_SEARCH_ROWS)):
+        if all(not all(torch.equal(t[i], t[j]) for t in tensors) for j in picked):
+            picked.append(i)
+        if len(picked) == 3:
+            break
+    generator = torch.Generator().manual_seed(0)
+
+    def complete(v: Any) -> Any:
+        if not _batched(v):
             return v
-        rows = [v[:3]]
-        shift = 1
-        while sum(r.shape[0] for r in rows) < 3:
-            rows.append(v.roll(shift, dims=-1)[: 3 - sum(r.shape[0] for r in rows)])
-            shift += 1
+        rows = [v[picked]]
+        for k in range(1, 4 - len(picked)):
+            first = v[picked[0]:picked[0] + 1]
+            if first.is_floating_point():
+                scale = first.float().std().nan_to_num(0.0).item() or 1.0
+                noise = torch.randn(first.shape, generator=generator).to(first.device, first.dtype)
+                rows.append(first + noise * scale)
+            else:
+                rows.append(first.roll(k, dims=-1))
         return torch.cat(rows)
 
     return ModelInputs(
-        tuple(grow(a) for a in inputs.args), {k: grow(v) for k, v in inputs.kwargs.items()}
+        tuple(complete(a) for a in inputs.args), {k: complete(v) for k, v in inputs.kwargs.items()}
     )
+
+
+def _batched(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.dim() > 0
 
 
 def _rows(pool: ModelInputs, index: list[int]) -> ModelInputs:
