@@ -751,3 +751,26 @@ def test_the_probe_is_not_blinded_by_identical_rows():
     x[:] = 0.0  # a single distinct row
     with pytest.raises(ValueError, match="mixes rows"):
         dnn2bnn.predict(bnn, x, 4, task="regression", method="vectorized")
+
+
+def test_dataloader_batches_with_several_positional_inputs():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(2, 4)
+
+        def forward(self, x1, x2):
+            return self.a(x1) + self.b(x2)
+
+    bnn = dnn2bnn.transform_to_bnn_model(TwoInputs(), posterior_sigma_init=0.1)
+    x1, x2, y = torch.randn(5, 3), torch.randn(5, 2), torch.zeros(5)
+    loader = DataLoader(TensorDataset(x1, x2, y), batch_size=2, collate_fn=lambda rows: (
+        (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])), torch.stack([r[2] for r in rows])
+    ))
+    pred = dnn2bnn.predict(bnn, loader, 4)
+    assert pred.method == "vectorized" and pred.probs.shape == (5, 4)
+    with dnn2bnn.set_mode(bnn, "mean"), pytest.warns(PredictionWarning, match="no Bayesian layer"):
+        torch.testing.assert_close(dnn2bnn.predict(bnn, loader, 2).probs, bnn(x1, x2).softmax(1))
+        torch.testing.assert_close(
+            dnn2bnn.predict(bnn, {"x1": x1, "x2": x2}, 2).probs, bnn(x1, x2).softmax(1)
+        )
