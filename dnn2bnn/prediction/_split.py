@@ -263,6 +263,7 @@ def plan_split(model: nn.Module, inputs: ModelInputs) -> SplitPlan | str:
     part whose batch is not on dim 0 or whose rows mix.
     """
     if is_bayesian_layer(model):  # a single layer: trace a container so it stays a leaf
+        Binding.of(model, inputs)  # inputs that do not fit: the error names the layer
         model = nn.Sequential(model)
     binding = Binding.of(model, inputs)
     if isinstance(binding, str):
