@@ -101,7 +101,11 @@ class Binding:
                 "which torch.fx cannot trace"
                 + (" (transformers >= 5 has no transformers.utils.fx tracer)" if hf else "")
             )
-        names, tensors, concrete, key = [], set(), {}, []
+        names: list[str] = []
+        tensors: set[str] = set()
+        concrete: dict[str, Any] = {}
+        key: list[Hashable] = []
+        reusable = True
         for name, param in signature.parameters.items():
             value = bound.arguments.get(name, param.default)
             names.append(name)
@@ -112,11 +116,13 @@ class Binding:
             concrete[name] = value
             try:
                 hash(value)
-            except TypeError:
-                key = None  # type: ignore[assignment]
-            if key is not None:
+            except TypeError:  # a list, a dict: the trace is not reused
+                reusable = False
+            else:
                 key.append((name, type(value), value))
-        return cls(tuple(names), frozenset(tensors), concrete, None if key is None else tuple(key))
+        return cls(
+            tuple(names), frozenset(tensors), concrete, tuple(key) if reusable else None
+        )
 
     def values(self, inputs: ModelInputs, model: nn.Module) -> list[Any]:
         """The placeholder values for ``inputs``, in ``forward``'s parameter order."""
