@@ -205,6 +205,7 @@ def test_own_loss_mode_and_elbo_function_add_the_scaled_kl():
     assert "elbo" in dnn2bnn.__all__
 
 
+@pytest.mark.slow  # imports transformers
 def test_hugging_face_model_output_gives_its_logits_to_the_loss():
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(

@@ -709,6 +709,7 @@ def test_hugging_face_models_predict_from_batch_encodings_and_dataloaders(kind):
     assert last.probs.shape == (4, classes)
 
 
+@pytest.mark.slow  # imports transformers
 def test_hugging_face_class_dim_follows_the_output_type():
     """HF token/LM logits are [N, T, C]; segmentation logits [N, C, H, W]; others: ask."""
     transformers = pytest.importorskip("transformers")
