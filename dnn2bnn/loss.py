@@ -261,7 +261,7 @@ class WithBNNLoss(nn.Module):
             output_fn=output_fn,
         )
 
-    def forward(self, data: Any, label: Any = None, /, **model_kwargs: Any) -> Tensor:
+    def forward(self, data: Any, label: Any = None, **model_kwargs: Any) -> Tensor:
         if isinstance(data, Mapping):
             output = self.backbone(**data, **model_kwargs)
         else:

@@ -205,6 +205,7 @@ def test_own_loss_mode_and_elbo_function_add_the_scaled_kl():
     assert "elbo" in dnn2bnn.__all__
 
 
+@pytest.mark.slow  # imports transformers
 def test_hugging_face_model_output_gives_its_logits_to_the_loss():
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
@@ -226,3 +227,11 @@ def test_hugging_face_model_output_gives_its_logits_to_the_loss():
         reference = own({**batch, "labels": y})
     torch.testing.assert_close(loss, reference)
     loss.backward()
+
+
+def test_data_and_label_can_still_be_passed_by_keyword():
+    bnn = transform_to_bnn_model(mlp((6, 4, 3)), posterior_sigma_init=0.1)
+    criterion = WithBNNLoss.elbo(bnn, nn.CrossEntropyLoss(), num_train_examples=10)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    with dnn2bnn.set_mode(bnn, "mean"):
+        torch.testing.assert_close(criterion(data=x, label=y), criterion(x, y))

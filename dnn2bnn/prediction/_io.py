@@ -5,8 +5,9 @@ The conventions shared by :func:`dnn2bnn.predict` and :class:`dnn2bnn.WithBNNLos
 * a tensor is the model's one positional argument; a mapping (``dict``, Hugging Face
   ``BatchEncoding``) is passed as keyword arguments, ``model(**batch)``;
 * a batch from a ``DataLoader`` that is a tuple or list is ``(inputs, labels, ...)``: its first
-  element is the input (a tensor or a mapping); a mapping batch loses its ``"labels"`` key
-  (the prediction does not use the labels);
+  element is the input (a tensor, a mapping, or a tuple of tensors: the positional
+  arguments); a mapping batch loses its ``"labels"`` key (the prediction does not use the
+  labels);
 * a Hugging Face ``ModelOutput`` contributes its ``logits``; any other output structure is
   read by an ``output_fn`` the caller passes.
 """
@@ -58,6 +59,8 @@ class ModelInputs:
             if not batch:
                 raise TypeError("a DataLoader batch is an empty tuple/list")
             batch = batch[0]
+            if isinstance(batch, (tuple, list)) and all(isinstance(b, Tensor) for b in batch):
+                return cls(args=tuple(batch))  # ((x1, x2), y): several positional inputs
         if isinstance(batch, Mapping):
             batch = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
         try:
@@ -65,7 +68,8 @@ class ModelInputs:
         except TypeError as exc:
             raise TypeError(
                 "each batch must be a tensor, a mapping of keyword arguments, or a tuple/list "
-                f"whose first element is one of those (e.g. (x, y)); got {type(batch).__name__}"
+                "whose first element is one of those or a tuple of tensors (e.g. (x, y) or "
+                f"((x1, x2), y)); got {type(batch).__name__}"
             ) from exc
 
     def tensors(self) -> Iterator[Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -77,8 +78,9 @@ def predict(
     Outputs: the prediction is ``output_fn(output)`` if given, else the ``logits`` of a
     Hugging Face ``ModelOutput``, else the output itself. A classifier
     (``task="classification"``) returns logits with the classes on ``class_dim``: by default
-    dim 1 (``[N, C]``, ``[N, C, H, W]``, as ``F.cross_entropy``), or the last dim for a
-    ``ModelOutput``'s logits (Hugging Face's ``[N, T, C]``). ``task="binary"`` takes the
+    dim 1 (``[N, C]``, ``[N, C, H, W]``, as ``F.cross_entropy``), or the last dim for the
+    N-d logits of Hugging Face token-classification and language-model outputs
+    (``[N, T, C]``); other N-d ``ModelOutput`` logits need an explicit ``class_dim``. ``task="binary"`` takes the
     logit of class 1 (``[N]``, ``[N, 1]``, ``[N, H, W]``, as ``BCEWithLogitsLoss``);
     regression models (``task="regression"``) return the mean, ``(mean, log_variance)`` or a
     ``torch.distributions.Normal`` (see :class:`RegressionPrediction`).
@@ -106,7 +108,7 @@ def predict(
         num_samples: ``S``, the number of posterior samples per input.
         task: ``"classification"``, ``"binary"`` or ``"regression"``.
         class_dim: the class dim of a classifier's output (dim 0 is the batch); ``None``:
-            1, or -1 for a Hugging Face ``ModelOutput``. With ``task="binary"``, the dim of
+            1, or -1 for the logits of a Hugging Face ``*LMOutput``/``TokenClassifierOutput``. With ``task="binary"``, the dim of
             size 1 holding the logit (``None``: dim 1 if it has size 1).
         output_fn: picks the prediction from the model output, e.g.
             ``lambda out: out["scores"]`` (it may see the folded batch of all samples: select,
@@ -191,8 +193,26 @@ def _summarize(
             "task='binary'"
         )
     if class_dim is None:
-        class_dim = -1 if sampler.model_output else 1
+        class_dim = _default_class_dim(sampler.model_output, shape)
     return ClassificationPrediction.from_logits(outputs, keep_samples=keep, class_dim=class_dim)
+
+
+#: Hugging Face outputs whose N-d logits have the classes last (``[N, T, C]``).
+_HF_CLASSES_LAST = re.compile(r"(LM|TokenClassifier)Output")
+#: ... and those whose N-d logits have them on dim 1 (``[N, C, H, W]``).
+_HF_CLASSES_FIRST = re.compile(r"SemanticSegmenterOutput|DepthEstimatorOutput")
+
+
+def _default_class_dim(model_output: str | None, shape: tuple[int, ...]) -> int:
+    """``class_dim=None``: dim 1 (PyTorch), the classes of HF token/LM logits last."""
+    if model_output is None or len(shape) == 2 or _HF_CLASSES_FIRST.search(model_output):
+        return 1
+    if _HF_CLASSES_LAST.search(model_output):
+        return -1
+    raise ValueError(
+        f"predict: where the classes are in the logits of {model_output} (shape {shape}) is not "
+        "known: pass class_dim= (1 for [N, C, H, W], -1 for [N, T, C])"
+    )
 
 
 class _Sampler:
@@ -210,8 +230,8 @@ class _Sampler:
         self.method = method
         self.output_fn = output_fn
         self.where = f"{type(model).__module__}.{type(model).__qualname__}"
-        #: whether the prediction came from a Hugging Face ModelOutput's logits
-        self.model_output = False
+        #: the class name of the Hugging Face ModelOutput whose logits are the prediction
+        self.model_output: str | None = None
         self.fell_back = method is Method.LOOP
         #: softplus(rho) per layer, computed once per predict call, shared by every draw set
         self.sigmas: dict[int, dict[str, Tensor]] = {}
@@ -224,7 +244,7 @@ class _Sampler:
     def select(self, output: Any) -> Any:
         """The prediction in one model output (see :func:`prediction_of`)."""
         if self.output_fn is None and is_model_output(output):
-            self.model_output = True
+            self.model_output = type(output).__name__
         return prediction_of(output, self.output_fn, where=f"predict ({self.where})")
 
     def _fall_back(self, reason: str) -> None:
@@ -287,7 +307,10 @@ def _concat(parts: list[Any]) -> Any:
         return torch.distributions.Normal(
             torch.cat([p.loc for p in parts]), torch.cat([p.scale for p in parts])
         )
-    raise TypeError(f"cannot collect model outputs of type {type(first).__name__}")
+    raise TypeError(
+        f"cannot collect model outputs of type {type(first).__name__}: pass output_fn= to pick "
+        "the prediction (a tensor, a (mean, log_variance) pair or a Normal)"
+    )
 
 
 def _stack(outputs: list[Any]) -> Any:
@@ -300,7 +323,10 @@ def _stack(outputs: list[Any]) -> Any:
         return torch.distributions.Normal(
             torch.stack([o.loc for o in outputs]), torch.stack([o.scale for o in outputs])
         )
-    raise TypeError(f"cannot collect model outputs of type {type(first).__name__}")
+    raise TypeError(
+        f"cannot collect model outputs of type {type(first).__name__}: pass output_fn= to pick "
+        "the prediction (a tensor, a (mean, log_variance) pair or a Normal)"
+    )
 
 
 def _enum(cls: type[Enum], value: Any, name: str) -> Any:

@@ -101,7 +101,11 @@ class Binding:
                 "which torch.fx cannot trace"
                 + (" (transformers >= 5 has no transformers.utils.fx tracer)" if hf else "")
             )
-        names, tensors, concrete, key = [], set(), {}, []
+        names: list[str] = []
+        tensors: set[str] = set()
+        concrete: dict[str, Any] = {}
+        key: list[Hashable] = []
+        reusable = True
         for name, param in signature.parameters.items():
             value = bound.arguments.get(name, param.default)
             names.append(name)
@@ -112,11 +116,13 @@ class Binding:
             concrete[name] = value
             try:
                 hash(value)
-            except TypeError:
-                key = None  # type: ignore[assignment]
-            if key is not None:
+            except TypeError:  # a list, a dict: the trace is not reused
+                reusable = False
+            else:
                 key.append((name, type(value), value))
-        return cls(tuple(names), frozenset(tensors), concrete, None if key is None else tuple(key))
+        return cls(
+            tuple(names), frozenset(tensors), concrete, tuple(key) if reusable else None
+        )
 
     def values(self, inputs: ModelInputs, model: nn.Module) -> list[Any]:
         """The placeholder values for ``inputs``, in ``forward``'s parameter order."""
@@ -145,6 +151,8 @@ class SplitPlan:
     frontier: frozenset[fx.Node] = frozenset()
     #: How the call's inputs were bound to ``forward``'s parameters when tracing.
     binding: Binding | None = None
+    #: The Hugging Face ``ModelOutput`` class of the model's output (fx records a dict).
+    output_type: type | None = None
 
     def placeholder_values(self, inputs: ModelInputs) -> list[Any]:
         """The graph inputs for ``inputs`` (``forward``'s parameters in order)."""
@@ -181,6 +189,8 @@ class SplitPlan:
         batch = inputs.batch_size
         interpreter = _FoldedInterpreter(self, draws, batch, chunk)
         out = interpreter.run(*self.placeholder_values(inputs))
+        if self.output_type is not None and isinstance(out, dict):
+            out = self.output_type(**out)
         if select is not None:
             out = select(out)
         if chunk is not None:
@@ -259,6 +269,7 @@ def plan_split(model: nn.Module, inputs: ModelInputs) -> SplitPlan | str:
     part whose batch is not on dim 0 or whose rows mix.
     """
     if is_bayesian_layer(model):  # a single layer: trace a container so it stays a leaf
+        Binding.of(model, inputs)  # inputs that do not fit: the error names the layer
         model = nn.Sequential(model)
     binding = Binding.of(model, inputs)
     if isinstance(binding, str):
@@ -323,10 +334,13 @@ def plan_split(model: nn.Module, inputs: ModelInputs) -> SplitPlan | str:
         model, graph, stochastic, batched, sorted(set(vectorized)), sorted(set(per_draw)),
         single_use, frontier, binding,
     )
-    from dnn2bnn.prediction._probe import check_batch_axis
+    from dnn2bnn.prediction._probe import check_batch_axis, model_output_type
 
     reason = check_batch_axis(plan, inputs)
-    return plan if reason is None else reason
+    if reason is not None:
+        return reason
+    plan.output_type = model_output_type(plan, inputs)
+    return plan
 
 
 

@@ -239,7 +239,8 @@ class RegressionPrediction:
         else:
             raise TypeError(
                 "a regression model must return a tensor (the mean), a (mean, log_variance) "
-                f"pair or a torch.distributions.Normal; got {type(outputs).__name__}"
+                f"pair or a torch.distributions.Normal; got {type(outputs).__name__} (predict's "
+                "output_fn= picks the prediction from another output)"
             )
         means = means.float()
         epistemic = _variance(means)
