@@ -110,7 +110,7 @@ class BayesTrainerMixin:
         self._num_train_examples = None if num_train_examples is None else int(num_train_examples)
         self.rho_lr = rho_lr
         self.mc_samples = mc_samples
-        self._kl_sum = 0.0
+        self._kl_sum: Tensor | float = 0.0
         self._kl_count = 0
         if not any(isinstance(m, BayesianLayer) for m in self.model.modules()):
             warnings.warn(
@@ -161,7 +161,7 @@ class BayesTrainerMixin:
                 self, "current_gradient_accumulation_steps",
                 self.args.gradient_accumulation_steps,  # type: ignore[attr-defined]
             )
-        self._kl_sum += kl.detach().item()
+        self._kl_sum = self._kl_sum + kl.detach().float()  # a tensor: no device sync per step
         self._kl_count += 1
         loss = loss + scale * kl.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
@@ -179,7 +179,7 @@ class BayesTrainerMixin:
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Adds ``kl`` (mean KL since the last log) and ``data_loss`` (``loss - kl / N``) to training logs."""
         if "loss" in logs and self._kl_count:
-            kl = self._kl_sum / self._kl_count
+            kl = float(self._kl_sum) / self._kl_count
             logs["kl"] = kl
             logs["data_loss"] = logs["loss"] - kl * self.kl_weight
             self._kl_sum, self._kl_count = 0.0, 0
