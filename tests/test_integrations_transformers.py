@@ -272,6 +272,21 @@ def test_mc_evaluation_of_a_collapsed_posterior_is_the_deterministic_model(tmp_p
     assert result["eval_ece"] == pytest.approx(dnn2bnn.metrics.ece(probs, labels), abs=1e-5)
 
 
+def test_predict_without_labels_is_monte_carlo_too(tmp_path):
+    class Unlabeled(_Tokens):
+        def __getitem__(self, i):
+            return {"input_ids": self.x[i]}
+
+    bnn = _bert()
+    trainer = hf.BayesTrainer(model=bnn, args=_args(tmp_path), mc_samples=4)
+    output = trainer.predict(Unlabeled(8, 1))
+    log_probs = torch.as_tensor(output.predictions)
+    assert log_probs.shape == (8, 3) and output.label_ids is None
+    assert torch.allclose(log_probs.exp().sum(-1), torch.ones(8), atol=1e-5)
+    again = torch.as_tensor(trainer.predict(Unlabeled(8, 1)).predictions)
+    assert not torch.equal(again, log_probs)  # sampled weights, not one deterministic pass
+
+
 def test_gpt2_lm_trains_and_evaluates_shifted_tokens(tmp_path):
     bnn = _gpt2()
     trainer = hf.BayesTrainer(model=bnn, args=_args(tmp_path, max_steps=2), mc_samples=2,

@@ -112,6 +112,7 @@ class BayesTrainerMixin:
         self.mc_samples = mc_samples
         self._kl_sum: Tensor | float = 0.0
         self._kl_count = 0
+        self._warned_generate = False
         if not any(isinstance(m, BayesianLayer) for m in self.model.modules()):
             warnings.warn(
                 f"{type(self).__name__}: {type(self.model).__name__} has no Bayesian layer; "
@@ -246,34 +247,40 @@ class BayesTrainerMixin:
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """Monte Carlo prediction: log of the mean softmax over ``mc_samples`` passes.
 
-        Returns ``(nll, log_probs, labels)`` (the predictive NLL as the loss); for causal
-        language models, positions and labels are shifted by one as the model's own loss
-        does. Falls back to the ``Trainer``'s step without labels, with ``mc_samples=0``
-        or with ``predict_with_generate``.
+        Returns ``(nll, log_probs, labels)`` (the predictive NLL as the loss; ``None`` for
+        inputs without labels); for causal language models, positions and labels are
+        shifted by one as the model's own loss does. ``mc_samples=0`` gives the
+        ``Trainer``'s own step, so does ``predict_with_generate`` (with a warning: it
+        generates with one posterior sample per call) and several label names.
         """
         label_names = self.label_names or ["labels"]  # type: ignore[attr-defined]
-        has_labels = all(inputs.get(k) is not None for k in label_names)
-        if (
-            self.mc_samples == 0
-            or not has_labels
-            or len(label_names) != 1
-            or getattr(self.args, "predict_with_generate", False)  # type: ignore[attr-defined]
-        ):
+        generate = getattr(self.args, "predict_with_generate", False)  # type: ignore[attr-defined]
+        if generate and self.mc_samples and not self._warned_generate:
+            warnings.warn(
+                f"{type(self).__name__}: predict_with_generate=True evaluates by generation, "
+                "with one posterior sample per generate call, not by Monte Carlo averaging",
+                stacklevel=2,
+            )
+            self._warned_generate = True
+        if self.mc_samples == 0 or generate or len(label_names) != 1:
             return super().prediction_step(  # type: ignore[misc]
                 model, inputs, prediction_loss_only, ignore_keys=ignore_keys
             )
         inputs = self._prepare_inputs(inputs)  # type: ignore[attr-defined]
-        labels = inputs[label_names[0]]
+        labels = inputs.get(label_names[0])
         # the labels stay in the forward, as in the Trainer's own step: encoder-decoder
         # models build their decoder inputs from them
         unwrapped = self.accelerator.unwrap_model(model)  # type: ignore[attr-defined]
         with torch.no_grad(), set_mode(unwrapped, "sample"):
             probs = None
             for _ in range(self.mc_samples):
-                p = torch.softmax(_logits_of(model(**inputs)).float(), dim=-1)
+                out = _logits_of(model(**inputs), with_loss=labels is not None)
+                p = torch.softmax(out.float(), dim=-1)
                 probs = p if probs is None else probs + p
         assert probs is not None
         probs = probs / self.mc_samples
+        if labels is None:
+            return None, (None if prediction_loss_only else probs.clamp_min(1e-12).log()), None
         if type(unwrapped).__name__ in _CAUSAL_LM_NAMES and labels.dim() == 2:
             probs, labels = probs[:, :-1], labels[:, 1:]
         log_probs = probs.clamp_min(1e-12).log()
@@ -285,7 +292,7 @@ class BayesTrainerMixin:
         return loss, log_probs, labels.contiguous()
 
 
-def _logits_of(outputs: Any) -> Tensor:
+def _logits_of(outputs: Any, *, with_loss: bool) -> Tensor:
     if isinstance(outputs, Tensor):
         return outputs
     if isinstance(outputs, Mapping):
@@ -295,8 +302,8 @@ def _logits_of(outputs: Any) -> Tensor:
                 f"{list(outputs.keys())}; pass mc_samples=0 for the Trainer's own evaluation"
             )
         return outputs["logits"]
-    if isinstance(outputs, (tuple, list)):  # (loss, logits, ...): the labels were passed
-        return outputs[1] if len(outputs) > 1 else outputs[0]
+    if isinstance(outputs, (tuple, list)):  # (loss, logits, ...) when labels were passed
+        return outputs[1] if with_loss and len(outputs) > 1 else outputs[0]
     raise TypeError(f"cannot take logits from a model output of type {type(outputs).__name__}")
 
 
