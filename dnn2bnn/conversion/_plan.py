@@ -304,6 +304,9 @@ def _functional_weights(
     for name, uses in trace.param_uses.items():
         owner, attr = index.param_owner[name]
         value = owner._parameters[attr]
+        if attr in (request.selection or {}).get(id(owner), ()):
+            weights[name] = _describe(uses)  # chosen by params= anyway
+            continue
 
         def entry(action: Action, reason: str, owner: nn.Module = owner, name: str = name) -> None:
             entries.append(Candidate(owner, (name,), "nn.Parameter", action, reason, parameter=True))

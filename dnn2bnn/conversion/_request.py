@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from dnn2bnn.config import BayesConfig, BayesConfigMapping
+from dnn2bnn.config import BayesConfig, BayesConfigMapping, _real
 from dnn2bnn.conversion._mapping import default_mapping, opt_in_mapping
 from dnn2bnn.conversion._names import matches, short_type_name
 from dnn2bnn.conversion._params import ParamSelection, select_parameters
@@ -28,6 +28,8 @@ __all__ = [
     "layer_type_mapping",
     "resolve_layer_type",
 ]
+
+_REAL_OPTIONS = ("prior_mean", "prior_sigma", "posterior_sigma_init", "moped_delta")
 
 Patterns = str | Iterable[str] | None
 ConfigArg = BayesConfig | BayesConfigMapping | None
@@ -90,6 +92,12 @@ def build_request(
     for bnn_cls in set(mapping.values()):
         if not issubclass(bnn_cls, BayesianLayer):
             check_options(bnn_cls, options)
+    if any(issubclass(c, BayesianLayer) for c in mapping.values()):
+        # numpy scalars and 0-d tensors are recorded (and saved) as the floats they are
+        options = {
+            k: _real(k, v) if k in _REAL_OPTIONS and v is not None else v
+            for k, v in options.items()
+        }
     select_parameters(model, params)  # a pattern matching nothing fails here
     names = [n for n, _ in model.named_modules(remove_duplicate=False)]
     for kind, patterns in (("include", include_patterns), ("exclude", exclude_patterns)):

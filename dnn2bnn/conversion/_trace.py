@@ -181,17 +181,33 @@ def _param_uses(
     return dict(found)
 
 
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "type", "get_device"})
+_METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
+
+
 def _input_dependent(graph: fx.Graph) -> dict[fx.Node, bool]:
-    """Whether each node depends on an input of the forward (or on a submodule call)."""
+    """Whether each node depends on the values of an input of the forward (or on a
+    submodule call); shapes, dtypes and devices of inputs do not count."""
     result: dict[fx.Node, bool] = {}
     for node in graph.nodes:
         if node.op in ("placeholder", "call_module"):
             result[node] = True
-        elif node.op == "get_attr":
+        elif node.op == "get_attr" or _is_metadata(node):
             result[node] = False
         else:
             result[node] = any(result.get(arg, True) for arg in node.all_input_nodes)
     return result
+
+
+def _is_metadata(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in _METADATA_METHODS and len(node.args) <= 2:
+        return node.target != "type" or len(node.args) == 1
+    return (
+        node.op == "call_function"
+        and node.target is getattr
+        and len(node.args) == 2
+        and node.args[1] in _METADATA_ATTRIBUTES
+    )
 
 
 def _slots(user: fx.Node, value: fx.Node) -> list[str]:

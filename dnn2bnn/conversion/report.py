@@ -129,7 +129,10 @@ class ConversionReport:
         for s in self.skipped:
             lines.append(f"  {s.name or '<root>':<{width}}  {s.type}: {s.reason}")
         if self.shared:
-            lines.append("shared (one weight sample per forward call): " + ", ".join(self.shared))
+            lines.append(
+                "shared (one weight sample per forward call): "
+                + ", ".join(n or "<root>" for n in self.shared)
+            )
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 

@@ -280,7 +280,7 @@ def _why_nothing(plan: ConversionPlan) -> str:
     types = ", ".join(plan.requested) or "none"
     if not left:
         return f"it has no layer of the requested types ({types}) and no functional weight"
-    if all(c.reason.startswith(("excluded by", "not matched by include")) for c in left):
+    if all("excluded by" in c.reason or "not matched by include" in c.reason for c in left):
         return f"every one of the {len(left)} candidate(s) was left out by include/exclude"
     reasons = "; ".join(f"{c.name or '<root>'}: {c.reason}" for c in left[:3])
     return f"{len(left)} candidate(s) left deterministic ({reasons})"
