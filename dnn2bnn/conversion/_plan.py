@@ -71,6 +71,8 @@ class Candidate:
     #: RECONFIGURE: whether sigma is re-initialised from the new configuration.
     reset_sigma: bool = False
     parameter: bool = False
+    #: Whether include/exclude left it out (SKIP, or KEEP for a Bayesian layer).
+    left_out: bool = False
     notes: list[str] = field(default_factory=list)
     #: Filled in by apply_plan: the module after conversion, and what a re-configuration changed.
     result: nn.Module | None = None
@@ -217,7 +219,7 @@ def _layer_candidate(
     name, type_name = names[0], short_type_name(type(module))
     filtered = request.filtered_out(names) if bnn_cls is not None else None
     if filtered is not None and not chosen:
-        return Candidate(module, names, type_name, Action.SKIP, filtered)
+        return Candidate(module, names, type_name, Action.SKIP, filtered, left_out=True)
     params: tuple[str, ...] | None = None
     if chosen:
         bnn_cls, params = resolve(None if filtered else bnn_cls, module, chosen, name)
@@ -244,8 +246,10 @@ def _bayesian_candidate(
 ) -> Candidate | None:
     """An already Bayesian layer: re-configured with the new options, or kept."""
     type_name = short_type_name(type(module))
-    if request.filtered_out(names) is not None:
-        return None
+    filtered = request.filtered_out(names)
+    if filtered is not None:
+        reason = f"already Bayesian; {filtered}"
+        return Candidate(module, names, type_name, Action.KEEP, reason, left_out=True)
     if not isinstance(module, BayesianLayer):  # user-written: no configuration to change
         if not request.options_given:
             return Candidate(module, names, type_name, Action.KEEP, "already Bayesian")
@@ -326,7 +330,12 @@ def _functional_weights(
             continue
         filtered = request.filtered_out(owner_names)
         if filtered is not None:
-            entry(Action.SKIP, f"{what}; its owner is {filtered}")
+            entries.append(
+                Candidate(
+                    owner, (name,), "nn.Parameter", Action.SKIP, f"{what}; its owner is {filtered}",
+                    parameter=True, left_out=True,
+                )
+            )
             continue
         if isinstance(value, nn.parameter.UninitializedParameter):
             entry(Action.REFUSE, f"{what}; uninitialized (lazy); run one forward pass before converting")

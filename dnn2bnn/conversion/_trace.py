@@ -120,7 +120,7 @@ def analyse(model: nn.Module, leaf_types: tuple[type, ...]) -> TraceInfo:
 
 def _module_uses(graph: fx.Graph, modules: dict[str, nn.Module]) -> dict[int, int]:
     uses: dict[int, int] = defaultdict(int)
-    readers: dict[int, set[fx.Node]] = defaultdict(set)
+    reads: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for node in graph.nodes:
         if node.op == "call_module":
             called = modules[node.target]
@@ -128,12 +128,14 @@ def _module_uses(graph: fx.Graph, modules: dict[str, nn.Module]) -> dict[int, in
             for sub in {id(m): m for m in called.modules()}.values():
                 uses[id(sub)] += 1
         elif node.op == "get_attr":
-            owner = modules.get(str(node.target).rpartition(".")[0])
+            owner_name, _, attr = str(node.target).rpartition(".")
+            owner = modules.get(owner_name)
             if owner is not None:
-                # Reads of a parameter (possibly made Bayesian by params=) count as uses.
-                readers[id(owner)].update(node.users)
-    for key, users in readers.items():
-        uses[key] += len(users)
+                # Reads of a parameter (possibly made Bayesian by params=) count as uses:
+                # a module whose parameter is read twice per call is used twice.
+                reads[id(owner)][attr] += len(node.users)
+    for key, counts in reads.items():
+        uses[key] += max(counts.values())
     return dict(uses)
 
 

@@ -267,7 +267,8 @@ def _warn(plan: ConversionPlan, model_name: str) -> None:
             ConversionWarning,
             stacklevel=stacklevel,
         )
-    if not plan.having(Action.CONVERT, Action.RECONFIGURE, Action.KEEP):
+    kept = [c for c in plan.having(Action.KEEP) if not c.left_out]
+    if not plan.having(Action.CONVERT, Action.RECONFIGURE) and not kept:
         warnings.warn(
             f"dnn2bnn: nothing in {model_name} was converted: {_why_nothing(plan)}",
             ConversionWarning,
@@ -276,11 +277,11 @@ def _warn(plan: ConversionPlan, model_name: str) -> None:
 
 
 def _why_nothing(plan: ConversionPlan) -> str:
-    left = plan.having(Action.SKIP, Action.REFUSE)
+    left = plan.having(Action.SKIP, Action.REFUSE) + [c for c in plan.having(Action.KEEP) if c.left_out]
     types = ", ".join(plan.requested) or "none"
     if not left:
         return f"it has no layer of the requested types ({types}) and no functional weight"
-    if all("excluded by" in c.reason or "not matched by include" in c.reason for c in left):
+    if all(c.left_out for c in left):
         return f"every one of the {len(left)} candidate(s) was left out by include/exclude"
     reasons = "; ".join(f"{c.name or '<root>'}: {c.reason}" for c in left[:3])
     return f"{len(left)} candidate(s) left deterministic ({reasons})"
