@@ -240,3 +240,27 @@ def test_timm_condconv_layer_mean_mode_equals_the_dnn():
         torch.testing.assert_close(bnn(x, routing), dnn(x, routing), rtol=0, atol=1e-6)
     with torch.no_grad():
         assert not torch.equal(bnn(x, routing), dnn(x, routing))
+
+
+def test_separate_biases_of_a_converted_layer_weight_are_converted():
+    """EVA-02's attention: F.linear(x, self.qkv.weight, torch.cat((q_bias, k_bias, v_bias)))."""
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(4, 12, bias=False)
+            self.q_bias = nn.Parameter(torch.randn(4))
+            self.register_buffer("k_bias", torch.zeros(4), persistent=False)
+            self.v_bias = nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+
+    dnn = Attention()
+    bnn = transform_to_bnn_model(dnn, strict=True)
+    converted = {c.name: c for c in bnn.conversion_report.converted}
+    assert converted[""].params == ("q_bias", "v_bias") and converted["qkv"].new_type == "BayesLinear"
+    assert converted[""].reason == "q_bias: used as the bias of linear(); v_bias: used as the bias of linear()"
+    x = torch.randn(2, 4)
+    with torch.no_grad(), set_mode(bnn, "mean"):
+        torch.testing.assert_close(bnn(x), dnn(x), rtol=0, atol=0)

@@ -32,7 +32,8 @@ def test_a_lazy_layer_is_warned_about_skipped_and_strict_raises():
     assert [(s.name, s.type) for s in bnn.conversion_report.skipped] == [("1", "nn.LazyLinear")]
     assert bnn(torch.randn(4, 3)).shape == (4, 2)  # the lazy layer still initialises
     with pytest.raises(ConversionError, match="strict conversion: 1 skipped: 1 .nn.LazyLinear."):
-        transform_to_bnn_model(dnn, strict=True)
+        transform_to_bnn_model(dnn, strict=True, inplace=True)
+    assert type(dnn[0]) is nn.Linear  # strict raises before anything changes
 
 
 def test_uninitialized_parameters_anywhere_are_reported():

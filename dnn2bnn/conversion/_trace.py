@@ -146,16 +146,17 @@ def _param_uses(
     from_input = _input_dependent(graph)
     # (call node, slot) -> parameters reaching that slot
     reaching: dict[tuple[fx.Node, str], set[str]] = defaultdict(set)
+    leaf_owned: set[str] = set()
     for node in graph.nodes:
         if node.op != "get_attr":
             continue
         owner_name, _, attr = str(node.target).rpartition(".")
         owner = modules.get(owner_name)
-        if owner is None or isinstance(owner, leaf_types):
-            continue
-        if not isinstance(owner._parameters.get(attr), nn.Parameter):
+        if owner is None or not isinstance(owner._parameters.get(attr), nn.Parameter):
             continue  # a buffer, or a parameter of a Bayesian layer (a property)
         name = str(node.target)
+        if isinstance(owner, leaf_types):
+            leaf_owned.add(name)  # a partner of biases only: its layer is converted as a whole
         seen: set[fx.Node] = set()
         frontier = [node]
         while frontier:
@@ -170,13 +171,15 @@ def _param_uses(
                     frontier.append(user)
     found: dict[str, list[ParamUse]] = defaultdict(list)
     for (call, slot), names in reaching.items():
+        if not names - leaf_owned:
+            continue
         function = _function_name(call)
         partners: tuple[str, ...] = ()
         if slot == "bias":
             partners = tuple(
                 sorted(reaching.get((call, "weight"), set()) | reaching.get((call, "operand"), set()))
             )
-        for name in sorted(names):
+        for name in sorted(names - leaf_owned):
             use = ParamUse(function, slot, partners)
             if use not in found[name]:
                 found[name].append(use)
