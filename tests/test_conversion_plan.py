@@ -12,7 +12,8 @@ import dnn2bnn
 from dnn2bnn import BayesianLayer, ConversionError
 from dnn2bnn.conversion._apply import apply_plan
 from dnn2bnn.conversion._mapping import default_mapping
-from dnn2bnn.conversion._plan import Action, check_finite, plan_conversion
+from dnn2bnn.conversion._candidates import Action
+from dnn2bnn.conversion._plan import check_finite, plan_conversion
 from dnn2bnn.conversion._request import build_request, layer_type_mapping, resolve_layer_type
 from dnn2bnn.conversion._trace import ParamUse, analyse
 from dnn2bnn.conversion.report import report_plan

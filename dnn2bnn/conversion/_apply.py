@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dnn2bnn.config import BayesConfig
-from dnn2bnn.conversion._plan import Action, Candidate, ConversionPlan
+from dnn2bnn.conversion._candidates import Action, Candidate, ConversionPlan
 from dnn2bnn.errors import ConversionError
 from dnn2bnn.layers._base import BayesianLayer, _initial_rho
 from dnn2bnn.layers.params import BayesianParameters

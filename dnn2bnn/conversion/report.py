@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 if TYPE_CHECKING:
-    from dnn2bnn.conversion._plan import ConversionPlan
+    from dnn2bnn.conversion._candidates import ConversionPlan
 
 __all__ = [
     "ConversionReport",
@@ -141,7 +141,7 @@ def report_plan(
     plan: ConversionPlan, *, params_before: int, result: nn.Module, call: dict[str, Any]
 ) -> ConversionReport:
     """The report of one conversion call, from its carried-out plan."""
-    from dnn2bnn.conversion._plan import Action
+    from dnn2bnn.conversion._candidates import Action
     from dnn2bnn.layers.params import BayesianParameters
 
     report = ConversionReport(

@@ -14,7 +14,8 @@ from dnn2bnn.conversion._copy import copy_sharing, unshare_
 from dnn2bnn.conversion._mapping import default_mapping, opt_in_mapping
 from dnn2bnn.conversion._names import import_name, short_type_name
 from dnn2bnn.conversion._params import select_parameters
-from dnn2bnn.conversion._plan import Action, ConversionPlan, check_finite, plan_conversion, will_replace
+from dnn2bnn.conversion._candidates import Action, ConversionPlan
+from dnn2bnn.conversion._plan import check_finite, plan_conversion, will_replace
 from dnn2bnn.conversion._request import (
     ConfigArg,
     LayerType,
