@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 
 import torch
@@ -53,6 +54,14 @@ def reconfigure_(layer: BayesianLayer, config: BayesConfig, *, reset_sigma: bool
     """
     old = layer.bayes_config
     changes: list[str] = []
+    old_form = getattr(old, "parametrization", None)
+    new_form = getattr(config, "parametrization", None)
+    kept_sigmas: dict[str, torch.Tensor] = {}
+    if new_form != old_form and not reset_sigma:  # the same sigma under the new meaning of rho
+        with torch.no_grad():
+            for name in layer.bayes_params:
+                if layer._parameters.get(name + "_rho") is not None:
+                    kept_sigmas[name] = layer.posterior_sigma(name).detach()  # type: ignore[union-attr]
     with torch.no_grad():
         for name in layer.bayes_params:
             mu = layer._parameters.get(name + "_mu")
@@ -79,10 +88,25 @@ def reconfigure_(layer: BayesianLayer, config: BayesConfig, *, reset_sigma: bool
     if config.estimator != old.estimator:
         changes.append(f"estimator {old.estimator.value!r} -> {config.estimator.value!r}")
     layer.bayes_config = config
-    layer.prior = config.prior
-    layer.posterior_sigma_init = config.posterior_sigma_init
-    layer.estimator = config.estimator
-    for attr in ("_sigma_cache", "_scalar_cache", "_pending_kl", "_kl_samples"):
+    for option in dataclasses.fields(config):  # prior, estimator, ... mirrored as attributes
+        if option.name in layer.__dict__:
+            layer.__dict__[option.name] = getattr(config, option.name)
+    if new_form != old_form:
+        exp = getattr(new_form, "value", new_form) == "exp"
+        if "_exp" in layer.__dict__:
+            layer.__dict__["_exp"] = exp
+        with torch.no_grad():
+            for name, sigma in kept_sigmas.items():
+                rho = layer._parameters[name + "_rho"]
+                assert rho is not None
+                value = sigma.log() if exp else sigma + torch.log(-torch.expm1(-sigma))
+                rho.copy_(value.to(rho.dtype))
+        kept = " (sigma kept)" if kept_sigmas else ""
+        changes.append(
+            f"parametrization {getattr(old_form, 'value', old_form)!r} -> "
+            f"{getattr(new_form, 'value', new_form)!r}{kept}"
+        )
+    for attr in ("_sigma_cache", "_scalar_cache", "_pending_kl", "_kl_samples", "_replay"):
         if isinstance(layer.__dict__.get(attr), dict):
             layer.__dict__[attr] = {}  # computed from the old rho or prior
     return tuple(changes)
