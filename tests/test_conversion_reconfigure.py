@@ -1,6 +1,7 @@
 """Converting a model that is Bayesian already re-configures its layers (conversion/_apply.py)."""
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -179,3 +180,23 @@ def test_save_and_load_replay_the_reconfiguration(tmp_path):
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad(), set_mode(loaded, "mean"), set_mode(again, "mean"):
         assert torch.equal(loaded(x), again(x))
+
+
+def test_a_new_parametrization_keeps_sigma():
+    if "parametrization" not in {f.name for f in dataclasses.fields(BayesConfig)}:
+        pytest.skip("BayesConfig has no parametrization option in this tree")
+    bnn = _trained(transform_to_bnn_model(mlp()))
+    sigmas = [layer.posterior_sigma().clone() for layer in _layers(bnn)]
+    x = torch.randn(3, 20)
+    with torch.no_grad(), set_mode(bnn, "mean"):
+        before = bnn(x)
+    again = transform_to_bnn_model(bnn, parametrization="exp")
+    for layer, sigma in zip(_layers(again), sigmas):
+        assert layer.parametrization.value == "exp"
+        torch.testing.assert_close(layer.posterior_sigma(), sigma)
+        torch.testing.assert_close(layer.weight_rho, sigma.log().to(layer.weight_rho.dtype))
+    assert again.conversion_report.reconfigured[0].changes == (
+        "parametrization 'softplus' -> 'exp' (sigma kept)",
+    )
+    with torch.no_grad(), set_mode(again, "mean"):
+        torch.testing.assert_close(again(x), before)
