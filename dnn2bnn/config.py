@@ -108,8 +108,7 @@ class BayesConfig:
             sigma = (
                 _real("prior_sigma", options["prior_sigma"]) if "prior_sigma" in options else old.sigma
             )
-            _check_positive("prior_sigma", sigma)
-            changes["prior"] = NormalPrior(mean, sigma)
+            changes["prior"] = NormalPrior(mean, sigma)  # it checks sigma > 0
         return dataclasses.replace(base, **changes) if changes else base
 
 

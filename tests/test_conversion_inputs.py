@@ -145,7 +145,10 @@ def test_bad_numeric_options_are_refused_naming_the_option(option, value, error,
         assert transform_to_bnn_model(mlp(), prior_mean=value)[0].prior.mean == -0.5
         return
     dnn = mlp()
-    with pytest.raises(error, match=f"{option} {message}"):
+    named = option
+    if option == "prior_sigma" and message.startswith("must be > 0"):
+        named = "NormalPrior.sigma"  # the prior checks its own sigma
+    with pytest.raises(error, match=f"{named} {message}"):
         transform_to_bnn_model(dnn, inplace=True, **{option: value})
     assert type(dnn[0]) is nn.Linear  # refused before anything changed
 
