@@ -155,9 +155,13 @@ def test_a_user_written_bayesian_layer_cannot_take_new_options():
     bnn = transform_to_bnn_layer(nn.Sequential(nn.Linear(2, 2)), nn.Linear, Noisy)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        transform_to_bnn_model(bnn, layer_types=[nn.Conv2d], prior_sigma=0.1)
+        again = transform_to_bnn_model(bnn, prior_sigma=0.1, strict=True)
     messages = [str(w.message) for w in caught]
-    assert any("0: a user-written Bayesian layer: the new options cannot be applied" in m for m in messages)
+    assert messages == [
+        "dnn2bnn: 0: a user-written Bayesian layer; the new options were not applied to it "
+        "(it has no BayesConfig) (see conversion_report)"
+    ]
+    assert not again.conversion_report.skipped and len(again.conversion_report.notes) == 1
 
 
 def test_reconfigure_a_single_layer():

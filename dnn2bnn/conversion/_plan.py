@@ -155,13 +155,12 @@ def _bayesian_candidate(
     if not isinstance(module, BayesianLayer):  # user-written: no configuration to change
         if not request.options_given:
             return Candidate(module, names, type_name, Action.KEEP, "already Bayesian")
-        return Candidate(
-            module,
-            names,
-            type_name,
-            Action.REFUSE,
-            "a user-written Bayesian layer: the new options cannot be applied to it",
+        kept = Candidate(module, names, type_name, Action.KEEP, "already Bayesian")
+        kept.notes.append(
+            f"{names[0] or '<root>'}: a user-written Bayesian layer; the new options were not "
+            "applied to it (it has no BayesConfig)"
         )
+        return kept
     dnn_type = type(module).dnn_type
     if request.explicit_types and lookup(request.mapping, dnn_type) is None:
         return None
