@@ -14,6 +14,7 @@ from dnn2bnn.config import BayesConfig, BayesConfigMapping, Estimator
 from dnn2bnn.conversion import (
     ConversionReport,
     ConvertedModule,
+    ReconfiguredModule,
     SkippedModule,
     default_mapping,
     opt_in_mapping,
@@ -79,6 +80,7 @@ __all__ = [
     "Estimator",
     "NormalPrior",
     "PredictionWarning",
+    "ReconfiguredModule",
     "RegressionPrediction",
     "ScaleMixturePrior",
     "SkippedModule",

@@ -81,9 +81,10 @@ def test_round_trip_of_config_objects_and_prior_objects(tmp_path, suffix):
     )
     dnn = trained_tiny()
     bnn = dnn2bnn.transform_to_bnn_model(dnn, config=config)
-    bnn = dnn2bnn.transform_to_bnn_layer(
-        bnn, nn.Linear, exclude="head", prior=dnn2bnn.EmpiricalPrior(0.2)
-    )  # converts nothing new: checks an options object next to a config
+    with pytest.warns(dnn2bnn.ConversionWarning, match="nothing in TinyNet was converted"):
+        bnn = dnn2bnn.transform_to_bnn_layer(
+            bnn, nn.Linear, exclude="head", prior=dnn2bnn.EmpiricalPrior(0.2)
+        )  # converts nothing new: checks an options object next to a config
     path = dnn2bnn.save_bnn(bnn, tmp_path / f"bnn{suffix}", example_inputs=X)
     loaded = dnn2bnn.load_bnn(path)
     if suffix != ".pt2":  # an exported module keeps the mode it was exported in

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from dnn2bnn.checkpoint._files import WRITABLE_SUFFIXES, check_output, suffix_of
 from dnn2bnn.checkpoint._read import match_state, read_checkpoint
 from dnn2bnn.cli._common import emit, example_inputs, input_shape, json_object, params
 from dnn2bnn.conversion import default_mapping, transform_to_bnn_model
-from dnn2bnn.errors import CheckpointError, ConversionError
+from dnn2bnn.errors import CheckpointError, ConversionError, ConversionWarning
 from dnn2bnn.layers import BayesLinear
 
 __all__ = ["add_parser", "run"]
@@ -170,14 +171,17 @@ def run(args: argparse.Namespace) -> int:
 
     if checkpoint.program is None:
         model.eval()  # a module rebuilt from a .pt2 keeps the mode it was exported in
-    bnn = transform_to_bnn_model(
-        model,
-        layer_types=layer_types,
-        include=args.include,
-        exclude=args.exclude,
-        inplace=True,
-        **options,
-    )
+    with warnings.catch_warnings():
+        # converting nothing is an error below, with the reasons: not a warning too
+        warnings.filterwarnings("ignore", "dnn2bnn: nothing in .* was converted", ConversionWarning)
+        bnn = transform_to_bnn_model(
+            model,
+            layer_types=layer_types,
+            include=args.include,
+            exclude=args.exclude,
+            inplace=True,
+            **options,
+        )
     if not bnn.conversion_report.converted:
         skipped = "; ".join(f"{s.name}: {s.reason}" for s in bnn.conversion_report.skipped[:3])
         raise ConversionError(
