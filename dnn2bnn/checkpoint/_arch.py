@@ -1,8 +1,11 @@
 """Architecture specs: how to rebuild a model's Python object from a short string.
 
 ``torchvision:resnet18`` (built with ``weights=None``: nothing is downloaded),
-``timm:resnet18`` (``pretrained=False``), or an import path ``package.module:callable``
-(a class or a factory function). Keyword arguments come from a JSON object.
+``timm:resnet18`` (``pretrained=False``), ``transformers:GPT2LMHeadModel`` (built from the
+``config`` keyword, a config dict, without weights), ``dnn2bnn:module_tree`` (a recorded
+``nn.Sequential``/``ModuleList``/``ModuleDict`` tree, see :mod:`._tree`), or an import path
+``package.module:callable`` (a class or a factory function). Keyword arguments come from a
+JSON object.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from torch import nn
 
 from dnn2bnn.errors import CheckpointError
 
-__all__ = ["build_arch", "spec_of"]
+__all__ = ["build_arch", "origin_class", "spec_of"]
 
-_FORMS = "torchvision:NAME, timm:NAME or package.module:callable"
+_FORMS = "torchvision:NAME, timm:NAME, transformers:NAME or package.module:callable"
 
 
 def build_arch(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
@@ -41,12 +44,30 @@ def build_arch(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     elif source == "timm":
         factory, label = _timm(name), f"timm model {name!r}"
         kwargs.setdefault("pretrained", False)
+    elif source == "transformers":
+        factory, label = _import("transformers", name), f"transformers model {name!r}"
+    elif spec == "dnn2bnn:module_tree":
+        from dnn2bnn.checkpoint._tree import build_tree
+
+        factory, label = build_tree, "the recorded module tree"
     else:
         factory, label = _import(source, name), spec
+    config_class = getattr(factory, "config_class", None)
+    if isinstance(kwargs.get("config"), dict) and isinstance(config_class, type):
+        # a Hugging Face PreTrainedModel: its config was recorded as config.to_dict()
+        try:
+            kwargs["config"] = config_class.from_dict(kwargs["config"])
+        except Exception as exc:
+            raise CheckpointError(
+                f"building the {config_class.__qualname__} of {label} failed: {exc}"
+            ) from exc
     try:
         model = factory(**kwargs)
+    except CheckpointError:
+        raise
     except Exception as exc:
-        raise CheckpointError(f"building {label} with {kwargs} failed: {exc}") from exc
+        shown = f"{kwargs}"[:300]
+        raise CheckpointError(f"building {label} with {shown} failed: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise CheckpointError(
             f"{spec} returned {type(model).__qualname__}; expected a torch.nn.Module"
@@ -54,9 +75,26 @@ def build_arch(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     return model
 
 
+def origin_class(model: nn.Module) -> type[nn.Module]:
+    """The class ``model`` had before conversion (a Bayesian layer's ``dnn_type``)."""
+    from dnn2bnn.layers import BayesianLayer
+
+    if isinstance(model, BayesianLayer):
+        return type(model).dnn_type
+    return type(model)
+
+
 def spec_of(model: nn.Module) -> str:
-    """The import-path spec of ``model``'s class (``package.module:Class``)."""
-    cls = type(model)
+    """The import-path spec of ``model``'s class before conversion (``package.module:Class``).
+
+    A Hugging Face model class exported by ``transformers`` is named ``transformers:Class``.
+    """
+    cls = origin_class(model)
+    if cls.__module__.startswith("transformers."):
+        import transformers
+
+        if getattr(transformers, cls.__name__, None) is cls:
+            return f"transformers:{cls.__name__}"
     if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
         raise CheckpointError(
             f"{cls.__qualname__} is defined in a script or a function, so it cannot be "
