@@ -368,11 +368,11 @@ def test_custom_class_with_arch_round_trips(tmp_path):
 
 
 def test_params_on_root_parameters_records_the_original_class(tmp_path):
+    """Regression: the ViT of docs/conversion.md recorded a dynamic BayesVisionTransformer class."""
+    torchvision = pytest.importorskip("torchvision")
     kwargs = dict(
         image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32
     )
-    torchvision = pytest.importorskip("torchvision")
-    kwargs = dict(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
     torch.manual_seed(0)
     vit = torchvision.models.VisionTransformer(**kwargs)
     bnn = dnn2bnn.transform_to_bnn_model(vit, params=["class_token", "encoder.pos_embedding"])
