@@ -19,7 +19,7 @@ from torch import nn
 
 from dnn2bnn.errors import CheckpointError
 
-__all__ = ["build_arch", "origin_class", "spec_of"]
+__all__ = ["build_arch", "guess_torchvision", "origin_class", "spec_of"]
 
 _FORMS = "torchvision:NAME, timm:NAME, transformers:NAME or package.module:callable"
 
@@ -101,6 +101,41 @@ def spec_of(model: nn.Module) -> str:
             "imported to rebuild the model; move it into an importable module or pass arch="
         )
     return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def guess_torchvision(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
+    """The ``torchvision:NAME`` spec and kwargs that build ``model``'s architecture, if any.
+
+    The candidates are the torchvision builders annotated to return ``model``'s class; each
+    is built on the meta device without arguments, then with ``num_classes`` read from the
+    last 2-d weight, and the first whose state_dict keys and shapes equal ``model``'s wins.
+    """
+    cls = origin_class(model)
+    if not cls.__module__.startswith("torchvision.models"):
+        return None
+    import inspect
+
+    import torch
+    import torchvision
+
+    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    matrices = [shape for shape in state.values() if len(shape) == 2]
+    attempts: list[dict[str, Any]] = [{}]
+    if matrices:
+        attempts.append({"num_classes": matrices[-1][0]})
+    for name in torchvision.models.list_models():
+        builder = torchvision.models.get_model_builder(name)
+        if inspect.signature(builder).return_annotation is not cls:
+            continue
+        for kwargs in attempts:
+            try:
+                with torch.device("meta"):
+                    candidate = builder(weights=None, **kwargs)
+            except Exception:  # a builder that refuses these kwargs is not the one
+                continue
+            if {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == state:
+                return f"torchvision:{name}", kwargs
+    return None
 
 
 def _torchvision(name: str) -> Any:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from dnn2bnn.checkpoint._export import lift_program
 from dnn2bnn.checkpoint._read import Checkpoint, read_checkpoint
+from dnn2bnn.checkpoint._tree import TREE_SPEC
 from dnn2bnn.cli._common import emit, params
 
 __all__ = ["add_parser", "describe", "run"]
@@ -132,11 +133,7 @@ def _text(info: dict[str, Any]) -> list[str]:
         f"dtypes: {', '.join(info['dtypes'])}",
     ]
     if info["kind"] == "BNN":
-        arch = info.get("arch") or {}
-        spec = arch.get("spec") or "exported graph"
-        lines.append(
-            f"  architecture: {spec}" + (f" {arch['kwargs']}" if arch.get("kwargs") else "")
-        )
+        lines.append(f"  architecture: {_arch_text(info.get('arch') or {})}")
         lines.append(
             f"  written by dnn2bnn {info['dnn2bnn_version']} (format {info['format_version']})"
         )
@@ -175,6 +172,26 @@ def _text(info: dict[str, Any]) -> list[str]:
         )
         lines.append("  convert it with: dnn2bnn convert FILE OUT.safetensors --arch SPEC")
     return lines
+
+
+def _arch_text(arch: dict[str, Any]) -> str:
+    """The recorded architecture in one line (a module tree or a config summarised)."""
+    spec, kwargs = arch.get("spec") or "exported graph", arch.get("kwargs") or {}
+    if spec == TREE_SPEC and isinstance(kwargs, dict):
+        return f"a tree of torch.nn modules ({_count_nodes(kwargs.get('tree'))} modules)"
+    if isinstance(kwargs, dict) and isinstance(kwargs.get("config"), dict):
+        model_type = kwargs["config"].get("model_type", "?")
+        rest = {k: v for k, v in kwargs.items() if k != "config"}
+        return f"{spec} from its config (model_type {model_type!r})" + (f" {rest}" if rest else "")
+    return spec + (f" {kwargs}" if kwargs else "")
+
+
+def _count_nodes(node: Any) -> int:
+    if not isinstance(node, dict):
+        return 0
+    children = node.get("children")
+    inner = children.values() if isinstance(children, dict) else []
+    return 1 + sum(_count_nodes(child) for child in inner)
 
 
 def _short(encoded: Any) -> str:
