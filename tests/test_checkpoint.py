@@ -252,7 +252,8 @@ def test_match_state_names_the_first_mismatches():
         ("no_such_package.mod:Net", "cannot import 'no_such_package.mod'"),
         ("_models:TinyNett", "did you mean TinyNet"),
         ("_models:trained_tiny.__doc__", "not callable"),
-        ("torch:zeros", "returned Tensor; expected a torch.nn.Module"),
+        ("torch:zeros", "not a torch.nn.Module class or a function annotated to return one"),
+        ("builtins:open", "a builtin_function_or_method, not a torch.nn.Module class"),
     ],
 )
 def test_bad_arch_specs(spec, message):
@@ -504,3 +505,73 @@ def test_checkpoints_without_layer_states_load_with_the_conversion_defaults(tmp_
     write_state(tmp_path / "old.safetensors", bnn.state_dict(), metadata)
     loaded = dnn2bnn.load_bnn(tmp_path / "old.safetensors")
     assert loaded.head.estimator.value == "flipout" and loaded.head.bayes_mode == "sample"
+
+
+# ------------------------------------------------- fuzzed and hostile files (issue 14)
+def _fuzz():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent / "fuzz" / "fuzz_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("fuzz_checkpoint", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_fuzzed_checkpoints_fail_only_with_checkpoint_error(tmp_path):
+    """A short seeded run of tests/fuzz/fuzz_checkpoint.py (atheris runs it for longer)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    fuzz = _fuzz()
+    fuzz.seeds()
+
+    @settings(
+        max_examples=60,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(st.binary(min_size=2, max_size=64))
+    def run(data):
+        fuzz.check(data, tmp_path)
+
+    run()
+    assert not fuzz.MARKER.exists()
+
+
+@pytest.mark.parametrize("kind", range(7))
+def test_each_fuzz_mutation_kind_is_rejected_cleanly(tmp_path, kind):
+    fuzz = _fuzz()
+    for seed in range(len(fuzz.seeds())):
+        for extra in (b"", b"\x03\x07\x11\x00\xff", bytes(range(40))):
+            fuzz.check(bytes([seed, kind]) + extra, tmp_path)
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_hostile_metadata_is_refused_without_running_anything(tmp_path, index):
+    fuzz = _fuzz()
+    bnn = fuzz._bnn()
+    metadata = bnn_metadata(bnn, arch="dnn2bnn:module_tree", arch_kwargs={})
+    value = fuzz.HOSTILE_VALUES[index]
+    for keys in (("arch",), ("arch", "kwargs"), ("calls", 0, "config"), ("calls", 0, "options")):
+        hostile = fuzz._inject(metadata, keys, value)
+        write_state(tmp_path / "bnn.safetensors", bnn.state_dict(), hostile)
+        with pytest.raises(CheckpointError):
+            dnn2bnn.load_bnn(tmp_path / "bnn.safetensors")
+        assert not fuzz.MARKER.exists()
+
+
+def test_hostile_pickles_are_refused(tmp_path):
+    """A torch.save file and a legacy pickle whose __reduce__ would create a marker file."""
+    fuzz = _fuzz()
+    for suffix, data in fuzz.seeds()[-2:]:
+        path = tmp_path / f"hostile{suffix}"
+        path.write_bytes(data)
+        for read in (dnn2bnn.load_bnn, read_checkpoint):
+            with pytest.raises(CheckpointError, match="unpickling can run arbitrary code"):
+                read(path)
+    assert not fuzz.MARKER.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["hostile.pt"]

@@ -13,13 +13,15 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import inspect
+import typing
 from typing import Any
 
 from torch import nn
 
 from dnn2bnn.errors import CheckpointError
 
-__all__ = ["build_arch", "guess_torchvision", "origin_class", "spec_of"]
+__all__ = ["build_arch", "guess_torchvision", "module_class", "origin_class", "spec_of"]
 
 _FORMS = "torchvision:NAME, timm:NAME, transformers:NAME or package.module:callable"
 
@@ -45,13 +47,13 @@ def build_arch(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
         factory, label = _timm(name), f"timm model {name!r}"
         kwargs.setdefault("pretrained", False)
     elif source == "transformers":
-        factory, label = _import("transformers", name), f"transformers model {name!r}"
+        factory, label = _module_factory("transformers", name), f"transformers model {name!r}"
     elif spec == "dnn2bnn:module_tree":
         from dnn2bnn.checkpoint._tree import build_tree
 
         factory, label = build_tree, "the recorded module tree"
     else:
-        factory, label = _import(source, name), spec
+        factory, label = _module_factory(source, name), spec
     config_class = getattr(factory, "config_class", None)
     if isinstance(kwargs.get("config"), dict) and isinstance(config_class, type):
         # a Hugging Face PreTrainedModel: its config was recorded as config.to_dict()
@@ -177,6 +179,46 @@ def _import(module_name: str, qualname: str) -> Any:
     if not callable(target):
         raise CheckpointError(f"{module_name}:{qualname} is not callable")
     return target
+
+
+def module_class(module_name: str, qualname: str) -> type[nn.Module]:
+    """The ``nn.Module`` subclass at ``module_name:qualname``; anything else is refused."""
+    target = _import(module_name, qualname)
+    if not (isinstance(target, type) and issubclass(target, nn.Module)):
+        raise CheckpointError(
+            f"{module_name}:{qualname} is {_kind(target)}, not a torch.nn.Module class"
+        )
+    return target
+
+
+def _module_factory(module_name: str, qualname: str) -> Any:
+    """A class or function that a checkpoint may name to build its architecture.
+
+    Only ``nn.Module`` subclasses and functions annotated to return one are called: the
+    name comes from a file, and a file must not make dnn2bnn call an arbitrary function
+    (``subprocess:run``, ``os:system``).
+    """
+    target = _import(module_name, qualname)
+    if isinstance(target, type) and issubclass(target, nn.Module):
+        return target
+    if inspect.isfunction(target):
+        try:
+            returns = typing.get_type_hints(target).get("return")
+        except Exception:  # unresolvable annotations: treated as none
+            returns = None
+        if isinstance(returns, type) and issubclass(returns, nn.Module):
+            return target
+    raise CheckpointError(
+        f"{module_name}:{qualname} is {_kind(target)}, not a torch.nn.Module class or a "
+        "function annotated to return one (def build(...) -> nn.Module); an architecture "
+        "named in a checkpoint is only called if it is one of these"
+    )
+
+
+def _kind(target: Any) -> str:
+    if isinstance(target, type):
+        return f"the class {target.__qualname__}"
+    return f"a {type(target).__name__}"
 
 
 def _close(name: str, known: list[str]) -> str:

@@ -119,7 +119,7 @@ def load_bnn(path: str | Path) -> nn.Module:
             f"{path} is not a dnn2bnn BNN checkpoint (it has no dnn2bnn metadata); convert it "
             "with `dnn2bnn convert` or save the BNN with dnn2bnn.save_bnn"
         )
-    if int(metadata["format_version"]) > FORMAT_VERSION:
+    if metadata["format_version"] > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format version {metadata['format_version']} (written by dnn2bnn "
             f"{metadata.get('dnn2bnn_version')}); this dnn2bnn {__version__} reads up to "
@@ -140,6 +140,14 @@ def load_bnn(path: str | Path) -> nn.Module:
     arch = metadata["arch"]
     target = f"the BNN rebuilt from {arch['spec']}"
     state = match_state(model, checkpoint.state or {}, source=str(path), target=target)
+    expected = model.state_dict()
+    dtypes = [
+        f"{key} is {value.dtype} in the file but {expected[key].dtype} in the model"
+        for key, value in state.items()
+        if value.dtype != expected[key].dtype
+    ]
+    if dtypes:  # save_bnn writes the model's own dtypes: the file was changed since
+        raise CheckpointError(f"{path} does not fit {target}: {'; '.join(dtypes[:3])}")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:  # e.g. a tensor whose dtype cannot be copied

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from dnn2bnn.checkpoint._arch import _import
+from dnn2bnn.checkpoint._arch import _import, module_class
 from dnn2bnn.config import BayesConfigMapping
 from dnn2bnn.errors import CheckpointError
 
-__all__ = ["decode", "encode"]
+__all__ = ["decode", "encode", "split_name"]
 
 _DATACLASS, _TYPE, _MAPPING = "__dataclass__", "__type__", "__config_mapping__"
 _ITEMS, _DTYPE = "__items__", "__dtype__"
@@ -82,20 +82,48 @@ def decode(value: Any) -> Any:
             raise CheckpointError(f"unknown torch dtype {value[_DTYPE]!r} in a BNN checkpoint")
         return dtype
     if _TYPE in value:
-        return _import(*value[_TYPE].split(":", 1))
+        return _class(value[_TYPE])
     if _DATACLASS in value:
-        cls = _import(*value[_DATACLASS].split(":", 1))
-        return cls(**{k: decode(v) for k, v in value["fields"].items()})
+        cls = _class(value[_DATACLASS])
+        if not dataclasses.is_dataclass(cls):
+            raise CheckpointError(f"{value[_DATACLASS]} is not a dataclass; refused")
+        fields = value.get("fields")
+        if not isinstance(fields, dict):
+            raise CheckpointError(f"dataclass {value[_DATACLASS]} without a 'fields' object")
+        try:
+            return cls(**{str(k): decode(v) for k, v in fields.items()})
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"cannot rebuild {value[_DATACLASS]}: {exc}") from exc
     if _MAPPING in value:
         spec = value[_MAPPING]
-        mapping = BayesConfigMapping(decode(spec["global"]))
-        mapping.global_config = decode(spec["global"])
-        for type_name, config in spec["types"]:
-            mapping.set_module_type(_import(*type_name.split(":", 1)), decode(config))
-        for pattern, config in spec["names"]:
-            mapping.set_module_name(pattern, decode(config))
+        try:
+            mapping = BayesConfigMapping(decode(spec["global"]))
+            mapping.global_config = decode(spec["global"])
+            for type_name, config in spec["types"]:
+                mapping.set_module_type(module_class(*split_name(type_name)), decode(config))
+            for pattern, config in spec["names"]:
+                mapping.set_module_name(pattern, decode(config))
+        except (TypeError, ValueError, KeyError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"cannot rebuild a BayesConfigMapping: {exc}") from exc
         return mapping
     return {k: decode(v) for k, v in value.items()}
+
+
+def _class(name: Any) -> type:
+    """The class recorded as ``package.module:Class``; anything but a class is refused."""
+    target = _import(*split_name(name))
+    if not isinstance(target, type):
+        raise CheckpointError(f"{name} is a {type(target).__name__}, not a class; refused")
+    return target
+
+
+def split_name(name: Any) -> tuple[str, str]:
+    if not isinstance(name, str) or name.count(":") != 1:
+        raise CheckpointError(f"malformed class name {name!r:.80}; expected package.module:Class")
+    module_name, _, qualname = name.partition(":")
+    return module_name, qualname
 
 
 def _name(cls: type, where: str) -> str:

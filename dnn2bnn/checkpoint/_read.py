@@ -229,6 +229,24 @@ def _metadata(path: Path, text: str | None) -> dict[str, Any] | None:
         raise CheckpointError(f"{path}: corrupt dnn2bnn metadata ({exc})") from exc
     if not isinstance(metadata, dict) or "format_version" not in metadata:
         raise CheckpointError(f"{path}: dnn2bnn metadata without a format_version")
+    expected = {
+        "format_version": int,
+        "arch": (dict, type(None)),
+        "calls": list,
+        "converted": list,
+        "layers": dict,
+    }
+    for key, types in expected.items():
+        value = metadata.get(key)
+        if key in metadata and (not isinstance(value, types) or isinstance(value, bool)):
+            raise CheckpointError(
+                f"{path}: corrupt dnn2bnn metadata: {key!r} is {type(value).__name__} "
+                f"{str(value)[:60]!r}"
+            )
+    if not all(isinstance(c, dict) for c in metadata.get("calls", [])) or not all(
+        isinstance(n, str) for n in metadata.get("converted", [])
+    ):
+        raise CheckpointError(f"{path}: corrupt dnn2bnn metadata: malformed 'calls' or 'converted'")
     return metadata
 
 

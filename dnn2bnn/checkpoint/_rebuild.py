@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dnn2bnn.checkpoint._arch import _import, build_arch, origin_class, spec_of
-from dnn2bnn.checkpoint._codec import decode
+from dnn2bnn.checkpoint._arch import build_arch, module_class, origin_class, spec_of
+from dnn2bnn.checkpoint._codec import split_name, decode
 from dnn2bnn.checkpoint._tree import TREE_SPEC, record_tree
 from dnn2bnn.conversion import transform_to_bnn_layer, transform_to_bnn_model
 from dnn2bnn.errors import CheckpointError, ConversionWarning
@@ -70,12 +70,12 @@ def replay_calls(model: nn.Module, calls: list[dict[str, Any]]) -> nn.Module:
             common["config"] = decode(call["config"])
         if call["function"] == "transform_to_bnn_model":
             names = call.get("layer_types")
-            types = None if names is None else [_import(*n.split(":", 1)) for n in names]
+            types = None if names is None else [module_class(*split_name(n)) for n in names]
             params = call.get("params")
             model = transform_to_bnn_model(model, layer_types=types, params=params, **common)
         elif call["function"] == "transform_to_bnn_layer":
-            dnn_type = _import(*call["dnn_layer_type"].split(":", 1))
-            bnn_type = _import(*call["bnn_layer_type"].split(":", 1))
+            dnn_type = module_class(*split_name(call["dnn_layer_type"]))
+            bnn_type = module_class(*split_name(call["bnn_layer_type"]))
             model = transform_to_bnn_layer(model, dnn_type, bnn_type, **common)
         else:
             raise CheckpointError(f"unknown recorded conversion function {call['function']!r}")
@@ -113,13 +113,13 @@ def rebuild(metadata: dict[str, Any], *, where: str, device: str | None = None) 
     arch = metadata.get("arch")
     if not isinstance(arch, dict) or not isinstance(arch.get("spec"), str):
         raise CheckpointError(f"{where}: no architecture recorded in its metadata")
-    kwargs = decode(arch.get("kwargs") or {})
-    if not isinstance(kwargs, dict):
-        raise CheckpointError(f"{where}: the recorded architecture kwargs are not a JSON object")
     calls = metadata.get("calls", [])
     if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
         raise CheckpointError(f"{where}: the recorded conversion calls are not a list of objects")
     try:
+        kwargs = decode(arch.get("kwargs") or {})
+        if not isinstance(kwargs, dict):
+            raise CheckpointError(f"{where}: the recorded architecture kwargs are not an object")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConversionWarning)
             if device is None:
@@ -130,7 +130,8 @@ def rebuild(metadata: dict[str, Any], *, where: str, device: str | None = None) 
             model = replay_calls(model, calls)
     except CheckpointError:
         raise
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        # what the recorded arguments make the conversion raise (a corrupt or foreign file)
         raise CheckpointError(f"{where}: replaying the recorded conversion failed: {exc}") from exc
     converted = sorted(n for n, m in model.named_modules() if isinstance(m, BayesianLayer))
     recorded = sorted(str(n) for n in metadata.get("converted", []))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dnn2bnn.checkpoint._arch import _import, origin_class
+from dnn2bnn.checkpoint._arch import module_class, origin_class
 from dnn2bnn.errors import CheckpointError
 
 __all__ = ["TREE_SPEC", "build_tree", "record_tree"]
@@ -91,7 +91,7 @@ def build_tree(tree: dict[str, Any]) -> nn.Module:
     module_name, _, qualname = spec.partition(":")
     if not module_name.startswith("torch.nn"):
         raise CheckpointError(f"module tree node {spec!r} is not a torch.nn class; refused")
-    cls = _import(module_name, qualname)
+    cls = module_class(module_name, qualname)
     if "dtype" in kwargs:
         kwargs = {**kwargs, "dtype": _dtype(kwargs["dtype"])}
     try:

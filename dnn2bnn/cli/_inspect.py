@@ -14,6 +14,7 @@ from dnn2bnn.checkpoint._export import lift_program
 from dnn2bnn.checkpoint._read import Checkpoint, read_checkpoint
 from dnn2bnn.checkpoint._tree import TREE_SPEC
 from dnn2bnn.cli._common import emit, params
+from dnn2bnn.errors import CheckpointError
 
 __all__ = ["add_parser", "describe", "run"]
 
@@ -48,7 +49,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def describe(checkpoint: Checkpoint) -> dict[str, Any]:
-    """A JSON-serialisable description of ``checkpoint``."""
+    """A JSON-serialisable description of ``checkpoint``.
+
+    Raises:
+        CheckpointError: the metadata does not have the layout dnn2bnn writes.
+    """
+    try:
+        info = _describe(checkpoint)
+        _text(info)  # what run() prints must be printable too
+    except CheckpointError:
+        raise
+    except (AttributeError, TypeError, KeyError, ValueError, IndexError) as exc:
+        raise CheckpointError(
+            f"{checkpoint.path}: corrupt dnn2bnn metadata ({type(exc).__name__}: {exc})"
+        ) from exc
+    return info
+
+
+def _describe(checkpoint: Checkpoint) -> dict[str, Any]:
     if checkpoint.program is not None:
         state = dict(checkpoint.program.state_dict)
     else:
@@ -121,7 +139,9 @@ def _layer(name: str, state: dict[str, Tensor], estimator: str) -> dict[str, Any
         "weight_shape": list(mu.shape) if mu is not None else None,
         "mean_elements": elements,
         "prior": prior or None,
-        "posterior_sigma_mean": None if rho is None else float(F.softplus(rho.float()).mean()),
+        "posterior_sigma_mean": (
+            None if rho is None else float(F.softplus(rho.detach().float()).mean())
+        ),
         "estimator": estimator,
     }
 
