@@ -575,3 +575,33 @@ def test_hostile_pickles_are_refused(tmp_path):
             with pytest.raises(CheckpointError, match="unpickling can run arbitrary code"):
                 read(path)
     assert not fuzz.MARKER.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["hostile.pt"]
+
+
+def test_parametrization_round_trips_and_old_checkpoints_read_as_softplus(tmp_path):
+    """Engineer B's parametrization option (softplus|exp): stored, checked, default softplus."""
+    from dnn2bnn.config import OPTION_NAMES
+
+    if "parametrization" not in OPTION_NAMES:
+        pytest.skip("this dnn2bnn has no parametrization option yet")
+    bnn = dnn2bnn.transform_to_bnn_model(trained_tiny(width=6), parametrization="exp")
+    path = dnn2bnn.save_bnn(bnn, tmp_path / "exp.safetensors", **ARCH)
+    assert read_checkpoint(path).metadata["layers"]["head"]["parametrization"] == "exp"
+    loaded = dnn2bnn.load_bnn(path)
+    assert loaded.head.parametrization.value == "exp"
+    torch.testing.assert_close(loaded.head.posterior_sigma(), bnn.head.posterior_sigma())
+    old = bnn_metadata(dnn2bnn.transform_to_bnn_model(trained_tiny(width=6)), **_arch_args())
+    del old["layers"]  # written before parametrizations existed
+    for call in old["calls"]:
+        call["options"].pop("parametrization", None)
+    state = dnn2bnn.transform_to_bnn_model(trained_tiny(width=6)).state_dict()
+    write_state(tmp_path / "old.pt", state, old)
+    assert dnn2bnn.load_bnn(tmp_path / "old.pt").head.parametrization.value == "softplus"
+    tampered = read_checkpoint(path).metadata
+    tampered["layers"]["head"]["parametrization"] = "softplus"
+    write_state(tmp_path / "tampered.pt", bnn.state_dict(), tampered)
+    with pytest.raises(CheckpointError, match="head.parametrization is recorded as 'softplus'"):
+        dnn2bnn.load_bnn(tmp_path / "tampered.pt")
+
+
+def _arch_args() -> dict:
+    return {"arch": ARCH["arch"], "arch_kwargs": ARCH["arch_kwargs"]}

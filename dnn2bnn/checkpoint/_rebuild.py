@@ -32,10 +32,14 @@ __all__ = [
     "replay_calls",
 ]
 
-#: Per-layer attributes that can change after conversion (``set_estimator``, ``set_mode``)
-#: and are stored in the checkpoint. A checkpoint without an attribute keeps the default
-#: the replayed conversion gives (``softplus`` for a parametrization, for example).
+#: Per-layer attributes stored in the checkpoint. ``estimator`` and ``bayes_mode`` can
+#: change after conversion (``set_estimator``, ``set_mode``) and are restored; the others
+#: are set by the conversion options, which are replayed, and are only checked (a
+#: parametrization decides how ``rho`` is read: a mismatch would be silently wrong). A
+#: checkpoint without an attribute keeps what the replayed conversion gives (``softplus``
+#: for a checkpoint written before parametrizations existed).
 LAYER_STATE = ("estimator", "bayes_mode", "parametrization")
+_RESTORED = ("estimator", "bayes_mode")
 _SHOWN = 5
 
 
@@ -192,8 +196,14 @@ def _restore_layer_states(model: nn.Module, states: Any, where: str) -> None:
                 value = type(current)(value) if isinstance(current, Enum) else value
             except ValueError as exc:
                 raise CheckpointError(f"{where}: {name}.{attr}: {exc}") from exc
-            if current is not None and current != value:
-                setattr(layer, attr, value)
+            if current is None or current == value:
+                continue
+            if attr not in _RESTORED:
+                raise CheckpointError(
+                    f"{where}: {name or '<root>'}.{attr} is recorded as {value!r:.40} but the "
+                    f"replayed conversion gives {current!r:.40}"
+                )
+            setattr(layer, attr, value)
 
 
 def _difference(model: nn.Module, rebuilt: nn.Module) -> str:
