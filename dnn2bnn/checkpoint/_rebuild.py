@@ -194,14 +194,16 @@ def _restore_layer_states(model: nn.Module, states: Any, where: str) -> None:
             current = layer.__dict__.get(attr, getattr(type(layer), attr, None))
             try:
                 value = type(current)(value) if isinstance(current, Enum) else value
-            except ValueError as exc:
+            except (TypeError, ValueError) as exc:
                 raise CheckpointError(f"{where}: {name}.{attr}: {exc}") from exc
             if current is None or current == value:
                 continue
             if attr not in _RESTORED:
+                recorded = getattr(value, "value", value)
+                replayed = getattr(current, "value", current)
                 raise CheckpointError(
-                    f"{where}: {name or '<root>'}.{attr} is recorded as {value!r:.40} but the "
-                    f"replayed conversion gives {current!r:.40}"
+                    f"{where}: {name or '<root>'}.{attr} is recorded as {recorded!r:.40} but "
+                    f"the replayed conversion gives {replayed!r:.40}"
                 )
             setattr(layer, attr, value)
 
