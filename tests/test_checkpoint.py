@@ -605,3 +605,16 @@ def test_parametrization_round_trips_and_old_checkpoints_read_as_softplus(tmp_pa
 
 def _arch_args() -> dict:
     return {"arch": ARCH["arch"], "arch_kwargs": ARCH["arch_kwargs"]}
+
+
+def test_a_prior_written_after_conversion_is_stored(tmp_path):
+    """A posterior fit writes rho and a new prior object; load_bnn restores both."""
+    bnn = dnn2bnn.transform_to_bnn_model(trained_tiny(width=6), prior_sigma=1.0)
+    with torch.no_grad():
+        bnn.head.weight_prior_sigma.fill_(0.2)
+        bnn.head.bias_prior_sigma.fill_(0.2)
+    bnn.head.prior = dnn2bnn.NormalPrior(0.0, 0.2)
+    loaded = dnn2bnn.load_bnn(dnn2bnn.save_bnn(bnn, tmp_path / "bnn.safetensors", **ARCH))
+    assert loaded.head.prior == dnn2bnn.NormalPrior(0.0, 0.2)
+    assert loaded.features[0].prior == dnn2bnn.NormalPrior(0.0, 1.0)
+    torch.testing.assert_close(dnn2bnn.kl_divergence(loaded), dnn2bnn.kl_divergence(bnn))

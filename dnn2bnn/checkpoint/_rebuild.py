@@ -9,6 +9,7 @@ written.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from enum import Enum
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from dnn2bnn.checkpoint._arch import build_arch, module_class, origin_class, spec_of
-from dnn2bnn.checkpoint._codec import split_name, decode
+from dnn2bnn.checkpoint._codec import decode, encode, split_name
 from dnn2bnn.checkpoint._tree import TREE_SPEC, record_tree
 from dnn2bnn.conversion import transform_to_bnn_layer, transform_to_bnn_model
 from dnn2bnn.errors import CheckpointError, ConversionWarning
@@ -32,14 +33,15 @@ __all__ = [
     "replay_calls",
 ]
 
-#: Per-layer attributes stored in the checkpoint. ``estimator`` and ``bayes_mode`` can
-#: change after conversion (``set_estimator``, ``set_mode``) and are restored; the others
+#: Per-layer attributes stored in the checkpoint. ``estimator``, ``bayes_mode`` and
+#: ``prior`` can change after conversion (``set_estimator``, ``set_mode``, a posterior fit
+#: that writes its prior) and are restored; the others
 #: are set by the conversion options, which are replayed, and are only checked (a
 #: parametrization decides how ``rho`` is read: a mismatch would be silently wrong). A
 #: checkpoint without an attribute keeps what the replayed conversion gives (``softplus``
 #: for a checkpoint written before parametrizations existed).
-LAYER_STATE = ("estimator", "bayes_mode", "parametrization")
-_RESTORED = ("estimator", "bayes_mode")
+LAYER_STATE = ("estimator", "bayes_mode", "prior", "parametrization")
+_RESTORED = ("estimator", "bayes_mode", "prior")
 _SHOWN = 5
 
 
@@ -98,6 +100,11 @@ def layer_states(model: nn.Module) -> dict[str, dict[str, Any]]:
                     value = value.value
                 if isinstance(value, (str, int, float, bool)):
                     state[attr] = value
+                elif dataclasses.is_dataclass(value):  # a prior object
+                    try:
+                        state[attr] = encode(value, f"{name}.{attr}")
+                    except TypeError:  # not importable: check_rebuild compares it instead
+                        pass
             states[name] = state
     return states
 
@@ -193,7 +200,10 @@ def _restore_layer_states(model: nn.Module, states: Any, where: str) -> None:
                 continue  # written by a newer dnn2bnn: its own format_version guards changes
             current = layer.__dict__.get(attr, getattr(type(layer), attr, None))
             try:
-                value = type(current)(value) if isinstance(current, Enum) else value
+                if isinstance(current, Enum):
+                    value = type(current)(value)
+                elif isinstance(value, dict):
+                    value = decode(value)
             except (TypeError, ValueError) as exc:
                 raise CheckpointError(f"{where}: {name}.{attr}: {exc}") from exc
             if current is None or current == value:
