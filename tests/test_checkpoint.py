@@ -618,3 +618,30 @@ def test_a_prior_written_after_conversion_is_stored(tmp_path):
     assert loaded.head.prior == dnn2bnn.NormalPrior(0.0, 0.2)
     assert loaded.features[0].prior == dnn2bnn.NormalPrior(0.0, 1.0)
     torch.testing.assert_close(dnn2bnn.kl_divergence(loaded), dnn2bnn.kl_divergence(bnn))
+
+
+def test_tree_of_attention_and_recurrent_layers_round_trips(tmp_path):
+    """Constructor arguments read back for layers with unusual signatures (bias, *args)."""
+    torch.manual_seed(0)
+    tree = nn.ModuleList(
+        [
+            nn.MultiheadAttention(8, 2, bias=False, batch_first=True, kdim=6, vdim=4),
+            nn.LSTM(3, 4, num_layers=2, bidirectional=True),
+            nn.Linear(3, 2).double(),
+        ]
+    )
+    with pytest.warns(dnn2bnn.ConversionWarning, match="could not trace ModuleList"):
+        bnn = dnn2bnn.transform_to_bnn_model(
+            tree, layer_types=[nn.MultiheadAttention, nn.LSTM, nn.Linear]
+        )
+    loaded = dnn2bnn.load_bnn(dnn2bnn.save_bnn(bnn, tmp_path / "bnn.safetensors"))
+    assert [repr(m) for m in loaded] == [repr(m) for m in bnn]
+    saved, restored = bnn.state_dict(), loaded.state_dict()
+    for key, value in saved.items():
+        assert torch.equal(value, restored[key]) and value.dtype == restored[key].dtype, key
+    q = torch.randn(1, 5, 8)
+    with torch.no_grad(), dnn2bnn.set_mode(bnn, "mean"), dnn2bnn.set_mode(loaded, "mean"):
+        k, v = torch.randn(1, 5, 6), torch.randn(1, 5, 4)
+        assert torch.equal(bnn[0](q, k, v)[0], loaded[0](q, k, v)[0])
+        x = torch.randn(5, 2, 3)
+        assert torch.equal(bnn[1](x)[0], loaded[1](x)[0])

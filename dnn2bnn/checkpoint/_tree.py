@@ -106,15 +106,18 @@ def build_tree(tree: dict[str, Any]) -> nn.Module:
 def _constructor_args(module: nn.Module, cls: type[nn.Module], where: str) -> dict[str, Any]:
     """Constructor arguments of ``cls`` read back from ``module``'s attributes."""
     kwargs: dict[str, Any] = {}
-    for param in inspect.signature(cls).parameters.values():
+    own = module._parameters
+    for param in _signature(cls).parameters.values():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or param.name in _FACTORY:
             continue
         name = param.name
-        own = module._parameters
-        if name == "bias" and ("bias" in own or "bias_mu" in own):
+        if issubclass(cls, nn.RNNBase) and name == "mode":
+            continue  # nn.LSTM/GRU/RNN pass their own mode to RNNBase
+        biases = [b for b in ("bias", "in_proj_bias") if b in own or f"{b}_mu" in own]
+        if name == "bias" and biases:
             # a Bayesian layer keeps its bias as bias_mu (and reading .bias would draw one)
-            value: Any = own.get("bias_mu", own.get("bias")) is not None
-        elif name in module.__dict__ or hasattr(type(module), name):
+            value: Any = own.get(f"{biases[0]}_mu", own.get(biases[0])) is not None
+        elif name in module.__dict__ or _has_plain_attribute(module, name):
             value = getattr(module, name)
         elif param.default is not param.empty:
             continue  # checked afterwards by comparing the rebuilt model with this one
@@ -126,10 +129,32 @@ def _constructor_args(module: nn.Module, cls: type[nn.Module], where: str) -> di
             )
         kwargs[name] = _plain(value, where, name)
     dtype = next((p.dtype for p in module.parameters(recurse=False)), None)
-    accepts_dtype = "dtype" in inspect.signature(cls).parameters
+    accepts_dtype = "dtype" in _signature(cls).parameters
     if dtype is not None and dtype != torch.get_default_dtype() and accepts_dtype:
         kwargs["dtype"] = str(dtype).removeprefix("torch.")
     return kwargs
+
+
+def _signature(cls: type[nn.Module]) -> inspect.Signature:
+    """The first named constructor signature along the MRO (nn.LSTM takes ``*args``)."""
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        signature = inspect.signature(init)
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        named = [p for p in signature.parameters.values() if p.kind not in variadic]
+        if len(named) > 1:  # more than self
+            return signature.replace(parameters=list(signature.parameters.values())[1:])
+    return inspect.signature(cls)
+
+
+def _has_plain_attribute(module: nn.Module, name: str) -> bool:
+    try:
+        getattr(module, name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _plain(value: Any, where: str, name: str) -> Any:
