@@ -645,3 +645,15 @@ def test_tree_of_attention_and_recurrent_layers_round_trips(tmp_path):
         assert torch.equal(bnn[0](q, k, v)[0], loaded[0](q, k, v)[0])
         x = torch.randn(5, 2, 3)
         assert torch.equal(bnn[1](x)[0], loaded[1](x)[0])
+
+
+def test_a_half_precision_model_is_rebuilt_in_its_dtype(tmp_path):
+    torch.manual_seed(0)
+    model = _tiny_gpt2().to(torch.bfloat16)
+    with pytest.warns(dnn2bnn.ConversionWarning):
+        bnn = dnn2bnn.transform_to_bnn_model(model)
+    path = dnn2bnn.save_bnn(bnn, tmp_path / "bf16.safetensors")
+    assert read_checkpoint(path).metadata["arch"]["dtype"] == "bfloat16"
+    restored = dnn2bnn.load_bnn(path).state_dict()
+    for key, value in bnn.state_dict().items():
+        assert restored[key].dtype == value.dtype and torch.equal(restored[key], value), key

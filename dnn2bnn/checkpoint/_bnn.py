@@ -168,15 +168,19 @@ def bnn_metadata(
         "format_version": FORMAT_VERSION,
         "dnn2bnn_version": __version__,
         "torch_version": torch.__version__,
-        "arch": (
-            None
-            if arch is None
-            else {"spec": arch, "kwargs": encode(arch_kwargs or {}, "arch_kwargs")}
-        ),
+        "arch": None if arch is None else _arch_entry(model, arch, arch_kwargs),
         "calls": calls,
         "converted": [n for n, m in model.named_modules() if isinstance(m, BayesianLayer)],
         "layers": layer_states(model),
     }
+
+
+def _arch_entry(model: nn.Module, spec: str, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    entry = {"spec": spec, "kwargs": encode(kwargs or {}, "arch_kwargs")}
+    dtypes = {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
+    if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.get_default_dtype():
+        entry["dtype"] = str(dtype).removeprefix("torch.")  # a bf16 model: built, then cast
+    return entry
 
 
 def write_state(path: Path, state: dict[str, Tensor], metadata: dict[str, Any] | None) -> None:

@@ -138,6 +138,8 @@ def rebuild(metadata: dict[str, Any], *, where: str, device: str | None = None) 
             else:
                 with torch.device(device):
                     model = build_arch(arch["spec"], kwargs)
+            if arch.get("dtype") is not None:
+                model = model.to(_dtype(arch["dtype"]))
             model = replay_calls(model, calls)
     except CheckpointError:
         raise
@@ -183,6 +185,13 @@ def check_rebuild(model: nn.Module, metadata: dict[str, Any], *, where: str) -> 
             f"{where} was not written: load_bnn would rebuild a different model from "
             f"{spec} ({difference}); {hint}"
         )
+
+
+def _dtype(name: Any) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(f"unknown floating-point dtype {name!r} recorded for the model")
+    return dtype
 
 
 def _restore_layer_states(model: nn.Module, states: Any, where: str) -> None:
