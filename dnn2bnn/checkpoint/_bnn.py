@@ -45,14 +45,23 @@ def save_bnn(
     ``torch.export.load(path).module()`` and no dnn2bnn installed. The file is written to a
     temporary name and renamed, so a failure leaves nothing behind.
 
+    What it writes, :func:`load_bnn` reads: before writing, the model is rebuilt on the meta
+    device from what is recorded and compared with ``model`` (module tree, state_dict keys,
+    shapes and dtypes, layer settings); a difference raises :class:`CheckpointError` naming
+    ``arch=`` and nothing is written. Each Bayesian layer's estimator, mode, prior and
+    parametrization are recorded too.
+
     Args:
         model: a model converted by :func:`dnn2bnn.transform_to_bnn_model` (or one whose
             architecture builds Bayesian layers itself).
         path: ``.safetensors``, ``.pt`` or ``.pt2`` file; an existing file is refused unless
             ``force=True``.
         arch: how to rebuild the deterministic model: ``"torchvision:resnet18"``,
-            ``"timm:NAME"`` or ``"package.module:callable"``. Default: the architecture a
-            model returned by :func:`load_bnn` was built from, else the model's own class
+            ``"timm:NAME"``, ``"transformers:NAME"`` or ``"package.module:callable"`` (an
+            ``nn.Module`` class or a function annotated to return one). Default: the
+            architecture a model returned by :func:`load_bnn` was built from; else, without
+            ``arch_kwargs``, a Hugging Face model's class and config, or the recorded tree of
+            a ``torch.nn`` container/layer model; else the model's class before conversion
             called with ``arch_kwargs``.
         arch_kwargs: keyword arguments of the architecture call (JSON-serialisable).
         example_inputs: for ``.pt2``: a tensor or tuple of positional inputs to export with
@@ -105,9 +114,13 @@ def load_bnn(path: str | Path) -> nn.Module:
     ``torch.fx.GraphModule`` whose linear/conv calls are Bayesian layers again).
     Conversion warnings were shown when the model was converted and are not repeated.
 
+    Nothing in the file is run: pickles are refused, and the metadata may only name
+    ``nn.Module`` classes, functions annotated to return one, and dataclasses.
+
     Raises:
         CheckpointError: the file is missing, corrupt, not a BNN checkpoint, from a newer
-            format, or does not fit the rebuilt architecture.
+            format, names something else to call, or does not fit the rebuilt architecture
+            (keys, shapes or dtypes).
 
     Example: see :func:`save_bnn`.
     """
