@@ -657,3 +657,20 @@ def test_a_half_precision_model_is_rebuilt_in_its_dtype(tmp_path):
     restored = dnn2bnn.load_bnn(path).state_dict()
     for key, value in bnn.state_dict().items():
         assert restored[key].dtype == value.dtype and torch.equal(restored[key], value), key
+
+
+class _ReadsItsWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(x) + x @ self.fc.weight.T
+
+
+def test_a_pt2_archive_that_load_bnn_cannot_rebuild_is_not_written(tmp_path):
+    """Regression: the archive was written, and load_bnn then failed on it."""
+    bnn = dnn2bnn.transform_to_bnn_model(_ReadsItsWeight())
+    with pytest.raises(CheckpointError, match="could not be read back, so it was not written"):
+        dnn2bnn.save_bnn(bnn, tmp_path / "bnn.pt2", example_inputs=torch.randn(2, 3))
+    assert list(tmp_path.iterdir()) == []

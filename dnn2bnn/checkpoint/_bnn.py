@@ -97,12 +97,38 @@ def save_bnn(
         arch, arch_kwargs = infer_arch(model, arch_kwargs)
     metadata = bnn_metadata(model, arch=arch, arch_kwargs=arch_kwargs)
     if suffix == ".pt2":
-        atomic_write(path, lambda tmp: export_module(model, tmp, metadata, example_inputs))
+        atomic_write(path, lambda tmp: _export_checked(model, tmp, metadata, example_inputs))
     else:
         check_rebuild(model, metadata, where=str(path))  # what save writes, load reads
         state = model.state_dict()
         atomic_write(path, lambda tmp: write_state(tmp, state, metadata))
     return path
+
+
+def _export_checked(
+    model: nn.Module, tmp: Path, metadata: dict[str, Any], example_inputs: Any
+) -> None:
+    """Export to ``tmp``, then rebuild the BNN from it as load_bnn will (before the rename)."""
+    export_module(model, tmp, metadata, example_inputs)
+    if not any(isinstance(m, BayesianLayer) for m in model.modules()):
+        return
+    try:
+        rebuilt = load_bnn(tmp)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"the exported archive could not be read back, so it was not written: {exc}"
+        ) from exc
+    def posterior(m: nn.Module) -> dict[str, tuple[int, ...]]:
+        return {
+            n: tuple(t.shape) for n, t in m.state_dict().items() if n.endswith(("_mu", "_rho"))
+        }
+
+    if posterior(model) != posterior(rebuilt):
+        lost = sorted(set(posterior(model)) - set(posterior(rebuilt)))[:5]
+        raise CheckpointError(
+            "the exported archive rebuilds a BNN with other posterior parameters (e.g. missing "
+            f"{lost}), so it was not written"
+        )
 
 
 def load_bnn(path: str | Path) -> nn.Module:
