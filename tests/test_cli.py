@@ -370,3 +370,17 @@ def test_docs_layers_default_is_the_help_default():
     docs = (REPO / "docs" / "cli.md").read_text()
     line = next(row for row in docs.splitlines() if row.startswith("| `--layers"))
     assert f"(default: all of `{', '.join(_layer_names())}`)" in line
+
+
+@pytest.mark.slow
+def test_pickled_timm_model_is_converted_with_its_registry_name(workdir, capsys):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=5).eval()
+    torch.save(model, "timm.pt")
+    assert main(["convert", "timm.pt", "bnn.safetensors", "--trust-pickle", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["arch"] == "timm:resnet10t" and report["arch_kwargs"] == {"num_classes": 5}
+    bnn = dnn2bnn.load_bnn("bnn.safetensors").eval()
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(_mean(bnn, x), model(x), rtol=0, atol=0)

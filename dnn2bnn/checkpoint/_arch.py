@@ -21,7 +21,14 @@ from torch import nn
 
 from dnn2bnn.errors import CheckpointError
 
-__all__ = ["build_arch", "guess_torchvision", "module_class", "origin_class", "spec_of"]
+__all__ = [
+    "build_arch",
+    "guess_timm",
+    "guess_torchvision",
+    "module_class",
+    "origin_class",
+    "spec_of",
+]
 
 _FORMS = "torchvision:NAME, timm:NAME, transformers:NAME or package.module:callable"
 
@@ -137,6 +144,39 @@ def guess_torchvision(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
                 continue
             if {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == state:
                 return f"torchvision:{name}", kwargs
+    return None
+
+
+def guess_timm(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
+    """``timm:NAME`` and kwargs from a timm model's ``pretrained_cfg``, if they rebuild it.
+
+    timm models remember their registry name (``pretrained_cfg["architecture"]``); the
+    candidate is built on the meta device without arguments, then with ``num_classes``, and
+    accepted only when its state_dict keys and shapes equal ``model``'s.
+    """
+    if not origin_class(model).__module__.startswith("timm.") or importlib.util.find_spec(
+        "timm"
+    ) is None:
+        return None
+    import torch
+    import timm
+
+    config = getattr(model, "pretrained_cfg", None) or {}
+    name = config.get("architecture") if isinstance(config, dict) else None
+    if not isinstance(name, str) or not timm.is_model(name):
+        return None
+    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    attempts: list[dict[str, Any]] = [{}]
+    if isinstance(getattr(model, "num_classes", None), int):
+        attempts.append({"num_classes": model.num_classes})
+    for kwargs in attempts:
+        try:
+            with torch.device("meta"):
+                candidate = timm.create_model(name, pretrained=False, **kwargs)
+        except Exception:  # these kwargs do not build it
+            continue
+        if {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == state:
+            return f"timm:{name}", kwargs
     return None
 
 

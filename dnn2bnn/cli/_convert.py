@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dnn2bnn.checkpoint._arch import build_arch, guess_torchvision
+from dnn2bnn.checkpoint._arch import build_arch, guess_timm, guess_torchvision
 from dnn2bnn.checkpoint._bnn import save_bnn
 from dnn2bnn.checkpoint._export import lift_program
 from dnn2bnn.checkpoint._files import WRITABLE_SUFFIXES, check_output, suffix_of
@@ -290,7 +290,7 @@ def _pickled_arch(
 ) -> tuple[str, dict[str, Any], str]:
     """How to rebuild a pickled model (spec, kwargs), and a note saying how it was found."""
     what = f"the pickled {type(model).__name__}"
-    guess = guess_torchvision(model) if kwargs is None else None
+    guess = (guess_torchvision(model) or guess_timm(model)) if kwargs is None else None
     if guess is not None:
         return guess[0], guess[1], f"architecture of {what} inferred: {guess[0]} {guess[1]}"
     try:
