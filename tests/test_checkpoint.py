@@ -313,14 +313,16 @@ def _trees() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         nn.Dropout(0.25),
         nn.Linear(4 * 4 * 4, 3, dtype=torch.float64).float(),
     )
+    shared = nn.Linear(4, 4)
     return {
+        "shared": (nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(4, 2)), torch.randn(3, 4)),
         "quickstart": (quickstart, torch.randn(2, 784)),
         "nested": (nested, X),
         "bare_layer": (nn.Conv1d(2, 3, 5, stride=2, padding="valid"), torch.randn(2, 2, 9)),
     }
 
 
-@pytest.mark.parametrize("name", ["quickstart", "nested", "bare_layer"])
+@pytest.mark.parametrize("name", ["quickstart", "nested", "bare_layer", "shared"])
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_torch_nn_trees_round_trip_without_arch(tmp_path, name, suffix):
     """Regression: the README quickstart BNN saved; load_bnn raised "not rebuilt: ['0', '2']"."""
@@ -329,6 +331,8 @@ def test_torch_nn_trees_round_trip_without_arch(tmp_path, name, suffix):
     bnn = dnn2bnn.transform_to_bnn_model(dnn, prior_sigma=0.3)
     loaded = _assert_round_trip(bnn, tmp_path / f"bnn{suffix}", x)
     assert type(loaded) is type(bnn)
+    if name == "shared":  # a layer used twice is rebuilt once, in both places
+        assert loaded[0] is loaded[2]
     assert json.loads(_raw_metadata(tmp_path / f"bnn{suffix}"))["arch"]["spec"] == (
         "dnn2bnn:module_tree"
     )

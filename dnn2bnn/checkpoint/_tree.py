@@ -33,17 +33,42 @@ _CONTAINERS: dict[type[nn.Module], str] = {
 _FACTORY = ("device", "dtype")
 
 
-def record_tree(model: nn.Module, name: str = "") -> dict[str, Any]:
+def record_tree(model: nn.Module) -> dict[str, Any]:
     """The JSON node that :func:`build_tree` turns back into ``model``'s deterministic tree.
+
+    A module that appears twice (a shared layer) is recorded once; its second place is
+    ``{"same_as": "<first qualified name>"}``.
 
     Raises:
         CheckpointError: a module is neither a container nor a torch.nn layer whose
             constructor arguments can be read back (naming it and ``arch=``).
     """
+    return _record(model, "", {})
+
+
+def build_tree(tree: dict[str, Any]) -> nn.Module:
+    """Build the deterministic model described by a node of :func:`record_tree`.
+
+    Example:
+        >>> build_tree({"container": "Sequential", "children": {"0": {
+        ...     "class": "torch.nn:Linear", "kwargs": {"in_features": 2, "out_features": 1}}}})
+        Sequential(
+          (0): Linear(in_features=2, out_features=1, bias=True)
+        )
+    """
+    return _build(tree, "", {})
+
+
+def _record(model: nn.Module, name: str, seen: dict[int, str]) -> dict[str, Any]:
+    if id(model) in seen:
+        return {"same_as": seen[id(model)]}
+    seen[id(model)] = name
     cls = origin_class(model)
     if cls in _CONTAINERS:
         children = {
-            child: record_tree(m, _join(name, child)) for child, m in model.named_children()
+            child: _record(m, _join(name, child), seen)
+            for child, m in model._modules.items()
+            if m is not None
         }
         return {"container": _CONTAINERS[cls], "children": children}
     where = name or "<root>"
@@ -57,34 +82,36 @@ def record_tree(model: nn.Module, name: str = "") -> dict[str, Any]:
     return {"class": f"{cls.__module__}:{cls.__qualname__}", "kwargs": kwargs}
 
 
-def build_tree(tree: dict[str, Any]) -> nn.Module:
-    """Build the deterministic model described by a node of :func:`record_tree`.
-
-    Example:
-        >>> build_tree({"container": "Sequential", "children": {"0": {
-        ...     "class": "torch.nn:Linear", "kwargs": {"in_features": 2, "out_features": 1}}}})
-        Sequential(
-          (0): Linear(in_features=2, out_features=1, bias=True)
-        )
-    """
+def _build(tree: Any, name: str, built: dict[str, nn.Module]) -> nn.Module:
     if not isinstance(tree, dict):
         raise CheckpointError(f"a module tree node must be a JSON object, found {tree!r:.80}")
+    if "same_as" in tree:
+        if tree["same_as"] not in built:
+            raise CheckpointError(
+                f"module tree node {name!r} refers to unknown module {tree['same_as']!r:.40}"
+            )
+        return built[tree["same_as"]]
     if "container" in tree:
         children = tree.get("children")
         if not isinstance(children, dict):
             raise CheckpointError(f"container node without children: {tree!r:.80}")
-        built = OrderedDict((str(k), build_tree(v)) for k, v in children.items())
+        modules = OrderedDict(
+            (str(k), _build(v, _join(name, str(k)), built)) for k, v in children.items()
+        )
         kind = tree["container"]
         if kind == "Sequential":
-            return nn.Sequential(built)
-        if kind == "ModuleList":
-            return nn.ModuleList(built.values())
-        if kind == "ModuleDict":
-            return nn.ModuleDict(built)
-        raise CheckpointError(
-            f"unknown container {kind!r} in a module tree; expected one of "
-            f"{list(_CONTAINERS.values())}"
-        )
+            module: nn.Module = nn.Sequential(modules)
+        elif kind == "ModuleList":
+            module = nn.ModuleList(modules.values())
+        elif kind == "ModuleDict":
+            module = nn.ModuleDict(modules)
+        else:
+            raise CheckpointError(
+                f"unknown container {kind!r} in a module tree; expected one of "
+                f"{list(_CONTAINERS.values())}"
+            )
+        built[name] = module
+        return module
     spec, kwargs = tree.get("class"), tree.get("kwargs", {})
     if not isinstance(spec, str) or ":" not in spec or not isinstance(kwargs, dict):
         raise CheckpointError(f"malformed module tree node {tree!r:.80}")
@@ -98,8 +125,7 @@ def build_tree(tree: dict[str, Any]) -> nn.Module:
         module = cls(**kwargs)
     except Exception as exc:
         raise CheckpointError(f"building {spec} with {kwargs} failed: {exc}") from exc
-    if not isinstance(module, nn.Module):
-        raise CheckpointError(f"{spec} is not a torch.nn.Module")
+    built[name] = module
     return module
 
 
