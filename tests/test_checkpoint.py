@@ -419,7 +419,7 @@ def test_hugging_face_models_round_trip_without_arch(tmp_path, build):
     ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(0))
     path = tmp_path / "hf.safetensors"
     loaded = _assert_round_trip(bnn, path, ids)
-    assert type(loaded) is type(model)
+    assert type(loaded) is type(bnn) and isinstance(loaded, type(model))
     assert loaded.config.to_dict() == model.config.to_dict()
     spec = read_checkpoint(path).metadata["arch"]["spec"]
     assert spec == f"transformers:{type(model).__name__}"

@@ -90,7 +90,9 @@ def origin_class(model: nn.Module) -> type[nn.Module]:
 
     if isinstance(model, BayesianLayer):
         return type(model).dnn_type
-    return type(model)
+    # a converted Hugging Face model's class is a same-named subclass of its own class
+    hf_base = type(model).__dict__.get("_dnn2bnn_hf_base")
+    return hf_base if isinstance(hf_base, type) else type(model)
 
 
 def spec_of(model: nn.Module) -> str:
