@@ -420,7 +420,7 @@ def test_hugging_face_models_round_trip_without_arch(tmp_path, build):
     path = tmp_path / "hf.safetensors"
     loaded = _assert_round_trip(bnn, path, ids)
     assert type(loaded) is type(bnn) and isinstance(loaded, type(model))
-    assert loaded.config.to_dict() == model.config.to_dict()
+    assert loaded.config.to_dict() == bnn.config.to_dict()
     spec = read_checkpoint(path).metadata["arch"]["spec"]
     assert spec == f"transformers:{type(model).__name__}"
 
