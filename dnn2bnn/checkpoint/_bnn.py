@@ -15,11 +15,17 @@ from dnn2bnn.checkpoint._codec import decode, encode
 from dnn2bnn.checkpoint._export import export_args_of, export_module, rebuild_bnn
 from dnn2bnn.checkpoint._files import WRITABLE_SUFFIXES, atomic_write, check_output, suffix_of
 from dnn2bnn.checkpoint._read import METADATA_KEY, match_state, read_checkpoint
-from dnn2bnn.checkpoint._rebuild import check_rebuild, infer_arch, layer_states, rebuild
+from dnn2bnn.checkpoint._rebuild import (  # replay_calls: imported from here by integrations
+    check_rebuild,
+    infer_arch,
+    layer_states,
+    rebuild,
+    replay_calls,
+)
 from dnn2bnn.errors import CheckpointError, ConversionWarning
 from dnn2bnn.layers import BayesianLayer
 
-__all__ = ["FORMAT_VERSION", "bnn_metadata", "load_bnn", "save_bnn", "write_state"]
+__all__ = ["FORMAT_VERSION", "bnn_metadata", "load_bnn", "replay_calls", "save_bnn", "write_state"]
 
 #: Version of the metadata layout; a file with a higher version is refused.
 FORMAT_VERSION = 1
