@@ -82,6 +82,34 @@ def _check_cli(out: str, tmp_path: Path) -> None:
     assert out.rstrip().endswith("reproduces the DNN in mean mode")
 
 
+def _check_elbo_line(line: str) -> None:
+    """``... loss A = data_loss B + kl C / N``: the logged parts add up to the loss."""
+    numbers = [float(v) for v in re.findall(r"-?\d+\.?\d*(?:e[+-]?\d+)?", line.split("loss", 1)[1])]
+    loss, data_loss, kl, n = numbers[:4]
+    assert kl > 0 and loss == pytest.approx(data_loss + kl / n, rel=1e-3, abs=1e-3), line
+
+
+def _check_hf(out: str, tmp_path: Path) -> None:
+    assert re.search(r"converted: 14 Bayesian layers", out), out  # 2 x 6 encoder Linears + pooler + head
+    _check_elbo_line(next(l for l in out.splitlines() if l.startswith("last training log")))
+    line = next(l for l in out.splitlines() if l.startswith("MC evaluation"))
+    accuracy, nll, ece = (float(v) for v in re.findall(r"\d+\.\d+", line))
+    assert 0 <= accuracy <= 1 and nll > 0 and 0 <= ece <= 1
+    assert out.count("mutual information") == 4
+    assert "max |difference| in mean mode = 0.0e+00" in out  # from_pretrained restored the BNN
+    assert (tmp_path / "bert-bnn" / "dnn2bnn_config.json").is_file()
+
+
+def _check_lightning(out: str, tmp_path: Path) -> None:
+    # DDP over 2 processes; N is the whole training set (256 in --quick), not one shard
+    assert "trained on 2 process(es); KL weight 1/256" in out, out
+    _check_elbo_line(next(l for l in out.splitlines() if l.startswith("last step")))
+    line = next(l for l in out.splitlines() if l.startswith("test (MC"))
+    accuracy, nll, ece = (float(v) for v in re.findall(r"\d+\.\d+", line))
+    assert 0.2 < accuracy <= 1 and nll > 0 and 0 <= ece <= 1  # 10 classes: it learned something
+    assert "reloaded bnn.ckpt: max |difference| in mean mode = 0.0e+00" in out
+
+
 @dataclass(frozen=True)
 class Example:
     """One tutorial script and how to run it quickly."""
@@ -115,6 +143,18 @@ EXAMPLES = [
         check=_check_ddp,
         author="issue 7 (distributed)",
     ),
+    Example(
+        "hf_trainer.py",
+        quick_args=("--quick", "--out", "{tmp}"),
+        check=_check_hf,
+        author="issue 16 (integrations)",
+    ),
+    Example(
+        "lightning_cnn.py",
+        quick_args=("--quick", "--devices", "2", "--out", "{tmp}"),
+        check=_check_lightning,
+        author="issue 16 (integrations)",
+    ),
 ]
 
 
@@ -126,6 +166,7 @@ def test_example_runs_in_quick_mode(example: Example, tmp_path: Path) -> None:
         pytest.skip(f"examples/{example.script} does not exist yet (written by {example.author})")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.setdefault("MPLBACKEND", "Agg")
+    env.setdefault("HF_HUB_OFFLINE", "1")  # examples build models from configs: never reach the Hub
     args = [a.replace("{tmp}", str(tmp_path)) for a in example.quick_args]
     result = subprocess.run(
         [sys.executable, *example.launcher, str(script), *args],

@@ -34,6 +34,7 @@ from dnn2bnn.conversion._sharing import install_sample_sharing
 from dnn2bnn.conversion._trace import analyse
 from dnn2bnn.conversion.report import ConversionReport, ConvertedModule, SkippedModule
 from dnn2bnn.errors import ConversionError, ConversionWarning
+from dnn2bnn.integrations._adopt import adopt_
 from dnn2bnn.layers._base import BayesianLayer, is_bayesian_layer
 from dnn2bnn.layers.params import BayesianParameters
 
@@ -371,4 +372,5 @@ def _convert(
     report.params_after = count_parameters(result)
     previous = result.__dict__.get("conversion_report")
     result.conversion_report = previous.merge(report) if previous is not None else report
+    adopt_(result)  # e.g. a Hugging Face model's save_pretrained/tie_weights/resize_token_embeddings
     return result
