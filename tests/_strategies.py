@@ -145,12 +145,15 @@ def model_specs(
     return spec
 
 
+ESTIMATORS = ("reparam", "flipout", "lrt")
+
+
 @st.composite
-def conversion_options(draw: st.DrawFn) -> dict[str, Any]:
+def conversion_options(draw: st.DrawFn, estimators: tuple[str, ...] = ESTIMATORS) -> dict[str, Any]:
     """Keyword arguments of ``transform_to_bnn_model``: layer types and Bayesian options."""
     options: dict[str, Any] = {
         "posterior_sigma_init": draw(st.sampled_from([0.05, 0.2])),
-        "estimator": draw(st.sampled_from(["reparam", "flipout", "lrt"])),
+        "estimator": draw(st.sampled_from(estimators)),
     }
     if draw(st.booleans()):
         options["layer_types"] = selected_types(opt_in=True)

@@ -354,6 +354,21 @@ def test_converting_again_applies_the_new_options_or_raises(family, data, functi
         torch.testing.assert_close(_bayesian_params(again)[name], mu, rtol=0, atol=0)
 
 
+_ESTIMATOR_SHARING = (
+    "issue 14 item 7 (found here): with estimator flipout or lrt, a layer used twice in one "
+    "forward (shared, aliased, or a module call plus F.linear of its weight) gets independent "
+    "noise in each use although the report lists it as shared"
+)
+
+
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        "reparam",
+        pytest.param("flipout", marks=pytest.mark.xfail(reason=_ESTIMATOR_SHARING, strict=True)),
+        pytest.param("lrt", marks=pytest.mark.xfail(reason=_ESTIMATOR_SHARING, strict=True)),
+    ],
+)
 @pytest.mark.parametrize(
     "family",
     _families(
@@ -361,17 +376,17 @@ def test_converting_again_applies_the_new_options_or_raises(family, data, functi
         **{
             f.replace("-", "_"): "issue 14 item 7: a Linear subclass whose forward reads "
             "self.weight twice gets two different samples"
-            for f in _NOT_SEQUENTIAL
+            for f in ("vector", "seq-batch-first", "seq-first")
         },
     ),
 )
 @given(data=st.data())
-def test_a_weight_read_twice_in_one_forward_uses_one_sample(family, data):
+def test_a_weight_read_twice_in_one_forward_uses_one_sample(family, estimator, data):
     """Blocks that read one weight twice per call (a shared layer, one layer under two names,
     a module call plus ``F.linear(x, layer.weight)``, a subclass reading ``self.weight`` twice,
     an own parameter used twice) report ``max |first - second|``: it must be ~0 in sample mode."""
     spec = data.draw(model_specs((family,), probe=True), label="spec")
-    options = data.draw(conversion_options(), label="options")
+    options = data.draw(conversion_options((estimator,)), label="options")
     options["posterior_sigma_init"] = 0.2
     x = example_input(spec)
     bnn, _ = _convert(build_model(**spec), **options)
