@@ -19,10 +19,10 @@ Families (``spec["family"]``) and the layouts of their hidden stream:
 * ``"sequential"``: a plain ``nn.Sequential`` of torch.nn layers (an MLP or a CNN), possibly
   holding one layer twice; it needs no ``arch`` to be rebuilt.
 
-Blocks that read one weight twice in a forward (``PROBE_KINDS``) return ``(first, first - second)``
-when the model is built with ``probe=True``; the model then returns ``(output, gaps)`` with one
-row ``[max |first - second|, max |first|]`` per such block, which is zero in its first column
-when both reads saw one weight sample.
+Blocks that read one weight twice in a forward (``PROBE_KINDS``) can *probe*: a block spec with
+``"probe": True`` returns ``(first, first - second)``, and the model then returns
+``(output, gaps)`` with one row ``[max |first - second|, max |first|]`` per probing block,
+which is zero in its first column when both reads saw one weight sample.
 """
 
 from __future__ import annotations
@@ -37,10 +37,12 @@ from torch import nn
 
 __all__ = [
     "FAMILIES",
+    "OWN_WEIGHT_KINDS",
     "PROBE_KINDS",
     "build_model",
     "conversion_options",
     "example_input",
+    "kinds_of",
     "model_specs",
     "selected_types",
 ]
@@ -62,6 +64,8 @@ SEQ_KINDS = VECTOR_KINDS + ("mha", "lstm", "gru", "conv_time") * 3
 CONV_KINDS = ("conv", "conv_t", "conv_scaled", "shared", "alias", "mixed", "f_conv", "act")
 #: blocks that read one weight twice per forward call (see the module docstring)
 PROBE_KINDS = ("linear_twice", "shared", "alias", "mixed", "f_linear", "matmul", "einsum", "f_conv")
+#: blocks whose model-owned parameter is a weight (``OwnWeight``)
+OWN_WEIGHT_KINDS = ("f_linear", "matmul", "einsum", "f_conv")
 
 # Conversion: the default mapping, or the default plus the opt-in types these models use.
 OPT_IN = (nn.Embedding, nn.LSTM, nn.GRU)
@@ -76,14 +80,24 @@ def _block(draw: st.DrawFn, kinds: tuple[str, ...]) -> dict[str, Any]:
         block["fn"] = draw(st.sampled_from(["relu", "tanh", "gelu"]))
     elif kind in ("linear", "conv", "conv_t"):
         block["bias"] = draw(st.booleans())
+        if kind != "linear":
+            block["depthwise"] = draw(st.booleans())
+        if kind == "conv":
+            block["padding_mode"] = draw(st.sampled_from(["zeros", "reflect", "circular"]))
     elif kind in ("lstm", "gru"):
         block["bidirectional"] = draw(st.booleans())
+        block["layers"] = draw(st.sampled_from([1, 2]))
     elif kind == "mha":
         block["heads"] = draw(st.sampled_from([1, 2]))
+        block["bias"] = draw(st.booleans())
+        block["add_bias_kv"] = draw(st.booleans())
     return block
 
 
-def _kinds(family: str) -> tuple[str, ...]:
+def kinds_of(family: str) -> tuple[str, ...]:
+    """The block kinds a family draws from (none for ``"sequential"``)."""
+    if family == "sequential":
+        return ()
     if family.startswith("seq"):
         return SEQ_KINDS
     if family.startswith("conv"):
@@ -96,22 +110,23 @@ def model_specs(
     draw: st.DrawFn,
     families: tuple[str, ...] = FAMILIES,
     *,
-    probe: bool = False,
+    probe: tuple[str, ...] = (),
     require: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """A spec for :func:`build_model`.
 
     Args:
         families: the families to draw from.
-        probe: build the model in probe mode and make sure it holds at least one block of
-            ``PROBE_KINDS`` (the ``"sequential"`` family cannot probe and is not drawn).
-        require: block kinds of which the model holds at least one (inserted at a random
-            position; families without any of them are not drawn).
+        probe: kinds (of ``PROBE_KINDS``) of which one block is inserted at a random
+            position as the model's only probing block.
+        require: kinds of which one (non-probing) block is inserted at a random position.
+        exclude: kinds left out of the other, randomly drawn blocks.
+        Families without any of the ``probe`` or ``require`` kinds are not drawn.
     """
-    if probe:
-        require = require or PROBE_KINDS
-    if require:
-        families = tuple(f for f in families if f != "sequential" and set(_kinds(f)) & set(require))
+    for needed in (probe, require):
+        if needed:
+            families = tuple(f for f in families if set(kinds_of(f)) & set(needed))
     family = draw(st.sampled_from(families))
     spec: dict[str, Any] = {"family": family, "seed": draw(st.integers(0, 2**16 - 1))}
     if family == "sequential":
@@ -124,7 +139,7 @@ def model_specs(
         )
         spec["out"] = draw(st.sampled_from([1, 3]))
         return spec
-    kinds = _kinds(family)
+    kinds = tuple(k for k in kinds_of(family) if k not in exclude)
     if family.startswith("seq"):
         spec["width"] = draw(st.sampled_from([4, 6]))
         spec["tokens"] = draw(st.booleans())
@@ -134,11 +149,12 @@ def model_specs(
     else:
         spec["width"] = draw(st.sampled_from([4, 6]))
     blocks = draw(st.lists(_block(kinds), min_size=1, max_size=4))
-    if require:
-        position = draw(st.integers(0, len(blocks)))
-        blocks.insert(position, draw(_block(tuple(k for k in kinds if k in require))))
-    if probe:
-        spec["probe"] = True
+    for needed, probing in ((require, False), (probe, True)):
+        if needed:
+            block = draw(_block(tuple(k for k in kinds_of(family) if k in needed)))
+            if probing:
+                block["probe"] = True
+            blocks.insert(draw(st.integers(0, len(blocks))), block)
     spec["blocks"] = blocks
     spec["container"] = draw(st.sampled_from(["sequential", "modulelist", "moduledict"]))
     spec["out"] = draw(st.sampled_from([1, 3]))
@@ -321,20 +337,22 @@ class Activation(nn.Module):
 class Attention(nn.Module):
     """Self-attention with a residual, in the model's layout."""
 
-    def __init__(self, width: int, heads: int, batch_first: bool) -> None:
+    def __init__(self, width: int, batch_first: bool, **options: Any) -> None:
         super().__init__()
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=batch_first)
+        self.attn = nn.MultiheadAttention(width, batch_first=batch_first, **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.attn(x, x, x, need_weights=False)[0]
 
 
 class Recurrent(nn.Module):
-    def __init__(self, kind: str, width: int, bidirectional: bool, batch_first: bool) -> None:
+    def __init__(self, kind: str, width: int, bidirectional: bool, layers: int, batch_first: bool) -> None:
         super().__init__()
         hidden = width // 2 if bidirectional else width
         cls = nn.LSTM if kind == "lstm" else nn.GRU
-        self.rnn = cls(width, hidden, bidirectional=bidirectional, batch_first=batch_first)
+        self.rnn = cls(
+            width, hidden, layers, bidirectional=bidirectional, batch_first=batch_first
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.rnn(x)[0]
@@ -379,15 +397,22 @@ def _make_block(block: dict[str, Any], *, dims: int, width: int, batch_first: bo
     if kind == "layernorm":
         return nn.LayerNorm(width)
     if kind == "mha":
-        return Attention(width, block["heads"], batch_first)
+        return Attention(
+            width, batch_first, num_heads=block["heads"], bias=block["bias"],
+            add_bias_kv=block["add_bias_kv"],
+        )
     if kind in ("lstm", "gru"):
-        return Recurrent(kind, width, block["bidirectional"], batch_first)
+        return Recurrent(kind, width, block["bidirectional"], block["layers"], batch_first)
     if kind == "conv_time":
         return ConvOverTime(width, batch_first)
+    groups = width if block.get("depthwise") else 1
     if kind == "conv":
-        return conv(width, width, 3, padding=1, bias=block["bias"])
+        return conv(
+            width, width, 3, padding=1, bias=block["bias"], groups=groups,
+            padding_mode=block["padding_mode"],
+        )
     if kind == "conv_t":
-        return conv_t(width, width, 3, padding=1, bias=block["bias"])
+        return conv_t(width, width, 3, padding=1, bias=block["bias"], groups=groups)
     if kind == "conv_scaled":
         return (ScaledConv1d, ScaledConv2d)[dims - 1](width, width, 3, padding=1)
     raise ValueError(f"unknown block kind {kind!r}")
@@ -401,7 +426,7 @@ class Generated(nn.Module):
         super().__init__()
         family = spec["family"]
         width = spec["width"]
-        self.probe = bool(spec.get("probe", False))
+        self.probe = any(b.get("probe", False) for b in spec["blocks"])
         self.batch_first = family != "seq-first"
         self.seq = family.startswith("seq")
         self.dims = int(family[-2]) if family.startswith("conv") else 0
@@ -414,7 +439,10 @@ class Generated(nn.Module):
         else:
             self.stem = nn.Linear(IN_FEATURES, width)
         blocks = [
-            _make_block(b, dims=self.dims, width=width, batch_first=self.batch_first, probe=self.probe)
+            _make_block(
+                b, dims=self.dims, width=width, batch_first=self.batch_first,
+                probe=b.get("probe", False),
+            )
             for b in spec["blocks"]
         ]
         self.container = spec["container"]

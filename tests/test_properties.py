@@ -14,6 +14,7 @@ it belongs to; the minimal reproducers are in the issue's fix branches.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from typing import Any
@@ -23,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from _strategies import (
     FAMILIES,
+    OWN_WEIGHT_KINDS,
+    PROBE_KINDS,
+    kinds_of,
     build_model,
     conversion_options,
     example_input,
@@ -103,23 +107,35 @@ def _expected_bayesian(dnn: nn.Module, layer_types: list[type[nn.Module]]) -> li
 
 
 # ---------------------------------------------------------------------------- invariants
-@pytest.mark.parametrize(
-    "family",
-    _families(
-        vector="issue 14 item 2: a parameter used by `x @ W` or einsum stays deterministic "
-        "and is not in the report",
-        seq_batch_first="issue 14 item 2: a parameter used by `x @ W` or einsum stays "
-        "deterministic and is not in the report",
-        seq_first="issue 14 item 2: a parameter used by `x @ W` or einsum stays "
-        "deterministic and is not in the report",
-    ),
-)
+_MATMUL = "issue 14 item 2: a parameter used by `x @ W` or einsum stays deterministic and is not in the report"
+#: how the generated models use their weights: layers only, own parameters passed to
+#: F.linear/F.conv*, own parameters used by `@`/einsum (model_specs keywords)
+_USES = {
+    "layers": {"exclude": OWN_WEIGHT_KINDS},
+    "functional": {"require": ("f_linear", "f_conv"), "exclude": ("matmul", "einsum")},
+    "matmul": {"require": ("matmul", "einsum")},
+}
+
+
+def _coverage_params() -> list[Any]:
+    params = []
+    for family in FAMILIES:
+        for use, draw_options in _USES.items():
+            needed = draw_options.get("require", ())
+            if needed and not set(needed) & set(kinds_of(family)):
+                continue
+            marks = [pytest.mark.xfail(reason=_MATMUL, strict=True)] if use == "matmul" else []
+            params.append(pytest.param(family, use, id=f"{family}-{use}", marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("family, use", _coverage_params())
 @given(data=st.data())
-def test_every_weight_bearing_parameter_is_bayesian_or_reported(family, data):
-    spec = data.draw(model_specs((family,)), label="spec")
+def test_every_weight_bearing_parameter_is_bayesian_or_reported(family, use, data):
+    spec = data.draw(model_specs((family,), **_USES[use]), label="spec")
     options = data.draw(conversion_options(), label="options")
     dnn = build_model(**spec)
-    bnn, _ = _convert(dnn, **options)
+    bnn, caught = _convert(dnn, **options)
     report = bnn.conversion_report
     bayesian = _bayesian_params(bnn)
     layer_types = options.get("layer_types") or selected_types(opt_in=False)
@@ -132,10 +148,15 @@ def test_every_weight_bearing_parameter_is_bayesian_or_reported(family, data):
             continue
         missing.append(name)
     assert not missing, f"left deterministic without a word: {missing}\n{report}"
-    # strict=True turns every skip into an error, and only a skip.
-    if report.skipped:
-        with pytest.raises(ConversionError), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    # A skip is never silent: it is warned about, and strict=True turns it into an error
+    # (and only a skip does).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if report.skipped:
+            assert any(issubclass(w.category, dnn2bnn.ConversionWarning) for w in caught)
+            with pytest.raises(ConversionError):
+                dnn2bnn.transform_to_bnn_model(dnn, strict=True, **options)
+        else:
             dnn2bnn.transform_to_bnn_model(dnn, strict=True, **options)
 
 
@@ -361,31 +382,35 @@ _ESTIMATOR_SHARING = (
 )
 
 
-@pytest.mark.parametrize(
-    "estimator",
-    [
-        "reparam",
-        pytest.param("flipout", marks=pytest.mark.xfail(reason=_ESTIMATOR_SHARING, strict=True)),
-        pytest.param("lrt", marks=pytest.mark.xfail(reason=_ESTIMATOR_SHARING, strict=True)),
-    ],
+_SUBCLASS_TWICE = (
+    "issue 14 item 7: a Linear subclass whose forward reads self.weight twice gets two "
+    "different samples"
 )
-@pytest.mark.parametrize(
-    "family",
-    _families(
-        _NOT_SEQUENTIAL,
-        **{
-            f.replace("-", "_"): "issue 14 item 7: a Linear subclass whose forward reads "
-            "self.weight twice gets two different samples"
-            for f in ("vector", "seq-batch-first", "seq-first")
-        },
-    ),
-)
+
+
+def _read_twice_params() -> list[Any]:
+    params = []
+    for kind, estimator in itertools.product(PROBE_KINDS, ("reparam", "flipout", "lrt")):
+        if kind in OWN_WEIGHT_KINDS and estimator != "reparam":
+            continue  # a converted own parameter is parameter-level: always "reparam"
+        reason = None
+        if kind == "linear_twice":
+            reason = _SUBCLASS_TWICE
+        elif kind in ("shared", "alias", "mixed") and estimator != "reparam":
+            reason = _ESTIMATOR_SHARING
+        marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
+        params.append(pytest.param(kind, estimator, id=f"{kind}-{estimator}", marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("kind, estimator", _read_twice_params())
 @given(data=st.data())
-def test_a_weight_read_twice_in_one_forward_uses_one_sample(family, estimator, data):
+def test_a_weight_read_twice_in_one_forward_uses_one_sample(kind, estimator, data):
     """Blocks that read one weight twice per call (a shared layer, one layer under two names,
     a module call plus ``F.linear(x, layer.weight)``, a subclass reading ``self.weight`` twice,
-    an own parameter used twice) report ``max |first - second|``: it must be ~0 in sample mode."""
-    spec = data.draw(model_specs((family,), probe=True), label="spec")
+    an own parameter used twice) report ``max |first - second|``: it must be ~0 in sample mode.
+    One block of ``kind`` probes, in a model of any family that has such blocks."""
+    spec = data.draw(model_specs(probe=(kind,)), label="spec")
     options = data.draw(conversion_options((estimator,)), label="options")
     options["posterior_sigma_init"] = 0.2
     x = example_input(spec)
