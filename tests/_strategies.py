@@ -39,6 +39,7 @@ __all__ = [
     "FAMILIES",
     "OWN_WEIGHT_KINDS",
     "PROBE_KINDS",
+    "OwnWeight",
     "build_model",
     "conversion_options",
     "example_input",
@@ -177,7 +178,7 @@ def conversion_options(draw: st.DrawFn, estimators: tuple[str, ...] = ESTIMATORS
 
 
 def selected_types(*, opt_in: bool) -> list[type[nn.Module]]:
-    """The layer types a conversion targets: the default mapping, plus the opt-in types used here."""
+    """The layer types a conversion targets: default mapping, plus opt-in types used here."""
     from dnn2bnn import default_mapping
 
     return list(default_mapping()) + (list(OPT_IN) if opt_in else [])
@@ -292,7 +293,7 @@ class Mixed(nn.Module):
 
 
 class OwnWeight(nn.Module):
-    """A model-owned ``nn.Parameter`` used as a weight: ``F.linear``, ``@``, ``einsum``, ``F.conv*``."""
+    """A model-owned ``nn.Parameter`` used as a weight: ``F.linear``, ``@``, einsum, ``F.conv*``."""
 
     def __init__(self, how: str, width: int, probe: bool) -> None:
         super().__init__()
@@ -346,7 +347,9 @@ class Attention(nn.Module):
 
 
 class Recurrent(nn.Module):
-    def __init__(self, kind: str, width: int, bidirectional: bool, layers: int, batch_first: bool) -> None:
+    def __init__(
+        self, kind: str, width: int, bidirectional: bool, layers: int, batch_first: bool
+    ) -> None:
         super().__init__()
         hidden = width // 2 if bidirectional else width
         cls = nn.LSTM if kind == "lstm" else nn.GRU
@@ -372,7 +375,9 @@ class ConvOverTime(nn.Module):
         return self.conv(x.permute(1, 2, 0)).permute(2, 0, 1)
 
 
-def _make_block(block: dict[str, Any], *, dims: int, width: int, batch_first: bool, probe: bool) -> nn.Module:
+def _make_block(
+    block: dict[str, Any], *, dims: int, width: int, batch_first: bool, probe: bool
+) -> nn.Module:
     kind = block["kind"]
     conv = (nn.Conv1d, nn.Conv2d)[dims - 1] if dims else None
     conv_t = (nn.ConvTranspose1d, nn.ConvTranspose2d)[dims - 1] if dims else None

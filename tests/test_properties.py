@@ -4,12 +4,14 @@ The models come from ``tests/_strategies.py`` (random compositions of Linear/Con
 Embedding/LSTM/GRU layers, shared and aliased layers, own parameters used through
 ``F.linear``/``@``/``einsum``/``F.conv*``, subclasses with their own forward, Sequential/
 ModuleList/ModuleDict containers, batch-first and sequence-first layouts). Each invariant is
-one test, parametrized by model family so that a defect of one family is marked there only.
+one test, parametrized by model family (or by how the weights are used, or by the kind of the
+block that reads a weight twice) so that a defect is marked exactly where it shows.
 
 The default hypothesis profile (registered in the root ``conftest.py``) is derandomized and
 small; ``pytest tests/test_properties.py --hypothesis-profile=long`` explores far more models.
 An invariant that today's code breaks is marked ``xfail(strict=True)`` with the issue 14 item
-it belongs to; the minimal reproducers are in the issue's fix branches.
+it belongs to, so the fix that makes it hold must remove the mark. A failure prints the drawn
+``spec``: ``_strategies.build_model(**spec)`` rebuilds the model.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from _strategies import (
     FAMILIES,
     OWN_WEIGHT_KINDS,
     PROBE_KINDS,
-    kinds_of,
+    OwnWeight,
     build_model,
     conversion_options,
     example_input,
+    kinds_of,
     model_specs,
     selected_types,
 )
@@ -65,7 +68,7 @@ def _convert(dnn: nn.Module, **options: Any) -> tuple[nn.Module, list[warnings.W
     return bnn.eval(), caught
 
 
-def _bayesian_params(model: nn.Module) -> dict[str, torch.Tensor]:
+def _all_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(model.named_parameters(remove_duplicate=False))
 
 
@@ -94,8 +97,6 @@ def _state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 def _expected_bayesian(dnn: nn.Module, layer_types: list[type[nn.Module]]) -> list[str]:
     """Weight-bearing parameters of the DNN: every parameter of a layer of a targeted type,
     and every model-owned parameter used as the weight of a matmul/conv/einsum (``W``)."""
-    from _strategies import OwnWeight
-
     names = []
     for module_name, module in dnn.named_modules(remove_duplicate=False):
         prefix = f"{module_name}." if module_name else ""
@@ -107,7 +108,10 @@ def _expected_bayesian(dnn: nn.Module, layer_types: list[type[nn.Module]]) -> li
 
 
 # ---------------------------------------------------------------------------- invariants
-_MATMUL = "issue 14 item 2: a parameter used by `x @ W` or einsum stays deterministic and is not in the report"
+_MATMUL = (
+    "issue 14 item 2: a parameter used by `x @ W` or einsum stays deterministic and is not "
+    "in the report"
+)
 #: how the generated models use their weights: layers only, own parameters passed to
 #: F.linear/F.conv*, own parameters used by `@`/einsum (model_specs keywords)
 _USES = {
@@ -137,7 +141,7 @@ def test_every_weight_bearing_parameter_is_bayesian_or_reported(family, use, dat
     dnn = build_model(**spec)
     bnn, caught = _convert(dnn, **options)
     report = bnn.conversion_report
-    bayesian = _bayesian_params(bnn)
+    bayesian = _all_params(bnn)
     layer_types = options.get("layer_types") or selected_types(opt_in=False)
     missing = []
     for name in _expected_bayesian(dnn, layer_types):
@@ -185,7 +189,7 @@ def test_own_parameters_passed_to_f_linear_or_f_conv_become_bayesian(family, dat
     options = data.draw(conversion_options(), label="options")
     dnn = build_model(**spec)
     bnn, _ = _convert(dnn, **options)
-    bayesian = _bayesian_params(bnn)
+    bayesian = _all_params(bnn)
     functional = [
         name
         for name, module in dnn.named_modules(remove_duplicate=False)
@@ -372,7 +376,7 @@ def test_converting_again_applies_the_new_options_or_raises(family, data, functi
             wrong.append(f"{name}.estimator")
     assert not wrong, f"new options not applied to {wrong}"
     for name, mu in means.items():  # the means are kept
-        torch.testing.assert_close(_bayesian_params(again)[name], mu, rtol=0, atol=0)
+        torch.testing.assert_close(_all_params(again)[name], mu, rtol=0, atol=0)
 
 
 _ESTIMATOR_SHARING = (
