@@ -1,17 +1,18 @@
 """Property-based tests: invariants of conversion, checkpoints and prediction over generated models.
 
-The models come from ``tests/_strategies.py`` (random compositions of Linear/Conv/attention/
-Embedding/LSTM/GRU layers, shared and aliased layers, own parameters used through
-``F.linear``/``@``/``einsum``/``F.conv*``, subclasses with their own forward, Sequential/
-ModuleList/ModuleDict containers, batch-first and sequence-first layouts). Each invariant is
-one test, parametrized by model family (or by how the weights are used, or by the kind of the
-block that reads a weight twice) so that a defect is marked exactly where it shows.
+The models are drawn by ``tests/_strategies.py`` and built by ``tests/_generated.py``: random
+compositions of Linear/Conv/attention/Embedding/LSTM/GRU layers, shared and aliased layers,
+own parameters used through ``F.linear``/``@``/``einsum``/``F.conv*``, subclasses with their
+own forward, Sequential/ModuleList/ModuleDict containers, batch-first and sequence-first layouts.
+Each invariant is one test, parametrized by model family (or by how the weights are used, or by
+the kind of the block that reads a weight twice) so that a defect is marked exactly where it
+shows.
 
 The default hypothesis profile (registered in the root ``conftest.py``) is derandomized and
 small; ``pytest tests/test_properties.py --hypothesis-profile=long`` explores far more models.
 An invariant that today's code breaks is marked ``xfail(strict=True)`` with the issue 14 item
 it belongs to, so the fix that makes it hold must remove the mark. A failure prints the drawn
-``spec``: ``_strategies.build_model(**spec)`` rebuilds the model.
+``spec``: ``_generated.build_model(**spec)`` rebuilds the model.
 """
 
 from __future__ import annotations
@@ -24,14 +25,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from _generated import OwnWeight, build_model, example_input
 from _strategies import (
     FAMILIES,
     OWN_WEIGHT_KINDS,
     PROBE_KINDS,
-    OwnWeight,
-    build_model,
     conversion_options,
-    example_input,
     kinds_of,
     model_specs,
     selected_types,
@@ -45,7 +44,7 @@ from dnn2bnn import ConversionError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ARCH = "_strategies:build_model"
+ARCH = "_generated:build_model"
 
 
 def _families(only: tuple[str, ...] = FAMILIES, **xfails: str) -> list[Any]:
