@@ -11,8 +11,8 @@ shows.
 The default hypothesis profile (registered in the root ``conftest.py``) is derandomized and
 small; ``pytest tests/test_properties.py --hypothesis-profile=long`` explores far more models.
 An invariant that today's code breaks is marked ``xfail(strict=True)`` with the issue 14 item
-it belongs to, so the fix that makes it hold must remove the mark. A failure prints the drawn
-``spec``: ``_generated.build_model(**spec)`` rebuilds the model.
+it belongs to (``OPEN_DEFECTS``), so the fix that makes it hold must delete that entry. A
+failure prints the drawn ``spec``: ``_generated.build_model(**spec)`` rebuilds the model.
 """
 
 from __future__ import annotations
@@ -47,15 +47,43 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ARCH = "_generated:build_model"
 
 
-def _families(only: tuple[str, ...] = FAMILIES, **xfails: str) -> list[Any]:
-    """Model families as pytest params, those named in ``xfails`` (``seq_first=reason``)
-    marked xfail."""
-    params = []
-    for family in only:
-        reason = xfails.get(family.replace("-", "_"))
-        marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
-        params.append(pytest.param(family, id=family, marks=marks))
-    return params
+#: Known defects that break an invariant today, each marked ``xfail(strict=True)`` where it
+#: shows. The fix of one deletes its line here (its tests then must pass).
+OPEN_DEFECTS = {
+    "D1": "issue 14 item 2: a parameter used by `x @ W` or einsum stays deterministic and is "
+    "not in the report",
+    "D2": "issue 14 item 2: a model's own parameter passed to F.linear/F.conv* is warned "
+    "about and left deterministic instead of converted",
+    "D3": "issue 14 item 4: save_bnn writes an nn.Sequential BNN that load_bnn cannot "
+    "rebuild ('not rebuilt')",
+    "D4": "issue 14 item 1: predict folds the Monte Carlo draws into dim 0 of a "
+    "sequence-first model (time), so its recurrent/attention layers mix draws and time steps",
+    "D5": "issue 14 item 3: converting a converted model again ignores the new prior, "
+    "posterior_sigma_init and estimator without a word",
+    "D6": "issue 14 item 7: a Linear subclass whose forward reads self.weight twice gets two "
+    "different samples",
+    "D7": "issue 14 item 7 (found here): with estimator flipout or lrt, a layer used twice in "
+    "one forward (shared, aliased, or a module call plus F.linear of its weight) gets "
+    "independent noise in each use although the report lists it as shared",
+}
+
+
+def _xfail(*defects: str | None) -> list[Any]:
+    """``xfail(strict=True)`` marks for those of ``defects`` that are still open."""
+    return [
+        pytest.mark.xfail(reason=OPEN_DEFECTS[d], strict=True)
+        for d in defects
+        if d in OPEN_DEFECTS
+    ]
+
+
+def _families(only: tuple[str, ...] = FAMILIES, **defects: str) -> list[Any]:
+    """Model families as pytest params, those named in ``defects`` (``seq_first="D4"``)
+    marked xfail while that defect is open."""
+    return [
+        pytest.param(f, id=f, marks=_xfail(defects.get(f.replace("-", "_"))))
+        for f in only
+    ]
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -107,10 +135,6 @@ def _expected_bayesian(dnn: nn.Module, layer_types: list[type[nn.Module]]) -> li
 
 
 # ---------------------------------------------------------------------------- invariants
-_MATMUL = (
-    "issue 14 item 2: a parameter used by `x @ W` or einsum stays deterministic and is not "
-    "in the report"
-)
 #: how the generated models use their weights: layers only, own parameters passed to
 #: F.linear/F.conv*, own parameters used by `@`/einsum (model_specs keywords)
 _USES = {
@@ -127,7 +151,7 @@ def _coverage_params() -> list[Any]:
             needed = draw_options.get("require", ())
             if needed and not set(needed) & set(kinds_of(family)):
                 continue
-            marks = [pytest.mark.xfail(reason=_MATMUL, strict=True)] if use == "matmul" else []
+            marks = _xfail("D1" if use == "matmul" else None)
             params.append(pytest.param(family, use, id=f"{family}-{use}", marks=marks))
     return params
 
@@ -168,19 +192,7 @@ _NOT_SEQUENTIAL = tuple(f for f in FAMILIES if f != "sequential")
 
 @pytest.mark.parametrize(
     "family",
-    _families(
-        _NOT_SEQUENTIAL,
-        vector="issue 14 item 2: a model's own parameter passed to F.linear is warned about "
-        "and left deterministic instead of converted",
-        seq_batch_first="issue 14 item 2: a model's own parameter passed to F.linear is "
-        "warned about and left deterministic instead of converted",
-        seq_first="issue 14 item 2: a model's own parameter passed to F.linear is warned "
-        "about and left deterministic instead of converted",
-        conv1d="issue 14 item 2: a model's own parameter passed to F.conv1d is warned "
-        "about and left deterministic instead of converted",
-        conv2d="issue 14 item 2: a model's own parameter passed to F.conv2d is warned "
-        "about and left deterministic instead of converted",
-    ),
+    _families(_NOT_SEQUENTIAL, **{f.replace("-", "_"): "D2" for f in _NOT_SEQUENTIAL}),
 )
 @given(data=st.data())
 def test_own_parameters_passed_to_f_linear_or_f_conv_become_bayesian(family, data):
@@ -212,10 +224,7 @@ def test_mean_mode_equals_the_dnn(family, data):
 
 @pytest.mark.parametrize(
     "family",
-    _families(
-        sequential="issue 14 item 4: save_bnn writes an nn.Sequential BNN that load_bnn "
-        "cannot rebuild ('not rebuilt')",
-    ),
+    _families(sequential="D3"),
 )
 @given(data=st.data(), suffix=st.sampled_from([".safetensors", ".pt"]))
 def test_save_then_load_is_exact(family, data, suffix, tmp_path_factory):
@@ -287,13 +296,7 @@ def _predict_both(bnn: nn.Module, x: torch.Tensor, num_samples: int) -> tuple[An
     return auto, loop
 
 
-_SEQ_FIRST_PREDICT = (
-    "issue 14 item 1: predict folds the Monte Carlo draws into dim 0 of a sequence-first "
-    "model (time), so its recurrent/attention layers mix draws and time steps"
-)
-
-
-@pytest.mark.parametrize("family", _families(seq_first=_SEQ_FIRST_PREDICT))
+@pytest.mark.parametrize("family", _families(seq_first="D4"))
 @given(data=st.data())
 def test_predict_with_a_collapsed_posterior_equals_the_dnn(family, data):
     """With sigma ~ 1e-18 every draw is the mean network: both predict paths must give the
@@ -341,11 +344,7 @@ _NEW_OPTIONS = {"prior_sigma": 0.3, "posterior_sigma_init": 0.07, "estimator": "
 
 @pytest.mark.parametrize(
     "family",
-    _families(**{
-        f.replace("-", "_"): "issue 14 item 3: converting a converted model again ignores "
-        "the new prior, posterior_sigma_init and estimator without a word"
-        for f in FAMILIES
-    }),
+    _families(**{f.replace("-", "_"): "D5" for f in FAMILIES}),
 )
 @given(data=st.data(), function=st.sampled_from(["model", "layer"]))
 def test_converting_again_applies_the_new_options_or_raises(family, data, function):
@@ -388,30 +387,17 @@ def test_converting_again_applies_the_new_options_or_raises(family, data, functi
         torch.testing.assert_close(_all_params(again)[name], mu, rtol=0, atol=0)
 
 
-_ESTIMATOR_SHARING = (
-    "issue 14 item 7 (found here): with estimator flipout or lrt, a layer used twice in one "
-    "forward (shared, aliased, or a module call plus F.linear of its weight) gets independent "
-    "noise in each use although the report lists it as shared"
-)
-
-
-_SUBCLASS_TWICE = (
-    "issue 14 item 7: a Linear subclass whose forward reads self.weight twice gets two "
-    "different samples"
-)
-
-
 def _read_twice_params() -> list[Any]:
     params = []
     for kind, estimator in itertools.product(PROBE_KINDS, ("reparam", "flipout", "lrt")):
         if kind in OWN_WEIGHT_KINDS and estimator != "reparam":
             continue  # a converted own parameter is parameter-level: always "reparam"
-        reason = None
+        defect = None
         if kind == "linear_twice":
-            reason = _SUBCLASS_TWICE
+            defect = "D6"
         elif kind in ("shared", "alias", "mixed") and estimator != "reparam":
-            reason = _ESTIMATOR_SHARING
-        marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
+            defect = "D7"
+        marks = _xfail(defect)
         params.append(pytest.param(kind, estimator, id=f"{kind}-{estimator}", marks=marks))
     return params
 
