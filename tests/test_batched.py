@@ -26,8 +26,7 @@ def test_multi_sample_gradients_equal_autograd_of_the_formula(exp):
     torch.manual_seed(7)
     samples = MultiGaussianSample.apply(exp, 3, *mus, *rhos, *sigmas)
     torch.manual_seed(7)
-    flat = torch.randn(sum(m.numel() for m in mus), dtype=torch.float64)
-    eps = [e.view(s) for e, s in zip(flat.split([m.numel() for m in mus]), shapes)]
+    eps = [torch.randn(s, dtype=torch.float64) for s in shapes]
     reference = [m + _sigma(r, exp) * e for m, r, e in zip(mus, rhos, eps)]
     gs = [torch.randn(s, dtype=torch.float64) for s in shapes]
     # the second sample unused: its parameters get no gradient from it
@@ -63,14 +62,13 @@ def test_a_converted_model_trains_with_one_sampling_node(parametrization):
     loss = bnn(x).pow(2).sum() + dnn2bnn.kl_divergence(bnn)
     loss.backward()
     assert bnn.fc1._sample_cache is None
-    # reference: the same noise (one flat randn, in module order) through plain autograd
+    # reference: the same noise (one randn per parameter, in module order) through plain autograd
     exp = parametrization == "exp"
     names = [("fc1", "weight"), ("fc1", "bias"), ("fc2", "weight"), ("fc2", "bias")]
     mus = [getattr(getattr(bnn, m), n + "_mu").detach().clone().requires_grad_() for m, n in names]
     rhos = [getattr(getattr(bnn, m), n + "_rho").detach().clone().requires_grad_() for m, n in names]
     torch.manual_seed(3)
-    flat = torch.randn(sum(m.numel() for m in mus))
-    eps = [e.view(m.shape) for e, m in zip(flat.split([m.numel() for m in mus]), mus)]
+    eps = [torch.randn(m.shape) for m in mus]
     w = [m + _sigma(r, exp) * e for m, r, e in zip(mus, rhos, eps)]
     out = F.linear(torch.relu(F.linear(x, w[0], w[1])), w[2], w[3])
     kl = sum(kl_normal(m, _sigma(r, exp), torch.tensor(0.0), torch.tensor(1.0)) for m, r in zip(mus, rhos))
@@ -99,3 +97,33 @@ def test_to_dnn_removes_the_hooks():
     bnn = dnn2bnn.transform_to_bnn_model(MLP())
     dnn = dnn2bnn.to_dnn(bnn)
     assert not dnn._forward_pre_hooks and not dnn._forward_hooks
+
+
+def test_batched_and_lazy_draws_give_the_same_samples():
+    """One randn per parameter in module order: the lazy path's random stream."""
+    torch.manual_seed(0)
+    bnn = dnn2bnn.transform_to_bnn_model(MLP(), posterior_sigma_init=0.1)
+    lazy = dnn2bnn.transform_to_bnn_model(MLP(), posterior_sigma_init=0.1)
+    lazy.load_state_dict(bnn.state_dict())
+    from dnn2bnn.conversion.deploy import _remove_sample_hooks
+
+    _remove_sample_hooks(lazy)
+    x = torch.randn(3, 6)
+    torch.manual_seed(5)
+    a = bnn(x)
+    torch.manual_seed(5)
+    b = lazy(x)
+    torch.testing.assert_close(a, b)
+
+
+def test_a_shared_layer_with_a_missing_bias_is_batched():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4, bias=False)
+
+        def forward(self, x):
+            return self.fc(x) - F.linear(x, self.fc.weight)
+
+    bnn = dnn2bnn.transform_to_bnn_model(Tied(), posterior_sigma_init=0.5)
+    torch.testing.assert_close(bnn(torch.randn(2, 4)), torch.zeros(2, 4))

@@ -297,7 +297,7 @@ class BayesianLayer(PosteriorKL, nn.Module):
             states = entry[1] if entry is not None else collections.deque(maxlen=_REPLAY_STATES)
             states.append(state)
             self._replay[name] = (sample, states)
-        elif self._replay and not _in_backward():
+        elif self._replay and not torch.compiler.is_compiling() and not _in_backward():
             self._replay.pop(name, None)
         return sample
 

@@ -4,9 +4,11 @@ Per Bayesian parameter, a lazy draw costs a Python property call, a custom autog
 about ten small operations in forward and backward. For small layers that fixed cost, not
 arithmetic, dominates the step. :func:`install_batched_sampling` registers hooks on a model
 that, at the start of each training call (autograd recording), draw the samples of every
-eligible parameter of the model at once in :class:`MultiGaussianSample`: one ``randn`` over a
-flat buffer for all of them and multi-tensor (``torch._foreach_*``) operations for sigma and
-``mu + sigma * eps`` and their gradients. Each layer finds its sample in its per-call cache
+eligible parameter of the model at once in :class:`MultiGaussianSample`: multi-tensor
+(``torch._foreach_*``) operations for sigma, ``mu + sigma * eps`` and their gradients (one
+kernel for all tensors on CUDA; a loop in C++ on the CPU), and one ``randn`` per parameter in
+module order, which is the random stream of the lazy path wherever the modules are defined
+in the order they are used. Each layer finds its sample in its per-call cache
 (the same cache that gives one sample per call), so nothing else changes: every read within
 the call returns that sample, the KL of the step reuses its sigma, and a
 ``torch.utils.checkpoint`` recomputation finds the sample again.
@@ -44,11 +46,11 @@ class MultiGaussianSample(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, exp: bool, n: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         mus, rhos, sigmas = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
-        flat = torch.randn(sum(m.numel() for m in mus), dtype=mus[0].dtype, device=mus[0].device)
-        eps = [e.view(m.shape) for e, m in zip(flat.split([m.numel() for m in mus]), mus)]
+        # one randn per parameter, in order: the same random stream as drawing lazily
+        eps = [torch.randn_like(m) for m in mus]
         samples = torch._foreach_addcmul(list(mus), list(sigmas), eps)
-        ctx.save_for_backward(*rhos, *sigmas, flat)
-        ctx.exp, ctx.n, ctx.shapes = exp, n, [m.shape for m in mus]
+        ctx.save_for_backward(*rhos, *sigmas, *eps)
+        ctx.exp, ctx.n = exp, n
         ctx.set_materialize_grads(False)
         return tuple(samples)
 
@@ -56,8 +58,7 @@ class MultiGaussianSample(torch.autograd.Function):
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         n = ctx.n
         saved = ctx.saved_tensors
-        rhos, sigmas, flat = saved[:n], saved[n : 2 * n], saved[2 * n]
-        eps = [e.view(s) for e, s in zip(flat.split([r.numel() for r in rhos]), ctx.shapes)]
+        rhos, sigmas, eps = saved[:n], saved[n : 2 * n], saved[2 * n :]
         used = [i for i in range(n) if grads[i] is not None]
         grad_mu: list[Tensor | None] = [None] * n
         grad_rho: list[Tensor | None] = [None] * n
@@ -120,7 +121,7 @@ def _draw_all(model: nn.Module, args: Any) -> None:
             continue
         layers.append(layer)
         for entry in entries:
-            groups.setdefault((layer._exp, mu.device), []).append(entry)
+            groups.setdefault((layer._exp, entry[2].device), []).append(entry)
     if not groups:
         return
     for layer in layers:
