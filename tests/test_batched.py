@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dnn2bnn
+from dnn2bnn.layers import install_batched_sampling
 from dnn2bnn.layers._batched import MultiGaussianSample, _draw_all
 from dnn2bnn.priors import kl_normal
 
@@ -56,6 +57,7 @@ class MLP(nn.Module):
 def test_a_converted_model_trains_with_one_sampling_node(parametrization):
     torch.manual_seed(0)
     bnn = dnn2bnn.transform_to_bnn_model(MLP(), posterior_sigma_init=0.1, parametrization=parametrization)
+    install_batched_sampling(bnn)
     assert _draw_all in bnn._forward_pre_hooks.values()
     x = torch.randn(4, 6)
     torch.manual_seed(3)
@@ -81,6 +83,7 @@ def test_a_converted_model_trains_with_one_sampling_node(parametrization):
 
 def test_no_batched_draw_without_autograd_or_for_other_estimators():
     bnn = dnn2bnn.transform_to_bnn_model(MLP(), posterior_sigma_init=0.1)
+    install_batched_sampling(bnn)
     seen = []
     bnn.fc1.register_forward_pre_hook(lambda m, a: seen.append(m._sample_cache))
     with torch.no_grad():
@@ -95,25 +98,21 @@ def test_no_batched_draw_without_autograd_or_for_other_estimators():
 
 def test_to_dnn_removes_the_hooks():
     bnn = dnn2bnn.transform_to_bnn_model(MLP())
+    install_batched_sampling(bnn)
     dnn = dnn2bnn.to_dnn(bnn)
     assert not dnn._forward_pre_hooks and not dnn._forward_hooks
 
 
-def test_batched_and_lazy_draws_give_the_same_samples():
-    """One randn per parameter in module order: the lazy path's random stream."""
-    torch.manual_seed(0)
-    bnn = dnn2bnn.transform_to_bnn_model(MLP(), posterior_sigma_init=0.1)
-    lazy = dnn2bnn.transform_to_bnn_model(MLP(), posterior_sigma_init=0.1)
-    lazy.load_state_dict(bnn.state_dict())
-    from dnn2bnn.conversion.deploy import _remove_sample_hooks
+def test_large_parameters_keep_their_lazy_fused_draw(monkeypatch):
+    from dnn2bnn.layers import _batched
 
-    _remove_sample_hooks(lazy)
-    x = torch.randn(3, 6)
-    torch.manual_seed(5)
-    a = bnn(x)
-    torch.manual_seed(5)
-    b = lazy(x)
-    torch.testing.assert_close(a, b)
+    monkeypatch.setattr(_batched, "SMALL_KL_NUMEL", 10)  # fc1.weight (30) and fc2.weight (15) are large
+    bnn = dnn2bnn.transform_to_bnn_model(MLP(), posterior_sigma_init=0.1)
+    install_batched_sampling(bnn)
+    seen = {}
+    bnn.fc1.register_forward_pre_hook(lambda m, a: seen.update(fc1=set(m._sample_cache)))
+    bnn(torch.randn(2, 6))
+    assert seen["fc1"] == {"bias"}
 
 
 def test_a_shared_layer_with_a_missing_bias_is_batched():
@@ -126,4 +125,5 @@ def test_a_shared_layer_with_a_missing_bias_is_batched():
             return self.fc(x) - F.linear(x, self.fc.weight)
 
     bnn = dnn2bnn.transform_to_bnn_model(Tied(), posterior_sigma_init=0.5)
+    install_batched_sampling(bnn)
     torch.testing.assert_close(bnn(torch.randn(2, 4)), torch.zeros(2, 4))

@@ -95,7 +95,8 @@ class Net(nn.Module):
         return self.head(h)
 
 
-def test_checkpoint_recomputation_sees_the_same_samples():
+@pytest.mark.parametrize("batched", [False, True], ids=["lazy", "batched"])
+def test_checkpoint_recomputation_sees_the_same_samples(batched):
     """Issue 14 item 9: gradients with and without checkpointing are identical."""
     torch.manual_seed(0)
     reference = Net(False)
@@ -104,6 +105,8 @@ def test_checkpoint_recomputation_sees_the_same_samples():
         dnn = Net(checkpointed)
         dnn.load_state_dict(reference.state_dict())
         bnn = _sigma(dnn)
+        if batched:
+            dnn2bnn.layers.install_batched_sampling(bnn)
         torch.manual_seed(1)
         loss = bnn(torch.randn(8, 4)).pow(2).sum() + dnn2bnn.kl_divergence(bnn)
         loss.backward()

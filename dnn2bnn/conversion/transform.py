@@ -31,7 +31,6 @@ from dnn2bnn.conversion._select import (
 )
 from dnn2bnn.conversion import _sharing
 from dnn2bnn.conversion._sharing import install_sample_sharing
-from dnn2bnn.layers._batched import install_batched_sampling
 from dnn2bnn.conversion._trace import analyse
 from dnn2bnn.conversion.report import ConversionReport, ConvertedModule, SkippedModule
 from dnn2bnn.errors import ConversionError, ConversionWarning
@@ -367,8 +366,6 @@ def _convert(
             stacklevel=3,
         )
     call["converted"] = [c.name for c in report.converted]
-    if report.converted and not isinstance(result, BayesianLayer):
-        install_batched_sampling(result)  # before the sharing scope: it fills the same caches
     if report.shared:
         install_sample_sharing(result)
     report.params_after = count_parameters(result)

@@ -1,4 +1,6 @@
-"""All weight samples of a model call drawn by ONE autograd node (issue 17, dispatch-bound steps).
+"""Small weight samples of a model call drawn by ONE autograd node (issue 17, dispatch-bound steps).
+
+Opt-in: ``dnn2bnn.layers.install_batched_sampling(bnn)``.
 
 Per Bayesian parameter, a lazy draw costs a Python property call, a custom autograd node and
 about ten small operations in forward and backward. For small layers that fixed cost, not
@@ -14,7 +16,9 @@ the call returns that sample, the KL of the step reuses its sigma, and a
 ``torch.utils.checkpoint`` recomputation finds the sample again.
 
 Eligible: built-in layers in "sample" mode with the "reparam" estimator, float32 parameters
-that are plain tensors (not FSDP2 shards), a Normal or empirical prior, no padding row.
+of at most ``SMALL_KL_NUMEL`` elements that are plain tensors (not FSDP2 shards), a Normal
+or empirical prior, no padding row. Larger parameters are bandwidth-bound: they keep their
+lazy draw, whose node also computes their KL.
 Everything else keeps drawing lazily, per layer; so do calls without autograd (prediction)
 and calls under torch.compile or torch.func transforms.
 """
@@ -29,7 +33,7 @@ from torch import Tensor, nn
 
 from dnn2bnn.config import Estimator
 from dnn2bnn.layers._base import BayesianLayer, BayesMode
-from dnn2bnn.layers._kl import _FSDPModule
+from dnn2bnn.layers._kl import SMALL_KL_NUMEL, _FSDPModule
 from dnn2bnn.layers._sampling import softplus32, transforms_active
 
 __all__ = ["MultiGaussianSample", "install_batched_sampling"]
@@ -76,7 +80,18 @@ class MultiGaussianSample(torch.autograd.Function):
 
 
 def install_batched_sampling(model: nn.Module) -> None:
-    """Draw the samples of ``model``'s eligible Bayesian parameters in one node per call."""
+    """Draw the samples of ``model``'s small Bayesian parameters in one node per training call.
+
+    Registers a forward pre-hook and a forward hook on ``model`` (idempotent). Install it
+    on the outermost module you call, after conversion; :func:`dnn2bnn.to_dnn` removes it.
+    It changes the order of random draws (small parameters first), not their distribution.
+
+    Example:
+        >>> bnn = dnn2bnn.transform_to_bnn_model(torch.nn.Sequential(torch.nn.Linear(3, 2)))
+        >>> dnn2bnn.layers.install_batched_sampling(bnn)
+        >>> bnn(torch.ones(1, 3)).shape
+        torch.Size([1, 2])
+    """
     if _draw_all not in model._forward_pre_hooks.values():
         model.register_forward_pre_hook(_draw_all)
         model.register_forward_hook(_drop_all, always_call=True)
@@ -107,6 +122,8 @@ def _draw_all(model: nn.Module, args: Any) -> None:
             if mu is None:
                 continue
             rho = layer._parameters[name + "_rho"]
+            if mu is not None and mu.numel() > SMALL_KL_NUMEL:
+                continue  # bandwidth-bound: drawn lazily, with its KL in the same node
             if (
                 type(mu) is not nn.Parameter
                 or type(rho) is not nn.Parameter
