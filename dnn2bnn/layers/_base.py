@@ -14,8 +14,8 @@ One sample per call: the first read of ``weight`` within a call of the layer (or
 converted model, for layers used several times) draws the sample, every further read of
 that call returns the same tensor, and the sample is dropped when the call ends. A
 recomputation by ``torch.utils.checkpoint`` (non-reentrant) sees the same sample. Outside
-any call, each read draws afresh and returns a read-only :class:`~dnn2bnn.layers._guard.
-PosteriorSample` (writes would be lost, so they raise).
+any call, each read draws afresh and returns a read-only ``PosteriorSample`` (see
+``dnn2bnn/layers/_guard.py``: writes would be lost, so they raise).
 """
 
 from __future__ import annotations
