@@ -282,3 +282,15 @@ def test_parametrization_round_trips_through_save_and_load(tmp_path, how):
     back = dnn2bnn.load_bnn(tmp_path / "b.pt")
     assert back.head.parametrization.value == "exp"
     torch.testing.assert_close(back.head.posterior_sigma(), bnn.head.posterior_sigma())
+
+
+def test_a_layer_pickled_before_the_parametrization_option_loads_as_softplus():
+    layer = BayesLinear(3, 2, posterior_sigma_init=0.1)
+    state = layer.__getstate__()
+    for key in ("parametrization", "_exp", "_replay"):
+        del state[key]
+    old = BayesLinear.__new__(BayesLinear)
+    old.__setstate__(state)
+    assert old.parametrization.value == "softplus"
+    torch.testing.assert_close(old.posterior_sigma(), torch.full((2, 3), 0.1))
+    old(torch.ones(1, 3)).sum().backward()

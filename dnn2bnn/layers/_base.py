@@ -437,6 +437,17 @@ class BayesianLayer(PosteriorKL, nn.Module):
         state["_sample_cache"] = None
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A layer pickled before the parametrization option existed: its rho is softplus's.
+        state = dict(state)
+        config = state.get("bayes_config")
+        if config is not None and not hasattr(config, "parametrization"):
+            object.__setattr__(config, "parametrization", Parametrization.SOFTPLUS)
+        state.setdefault("parametrization", Parametrization.SOFTPLUS)
+        state.setdefault("_exp", state["parametrization"] is Parametrization.EXP)
+        state.setdefault("_replay", {})
+        super().__setstate__(state)
+
     # ------------------------------------------------------------------ pickling
     def __reduce_ex__(self, protocol: Any) -> Any:
         if type(self).__dict__.get("_bnn_base") is None:
