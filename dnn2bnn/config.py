@@ -19,7 +19,7 @@ from torch import nn
 
 from dnn2bnn.priors import PRIOR_TYPES, NormalPrior, Prior, _check_finite, _check_positive
 
-__all__ = ["BayesConfig", "BayesConfigMapping", "Estimator", "OPTION_NAMES"]
+__all__ = ["BayesConfig", "BayesConfigMapping", "Estimator", "OPTION_NAMES", "Parametrization"]
 
 
 class Estimator(str, Enum):
@@ -41,6 +41,19 @@ class Estimator(str, Enum):
     LRT = "lrt"
 
 
+class Parametrization(str, Enum):
+    """How a Bayesian layer's ``<param>_rho`` maps to the posterior standard deviation.
+
+    * ``"softplus"``: ``sigma = log(1 + exp(rho))`` (the meaning of ``*_rho`` in every
+      checkpoint written before this option existed).
+    * ``"exp"``: ``sigma = exp(rho)`` (log-sigma): no softplus in the forward, no sigmoid in
+      the backward and no log in the KL; the same family of posteriors.
+    """
+
+    SOFTPLUS = "softplus"
+    EXP = "exp"
+
+
 @dataclass(frozen=True)
 class BayesConfig:
     """Configuration of one Bayesian layer.
@@ -52,6 +65,8 @@ class BayesConfig:
         moped_delta: if set, MOPED initialisation ``sigma = moped_delta * |w|`` per weight
             (floored at 1e-8) instead of ``posterior_sigma_init``.
         estimator: ``"reparam"``, ``"flipout"`` or ``"lrt"`` (an :class:`Estimator`).
+        parametrization: ``"softplus"`` or ``"exp"`` (a :class:`Parametrization`): how
+            ``*_rho`` maps to sigma.
 
     Example:
         >>> cfg = BayesConfig(estimator="flipout", prior=dnn2bnn.NormalPrior(0.0, 0.1))
@@ -63,6 +78,7 @@ class BayesConfig:
     posterior_sigma_init: float = 1e-3
     moped_delta: float | None = None
     estimator: Estimator = Estimator.REPARAM
+    parametrization: Parametrization = Parametrization.SOFTPLUS
 
     def __post_init__(self) -> None:
         if not isinstance(self.prior, PRIOR_TYPES):
@@ -84,6 +100,14 @@ class BayesConfig:
                 f"estimator must be one of {[e.value for e in Estimator]}, got {self.estimator!r}"
             ) from exc
         object.__setattr__(self, "estimator", estimator)
+        try:
+            parametrization = Parametrization(self.parametrization)
+        except ValueError as exc:
+            raise ValueError(
+                "parametrization must be one of "
+                f"{[p.value for p in Parametrization]}, got {self.parametrization!r}"
+            ) from exc
+        object.__setattr__(self, "parametrization", parametrization)
 
     @classmethod
     def from_options(cls, base: BayesConfig | None = None, **options: Any) -> BayesConfig:
@@ -120,6 +144,7 @@ OPTION_NAMES = (
     "posterior_sigma_init",
     "moped_delta",
     "estimator",
+    "parametrization",
 )
 
 

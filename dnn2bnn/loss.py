@@ -63,11 +63,14 @@ def kl_divergence(model: nn.Module) -> Tensor:
                 small.append((*args[:3], prior_mean, *args[4:]))
         if not found:
             m.kl()  # raises: a Bayesian layer without any Bayesian parameter
-    if small:
-        columns = list(zip(*small))
-        terms.append(MultiNormalKL.apply(
-            list(columns[3]), list(columns[4]), list(columns[5]), *columns[0], *columns[1], *columns[2]
-        ))
+    for exp in (False, True):  # one multi-tensor node per parametrization
+        group = [args for args in small if args[6] is exp]
+        if group:
+            columns = list(zip(*group))
+            terms.append(MultiNormalKL.apply(
+                list(columns[3]), list(columns[4]), list(columns[5]), exp,
+                *columns[0], *columns[1], *columns[2],
+            ))
     if not terms:
         param = next(model.parameters(), None)
         device = param.device if param is not None else None

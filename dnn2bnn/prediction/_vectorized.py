@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from torch.fx.node import map_aggregate
 
 from dnn2bnn.layers._base import BayesianLayer, BayesMode, is_bayesian_layer
-from dnn2bnn.layers._sampling import softplus32
 
 __all__ = ["FoldError", "WeightDraws", "is_stochastic", "per_draw_call", "vectorizable"]
 
@@ -113,7 +112,7 @@ class WeightDraws:
                     out[name] = None
                     continue
                 if name not in sigmas:  # float32 or wider, as the layer's own sampling
-                    sigmas[name] = softplus32(layer._parameters[name + "_rho"])
+                    sigmas[name] = layer.posterior_sigma(name)
                 sigma = sigmas[name]
                 shape = (self.num_samples, *mu.shape)
                 eps = torch.randn(shape, dtype=sigma.dtype, device=mu.device)
@@ -153,7 +152,7 @@ class WeightDraws:
                 squares[name] = None
                 continue
             if name not in sigmas:
-                sigmas[name] = softplus32(layer._parameters[name + "_rho"])
+                sigmas[name] = layer.posterior_sigma(name)
             squares[name] = sigmas[name].square().to(x.dtype)
         mean = F.linear(x, layer._parameters["weight_mu"], layer._parameters.get("bias_mu"))
         var = F.linear(x.square(), squares["weight"], squares["bias"])  # type: ignore[arg-type]
