@@ -50,8 +50,6 @@ ARCH = "_generated:build_model"
 #: Known defects that break an invariant today, each marked ``xfail(strict=True)`` where it
 #: shows. The fix of one deletes its line here (its tests then must pass).
 OPEN_DEFECTS = {
-    "D6": "issue 14 item 7: a Linear subclass whose forward reads self.weight twice gets two "
-    "different samples",
     "D7": "issue 14 item 7 (found here): with estimator flipout or lrt, a layer used twice in "
     "one forward (shared, aliased, or a module call plus F.linear of its weight) gets "
     "independent noise in each use although the report lists it as shared",
