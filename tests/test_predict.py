@@ -369,6 +369,31 @@ def test_the_plan_is_traced_once_per_model_structure():
     assert ref() is None  # the cache does not keep the model alive
 
 
+class _SoftmaxOverDimMinus2(nn.Module):
+    """Row-wise for [B, T, D] inputs (softmax over T), mixing rows for [B, D] (over B)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.fc(x).softmax(dim=-2))
+
+
+def test_the_plan_cache_is_keyed_on_the_input_rank():
+    # D2-1: a probe that passed for [B, T, D] was reused for [B, D], where the same softmax
+    # mixes the folded rows: vectorized, silently different from the loop.
+    bnn = dnn2bnn.transform_to_bnn_model(_SoftmaxOverDimMinus2(), posterior_sigma_init=0.3)
+    assert dnn2bnn.predict(bnn, torch.randn(6, 5, 4), 4, class_dim=-1).method == "vectorized"
+    with pytest.warns(PredictionWarning, match="node softmax"):
+        result = dnn2bnn.predict(bnn, torch.randn(6, 4), 4)
+    assert result.method == "loop"
+    inputs = ModelInputs.of(torch.randn(2, 5, 4))
+    assert cached_plan(bnn, inputs) is cached_plan(bnn, ModelInputs.of(torch.randn(3, 7, 4)))
+    assert cached_plan(bnn, inputs) is not cached_plan(bnn, ModelInputs.of(torch.randn(2, 5, 4).double()))
+
+
 def test_mean_mode_layers_are_deterministic():
     bnn = dnn2bnn.transform_to_bnn_model(mlp(), posterior_sigma_init=0.1)
     x = torch.randn(5, 20)

@@ -111,7 +111,9 @@ class Binding:
             names.append(name)
             if isinstance(value, Tensor):
                 tensors.add(name)
-                key.append((name, Tensor))
+                # The probe's verdict depends on the layout: an op that keeps the rows of
+                # [B, T, D] apart may mix them for [B, D] (softmax(dim=-2)).
+                key.append((name, Tensor, value.dim(), value.dtype, value.device))
                 continue
             concrete[name] = value
             try:
@@ -231,7 +233,8 @@ def cached_plan(model: nn.Module, inputs: ModelInputs) -> SplitPlan | str:
 
     The plan is traced again when a submodule is added, removed or replaced, a layer's mode
     changes, a hook is added or removed, or the call passes other inputs (other tensor
-    arguments, other non-tensor values). Python control flow in ``forward`` that reads
+    arguments or tensors of another rank, dtype or device, other non-tensor values).
+    Python control flow in ``forward`` that reads
     other attributes is frozen in the trace (as in any torch.fx capture): after changing
     such an attribute, call :func:`clear_plan_cache`.
     """
