@@ -283,7 +283,9 @@ class WithBNNLoss(nn.Module):
             data_loss = self.loss_fn(prediction, label)
         kl = kl_divergence(self.backbone)
         self.last_data_loss, self.last_kl = data_loss.detach(), kl.detach()
-        return self.dnn_factor * data_loss + self.bnn_factor * kl.to(data_loss.dtype)
+        # Scaled in the KL's own (float32 or wider) precision, then cast: a float16 KL of a
+        # large model overflows to inf before the 1/N factor could bring it into range.
+        return self.dnn_factor * data_loss + (self.bnn_factor * kl).to(data_loss.dtype)
 
     def extra_repr(self) -> str:
         own = ", loss_fn=None (output.loss)" if self.loss_fn is None else ""
