@@ -3,6 +3,7 @@
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -545,6 +546,9 @@ def test_regression_with_log_variance_head():
         ({"class_dim": 2}, ValueError, "out of range"),
         ({"class_dim": 1.0}, TypeError, "class_dim must be an int"),
         ({"output_fn": 3}, TypeError, "output_fn must be callable"),
+        ({"num_samples": True}, ValueError, "num_samples must be a positive int, got bool"),
+        ({"num_samples": 2.0}, ValueError, "num_samples must be a positive int, got float"),
+        ({"inputs": torch.randn(0, 20)}, ValueError, "has 0 rows"),  # D2-4: not torch's var() warning
     ],
 )
 def test_mistakes_raise(kwargs, error, match):
@@ -552,6 +556,35 @@ def test_mistakes_raise(kwargs, error, match):
     args = {"inputs": torch.randn(2, 20), "num_samples": 2, **kwargs}
     with pytest.raises(error, match=match):
         dnn2bnn.predict(bnn, args.pop("inputs"), args.pop("num_samples"), **args)
+
+
+def test_numpy_and_0d_tensor_sample_counts_are_accepted():
+    # D2-4: np.int64(4) (a count from numpy arithmetic) was refused, unlike torch's own APIs.
+    bnn = dnn2bnn.transform_to_bnn_model(mlp())
+    x = torch.randn(5, 20)
+    assert dnn2bnn.predict(bnn, x, np.int64(3), batch_size=np.int64(2)).num_samples == 3
+    assert dnn2bnn.predict(bnn, x, torch.tensor(3)).num_samples == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_results_keep_float64_and_widen_half_precision(dtype):
+    # D2-3: a float64 model's probabilities were rounded to float32 (errors ~1e-8 instead of ~1e-16).
+    dnn = mlp((6, 8, 3)).to(dtype)
+    x = torch.randn(4, 6, dtype=dtype)
+    bnn = dnn2bnn.transform_to_bnn_model(dnn, posterior_sigma_init=1e-6)
+    with torch.no_grad():
+        for name, p in bnn.named_parameters():
+            if name.endswith("rho"):
+                p.fill_(-40.0)  # collapsed posterior: every sample is the DNN
+        expected = dnn(x).double().softmax(1)
+    wide = torch.promote_types(dtype, torch.float32)
+    for method in ("auto", "loop"):
+        pred = dnn2bnn.predict(bnn, x, 3, method=method, return_samples=True)
+        assert pred.probs.dtype == pred.samples.dtype == pred.mutual_information.dtype == wide
+        tol = 1e-12 if dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(pred.samples.double(), expected.expand(3, -1, -1), rtol=0, atol=tol)
+    regression = dnn2bnn.predict(bnn, x, 3, task="regression")
+    assert regression.mean.dtype == regression.variance.dtype == wide
 
 
 # ---------------------------------------------------------------- output conventions (issue 14 item 10)

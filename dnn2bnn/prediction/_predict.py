@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -137,12 +138,9 @@ def predict(
     """
     task = _enum(Task, task, "task")
     chosen = _enum(Method, method, "method")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    num_samples = _positive_int("num_samples", num_samples)
+    if batch_size is not None:
+        batch_size = _positive_int("batch_size", batch_size)
     if class_dim is not None and (isinstance(class_dim, bool) or not isinstance(class_dim, int)):
         raise TypeError(f"class_dim must be an int or None, got {type(class_dim).__name__}")
     if class_dim is not None and task is Task.REGRESSION:
@@ -161,6 +159,11 @@ def predict(
     with torch.no_grad(), _eval_mode(model):
         sampler = _Sampler(model, num_samples, chosen, output_fn)
         for batch in _progress(batches, inputs, progress):
+            if any(t.shape[0] == 0 for t in batch.tensors()):
+                raise ValueError(
+                    "predict: a batch of the inputs has 0 rows (tensor shapes "
+                    f"{ {k: tuple(v.shape) for k, v in batch.named_tensors()} }); pass at least one input"
+                )
             outputs = sampler(batch)
             parts.append(_summarize(outputs, task, class_dim, sampler, return_samples))
     if not parts:
@@ -327,6 +330,19 @@ def _stack(outputs: list[Any]) -> Any:
         f"cannot collect model outputs of type {type(first).__name__}: pass output_fn= to pick "
         "the prediction (a tensor, a (mean, log_variance) pair or a Normal)"
     )
+
+
+def _positive_int(name: str, value: Any) -> int:
+    """``value`` as an ``int >= 1``; numpy and 0-d tensor integers accepted, bools refused."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(
+        value, numbers.Integral
+    ):
+        raise ValueError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
 
 
 def _enum(cls: type[Enum], value: Any, name: str) -> Any:
