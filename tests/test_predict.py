@@ -244,6 +244,49 @@ class Encoder(nn.Module):
         return self.head(self.encoder(self.proj(x)))
 
 
+class CausalEncoder(nn.Module):
+    """A batch-first causal (GPT-like) encoder: the mask ``[T, T]`` comes from the input's
+    length and crosses into the stochastic part without a batch dim (D2-5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        return self.head(self.layer(self.proj(x), src_mask=mask, is_causal=True))
+
+
+class CausalAttention(nn.Module):
+    """Hand-written causal attention: the mask meets Bayesian scores in ``masked_fill``."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+        self.k = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        future = nn.Transformer.generate_square_subsequent_mask(x.shape[1]).isinf()
+        scores = (self.q(x) @ self.k(x).transpose(1, 2)).masked_fill(future, float("-inf"))
+        return self.head(scores.softmax(-1) @ x)
+
+
+class WholeBatchScale(nn.Module):
+    """A statistic of the whole batch computed before the first Bayesian layer: the loop and
+    the folded pass both use its value on the real batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.proj(x)) / x.std())
+
+
 FAMILIES = {
     # name: (build, conversion options, input, expected method of "auto")
     "mlp": (lambda: mlp((10, 16, 16, 3)), {}, (6, 10), "vectorized"),
@@ -258,6 +301,10 @@ FAMILIES = {
     # the encoder is deterministic: it runs on the folded batch and mixes dim 0 (time)
     "encoder-seq-first-deterministic": (lambda: Encoder(False), {"exclude": "encoder.*"}, (5, 3, 8), "loop"),
     "encoder-batch-first-deterministic": (lambda: Encoder(True), {"exclude": "encoder.*"}, (3, 5, 8), "vectorized"),
+    # values of the input that are not per row: passed whole to the folded part (D2-5)
+    "causal-encoder": (CausalEncoder, {}, (3, 5, 8), "vectorized"),
+    "causal-attention-len-3": (CausalAttention, {}, (4, 3, 8), "vectorized"),  # T = the probe's 3 rows
+    "whole-batch-statistic": (WholeBatchScale, {}, (4, 8), "vectorized"),
 }
 
 
