@@ -634,6 +634,42 @@ def test_results_keep_float64_and_widen_half_precision(dtype):
     assert regression.mean.dtype == regression.variance.dtype == wide
 
 
+@pytest.mark.parametrize(
+    "x, error, match",
+    [
+        (torch.randn(3, 5), RuntimeError, "cannot be multiplied"),  # wrong feature size
+        (torch.ones(3, 20, dtype=torch.long), RuntimeError, "dtype"),
+    ],
+)
+def test_inputs_the_model_rejects_raise_its_error_without_a_fallback_warning(x, error, match):
+    # D2-6: a PredictionWarning "the folded batch failed (... While executing %_0 ...)" came
+    # first, as if vectorizing were the problem; then the loop raised the same error.
+    bnn = dnn2bnn.transform_to_bnn_model(mlp())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(error, match=match):
+            dnn2bnn.predict(bnn, x, 4)
+    assert not [w for w in caught if issubclass(w.category, PredictionWarning)]
+
+
+def test_a_compiled_model_is_vectorized_through_its_original_module():
+    # D2-6: torch.compile(bnn) fell back to the loop ("OptimizedModule.forward takes
+    # *args/**kwargs"); the folded pass now traces bnn itself (nothing is compiled here).
+    dnn = mlp((6, 8, 3))
+    bnn = dnn2bnn.transform_to_bnn_model(dnn, posterior_sigma_init=0.1)
+    compiled = torch.compile(bnn)
+    x = torch.randn(5, 6)
+    pred = dnn2bnn.predict(compiled, x, 4, return_samples=True)
+    assert pred.method == "vectorized"
+    with torch.no_grad():
+        for name, p in bnn.named_parameters():
+            if name.endswith("rho"):
+                p.fill_(-40.0)
+        expected = dnn(x).softmax(1)
+    collapsed = dnn2bnn.predict(compiled, x, 3, return_samples=True)
+    torch.testing.assert_close(collapsed.samples, expected.expand(3, -1, -1))
+
+
 # ---------------------------------------------------------------- output conventions (issue 14 item 10)
 class SqueezedBinary(nn.Module):
     """The BCEWithLogitsLoss pattern: one logit per input, squeezed to ``[N]``."""

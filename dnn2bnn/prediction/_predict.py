@@ -229,6 +229,9 @@ class _Sampler:
         output_fn: Callable[[Any], Any] | None,
     ) -> None:
         self.model = model
+        #: what the vectorized path traces: a torch.compile'd model's original module (the
+        #: folded pass runs the traced graph in an fx interpreter; the loop calls ``model``)
+        self.traced = _uncompiled(model)
         self.num_samples = num_samples
         self.method = method
         self.output_fn = output_fn
@@ -262,20 +265,30 @@ class _Sampler:
         self.fell_back = True
 
     def __call__(self, inputs: ModelInputs) -> Any:
+        reason = None
         if not self.fell_back:
-            plan = cached_plan(self.model, inputs)
+            plan = cached_plan(self.traced, inputs)
             if isinstance(plan, str):
-                self._fall_back(plan)
+                reason = plan
             else:
                 try:
                     out = self._run_plan(plan, inputs)
                 except Exception as exc:  # noqa: BLE001 - any failure: the reference loop decides
-                    self._fall_back(f"the folded batch failed ({type(exc).__name__}: {exc})")
+                    first = (str(exc).strip().splitlines() or [""])[0]
+                    reason = f"the folded batch failed ({type(exc).__name__}: {first})"
                 else:
                     self.used.add("vectorized")
                     return out
+        if reason is not None and self.method is Method.VECTORIZED:
+            self._fall_back(reason)  # raises
+        # The first pass runs before the warning: inputs the model itself rejects (a wrong
+        # shape or dtype) raise the model's own error, not a warning about vectorizing.
+        first = self.select(inputs(self.model))
+        if reason is not None:
+            self._fall_back(reason)
         self.used.add("loop")
-        return _stack([self.select(inputs(self.model)) for _ in range(self.num_samples)])
+        rest = [self.select(inputs(self.model)) for _ in range(self.num_samples - 1)]
+        return _stack([first, *rest])
 
     def _run_plan(self, plan: SplitPlan, inputs: ModelInputs) -> Any:
         """All draws folded at once; on CPU in cache-sized chunks (see CPU_FOLD_BYTES)."""
@@ -293,6 +306,14 @@ class _Sampler:
             parts.append(plan.run(inputs, WeightDraws(k, self.sigmas), chunk, select=self.select))
             done += k
         return _concat(parts)
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module that ``torch.compile`` wrapped (``OptimizedModule._orig_mod``), else ``model``."""
+    original = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(original, nn.Module):
+        return original
+    return model
 
 
 def _concat(parts: list[Any]) -> Any:
