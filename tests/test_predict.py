@@ -670,6 +670,18 @@ def test_a_compiled_model_is_vectorized_through_its_original_module():
     torch.testing.assert_close(collapsed.samples, expected.expand(3, -1, -1))
 
 
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_batches_of_different_lengths_are_refused_clearly(task):
+    # D2-8: a loader padding each batch to its own length (per-token outputs [N, T, C]) ran
+    # every batch, then failed in torch.cat ("Sizes of tensors must match except in dim 0").
+    bnn = dnn2bnn.transform_to_bnn_model(CausalEncoder())
+    loader = [torch.randn(3, 4, 8), torch.randn(2, 7, 8)]
+    options = {"class_dim": -1} if task == "classification" else {}
+    with pytest.raises(ValueError, match=r"batch 1 gives results of shape \(2, 7, 2\) .*padding='max_length'"):
+        dnn2bnn.predict(bnn, loader, 2, task=task, **options)
+    assert dnn2bnn.predict(bnn, loader[:1] * 2, 2, task=task, **options).method == "vectorized"
+
+
 # ---------------------------------------------------------------- output conventions (issue 14 item 10)
 class SqueezedBinary(nn.Module):
     """The BCEWithLogitsLoss pattern: one logit per input, squeezed to ``[N]``."""

@@ -166,10 +166,26 @@ def predict(
                 )
             outputs = sampler(batch)
             parts.append(_summarize(outputs, task, class_dim, sampler, return_samples))
+            _check_joinable(parts)
     if not parts:
         raise ValueError("predict got no input batch")
     joined = type(parts[0]).concat(parts)  # type: ignore[arg-type]
     return dataclasses.replace(joined, method=sampler.method_used)
+
+
+def _check_joinable(parts: list[Prediction]) -> None:
+    """The batches' results are joined along dim 0: the other dims must agree."""
+    first, last = parts[0], parts[-1]
+    a = first.probs if isinstance(first, ClassificationPrediction) else first.mean
+    b = last.probs if isinstance(last, ClassificationPrediction) else last.mean
+    if a.shape[1:] != b.shape[1:]:
+        raise ValueError(
+            f"predict: batch {len(parts) - 1} gives results of shape {tuple(b.shape)} and batch 0 "
+            f"{tuple(a.shape)}: they can only be joined along dim 0 (the batch). Per-token or "
+            "per-pixel outputs of batches padded to their own length cannot be joined: pad every "
+            "batch to one length (e.g. DataCollatorWithPadding(padding='max_length', "
+            "max_length=...)) or call predict once per batch"
+        )
 
 
 def _summarize(
