@@ -287,6 +287,40 @@ class WholeBatchScale(nn.Module):
         return self.head(torch.tanh(self.proj(x)) / x.std())
 
 
+class AlwaysOnDropout(nn.Module):
+    """MC dropout written into forward: random, so the row probe cannot judge it."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(F.dropout(torch.relu(self.proj(x)), 0.5, training=True))
+
+
+def test_a_random_operation_is_named_as_random_not_as_mixing_rows():
+    # D2-9: the warning blamed "a sequence-first layout, attention, a recurrence ..." for dropout.
+    bnn = dnn2bnn.transform_to_bnn_model(AlwaysOnDropout())
+    with pytest.warns(PredictionWarning, match="node dropout .* gives another result each time it runs"):
+        assert dnn2bnn.predict(bnn, torch.randn(4, 8), 4).method == "loop"
+    # in-place operations (add_, ReLU(inplace=True)) are run again on copies: still vectorized
+    resnet = dnn2bnn.transform_to_bnn_model(Residual())
+    assert dnn2bnn.predict(resnet, torch.randn(4, 8), 4).method == "vectorized"
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        out = self.fc(x).add_(x)  # in place (fx records `out += x` as an out-of-place add)
+        return self.head(self.relu(out))
+
+
 FAMILIES = {
     # name: (build, conversion options, input, expected method of "auto")
     "mlp": (lambda: mlp((10, 16, 16, 3)), {}, (6, 10), "vectorized"),

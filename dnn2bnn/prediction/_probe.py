@@ -72,6 +72,12 @@ def check_batch_axis(plan: SplitPlan, inputs: ModelInputs) -> str | None:
                 )
     if three.mixing is not None:
         node, row = three.mixing
+        if row is None:
+            return (
+                f"{_where(node, 0)} gives another result each time it runs on the same input "
+                "(random: dropout with training=True, sampling), so the probe cannot check that "
+                "it keeps the rows apart"
+            )
         return (
             f"{_where(node, 0)} mixes rows along dim 0: row {row} of its output changes when "
             "another row of its input changes (a sequence-first layout [T, B, ...], attention, "
@@ -194,8 +200,8 @@ class _Recorder(fx.Interpreter):
             n for n in plan.stochastic
             if n.op == "call_module" and is_stochastic(modules[str(n.target)])
         }
-        #: the first node found mixing rows, and the row that changed
-        self.mixing: tuple[fx.Node, int] | None = None
+        #: the first node found mixing rows, and the row that changed (None: the node is random)
+        self.mixing: tuple[fx.Node, int | None] | None = None
 
     def probe(self, inputs: ModelInputs) -> None:
         from dnn2bnn.prediction._split import means_for_tracing
@@ -212,15 +218,32 @@ class _Recorder(fx.Interpreter):
             if n in self.at_two and n not in self.plan.stochastic and _shared(value, self.at_two[n]):
                 self.shared.add(n)
         if probe:
-            row = self._mixed_row(n, saved, value)
-            if row is not None:
-                self.mixing = (n, row)
+            if not self._repeatable(n, saved, value):
+                self.mixing = (n, None)
+            else:
+                row = self._mixed_row(n, saved, value)
+                if row is not None:
+                    self.mixing = (n, row)
         return value
 
     def _row_probed(self, n: fx.Node) -> bool:
         if n not in self.plan.stochastic or n.op not in ("call_function", "call_method", "call_module"):
             return False
         return n not in self.sampled_calls
+
+    def _repeatable(self, n: fx.Node, saved: dict[fx.Node, Any], value: Any) -> bool:
+        """Whether ``n`` run again on the same inputs gives the same result (not random)."""
+        def fresh(a: fx.Node) -> Any:  # copies: an in-place op (out += x) must not change saved
+            return map_aggregate(saved[a], _clone)
+
+        args = map_arg(n.args, fresh)
+        kwargs = map_arg(n.kwargs, fresh)
+        with self._set_current_node(n):
+            try:
+                again = getattr(self, n.op)(n.target, args, kwargs)
+            except Exception:  # noqa: BLE001 - judged by the row probe
+                return True
+        return all(_same(a, b) for a, b in zip(_tensors(value), _tensors(again)))
 
     def _mixed_row(self, n: fx.Node, saved: dict[fx.Node, Any], value: Any) -> int | None:
         batched = self.plan.batched
