@@ -218,12 +218,9 @@ class _Recorder(fx.Interpreter):
             if n in self.at_two and n not in self.plan.stochastic and _shared(value, self.at_two[n]):
                 self.shared.add(n)
         if probe:
-            if not self._repeatable(n, saved, value):
-                self.mixing = (n, None)
-            else:
-                row = self._mixed_row(n, saved, value)
-                if row is not None:
-                    self.mixing = (n, row)
+            row = self._mixed_row(n, saved, value)
+            if row is not None:  # the op mixes rows, or is random (judged only then: cheap)
+                self.mixing = (n, row if self._repeatable(n, saved, value) else None)
         return value
 
     def _row_probed(self, n: fx.Node) -> bool:
