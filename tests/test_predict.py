@@ -686,7 +686,7 @@ def test_inputs_the_model_rejects_raise_its_error_without_a_fallback_warning(x, 
     assert not [w for w in caught if issubclass(w.category, PredictionWarning)]
 
 
-def test_a_compiled_model_is_vectorized_through_its_original_module():
+def test_compiled_and_data_parallel_models_are_vectorized_through_the_module_inside():
     # D2-6: torch.compile(bnn) fell back to the loop ("OptimizedModule.forward takes
     # *args/**kwargs"); the folded pass now traces bnn itself (nothing is compiled here).
     dnn = mlp((6, 8, 3))
@@ -702,6 +702,9 @@ def test_a_compiled_model_is_vectorized_through_its_original_module():
         expected = dnn(x).softmax(1)
     collapsed = dnn2bnn.predict(compiled, x, 3, return_samples=True)
     torch.testing.assert_close(collapsed.samples, expected.expand(3, -1, -1))
+    parallel = dnn2bnn.predict(nn.DataParallel(bnn), x, 3, return_samples=True)  # the same for .module
+    assert parallel.method == "vectorized"
+    torch.testing.assert_close(parallel.samples, expected.expand(3, -1, -1))
 
 
 @pytest.mark.parametrize("task", ["classification", "regression"])

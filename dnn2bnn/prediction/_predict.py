@@ -245,9 +245,9 @@ class _Sampler:
         output_fn: Callable[[Any], Any] | None,
     ) -> None:
         self.model = model
-        #: what the vectorized path traces: a torch.compile'd model's original module (the
-        #: folded pass runs the traced graph in an fx interpreter; the loop calls ``model``)
-        self.traced = _uncompiled(model)
+        #: what the vectorized path traces: the module inside torch.compile/DataParallel/DDP
+        #: (the folded pass runs the traced graph in an fx interpreter; the loop calls ``model``)
+        self.traced = _unwrapped(model)
         self.num_samples = num_samples
         self.method = method
         self.output_fn = output_fn
@@ -324,11 +324,15 @@ class _Sampler:
         return _concat(parts)
 
 
-def _uncompiled(model: nn.Module) -> nn.Module:
-    """The module that ``torch.compile`` wrapped (``OptimizedModule._orig_mod``), else ``model``."""
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module that ``torch.compile`` (``OptimizedModule._orig_mod``), ``DataParallel`` or
+    ``DistributedDataParallel`` (``.module``) wrapped, else ``model``: their ``forward(*args,
+    **kwargs)`` cannot be traced, the module inside computes the same."""
     original = getattr(model, "_orig_mod", None)
     if type(model).__name__ == "OptimizedModule" and isinstance(original, nn.Module):
-        return original
+        return _unwrapped(original)
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return _unwrapped(model.module)
     return model
 
 
