@@ -630,6 +630,8 @@ def test_regression_with_log_variance_head():
         ({"num_samples": True}, ValueError, "num_samples must be a positive int, got bool"),
         ({"num_samples": 2.0}, ValueError, "num_samples must be a positive int, got float"),
         ({"inputs": torch.randn(0, 20)}, ValueError, "has 0 rows"),  # D2-4: not torch's var() warning
+        # D2-10: one example without its batch dim was told to use task='binary'
+        ({"inputs": torch.randn(20)}, ValueError, r"returned shape \(5,\) for a batch of 20 inputs.*unsqueeze\(0\)"),
     ],
 )
 def test_mistakes_raise(kwargs, error, match):

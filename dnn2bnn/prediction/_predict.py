@@ -165,7 +165,7 @@ def predict(
                     f"{ {k: tuple(v.shape) for k, v in batch.named_tensors()} }); pass at least one input"
                 )
             outputs = sampler(batch)
-            parts.append(_summarize(outputs, task, class_dim, sampler, return_samples))
+            parts.append(_summarize(outputs, task, class_dim, sampler, return_samples, batch))
             _check_joinable(parts)
     if not parts:
         raise ValueError("predict got no input batch")
@@ -189,10 +189,18 @@ def _check_joinable(parts: list[Prediction]) -> None:
 
 
 def _summarize(
-    outputs: Any, task: Task, class_dim: int | None, sampler: _Sampler, keep: bool
+    outputs: Any, task: Task, class_dim: int | None, sampler: _Sampler, keep: bool,
+    batch: ModelInputs,
 ) -> Prediction:
     """The result of one batch from its ``[S, B, ...]`` outputs."""
     where = sampler.where
+    if isinstance(outputs, Tensor) and outputs.dim() == 2 and outputs.shape[1] != batch.batch_size:
+        # [N] outputs whose N is not the number of inputs: an input without its batch dim
+        raise ValueError(
+            f"predict: {where} returned shape {tuple(outputs.shape[1:])} for a batch of "
+            f"{batch.batch_size} inputs; dim 0 of the inputs and of the output must be the "
+            "batch (a single example needs x.unsqueeze(0))"
+        )
     if task is Task.REGRESSION:
         return RegressionPrediction.from_outputs(outputs, keep_samples=keep)
     if not isinstance(outputs, Tensor):
