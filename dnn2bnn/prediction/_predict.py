@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dnn2bnn.prediction._collect import concat_draws, stack_draws
 from dnn2bnn.prediction._io import ModelInputs, is_model_output, prediction_of
 from dnn2bnn.prediction._split import Chunk, SplitPlan, cached_plan
 from dnn2bnn.prediction._vectorized import WeightDraws, is_stochastic
@@ -312,7 +313,7 @@ class _Sampler:
             self._fall_back(reason)
         self.used.add("loop")
         rest = [self.select(inputs(self.model)) for _ in range(self.num_samples - 1)]
-        return _stack([first, *rest])
+        return stack_draws([first, *rest])
 
     def _run_plan(self, plan: SplitPlan, inputs: ModelInputs) -> Any:
         """All draws folded at once; on CPU in cache-sized chunks (see CPU_FOLD_BYTES)."""
@@ -329,7 +330,7 @@ class _Sampler:
             k = min(s - done, max(1, rows // max(1, batch)))
             parts.append(plan.run(inputs, WeightDraws(k, self.sigmas), chunk, select=self.select))
             done += k
-        return _concat(parts)
+        return concat_draws(parts)
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -342,43 +343,6 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         return _unwrapped(model.module)
     return model
-
-
-def _concat(parts: list[Any]) -> Any:
-    """Join ``[k, B, ...]`` outputs of several chunks of draws along the sample dimension."""
-    first = parts[0]
-    if len(parts) == 1:
-        return first
-    if isinstance(first, Tensor):
-        return torch.cat(parts)
-    if isinstance(first, (tuple, list)):
-        return type(first)(_concat([p[i] for p in parts]) for i in range(len(first)))
-    if isinstance(first, dict):
-        return {k: _concat([p[k] for p in parts]) for k in first}
-    if isinstance(first, torch.distributions.Normal):
-        return torch.distributions.Normal(
-            torch.cat([p.loc for p in parts]), torch.cat([p.scale for p in parts])
-        )
-    raise TypeError(
-        f"cannot collect model outputs of type {type(first).__name__}: pass output_fn= to pick "
-        "the prediction (a tensor, a (mean, log_variance) pair or a Normal)"
-    )
-
-
-def _stack(outputs: list[Any]) -> Any:
-    first = outputs[0]
-    if isinstance(first, Tensor):
-        return torch.stack(outputs)
-    if isinstance(first, (tuple, list)):
-        return type(first)(_stack([o[i] for o in outputs]) for i in range(len(first)))
-    if isinstance(first, torch.distributions.Normal):
-        return torch.distributions.Normal(
-            torch.stack([o.loc for o in outputs]), torch.stack([o.scale for o in outputs])
-        )
-    raise TypeError(
-        f"cannot collect model outputs of type {type(first).__name__}: pass output_fn= to pick "
-        "the prediction (a tensor, a (mean, log_variance) pair or a Normal)"
-    )
 
 
 def _positive_int(name: str, value: Any) -> int:
