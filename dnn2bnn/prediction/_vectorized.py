@@ -39,6 +39,20 @@ class FoldError(RuntimeError):
     """The model cannot run on a folded batch; the caller falls back to the plain loop."""
 
 
+class Shared:
+    """A value of the folded pass that is the same for every draw (not folded: a causal
+    mask computed from the input's shape); :func:`per_draw_call` passes it whole."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    @staticmethod
+    def unwrap(value: Any) -> Any:
+        return value.value if isinstance(value, Shared) else value
+
+
 def _samples(layer: nn.Module) -> bool:
     """Whether ``layer`` is a Bayesian layer that draws weights (not in "mean" mode)."""
     if isinstance(layer, BayesianLayer):
@@ -233,6 +247,8 @@ def per_draw_call(
 
     def slice_of(index: int) -> Callable[[Any], Any]:
         def take(value: Any) -> Any:
+            if isinstance(value, Shared):
+                return value.value
             if isinstance(value, Tensor) and value.dim() > 0:
                 if value.shape[0] % s:
                     raise FoldError(
