@@ -103,6 +103,7 @@ def test_a_layer_fed_by_the_deterministic_part_multiplies_b_rows_not_b_times_s(m
     assert rows == [6, 6, 6, 6, 42, 42]
 
 
+@pytest.mark.parametrize("s", [1, 5])
 @pytest.mark.parametrize("conv_path", [True, False], ids=["per-draw", "grouped"])
 @pytest.mark.parametrize(
     "layer, shape",
@@ -114,16 +115,23 @@ def test_a_layer_fed_by_the_deterministic_part_multiplies_b_rows_not_b_times_s(m
     ],
     ids=["linear", "linear-3d", "conv2d", "conv2d-reflect"],
 )
-def test_a_shared_input_gives_what_its_repeated_copy_gives(layer, shape, conv_path, monkeypatch):
+def test_a_shared_input_gives_what_its_repeated_copy_gives(layer, shape, conv_path, s, monkeypatch):
     """Per-draw weights: ``apply(x, repeated=True)`` == ``apply(x repeated S times)`` with the
     same draws."""
     monkeypatch.setattr(_vectorized, "CPU_PER_DRAW_CONV", conv_path)
     bnn = dnn2bnn.transform_to_bnn_layer(nn.Sequential(layer), type(layer), posterior_sigma_init=0.3)[0]
-    s = 5
     draws = WeightDraws(s)
     x = torch.randn(*shape)
     with torch.no_grad():
         shared = draws.apply(bnn, x, repeated=True)
         folded = x.unsqueeze(1).expand(shape[0], s, *shape[1:]).reshape(-1, *shape[1:])
         torch.testing.assert_close(shared, draws.apply(bnn, folded), rtol=1e-5, atol=1e-5)
+        # and draw i on rows b * S + i is the plain layer with weight draw i
+        plain = bnn.to_dnn()
+        sampled = draws.draws(bnn)
+        for i in range(s):
+            plain.weight.copy_(sampled["weight"][i])
+            if plain.bias is not None:
+                plain.bias.copy_(sampled["bias"][i])
+            torch.testing.assert_close(shared[i::s], plain(x), rtol=1e-5, atol=1e-5)
     assert shared.shape[0] == shape[0] * s

@@ -293,7 +293,7 @@ def _conv(
     s: int,
     repeated: bool = False,
 ) -> Tensor:
-    if repeated and _per_draw_conv(x):  # every draw reads the same contiguous input
+    if repeated and _per_draw_conv(x) and s > 1:  # every draw reads the same contiguous input
         b = x.shape[0]
         if layer.padding_mode != "zeros":
             x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
@@ -314,6 +314,9 @@ def _conv(
         xg = F.pad(xg, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
         padding = 0
     if _per_draw_conv(x):
+        if s == 1:  # one draw (a CPU chunk of one): an ordinary convolution, no stacking copy
+            return conv(xg, weight[0], None if bias is None else bias[0], layer.stride, padding,
+                        layer.dilation, layer.groups)
         xs = xg.reshape(b, s, -1, *xg.shape[2:])
         outs = [
             conv(xs[:, i], weight[i], None if bias is None else bias[i], layer.stride, padding,
