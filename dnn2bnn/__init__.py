@@ -38,7 +38,7 @@ from dnn2bnn.layers import (
     DenseReparam,
     is_bayesian_layer,
 )
-from dnn2bnn.loss import WithBNNLoss, kl_divergence
+from dnn2bnn.loss import WithBNNLoss, elbo, kl_divergence
 from dnn2bnn.mindspore import TransformToBNN
 from dnn2bnn.modes import get_mode, set_estimator, set_mode
 from dnn2bnn.prediction import (
@@ -88,6 +88,7 @@ __all__ = [
     "bayes_param_groups",
     "default_mapping",
     "distributed",
+    "elbo",
     "get_mode",
     "is_bayesian_layer",
     "kl_divergence",

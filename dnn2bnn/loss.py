@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -14,8 +15,9 @@ from dnn2bnn.distributed import _gather_kl
 from dnn2bnn.layers._base import BayesianLayer, is_bayesian_layer
 from dnn2bnn.layers import _kl
 from dnn2bnn.layers._sampling import MultiNormalKL
+from dnn2bnn.prediction._io import prediction_of
 
-__all__ = ["WithBNNLoss", "kl_divergence"]
+__all__ = ["WithBNNLoss", "elbo", "kl_divergence"]
 
 
 def kl_divergence(model: nn.Module) -> Tensor:
@@ -81,19 +83,102 @@ def _own_kl(module: nn.Module) -> bool:
     )
 
 
-def _check_factor(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _real(name: str, value: Any) -> float:
+    """``value`` as a float: Python, numpy and 0-d tensor reals are accepted, bools are not."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real number, got a tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or type(value).__name__ == "bool_":
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _check_factor(name: str, value: Any) -> float:
+    value = _real(name, value)
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-    return float(value)
+    return value
+
+
+def check_num_train_examples(value: Any) -> int:
+    """``value`` as a positive ``int``: Python, numpy and 0-d tensor integers are accepted.
+
+    Raises:
+        TypeError: a bool, a non-integer (``5.0`` included) or a tensor with more than one element.
+        ValueError: ``value < 1``.
+
+    Example:
+        >>> import numpy as np
+        >>> check_num_train_examples(np.int64(60_000)), check_num_train_examples(torch.tensor(10))
+        (60000, 10)
+    """
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            raise TypeError(
+                "num_train_examples must be an int (the number of training examples), got a "
+                f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+            )
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or type(value).__name__ == "bool_":
+        raise TypeError(
+            "num_train_examples must be an int (the number of training examples), got "
+            f"{type(value).__name__} {value!r}"
+        )
+    if value < 1:
+        raise ValueError(f"num_train_examples must be >= 1, got {value!r}")
+    return int(value)
+
+
+def elbo(loss: Tensor, model: nn.Module, *, num_train_examples: int) -> Tensor:
+    """The per-example negative ELBO of a model that computes its own data loss.
+
+    Returns ``loss + kl_divergence(model) / num_train_examples``: the same scaling as
+    :meth:`WithBNNLoss.elbo`, for models such as Hugging Face's that return ``output.loss``
+    (a mean over the batch) themselves.
+
+    Args:
+        loss: the data loss of one batch, averaged over its examples (a scalar tensor).
+        model: the Bayesian network whose forward produced ``loss`` (the KL uses the sample
+            of that forward where a layer's KL is estimated from it).
+        num_train_examples: the size of the training set (of the whole training set under
+            DDP/FSDP, not one rank's shard); numpy and 0-d tensor integers are accepted.
+
+    Example:
+        >>> bnn = dnn2bnn.transform_to_bnn_model(torch.nn.Linear(3, 2))
+        >>> data_loss = torch.nn.functional.cross_entropy(bnn(torch.randn(4, 3)), torch.tensor([0, 1, 1, 0]))
+        >>> loss = dnn2bnn.elbo(data_loss, bnn, num_train_examples=1000)
+        >>> torch.allclose(loss, data_loss + dnn2bnn.kl_divergence(bnn) / 1000)
+        True
+        >>> loss.backward()
+    """
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        found = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+        raise TypeError(
+            f"elbo: loss must be the scalar data loss of a batch (e.g. output.loss), got {found}"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"elbo: model must be an nn.Module, got {type(model).__qualname__}")
+    n = check_num_train_examples(num_train_examples)
+    kl = kl_divergence(model)
+    return loss.reshape(()) + (kl / n).to(loss.dtype)
 
 
 class WithBNNLoss(nn.Module):
     """Wraps a network and its data loss so that the loss includes the KL term.
 
     ``forward(data, label)`` returns
-    ``dnn_factor * loss_fn(backbone(data), label) + bnn_factor * kl_divergence(backbone)``.
+    ``dnn_factor * loss_fn(prediction, label) + bnn_factor * kl_divergence(backbone)``.
+
+    How the inputs reach the model: a tensor ``data`` is its one positional argument,
+    ``backbone(data)``; a mapping (``dict``, Hugging Face ``BatchEncoding``) is passed as
+    keyword arguments, ``backbone(**data)``; keyword arguments of the call are passed on
+    (``criterion(x, y, mask=m)`` calls ``backbone(x, mask=m)``). The prediction given to
+    ``loss_fn`` is ``output_fn(output)`` if given, the ``logits`` of a Hugging Face
+    ``ModelOutput``, else the output itself. With ``loss_fn=None`` the model computes its
+    own loss (``output.loss``, e.g. an HF model called with ``labels``); then no ``label`` is
+    passed to the call.
 
     For the standard per-example ELBO, use a mean-reduced ``loss_fn`` with ``dnn_factor=1``
     and ``bnn_factor = 1 / N`` with N the number of training examples (not batches), or
@@ -102,9 +187,12 @@ class WithBNNLoss(nn.Module):
 
     Args:
         backbone: the Bayesian network.
-        loss_fn: data loss, called as ``loss_fn(output, label)``.
+        loss_fn: data loss, called as ``loss_fn(prediction, label)``; ``None``: the model's
+            own ``output.loss``.
         dnn_factor: weight of the data loss.
         bnn_factor: weight of the KL term.
+        output_fn: picks the prediction from the model output (default: ``logits`` of a
+            Hugging Face ``ModelOutput``, any other output as it is).
 
     Attributes:
         last_data_loss: the data-loss term of the last call (detached), for logging.
@@ -115,20 +203,28 @@ class WithBNNLoss(nn.Module):
         >>> criterion = WithBNNLoss.elbo(bnn, torch.nn.CrossEntropyLoss(), num_train_examples=1000)
         >>> loss = criterion(torch.randn(8, 3), torch.randint(0, 2, (8,)))
         >>> loss.backward()
+        >>> loss = criterion({"input": torch.randn(8, 3)}, torch.randint(0, 2, (8,)))  # keywords
     """
 
     def __init__(
         self,
         backbone: nn.Module,
-        loss_fn: Callable[..., Tensor],
+        loss_fn: Callable[..., Tensor] | None,
         dnn_factor: float = 1.0,
         bnn_factor: float = 1.0,
+        *,
+        output_fn: Callable[[Any], Any] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__qualname__}")
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__qualname__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(
+                f"loss_fn must be callable (or None for the model's own output.loss), got "
+                f"{type(loss_fn).__qualname__}"
+            )
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(f"output_fn must be callable, got {type(output_fn).__qualname__}")
         if not any(is_bayesian_layer(m) for m in backbone.modules()):
             warnings.warn(
                 f"WithBNNLoss: {type(backbone).__name__} has no Bayesian layer, the KL term is 0; "
@@ -137,6 +233,7 @@ class WithBNNLoss(nn.Module):
             )
         self.backbone = backbone
         self.loss_fn = loss_fn
+        self.output_fn = output_fn
         self.dnn_factor = _check_factor("dnn_factor", dnn_factor)
         self.bnn_factor = _check_factor("bnn_factor", bnn_factor)
         self.last_data_loss: Tensor | None = None
@@ -144,27 +241,61 @@ class WithBNNLoss(nn.Module):
 
     @classmethod
     def elbo(
-        cls, backbone: nn.Module, loss_fn: Callable[..., Tensor], *, num_train_examples: int
+        cls,
+        backbone: nn.Module,
+        loss_fn: Callable[..., Tensor] | None,
+        *,
+        num_train_examples: int,
+        output_fn: Callable[[Any], Any] | None = None,
     ) -> WithBNNLoss:
         """The per-example negative ELBO: ``loss_fn(...) + KL / num_train_examples``.
 
-        ``loss_fn`` should average over the batch (the default reduction of torch losses).
-        Under DDP/FSDP, ``num_train_examples`` is the size of the whole training set, not of
-        one rank's shard (see ``docs/distributed.md``).
+        ``loss_fn`` should average over the batch (the default reduction of torch losses);
+        ``None`` uses the model's own ``output.loss``. ``num_train_examples`` may be a Python,
+        numpy or 0-d tensor integer. Under DDP/FSDP, it is the size of the whole training set,
+        not of one rank's shard (see ``docs/distributed.md``).
         """
-        if isinstance(num_train_examples, bool) or not isinstance(num_train_examples, int):
-            raise TypeError(
-                f"num_train_examples must be an int, got {type(num_train_examples).__name__}"
-            )
-        if num_train_examples < 1:
-            raise ValueError(f"num_train_examples must be >= 1, got {num_train_examples}")
-        return cls(backbone, loss_fn, dnn_factor=1.0, bnn_factor=1.0 / num_train_examples)
+        num_train_examples = check_num_train_examples(num_train_examples)
+        return cls(
+            backbone, loss_fn, dnn_factor=1.0, bnn_factor=1.0 / num_train_examples,
+            output_fn=output_fn,
+        )
 
-    def forward(self, data: Tensor, label: Tensor) -> Tensor:
-        data_loss = self.loss_fn(self.backbone(data), label)
+    def forward(self, data: Any, label: Any = None, **model_kwargs: Any) -> Tensor:
+        if isinstance(data, Mapping):
+            output = self.backbone(**data, **model_kwargs)
+        else:
+            output = self.backbone(data, **model_kwargs)
+        if self.loss_fn is None:
+            if label is not None:
+                raise TypeError(
+                    "WithBNNLoss(loss_fn=None) reads the model's own output.loss: pass the labels "
+                    "in the model inputs (e.g. {'input_ids': ..., 'labels': y}), not as label"
+                )
+            data_loss = _own_loss(output, type(self.backbone).__name__)
+        else:
+            if label is None:
+                raise TypeError(
+                    "WithBNNLoss: label is missing (loss_fn is called as loss_fn(prediction, "
+                    "label)); for a model that computes its own loss use loss_fn=None"
+                )
+            prediction = prediction_of(output, self.output_fn, where="WithBNNLoss")
+            data_loss = self.loss_fn(prediction, label)
         kl = kl_divergence(self.backbone)
         self.last_data_loss, self.last_kl = data_loss.detach(), kl.detach()
         return self.dnn_factor * data_loss + self.bnn_factor * kl.to(data_loss.dtype)
 
     def extra_repr(self) -> str:
-        return f"dnn_factor={self.dnn_factor:g}, bnn_factor={self.bnn_factor:g}"
+        own = ", loss_fn=None (output.loss)" if self.loss_fn is None else ""
+        return f"dnn_factor={self.dnn_factor:g}, bnn_factor={self.bnn_factor:g}{own}"
+
+
+def _own_loss(output: Any, name: str) -> Tensor:
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if not isinstance(loss, Tensor):
+        raise TypeError(
+            f"WithBNNLoss(loss_fn=None): {name} returned {type(output).__name__} without a loss "
+            "tensor (output.loss); pass the labels in the inputs so the model computes its loss, "
+            "or give a loss_fn"
+        )
+    return loss

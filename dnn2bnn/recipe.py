@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from dnn2bnn.layers._base import is_bayesian_layer
+from dnn2bnn.loss import _real
 
 __all__ = ["DEFAULT_RHO_LR_FACTOR", "bayes_param_groups"]
 
@@ -81,10 +82,10 @@ def bayes_param_groups(
 
 
 def _check_rate(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"bayes_param_groups: {name} must be a real number, got {type(value).__name__}"
-        )
-    if not (math.isfinite(value) and value > 0):
+    try:
+        rate = _real(name, value)  # Python, numpy and 0-d tensor reals; not bools
+    except TypeError as exc:
+        raise TypeError(f"bayes_param_groups: {exc}") from None
+    if not (math.isfinite(rate) and rate > 0):
         raise ValueError(f"bayes_param_groups: {name} must be finite and > 0, got {value!r}")
-    return float(value)
+    return rate

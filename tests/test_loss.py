@@ -1,3 +1,6 @@
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -93,3 +96,142 @@ def test_kl_divergence_batches_small_parameters_without_changing_the_result(monk
     torch.testing.assert_close(total.to(torch.float64), reference, rtol=1e-6, atol=1e-3)
     for (name, p), got in zip(bnn.named_parameters(), grads):
         torch.testing.assert_close(got, p.grad, msg=name)
+
+
+# ---------------------------------------------------------------- num_train_examples (issue 14 item 13)
+@pytest.mark.parametrize(
+    "value", [np.int64(50_000), np.int32(50_000), torch.tensor(50_000), 50_000], ids=repr
+)
+def test_num_train_examples_accepts_numpy_and_0d_tensor_integers(value):
+    bnn = transform_to_bnn_model(mlp())
+    criterion = WithBNNLoss.elbo(bnn, nn.CrossEntropyLoss(), num_train_examples=value)
+    assert criterion.bnn_factor == pytest.approx(2e-5)
+    loss = torch.tensor(0.5)
+    torch.testing.assert_close(
+        dnn2bnn.elbo(loss, bnn, num_train_examples=value), loss + kl_divergence(bnn) / 50_000
+    )
+
+
+@pytest.mark.parametrize(
+    "value, error, match",
+    [
+        (True, TypeError, "must be an int"),
+        (np.bool_(True), TypeError, "must be an int"),
+        (5.0, TypeError, "must be an int"),
+        (np.float64(5.0), TypeError, "must be an int"),
+        (torch.tensor(5.0), TypeError, "must be an int"),
+        (torch.tensor([5]), TypeError, "must be an int"),
+        ("5", TypeError, "must be an int"),
+        (0, ValueError, "must be >= 1"),
+        (np.int64(-3), ValueError, "must be >= 1"),
+        (torch.tensor(0), ValueError, "must be >= 1"),
+    ],
+    ids=repr,
+)
+def test_num_train_examples_rejects_bools_non_integers_and_non_positive(value, error, match):
+    bnn = transform_to_bnn_model(mlp())
+    with pytest.raises(error, match=match):
+        WithBNNLoss.elbo(bnn, nn.CrossEntropyLoss(), num_train_examples=value)
+    with pytest.raises(error, match=match):
+        dnn2bnn.elbo(torch.tensor(1.0), bnn, num_train_examples=value)
+
+
+def test_factors_accept_numpy_and_0d_tensor_reals():
+    bnn = transform_to_bnn_model(mlp())
+    criterion = WithBNNLoss(bnn, nn.MSELoss(), dnn_factor=np.float32(0.5), bnn_factor=torch.tensor(0.25))
+    assert (criterion.dnn_factor, criterion.bnn_factor) == (0.5, 0.25)
+    with pytest.raises(TypeError, match="bnn_factor must be a real number"):
+        WithBNNLoss(bnn, nn.MSELoss(), bnn_factor=np.bool_(True))
+
+
+# ---------------------------------------------------------------- keyword inputs, own loss (issue 16)
+class KeywordNet(nn.Module):
+    """Takes keyword inputs and returns a dict, as Hugging Face models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, features, mask=None, labels=None):
+        h = torch.relu(self.emb(features))
+        if mask is not None:
+            h = h * mask.unsqueeze(-1)
+        logits = self.head(h)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+def test_dict_and_keyword_inputs_reach_the_model():
+    bnn = transform_to_bnn_model(KeywordNet(), posterior_sigma_init=0.1)
+    x, m, y = torch.randn(5, 6), torch.ones(5), torch.randint(0, 3, (5,))
+    criterion = WithBNNLoss.elbo(
+        bnn, nn.CrossEntropyLoss(), num_train_examples=100, output_fn=lambda out: out["logits"]
+    )
+    with dnn2bnn.set_mode(bnn, "mean"):
+        expected = nn.functional.cross_entropy(bnn(x)["logits"], y) + kl_divergence(bnn) / 100
+        torch.testing.assert_close(criterion({"features": x, "mask": m}, y), expected)
+        torch.testing.assert_close(criterion(x, y, mask=m), expected)
+        torch.testing.assert_close(criterion(x, y), expected)
+    with dnn2bnn.set_mode(bnn, "mean"):  # the mask reaches the model: all-zero features
+        criterion({"features": x, "mask": torch.zeros(5)}, y)
+        zeroed = nn.functional.cross_entropy(bnn.head.bias_mu.expand(5, 3), y)
+    torch.testing.assert_close(criterion.last_data_loss, zeroed.detach())
+    criterion({"features": x, "mask": m}, y).backward()
+    assert bnn.emb.weight_rho.grad is not None
+
+
+def test_own_loss_mode_and_elbo_function_add_the_scaled_kl():
+    bnn = transform_to_bnn_model(KeywordNet(), posterior_sigma_init=0.1)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    criterion = WithBNNLoss.elbo(bnn, None, num_train_examples=np.int64(200))
+    with dnn2bnn.set_mode(bnn, "mean"):
+        own = bnn(features=x, labels=y)["loss"]
+        expected = own + kl_divergence(bnn) / 200
+        torch.testing.assert_close(criterion({"features": x, "labels": y}), expected)
+        torch.testing.assert_close(dnn2bnn.elbo(own, bnn, num_train_examples=200), expected)
+    torch.testing.assert_close(criterion.last_data_loss, own.detach())
+    assert "loss_fn=None" in repr(criterion)
+    with pytest.raises(TypeError, match="pass the labels in the model inputs"):
+        criterion({"features": x}, y)
+    with pytest.raises(TypeError, match="without a loss tensor"):
+        criterion({"features": x})
+    with pytest.raises(TypeError, match="label is missing"):
+        WithBNNLoss(bnn, nn.CrossEntropyLoss(), bnn_factor=0.0)({"features": x})
+    with pytest.raises(TypeError, match="scalar data loss"):
+        dnn2bnn.elbo(torch.ones(3), bnn, num_train_examples=10)
+    assert "elbo" in dnn2bnn.__all__
+
+
+@pytest.mark.slow  # imports transformers
+def test_hugging_face_model_output_gives_its_logits_to_the_loss():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32, num_labels=3,
+    )
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # HF forwards defeat torch.fx: converted from the module tree
+        warnings.simplefilter("ignore", dnn2bnn.ConversionWarning)
+        bnn = transform_to_bnn_model(transformers.BertForSequenceClassification(config).eval())
+    ids = torch.randint(1, 50, (4, 7))
+    mask = torch.ones_like(ids)
+    y = torch.randint(0, 3, (4,))
+    batch = transformers.BatchEncoding({"input_ids": ids, "attention_mask": mask})
+    criterion = WithBNNLoss.elbo(bnn, nn.CrossEntropyLoss(), num_train_examples=1000)
+    own = WithBNNLoss.elbo(bnn, None, num_train_examples=1000)
+    with dnn2bnn.set_mode(bnn, "mean"):
+        loss = criterion(batch, y)
+        reference = own({**batch, "labels": y})
+    torch.testing.assert_close(loss, reference)
+    loss.backward()
+
+
+def test_data_and_label_can_still_be_passed_by_keyword():
+    bnn = transform_to_bnn_model(mlp((6, 4, 3)), posterior_sigma_init=0.1)
+    criterion = WithBNNLoss.elbo(bnn, nn.CrossEntropyLoss(), num_train_examples=10)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    with dnn2bnn.set_mode(bnn, "mean"):
+        torch.testing.assert_close(criterion(data=x, label=y), criterion(x, y))

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dnn2bnn
 from dnn2bnn import ClassificationPrediction, PredictionWarning, RegressionPrediction
+from dnn2bnn.prediction._io import ModelInputs
 from dnn2bnn.prediction._split import cached_plan, plan_split
 from dnn2bnn.prediction._vectorized import WeightDraws
 
@@ -42,9 +43,14 @@ def test_agreeing_samples_have_no_epistemic_uncertainty():
     assert pred.samples is None
 
 
-def test_one_logit_is_binary():
-    pred = ClassificationPrediction.from_logits(torch.tensor([[[0.0]], [[math.log(3.0)]]]))
+def test_one_logit_is_binary_only_when_asked():
+    logits = torch.tensor([[[0.0]], [[math.log(3.0)]]])
+    pred = ClassificationPrediction.from_logits(logits, binary=True)
     assert pred.probs[0].tolist() == pytest.approx([0.375, 0.625])  # p1: mean of .5 and .75
+    squeezed = ClassificationPrediction.from_logits(logits.squeeze(-1), binary=True)
+    torch.testing.assert_close(squeezed.probs, pred.probs)
+    with pytest.raises(ValueError, match="use task='binary'"):
+        ClassificationPrediction.from_logits(logits)  # softmax over one logit: never guessed
 
 
 def test_regression_conventions_by_hand():
@@ -184,6 +190,107 @@ def test_vectorized_matches_loop_in_distribution(case, fold, monkeypatch):
     assert log_ratio.abs().max() < 6 * 2 * math.sqrt(2 * 2 / (s - 1)), log_ratio.abs().max()
 
 
+# ---------------------------------------------------------------- batch axis: model families (issue 14 item 1)
+class SeqFirstTagger(nn.Module):
+    """The reproducer of issue 14 item 1: ``nn.LSTM`` defaults to ``[T, B, D]``."""
+
+    def __init__(self, batch_first=False):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.lstm = nn.LSTM(16, 16, batch_first=batch_first)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.head(self.lstm(torch.tanh(self.proj(x)))[0])
+
+
+class BatchFirstClassifier(nn.Module):
+    """A batch-first LSTM read at its last step: every value keeps the batch on dim 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.lstm = nn.LSTM(16, 16, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(torch.tanh(self.proj(x)))[0][:, -1])
+
+
+class PoolDim0(nn.Module):
+    """A sequence-first model that pools over dim 0 (time) after a Bayesian layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):  # x: [T, B, 8]
+        return self.head(torch.tanh(self.proj(x)).mean(0))
+
+
+class Encoder(nn.Module):
+    """A Bayesian projection, then a transformer encoder, seq-first or batch-first."""
+
+    def __init__(self, batch_first, bayesian_encoder=True):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.proj(x)))
+
+
+FAMILIES = {
+    # name: (build, conversion options, input, expected method of "auto")
+    "mlp": (lambda: mlp((10, 16, 16, 3)), {}, (6, 10), "vectorized"),
+    "cnn": (small_cnn, {}, (4, 1, 8, 8), "vectorized"),
+    "lstm-seq-first": (SeqFirstTagger, {}, (5, 3, 8), "loop"),
+    "lstm-batch-first": (BatchFirstClassifier, {}, (3, 5, 8), "vectorized"),
+    "lstm-seq-first-bayesian": (SeqFirstTagger, {"layer_types": (nn.Linear, nn.LSTM)}, (5, 3, 8), "vectorized"),
+    "pool-dim-0": (PoolDim0, {}, (5, 3, 8), "loop"),
+    # the encoder is Bayesian: called once per draw, each draw sees its own [T, B, D] batch
+    "encoder-seq-first": (lambda: Encoder(False), {}, (5, 3, 8), "vectorized"),
+    "encoder-batch-first": (lambda: Encoder(True), {}, (3, 5, 8), "vectorized"),
+    # the encoder is deterministic: it runs on the folded batch and mixes dim 0 (time)
+    "encoder-seq-first-deterministic": (lambda: Encoder(False), {"exclude": "encoder.*"}, (5, 3, 8), "loop"),
+    "encoder-batch-first-deterministic": (lambda: Encoder(True), {"exclude": "encoder.*"}, (3, 5, 8), "vectorized"),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_auto_matches_the_loop_in_distribution_for_every_layout(family):
+    """Vectorized where the batch is on dim 0 and rows stay apart, else the loop with a
+    warning; never different from the loop in distribution (the reproducer's means were
+    4-5 standard errors apart)."""
+    build, options, shape, expected = FAMILIES[family]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dnn2bnn.ConversionWarning)
+        bnn = dnn2bnn.transform_to_bnn_model(build(), posterior_sigma_init=0.2, **options)
+    x = torch.randn(*shape)
+    s = 300
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = dnn2bnn.predict(bnn, x, s, task="regression", return_samples=True)
+    fallbacks = [str(w.message) for w in caught if issubclass(w.category, PredictionWarning)]
+    slow = dnn2bnn.predict(bnn, x, s, task="regression", return_samples=True, method="loop")
+    assert fast.method == expected, fallbacks
+    if expected == "loop":
+        assert len(fallbacks) == 1 and "dim 0" in fallbacks[0], fallbacks
+    else:
+        assert not fallbacks
+    a, b = fast.samples, slow.samples
+    var_a, var_b = a.var(0), b.var(0)
+    assert var_b.min() > 0
+    z = (a.mean(0) - b.mean(0)) / ((var_a + var_b) / s).sqrt()
+    assert z.abs().max() < 5.0, z.abs().max()
+    log_ratio = (var_a / var_b).log()
+    assert log_ratio.abs().max() < 6 * 2 * math.sqrt(2 * 2 / (s - 1)), log_ratio.abs().max()
+
+
 def test_chunked_folding_runs_the_deterministic_part_once(monkeypatch):
     from dnn2bnn.prediction import _predict
 
@@ -193,6 +300,8 @@ def test_chunked_folding_runs_the_deterministic_part_once(monkeypatch):
     x = torch.randn(6, 10)
     # the fc output is 12 bytes a row: a 100-byte budget gives chunks of one draw
     monkeypatch.setattr(_predict, "CPU_FOLD_BYTES", 100)
+    dnn2bnn.predict(bnn, x, 2)  # traces and probes the plan (on 3 and 2 rows)
+    calls.clear()
     pred = dnn2bnn.predict(bnn, x, 9, return_samples=True)
     assert pred.method == "vectorized" and pred.samples.shape == (9, 6, 3)
     assert calls == [6]  # the prefix ran once, at batch size, for all chunks
@@ -223,10 +332,10 @@ def test_a_single_bayesian_layer_is_vectorized():
 
 def test_last_layer_plan_runs_the_prefix_once():
     bnn = dnn2bnn.transform_to_bnn_model(mlp((10, 16, 16, 3)), include="4")
-    plan = plan_split(bnn)
+    plan = plan_split(bnn, ModelInputs.of(torch.randn(3, 10)))
     assert plan.vectorized == ["4"] and plan.per_draw == []
     assert plan.single_use == {id(bnn[4])}  # a Linear called once: local reparameterization
-    full = plan_split(dnn2bnn.transform_to_bnn_model(CustomLayer()))
+    full = plan_split(dnn2bnn.transform_to_bnn_model(CustomLayer()), ModelInputs.of(torch.randn(3, 8)))
     assert full.vectorized == ["body"] and full.per_draw == ["top"]
     deterministic = [n.target for n in plan.graph.nodes if n not in plan.stochastic]
     assert deterministic[1:] == ["0", "1", "2", "3"]  # after the placeholder: run once
@@ -237,22 +346,23 @@ def test_the_plan_is_traced_once_per_model_structure():
     import weakref
 
     bnn = dnn2bnn.transform_to_bnn_model(mlp((10, 16, 16, 3)), posterior_sigma_init=0.1)
-    first = cached_plan(bnn)
-    assert cached_plan(bnn) is first  # same structure: no new trace
     x = torch.randn(3, 10)
-    assert dnn2bnn.predict(bnn, x, 4).method == "vectorized" and cached_plan(bnn) is first
+    inputs = ModelInputs.of(x)
+    first = cached_plan(bnn, inputs)
+    assert cached_plan(bnn, ModelInputs.of(torch.randn(7, 10))) is first  # same structure: no new trace
+    assert dnn2bnn.predict(bnn, x, 4).method == "vectorized" and cached_plan(bnn, inputs) is first
     with dnn2bnn.set_mode(bnn[0], "mean"):  # a mode change: traced again
-        changed = cached_plan(bnn)
+        changed = cached_plan(bnn, inputs)
         assert changed is not first and changed.vectorized == ["2", "4"]
     handle = bnn[2].register_forward_hook(lambda m, i, o: o)  # a hook: traced again
-    hooked = cached_plan(bnn)
+    hooked = cached_plan(bnn, inputs)
     assert hooked not in (first, changed) and "2" in hooked.per_draw
     handle.remove()
     bnn[4] = dnn2bnn.transform_to_bnn_model(nn.Linear(16, 5))  # a replaced layer
-    replaced = cached_plan(bnn)
+    replaced = cached_plan(bnn, inputs)
     assert dnn2bnn.predict(bnn, x, 4).probs.shape == (3, 5)
     dnn2bnn.prediction.clear_plan_cache(bnn)
-    assert cached_plan(bnn) is not replaced
+    assert cached_plan(bnn, inputs) is not replaced
     ref = weakref.ref(bnn)
     del bnn, first, changed, hooked, replaced
     gc.collect()
@@ -311,6 +421,27 @@ class ConstantInput(nn.Module):
         return self.fc(x + self.proj(self.query).mean(0))
 
 
+class MixesRows(nn.Module):
+    """After its Bayesian layer, an operation that mixes the rows of dim 0."""
+
+    def __init__(self, mix):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.mix = mix
+
+    def forward(self, x):
+        return self.mix(self.fc(x))
+
+
+ROW_MIXERS = {  # name: (operation, what the warning says)
+    "softmax-dim-0": (lambda h: h.softmax(0), "mixes rows"),
+    "centred-over-dim-0": (lambda h: h - h.mean(0), "node mean .* does not have the batch on dim 0"),
+    "batch-statistics": (lambda h: F.batch_norm(h, None, None, training=True), "mixes rows"),
+    "cumsum-dim-0": (lambda h: h.cumsum(0), "mixes rows"),
+    "view-minus-1": (lambda h: h.view(-1).reshape(-1, 3), "node view .* does not have the batch on dim 0"),
+}
+
+
 @pytest.mark.parametrize(
     "model, reason",
     [
@@ -318,7 +449,9 @@ class ConstantInput(nn.Module):
         (UsesBatchSize, "batch size"),
         (FunctionalRead, "read outside"),
         (ConstantInput, "does not depend on the input"),
+        *[(lambda mix=mix: MixesRows(mix), reason) for mix, reason in ROW_MIXERS.values()],
     ],
+    ids=["data-dependent", "batch-size", "functional-read", "constant-input", *ROW_MIXERS],
 )
 def test_falls_back_to_the_loop_with_a_warning(model, reason):
     with warnings.catch_warnings():
@@ -378,8 +511,15 @@ def test_regression_with_log_variance_head():
         ({"task": "segmentation"}, ValueError, "task must be one of"),
         ({"method": "fast"}, ValueError, "method must be one of"),
         ({"batch_size": 0}, ValueError, "batch_size"),
-        ({"inputs": 3}, TypeError, "tensor or an iterable"),
-        ({"inputs": [{"x": torch.ones(1, 20)}]}, TypeError, "each batch"),
+        ({"inputs": 3}, TypeError, "a mapping of keyword inputs or an iterable of batches"),
+        ({"inputs": [{"x": torch.ones(1, 20)}]}, TypeError, "do not match Sequential.forward"),
+        ({"inputs": [[3]]}, TypeError, "each batch must be a tensor, a mapping"),
+        ({"inputs": {"input": torch.ones(2, 20), "x": torch.ones(3, 1)}}, TypeError, "do not match"),
+        ({"class_dim": 1, "task": "regression"}, ValueError, "class_dim applies"),
+        ({"class_dim": 0}, ValueError, "is the batch dim"),
+        ({"class_dim": 2}, ValueError, "out of range"),
+        ({"class_dim": 1.0}, TypeError, "class_dim must be an int"),
+        ({"output_fn": 3}, TypeError, "output_fn must be callable"),
     ],
 )
 def test_mistakes_raise(kwargs, error, match):
@@ -387,3 +527,251 @@ def test_mistakes_raise(kwargs, error, match):
     args = {"inputs": torch.randn(2, 20), "num_samples": 2, **kwargs}
     with pytest.raises(error, match=match):
         dnn2bnn.predict(bnn, args.pop("inputs"), args.pop("num_samples"), **args)
+
+
+# ---------------------------------------------------------------- output conventions (issue 14 item 10)
+class SqueezedBinary(nn.Module):
+    """The BCEWithLogitsLoss pattern: one logit per input, squeezed to ``[N]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.fc(x).squeeze(-1)
+
+
+def _mean_mode_predict(bnn, x, **kwargs):
+    """predict and the output with every layer in "mean" mode (the deterministic network)."""
+    with dnn2bnn.set_mode(bnn, "mean"), pytest.warns(PredictionWarning, match="no Bayesian layer"):
+        return dnn2bnn.predict(bnn, x, 2, **kwargs), bnn(x)
+
+
+@pytest.mark.parametrize("batch_size", [None, 1, 2])
+def test_squeezed_binary_logits(batch_size):
+    bnn = dnn2bnn.transform_to_bnn_model(SqueezedBinary(), posterior_sigma_init=0.1)
+    x = torch.randn(5, 4)
+    pred, out = _mean_mode_predict(bnn, x, task="binary", batch_size=batch_size)
+    p1 = torch.sigmoid(out)
+    torch.testing.assert_close(pred.probs, torch.stack([1 - p1, p1], dim=1))
+    assert pred.predictive_entropy.shape == (5,) and pred.predictions.shape == (5,)
+    sampled = dnn2bnn.predict(bnn, x, 8, task="binary", batch_size=batch_size)
+    assert sampled.method == "vectorized" and sampled.mutual_information.shape == (5,)
+    with pytest.raises(ValueError, match="use task='binary'"):
+        dnn2bnn.predict(bnn, x, 2, batch_size=batch_size)
+
+
+def test_binary_logits_with_a_class_dim_of_size_one():
+    net = nn.Sequential(nn.Conv2d(2, 1, 3, padding=1))  # [N, 1, H, W]: binary segmentation
+    bnn = dnn2bnn.transform_to_bnn_model(net, posterior_sigma_init=0.1)
+    x = torch.randn(3, 2, 5, 6)
+    pred, out = _mean_mode_predict(bnn, x, task="binary")
+    p1 = torch.sigmoid(out)[:, 0]
+    torch.testing.assert_close(pred.probs, torch.stack([1 - p1, p1], dim=1))
+    assert pred.probs.shape == (3, 2, 5, 6) and pred.predictive_entropy.shape == (3, 5, 6)
+    with pytest.raises(ValueError, match="has size 5"):
+        dnn2bnn.predict(bnn, x, 2, task="binary", class_dim=2)
+
+
+def test_segmentation_softmax_is_over_the_class_dim_and_keeps_the_spatial_dims():
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1))
+    bnn = dnn2bnn.transform_to_bnn_model(net, posterior_sigma_init=0.1)
+    x = torch.randn(2, 2, 5, 7)
+    pred, out = _mean_mode_predict(bnn, x)
+    torch.testing.assert_close(pred.probs, out.softmax(1))  # the class dim 1, not W
+    torch.testing.assert_close(pred.probs.sum(1), torch.ones(2, 5, 7))
+    assert pred.class_dim == 1 and pred.predictions.shape == (2, 5, 7)
+    torch.testing.assert_close(pred.predictions, out.argmax(1))
+    sampled = dnn2bnn.predict(bnn, x, 6, return_samples=True, batch_size=1)
+    assert sampled.probs.shape == sampled.variance.shape == (2, 3, 5, 7)
+    for field in ("predictive_entropy", "expected_entropy", "mutual_information", "confidence"):
+        assert getattr(sampled, field).shape == (2, 5, 7), field
+    assert sampled.samples.shape == (6, 2, 3, 5, 7)
+    torch.testing.assert_close(sampled.probs, sampled.samples.mean(0))
+    assert (sampled.mutual_information >= 0).all() and sampled.mutual_information.max() > 0
+
+
+def test_class_dim_last_for_token_logits():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5))  # [N, T, C] token logits
+    bnn = dnn2bnn.transform_to_bnn_model(net, posterior_sigma_init=0.1)
+    x = torch.randn(3, 6, 4)
+    pred, out = _mean_mode_predict(bnn, x, class_dim=-1)
+    torch.testing.assert_close(pred.probs, out.softmax(-1))
+    assert pred.predictive_entropy.shape == (3, 6) and pred.class_dim == 2
+    torch.testing.assert_close(pred.confidence, out.softmax(-1).max(-1).values)
+
+
+# ---------------------------------------------------------------- inputs and outputs of real models (issue 16)
+class KeywordModel(nn.Module):
+    """Keyword inputs (an optional mask) and a dict output, as Hugging Face models have."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, features, mask=None):
+        h = torch.relu(self.emb(features))
+        if mask is not None:
+            h = h * mask.unsqueeze(-1)
+        return {"scores": self.head(h), "hidden": h}
+
+
+def test_dict_inputs_dataloaders_and_output_fn():
+    torch.manual_seed(0)
+    bnn = dnn2bnn.transform_to_bnn_model(KeywordModel(), posterior_sigma_init=0.1)
+    x, mask, y = torch.randn(6, 6), (torch.rand(6) > 0.3).float(), torch.randint(0, 3, (6,))
+    scores = lambda out: out["scores"]  # noqa: E731
+    with dnn2bnn.set_mode(bnn, "mean"):
+        expected = bnn(x, mask=mask)["scores"].softmax(-1)
+        unmasked = bnn(x)["scores"].softmax(-1)
+    dicts = [{"features": x[i:i + 2], "mask": mask[i:i + 2], "labels": y[i:i + 2]} for i in range(0, 6, 2)]
+    pairs = DataLoader(TensorDataset(x, y), batch_size=4, collate_fn=lambda b: (
+        {"features": torch.stack([r[0] for r in b])}, torch.stack([r[1] for r in b])
+    ))
+    with dnn2bnn.set_mode(bnn, "mean"), pytest.warns(PredictionWarning, match="no Bayesian layer"):
+        for inputs, kwargs, reference in [
+            ({"features": x, "mask": mask}, {}, expected),
+            ({"features": x, "mask": mask}, {"batch_size": 4}, expected),
+            (dicts, {}, expected),  # the "labels" key is left out of the forward
+            (pairs, {}, unmasked),  # (inputs, labels) batches: the inputs
+            (x, {}, unmasked),
+        ]:
+            pred = dnn2bnn.predict(bnn, inputs, 2, output_fn=scores, **kwargs)
+            torch.testing.assert_close(pred.probs, reference)
+    with pytest.raises(TypeError, match="output_fn= to pick the logits"):
+        dnn2bnn.predict(bnn, x, 2)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_keyword_inputs_are_vectorized_and_match_the_loop(with_mask):
+    torch.manual_seed(0)
+    bnn = dnn2bnn.transform_to_bnn_model(KeywordModel(), posterior_sigma_init=0.2)
+    inputs = {"features": torch.randn(5, 6)}
+    if with_mask:
+        inputs["mask"] = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.5])
+    s = 200
+    options = dict(task="regression", return_samples=True, output_fn=lambda out: out["scores"])
+    fast = dnn2bnn.predict(bnn, inputs, s, **options)
+    slow = dnn2bnn.predict(bnn, inputs, s, method="loop", **options)
+    assert fast.method == "vectorized"
+    a, b = fast.samples, slow.samples
+    z = (a.mean(0) - b.mean(0)) / ((a.var(0) + b.var(0)) / s).sqrt()
+    assert z.abs().max() < 5.0
+    log_ratio = (a.var(0) / b.var(0)).log()
+    assert log_ratio.abs().max() < 6 * 2 * math.sqrt(2 * 2 / (s - 1))
+
+
+def _tiny_hugging_face(kind):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "bert":
+        config = transformers.BertConfig(
+            vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, max_position_embeddings=32, num_labels=3,
+        )
+        model = transformers.BertForSequenceClassification(config)
+    else:
+        config = transformers.GPT2Config(
+            vocab_size=60, n_positions=32, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0
+        )
+        model = transformers.GPT2LMHeadModel(config)
+    with warnings.catch_warnings():  # HF forwards defeat torch.fx: converted from the module tree
+        warnings.simplefilter("ignore", dnn2bnn.ConversionWarning)
+        return transformers, dnn2bnn.transform_to_bnn_model(model.eval(), posterior_sigma_init=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_hugging_face_models_predict_from_batch_encodings_and_dataloaders(kind):
+    transformers, bnn = _tiny_hugging_face(kind)
+    ids = torch.randint(1, 60, (4, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    batch = transformers.BatchEncoding({"input_ids": ids, "attention_mask": mask})
+    with dnn2bnn.set_mode(bnn, "mean"):
+        logits = bnn(**batch).logits
+    classes = 3 if kind == "bert" else 60
+    assert logits.shape[-1] == classes
+    with dnn2bnn.set_mode(bnn, "mean"), pytest.warns(PredictionWarning) as caught:
+        pred = dnn2bnn.predict(bnn, batch, 2)
+    torch.testing.assert_close(pred.probs, logits.softmax(-1))  # ModelOutput: classes last
+    assert any("**kwargs" in str(w.message) for w in caught)  # why it is not vectorized
+    loader = [{**batch, "labels": torch.zeros(4, dtype=torch.long)}]
+    with pytest.warns(PredictionWarning, match="separate forward passes"):
+        sampled = dnn2bnn.predict(bnn, loader, 4, return_samples=True)
+    assert sampled.method == "loop" and sampled.probs.shape == logits.shape
+    assert sampled.mutual_information.shape == logits.shape[:-1]
+    assert sampled.mutual_information.max() > 0
+    pick = (lambda out: out.logits) if kind == "bert" else (lambda out: out.logits[:, -1])
+    with pytest.warns(PredictionWarning):  # the next-token logits of GPT-2: [N, V]
+        last = dnn2bnn.predict(bnn, ids, 2, output_fn=pick)
+    assert last.probs.shape == (4, classes)
+
+
+@pytest.mark.slow  # imports transformers
+def test_hugging_face_class_dim_follows_the_output_type():
+    """HF token/LM logits are [N, T, C]; segmentation logits [N, C, H, W]; others: ask."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_outputs import (
+        CausalLMOutput, SemanticSegmenterOutput, TokenClassifierOutput,
+    )
+
+    class Wrapped(nn.Module):
+        def __init__(self, output_type, conv):
+            super().__init__()
+            self.layer = nn.Conv2d(2, 3, 1) if conv else nn.Linear(2, 3)
+            self.output_type = output_type
+
+        def forward(self, x):
+            return self.output_type(logits=self.layer(x))
+
+    for output_type, conv, dim in [
+        (TokenClassifierOutput, False, -1), (CausalLMOutput, False, -1), (SemanticSegmenterOutput, True, 1)
+    ]:
+        bnn = dnn2bnn.transform_to_bnn_model(Wrapped(output_type, conv), posterior_sigma_init=0.1)
+        x = torch.randn(2, 2, 4, 4) if conv else torch.randn(2, 5, 2)
+        pred, out = _mean_mode_predict(bnn, x)
+        torch.testing.assert_close(pred.probs, out.logits.softmax(dim))
+    bnn = dnn2bnn.transform_to_bnn_model(Wrapped(transformers.utils.ModelOutput, False))
+    with pytest.raises(ValueError, match="pass class_dim="):
+        dnn2bnn.predict(bnn, torch.randn(2, 5, 2), 2)
+    assert dnn2bnn.predict(bnn, torch.randn(2, 5, 2), 2, class_dim=-1).probs.shape == (2, 5, 3)
+
+
+def test_the_probe_is_not_blinded_by_identical_rows():
+    """Left-padded sequence-first inputs: the first time steps are all zeros. The probe
+    searches distinct rows and completes them with noise, so the recurrence is still found."""
+    torch.manual_seed(0)
+    bnn = dnn2bnn.transform_to_bnn_model(SeqFirstTagger(), posterior_sigma_init=0.2)
+    x = torch.randn(6, 3, 8)
+    x[:4] = 0.0  # only rows 4 and 5 differ from the padding: one distinct row short
+    with pytest.raises(ValueError, match="mixes rows"):
+        dnn2bnn.predict(bnn, x, 4, task="regression", method="vectorized")
+    dnn2bnn.prediction.clear_plan_cache(bnn)
+    x[:] = 0.0  # a single distinct row
+    with pytest.raises(ValueError, match="mixes rows"):
+        dnn2bnn.predict(bnn, x, 4, task="regression", method="vectorized")
+
+
+def test_dataloader_batches_with_several_positional_inputs():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(2, 4)
+
+        def forward(self, x1, x2):
+            return self.a(x1) + self.b(x2)
+
+    bnn = dnn2bnn.transform_to_bnn_model(TwoInputs(), posterior_sigma_init=0.1)
+    x1, x2, y = torch.randn(5, 3), torch.randn(5, 2), torch.zeros(5)
+    loader = DataLoader(TensorDataset(x1, x2, y), batch_size=2, collate_fn=lambda rows: (
+        (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])), torch.stack([r[2] for r in rows])
+    ))
+    pred = dnn2bnn.predict(bnn, loader, 4)
+    assert pred.method == "vectorized" and pred.probs.shape == (5, 4)
+    with dnn2bnn.set_mode(bnn, "mean"), pytest.warns(PredictionWarning, match="no Bayesian layer"):
+        torch.testing.assert_close(dnn2bnn.predict(bnn, loader, 2).probs, bnn(x1, x2).softmax(1))
+        torch.testing.assert_close(
+            dnn2bnn.predict(bnn, {"x1": x1, "x2": x2}, 2).probs, bnn(x1, x2).softmax(1)
+        )

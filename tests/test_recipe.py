@@ -71,3 +71,12 @@ def test_rho_moves_by_its_own_learning_rate(grouped):
     assert moved.min() > 0.95 * steps * rate
     assert moved.max() < 1.05 * steps * rate
     assert dnn2bnn.is_bayesian_layer(bnn[0])
+
+
+def test_numpy_and_0d_tensor_rates_are_accepted():
+    import numpy as np
+
+    groups = bayes_param_groups(transform_to_bnn_model(mlp()), lr=np.float32(0.5), rho_lr=torch.tensor(2.0))
+    assert [(g["lr"], type(g["lr"])) for g in groups] == [(0.5, float), (2.0, float)]
+    with pytest.raises(TypeError, match="lr must be a real number"):
+        bayes_param_groups(transform_to_bnn_model(mlp()), lr=True)

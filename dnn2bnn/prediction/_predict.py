@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from enum import Enum
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dnn2bnn.prediction._io import ModelInputs, is_model_output, prediction_of
 from dnn2bnn.prediction._split import Chunk, SplitPlan, cached_plan
 from dnn2bnn.prediction._vectorized import WeightDraws, is_stochastic
 from dnn2bnn.prediction.results import ClassificationPrediction, RegressionPrediction
@@ -32,6 +34,7 @@ class Task(str, Enum):
     """What the model's output means."""
 
     CLASSIFICATION = "classification"
+    BINARY = "binary"
     REGRESSION = "regression"
 
 
@@ -50,10 +53,12 @@ Prediction = ClassificationPrediction | RegressionPrediction
 
 def predict(
     model: nn.Module,
-    inputs: Tensor | Iterable[Any],
+    inputs: Tensor | Mapping[str, Any] | Iterable[Any],
     num_samples: int = 32,
     *,
     task: Task | str = "classification",
+    class_dim: int | None = None,
+    output_fn: Callable[[Any], Any] | None = None,
     batch_size: int | None = None,
     return_samples: bool = False,
     method: str = "auto",
@@ -63,32 +68,53 @@ def predict(
 
     Each input is passed through ``num_samples`` networks drawn from the posterior. The
     model runs in eval mode (its train/eval flags are restored afterwards) without
-    gradients. Classifiers must return logits over the last dimension (one logit: binary,
-    for class 1); regression models return the mean, ``(mean, log_variance)`` or a
+    gradients.
+
+    Inputs: a tensor is the model's one positional argument; a mapping (``dict``, Hugging
+    Face ``BatchEncoding``) is passed as keyword arguments; a DataLoader (any iterable of
+    batches) yields either of them, or tuples/lists ``(inputs, labels, ...)`` whose first
+    element is the input, and a mapping batch loses its ``"labels"`` key.
+
+    Outputs: the prediction is ``output_fn(output)`` if given, else the ``logits`` of a
+    Hugging Face ``ModelOutput``, else the output itself. A classifier
+    (``task="classification"``) returns logits with the classes on ``class_dim``: by default
+    dim 1 (``[N, C]``, ``[N, C, H, W]``, as ``F.cross_entropy``), or the last dim for the
+    N-d logits of Hugging Face token-classification and language-model outputs
+    (``[N, T, C]``); other N-d ``ModelOutput`` logits need an explicit ``class_dim``. ``task="binary"`` takes the
+    logit of class 1 (``[N]``, ``[N, 1]``, ``[N, H, W]``, as ``BCEWithLogitsLoss``);
+    regression models (``task="regression"``) return the mean, ``(mean, log_variance)`` or a
     ``torch.distributions.Normal`` (see :class:`RegressionPrediction`).
 
     Sampling is vectorized: torch.fx finds the part of the network upstream of the first
     Bayesian layer, which runs once; the rest runs on a batch of ``B * num_samples`` rows
     where each Bayesian linear/convolution layer applies all its weight draws in one batched
     call (softplus(rho) is computed once per call of ``predict``). The split is traced once
-    per model and reused until a submodule, a layer's mode or a hook changes (after changing
-    an attribute that ``forward``'s Python control flow reads, call
-    :func:`dnn2bnn.prediction.clear_plan_cache`). This assumes dim 0 of
-    every batched tensor is the batch and that the model, in eval mode, treats batch items
-    independently. Where the graph cannot be split (tracing fails, a Bayesian weight is read
-    outside its layer, the batch size is used as a number, ...), a
-    :class:`PredictionWarning` is issued and the samples run as ``num_samples`` ordinary
+    per model and input signature and reused until a submodule, a layer's mode or a hook
+    changes (after changing an attribute that ``forward``'s Python control flow reads, call
+    :func:`dnn2bnn.prediction.clear_plan_cache`). Folding the samples into the batch needs
+    every value after the first Bayesian layer to have the batch on dim 0 and to compute
+    each row from its own input: a probe run of the traced graph on 3 and 2 rows checks this
+    (it finds sequence-first ``[T, B, D]`` layouts, pooling or attention over dim 0,
+    ``view(-1)``). Where the model cannot be vectorized (the probe fails, tracing fails, a
+    Bayesian weight is read outside its layer, the batch size is used as a number, ...), a
+    :class:`PredictionWarning` says why and the samples run as ``num_samples`` ordinary
     forward passes; ``result.method`` says which path ran.
 
     Args:
         model: a network with Bayesian layers (e.g. from
             :func:`dnn2bnn.transform_to_bnn_model`). Layers in "mean" mode stay deterministic.
-        inputs: a tensor whose dim 0 is the batch, or an iterable of batches (a DataLoader);
-            a batch that is a tuple or list contributes its first element (e.g. ``(x, y)``).
+        inputs: a tensor whose dim 0 is the batch, a mapping of keyword inputs (every tensor
+            with the batch on dim 0), or an iterable of batches (a DataLoader).
         num_samples: ``S``, the number of posterior samples per input.
-        task: ``"classification"`` or ``"regression"``.
-        batch_size: split a tensor input into batches of this size (``None``: one batch).
-            The stochastic part runs on ``batch_size * num_samples`` rows at a time.
+        task: ``"classification"``, ``"binary"`` or ``"regression"``.
+        class_dim: the class dim of a classifier's output (dim 0 is the batch); ``None``:
+            1, or -1 for the logits of a Hugging Face ``*LMOutput``/``TokenClassifierOutput``. With ``task="binary"``, the dim of
+            size 1 holding the logit (``None``: dim 1 if it has size 1).
+        output_fn: picks the prediction from the model output, e.g.
+            ``lambda out: out["scores"]`` (it may see the folded batch of all samples: select,
+            do not reduce over dim 0).
+        batch_size: split a tensor (or mapping) input into batches of this size (``None``:
+            one batch). The stochastic part runs on ``batch_size * num_samples`` rows at a time.
         return_samples: keep the per-sample outputs in ``result.samples``.
         method: ``"auto"`` (vectorized, else the loop with a warning), ``"vectorized"``
             (an error instead of the fallback) or ``"loop"`` (the plain reference loop).
@@ -96,8 +122,8 @@ def predict(
             least 20 batches when stderr is a terminal.
 
     Returns:
-        A :class:`ClassificationPrediction` or a :class:`RegressionPrediction`, on the
-        model's output device.
+        A :class:`ClassificationPrediction` (classification, binary) or a
+        :class:`RegressionPrediction`, on the model's output device.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
@@ -105,6 +131,9 @@ def predict(
         >>> result = dnn2bnn.predict(bnn, torch.randn(5, 4), num_samples=16)
         >>> result.probs.shape, result.mutual_information.shape, result.method
         (torch.Size([5, 3]), torch.Size([5]), 'vectorized')
+        >>> binary = torch.nn.Sequential(torch.nn.Linear(4, 1), torch.nn.Flatten(0))  # [N] logits
+        >>> dnn2bnn.predict(dnn2bnn.transform_to_bnn_model(binary), torch.randn(5, 4), task="binary").probs.shape
+        torch.Size([5, 2])
     """
     task = _enum(Task, task, "task")
     chosen = _enum(Method, method, "method")
@@ -114,6 +143,12 @@ def predict(
         isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
     ):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    if class_dim is not None and (isinstance(class_dim, bool) or not isinstance(class_dim, int)):
+        raise TypeError(f"class_dim must be an int or None, got {type(class_dim).__name__}")
+    if class_dim is not None and task is Task.REGRESSION:
+        raise ValueError("class_dim applies to task='classification' or 'binary', not 'regression'")
+    if output_fn is not None and not callable(output_fn):
+        raise TypeError(f"output_fn must be callable, got {type(output_fn).__name__}")
     if not any(is_stochastic(m) for m in model.modules()):
         warnings.warn(
             f"predict: {type(model).__name__} has no Bayesian layer in 'sample' mode; all "
@@ -124,86 +159,135 @@ def predict(
     batches = _batches(inputs, batch_size)
     parts: list[Prediction] = []
     with torch.no_grad(), _eval_mode(model):
-        sampler = _Sampler(model, num_samples, chosen)
-        for x in _progress(batches, inputs, progress):
-            outputs = sampler(x)
-            if task is Task.CLASSIFICATION:
-                if not isinstance(outputs, Tensor):
-                    raise TypeError(
-                        "a classifier must return a logits tensor, got "
-                        f"{type(outputs).__name__} from {type(model).__name__}"
-                    )
-                parts.append(
-                    ClassificationPrediction.from_logits(outputs, keep_samples=return_samples)
-                )
-            else:
-                parts.append(
-                    RegressionPrediction.from_outputs(outputs, keep_samples=return_samples)
-                )
+        sampler = _Sampler(model, num_samples, chosen, output_fn)
+        for batch in _progress(batches, inputs, progress):
+            outputs = sampler(batch)
+            parts.append(_summarize(outputs, task, class_dim, sampler, return_samples))
     if not parts:
         raise ValueError("predict got no input batch")
     joined = type(parts[0]).concat(parts)  # type: ignore[arg-type]
     return dataclasses.replace(joined, method=sampler.method_used)
 
 
-class _Sampler:
-    """Returns ``S`` model outputs per batch (``[S, B, ...]``), vectorized when possible."""
+def _summarize(
+    outputs: Any, task: Task, class_dim: int | None, sampler: _Sampler, keep: bool
+) -> Prediction:
+    """The result of one batch from its ``[S, B, ...]`` outputs."""
+    where = sampler.where
+    if task is Task.REGRESSION:
+        return RegressionPrediction.from_outputs(outputs, keep_samples=keep)
+    if not isinstance(outputs, Tensor):
+        raise TypeError(
+            f"a classifier must return a logits tensor, got {type(outputs).__name__} from "
+            f"{where} (pass output_fn= to pick the logits from the output)"
+        )
+    shape = tuple(outputs.shape[1:])
+    if task is Task.BINARY:
+        return ClassificationPrediction.from_logits(
+            outputs, keep_samples=keep, class_dim=class_dim, binary=True
+        )
+    if outputs.dim() < 3:
+        raise ValueError(
+            f"a classifier's output must be [N, C, ...] logits with a class dim, got shape "
+            f"{shape} from {where}: for one logit per input (BCEWithLogitsLoss) use "
+            "task='binary'"
+        )
+    if class_dim is None:
+        class_dim = _default_class_dim(sampler.model_output, shape)
+    return ClassificationPrediction.from_logits(outputs, keep_samples=keep, class_dim=class_dim)
 
-    def __init__(self, model: nn.Module, num_samples: int, method: Method) -> None:
+
+#: Hugging Face outputs whose N-d logits have the classes last (``[N, T, C]``).
+_HF_CLASSES_LAST = re.compile(r"(LM|TokenClassifier)Output")
+#: ... and those whose N-d logits have them on dim 1 (``[N, C, H, W]``).
+_HF_CLASSES_FIRST = re.compile(r"SemanticSegmenterOutput|DepthEstimatorOutput")
+
+
+def _default_class_dim(model_output: str | None, shape: tuple[int, ...]) -> int:
+    """``class_dim=None``: dim 1 (PyTorch), the classes of HF token/LM logits last."""
+    if model_output is None or len(shape) == 2 or _HF_CLASSES_FIRST.search(model_output):
+        return 1
+    if _HF_CLASSES_LAST.search(model_output):
+        return -1
+    raise ValueError(
+        f"predict: where the classes are in the logits of {model_output} (shape {shape}) is not "
+        "known: pass class_dim= (1 for [N, C, H, W], -1 for [N, T, C])"
+    )
+
+
+class _Sampler:
+    """Returns ``S`` predictions per batch (``[S, B, ...]``), vectorized when possible."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_samples: int,
+        method: Method,
+        output_fn: Callable[[Any], Any] | None,
+    ) -> None:
         self.model = model
         self.num_samples = num_samples
         self.method = method
-        self.plan: SplitPlan | None = None
+        self.output_fn = output_fn
+        self.where = f"{type(model).__module__}.{type(model).__qualname__}"
+        #: the class name of the Hugging Face ModelOutput whose logits are the prediction
+        self.model_output: str | None = None
+        self.fell_back = method is Method.LOOP
         #: softplus(rho) per layer, computed once per predict call, shared by every draw set
         self.sigmas: dict[int, dict[str, Tensor]] = {}
         self.used: set[str] = set()
-        if method is not Method.LOOP:
-            plan = cached_plan(model)
-            if isinstance(plan, str):
-                self._fall_back(plan)
-            else:
-                self.plan = plan
 
     @property
     def method_used(self) -> str:
         return "loop" if "loop" in self.used or not self.used else "vectorized"
 
+    def select(self, output: Any) -> Any:
+        """The prediction in one model output (see :func:`prediction_of`)."""
+        if self.output_fn is None and is_model_output(output):
+            self.model_output = type(output).__name__
+        return prediction_of(output, self.output_fn, where=f"predict ({self.where})")
+
     def _fall_back(self, reason: str) -> None:
-        where = f"{type(self.model).__module__}.{type(self.model).__qualname__}"
         if self.method is Method.VECTORIZED:
-            raise ValueError(f"predict(method='vectorized'): cannot vectorize {where}: {reason}")
+            raise ValueError(f"predict(method='vectorized'): cannot vectorize {self.where}: {reason}")
         warnings.warn(
-            f"predict: running {self.num_samples} samples as separate forward passes of {where}: "
-            f"{reason}",
+            f"predict: running {self.num_samples} samples as separate forward passes of "
+            f"{self.where}: {reason}",
             PredictionWarning,
             stacklevel=4,
         )
-        self.plan = None
+        self.fell_back = True
 
-    def __call__(self, x: Tensor) -> Any:
-        if self.plan is not None:
-            try:
-                out = self._run_plan(self.plan, x)
-            except Exception as exc:  # noqa: BLE001 - any failure: the reference loop decides
-                self._fall_back(f"the folded batch failed ({type(exc).__name__}: {exc})")
+    def __call__(self, inputs: ModelInputs) -> Any:
+        if not self.fell_back:
+            plan = cached_plan(self.model, inputs)
+            if isinstance(plan, str):
+                self._fall_back(plan)
             else:
-                self.used.add("vectorized")
-                return out
+                try:
+                    out = self._run_plan(plan, inputs)
+                except Exception as exc:  # noqa: BLE001 - any failure: the reference loop decides
+                    self._fall_back(f"the folded batch failed ({type(exc).__name__}: {exc})")
+                else:
+                    self.used.add("vectorized")
+                    return out
         self.used.add("loop")
-        return _stack([self.model(x) for _ in range(self.num_samples)])
+        return _stack([self.select(inputs(self.model)) for _ in range(self.num_samples)])
 
-    def _run_plan(self, plan: SplitPlan, x: Tensor) -> Any:
+    def _run_plan(self, plan: SplitPlan, inputs: ModelInputs) -> Any:
         """All draws folded at once; on CPU in cache-sized chunks (see CPU_FOLD_BYTES)."""
         s = self.num_samples
-        if x.device.type != "cpu" or s == 1:
-            return plan.run(x, WeightDraws(s, self.sigmas))
+        device = next(inputs.tensors()).device
+        if device.type != "cpu" or s == 1:
+            return plan.run(inputs, WeightDraws(s, self.sigmas), select=self.select)
         chunk = Chunk(frontier={})
-        parts = [plan.run(x, WeightDraws(1, self.sigmas), chunk)]
+        parts = [plan.run(inputs, WeightDraws(1, self.sigmas), chunk, select=self.select)]
         done = 1
+        batch = inputs.batch_size
         while done < s:
             rows = max(1, CPU_FOLD_BYTES // max(1, chunk.row_bytes))
-            k = min(s - done, max(1, rows // max(1, x.shape[0])))
-            parts.append(plan.run(x, WeightDraws(k, self.sigmas), chunk))
+            k = min(s - done, max(1, rows // max(1, batch)))
+            parts.append(plan.run(inputs, WeightDraws(k, self.sigmas), chunk, select=self.select))
             done += k
         return _concat(parts)
 
@@ -223,7 +307,10 @@ def _concat(parts: list[Any]) -> Any:
         return torch.distributions.Normal(
             torch.cat([p.loc for p in parts]), torch.cat([p.scale for p in parts])
         )
-    raise TypeError(f"cannot collect model outputs of type {type(first).__name__}")
+    raise TypeError(
+        f"cannot collect model outputs of type {type(first).__name__}: pass output_fn= to pick "
+        "the prediction (a tensor, a (mean, log_variance) pair or a Normal)"
+    )
 
 
 def _stack(outputs: list[Any]) -> Any:
@@ -236,7 +323,10 @@ def _stack(outputs: list[Any]) -> Any:
         return torch.distributions.Normal(
             torch.stack([o.loc for o in outputs]), torch.stack([o.scale for o in outputs])
         )
-    raise TypeError(f"cannot collect model outputs of type {type(first).__name__}")
+    raise TypeError(
+        f"cannot collect model outputs of type {type(first).__name__}: pass output_fn= to pick "
+        "the prediction (a tensor, a (mean, log_variance) pair or a Normal)"
+    )
 
 
 def _enum(cls: type[Enum], value: Any, name: str) -> Any:
@@ -246,35 +336,27 @@ def _enum(cls: type[Enum], value: Any, name: str) -> Any:
         raise ValueError(f"{name} must be one of {[m.value for m in cls]}, got {value!r}") from exc
 
 
-def _batches(inputs: Any, batch_size: int | None) -> Iterable[Tensor]:
-    if isinstance(inputs, Tensor):
-        if inputs.dim() == 0:
-            raise ValueError("inputs must have a batch dimension, got a 0-d tensor")
-        return inputs.split(batch_size) if batch_size else (inputs,)
+def _batches(inputs: Any, batch_size: int | None) -> Iterable[ModelInputs]:
+    if isinstance(inputs, (Tensor, Mapping)):
+        whole = ModelInputs.of(inputs)
+        return whole.split(batch_size) if batch_size else (whole,)
     if batch_size is not None:
-        raise ValueError("batch_size applies to a tensor input; a DataLoader has its own")
+        raise ValueError("batch_size applies to a tensor or mapping input; a DataLoader has its own")
     if not isinstance(inputs, Iterable):
         raise TypeError(
-            f"inputs must be a tensor or an iterable of batches, got {type(inputs).__name__}"
+            "inputs must be a tensor, a mapping of keyword inputs or an iterable of batches, got "
+            f"{type(inputs).__name__}"
         )
-    return (_first_tensor(batch) for batch in inputs)
+    return (ModelInputs.of_loader_batch(batch) for batch in inputs)
 
 
-def _first_tensor(batch: Any) -> Tensor:
-    if isinstance(batch, (tuple, list)) and batch:
-        batch = batch[0]
-    if not isinstance(batch, Tensor):
-        raise TypeError(
-            "each batch must be a tensor or a tuple/list starting with the input tensor, got "
-            f"{type(batch).__name__}"
-        )
-    return batch
-
-
-def _progress(batches: Iterable[Tensor], inputs: Any, progress: bool | None) -> Iterable[Tensor]:
+def _progress(
+    batches: Iterable[ModelInputs], inputs: Any, progress: bool | None
+) -> Iterable[ModelInputs]:
     if progress is False:
         return batches
-    total = len(inputs) if hasattr(inputs, "__len__") and not isinstance(inputs, Tensor) else None
+    plain = isinstance(inputs, (Tensor, Mapping))
+    total = len(inputs) if hasattr(inputs, "__len__") and not plain else None
     if progress is None and (total is None or total < AUTO_PROGRESS_MIN_BATCHES):
         return batches
     from tqdm.auto import tqdm

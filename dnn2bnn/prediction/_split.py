@@ -11,11 +11,12 @@ layer alone is Bayesian thus costs about one deterministic pass for any ``S``.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor, fx, nn
 from torch.fx.node import Argument, map_aggregate, map_arg
 
 from dnn2bnn.layers._base import BayesianLayer, BayesMode, is_bayesian_layer
+from dnn2bnn.prediction._io import ModelInputs
 from dnn2bnn.prediction._vectorized import (
     FoldError,
     WeightDraws,
@@ -46,7 +48,7 @@ class _Tracer(fx.Tracer):
 
 
 @contextmanager
-def _means_for_tracing(model: nn.Module) -> Iterator[list[BayesianLayer]]:
+def means_for_tracing(model: nn.Module) -> Iterator[list[BayesianLayer]]:
     """Layers in "mean" mode return their ``weight_mu`` *parameter*, which fx records as a
     ``get_attr`` node: that is how a functional read of a Bayesian weight is found."""
     layers = [m for m in model.modules() if isinstance(m, BayesianLayer)]
@@ -58,6 +60,74 @@ def _means_for_tracing(model: nn.Module) -> Iterator[list[BayesianLayer]]:
     finally:
         for m, mode in zip(layers, previous):
             m.__dict__["bayes_mode"] = mode
+
+
+@dataclass(frozen=True)
+class Binding:
+    """How a call's inputs map onto ``forward``'s parameters, for tracing and running.
+
+    Tensor arguments become graph inputs (placeholders, batched); every other parameter
+    (given or defaulted: ``None`` masks, flags) is fixed in the trace as a constant, as
+    torch.fx's ``concrete_args`` do, so ``if mask is not None`` takes the branch of the call.
+    """
+
+    names: tuple[str, ...]
+    tensors: frozenset[str]
+    concrete: dict[str, Any] = field(hash=False)
+    #: What a plan traced with this binding may be reused for (``None``: not reusable).
+    key: Hashable | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module, inputs: ModelInputs) -> Binding | str:
+        """The binding of ``inputs`` to ``model.forward``; a reason string if there is none."""
+        try:
+            signature = inspect.signature(model.forward)
+        except (TypeError, ValueError) as exc:
+            return f"the signature of {type(model).__name__}.forward is unknown ({exc})"
+        variadic = [
+            p.name for p in signature.parameters.values()
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        try:
+            bound = signature.bind(*inputs.args, **inputs.kwargs)
+        except TypeError as exc:
+            raise TypeError(
+                f"predict: the inputs do not match {type(model).__name__}.forward{signature}: {exc}"
+            ) from exc
+        if variadic:
+            hf = type(model).__module__.startswith("transformers.")
+            return (
+                f"{type(model).__name__}.forward takes *args/**kwargs ({', '.join(variadic)}), "
+                "which torch.fx cannot trace"
+                + (" (transformers >= 5 has no transformers.utils.fx tracer)" if hf else "")
+            )
+        names: list[str] = []
+        tensors: set[str] = set()
+        concrete: dict[str, Any] = {}
+        key: list[Hashable] = []
+        reusable = True
+        for name, param in signature.parameters.items():
+            value = bound.arguments.get(name, param.default)
+            names.append(name)
+            if isinstance(value, Tensor):
+                tensors.add(name)
+                key.append((name, Tensor))
+                continue
+            concrete[name] = value
+            try:
+                hash(value)
+            except TypeError:  # a list, a dict: the trace is not reused
+                reusable = False
+            else:
+                key.append((name, type(value), value))
+        return cls(
+            tuple(names), frozenset(tensors), concrete, tuple(key) if reusable else None
+        )
+
+    def values(self, inputs: ModelInputs, model: nn.Module) -> list[Any]:
+        """The placeholder values for ``inputs``, in ``forward``'s parameter order."""
+        bound = inspect.signature(model.forward).bind(*inputs.args, **inputs.kwargs)
+        return [bound.arguments.get(name, self.concrete.get(name)) for name in self.names]
 
 
 @dataclass
@@ -79,6 +149,16 @@ class SplitPlan:
     single_use: frozenset[int] = frozenset()
     #: Deterministic nodes read by stochastic ones: all that a chunk after the first needs.
     frontier: frozenset[fx.Node] = frozenset()
+    #: How the call's inputs were bound to ``forward``'s parameters when tracing.
+    binding: Binding | None = None
+    #: The Hugging Face ``ModelOutput`` class of the model's output (fx records a dict).
+    output_type: type | None = None
+
+    def placeholder_values(self, inputs: ModelInputs) -> list[Any]:
+        """The graph inputs for ``inputs`` (``forward``'s parameters in order)."""
+        if self.binding is None:
+            return list(inputs.args)
+        return self.binding.values(inputs, self.module)
 
     @property
     def module(self) -> nn.Module:
@@ -90,19 +170,32 @@ class SplitPlan:
             return module
         return root
 
-    def run(self, x: Tensor, draws: WeightDraws, chunk: Chunk | None = None) -> Any:
+    def run(
+        self,
+        inputs: ModelInputs,
+        draws: WeightDraws,
+        chunk: Chunk | None = None,
+        *,
+        select: Callable[[Any], Any] | None = None,
+    ) -> Any:
         """The model output for ``S`` draws, every tensor shaped ``[S, B, ...]``.
 
         With ``chunk``, the deterministic part runs only in the first call that gets this
         ``chunk``: later calls (more draws of the same batch) reuse its frontier values.
+        ``select`` picks the prediction from the folded output before it is unfolded.
         """
         draws.new_pass()
         draws.local = self.single_use
-        interpreter = _FoldedInterpreter(self, draws, x.shape[0], chunk)
-        out = interpreter.run(x)
+        batch = inputs.batch_size
+        interpreter = _FoldedInterpreter(self, draws, batch, chunk)
+        out = interpreter.run(*self.placeholder_values(inputs))
+        if self.output_type is not None and isinstance(out, dict):
+            out = self.output_type(**out)
+        if select is not None:
+            out = select(out)
         if chunk is not None:
             chunk.started = True
-        return _unfold(out, x.shape[0], draws.num_samples)
+        return _unfold(out, batch, draws.num_samples)
 
 
 @dataclass
@@ -115,10 +208,11 @@ class Chunk:
     row_bytes: int = 0
 
 
-# model -> (structure stamp, plan or reason). Values hold the model only weakly.
-_PLANS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], SplitPlan | str]] = (
-    weakref.WeakKeyDictionary()
-)
+# model -> {input binding key: (structure stamp, plan or reason)}. Values hold the model
+# only weakly.
+_PLANS: weakref.WeakKeyDictionary[
+    nn.Module, dict[Hashable, tuple[tuple[Any, ...], SplitPlan | str]]
+] = weakref.WeakKeyDictionary()
 
 
 def _stamp(model: nn.Module) -> tuple[Any, ...]:
@@ -131,24 +225,30 @@ def _stamp(model: nn.Module) -> tuple[Any, ...]:
     )
 
 
-def cached_plan(model: nn.Module) -> SplitPlan | str:
-    """:func:`plan_split`, traced once per model and reused while its structure is unchanged.
+def cached_plan(model: nn.Module, inputs: ModelInputs) -> SplitPlan | str:
+    """:func:`plan_split`, traced once per model and input binding, reused while its
+    structure is unchanged.
 
     The plan is traced again when a submodule is added, removed or replaced, a layer's mode
-    changes or a hook is added or removed. Python control flow in ``forward`` that reads
+    changes, a hook is added or removed, or the call passes other inputs (other tensor
+    arguments, other non-tensor values). Python control flow in ``forward`` that reads
     other attributes is frozen in the trace (as in any torch.fx capture): after changing
     such an attribute, call :func:`clear_plan_cache`.
     """
     if is_bayesian_layer(model):  # wrapped in a container by plan_split: cheap to trace
-        return plan_split(model)
+        return plan_split(model, inputs)
+    binding = Binding.of(model, inputs)
+    key = binding.key if isinstance(binding, Binding) else binding
     stamp = _stamp(model)
-    entry = _PLANS.get(model)
+    entries = _PLANS.setdefault(model, {})
+    entry = entries.get(key) if key is not None else None
     if entry is not None and entry[0] == stamp:
         return entry[1]
-    plan = plan_split(model)
+    plan = plan_split(model, inputs)
     if isinstance(plan, SplitPlan):
         plan.root = weakref.ref(model)
-    _PLANS[model] = (stamp, plan)
+    if key is not None:
+        entries[key] = (stamp, plan)
     return plan
 
 
@@ -160,20 +260,37 @@ def clear_plan_cache(model: nn.Module | None = None) -> None:
         _PLANS.pop(model, None)
 
 
-def plan_split(model: nn.Module) -> SplitPlan | str:
-    """Trace ``model`` and find its stochastic part; a reason string if that is impossible."""
+def plan_split(model: nn.Module, inputs: ModelInputs) -> SplitPlan | str:
+    """Trace ``model`` for ``inputs`` and find its stochastic part.
+
+    Returns a reason string where the samples cannot be folded into the batch: the trace
+    fails, a Bayesian weight is read outside its layer, or the batch-axis probe
+    (:func:`dnn2bnn.prediction._probe.check_batch_axis`) finds a value of the stochastic
+    part whose batch is not on dim 0 or whose rows mix.
+    """
     if is_bayesian_layer(model):  # a single layer: trace a container so it stays a leaf
+        Binding.of(model, inputs)  # inputs that do not fit: the error names the layer
         model = nn.Sequential(model)
+    binding = Binding.of(model, inputs)
+    if isinstance(binding, str):
+        return binding
     # Computed before tracing, which switches the layers to "mean" mode.
     stochastic_modules = {id(m) for m in model.modules() if is_stochastic(m)}
     bayesian = {id(m) for m in model.modules() if is_bayesian_layer(m)}
-    with _means_for_tracing(model) as sampling:
+    with means_for_tracing(model) as sampling:
         try:
-            graph = _Tracer(bayesian).trace(model)
+            graph = _Tracer(bayesian).trace(model, concrete_args=binding.concrete or None)
         except Exception as exc:  # any failure: the caller falls back to the loop
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             kind = type(exc).__name__
             return f"torch.fx could not trace {type(model).__name__} ({kind}: {first})"
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(binding.names):
+        return (
+            f"the trace of {type(model).__name__} has {len(placeholders)} inputs for the "
+            f"{len(binding.names)} parameters of its forward"
+        )
+    inputs_batched = {n for n, name in zip(placeholders, binding.names) if name in binding.tensors}
     names = {id(m): name for name, m in model.named_modules()}
     owners = {id(m) for m in sampling}
     modules = dict(model.named_modules())
@@ -189,7 +306,9 @@ def plan_split(model: nn.Module) -> SplitPlan | str:
                     f"{node.target} (a Bayesian parameter) is read outside its layer's forward; "
                     f"its samples cannot be batched"
                 )
-        if node.op == "placeholder" or any(a in batched for a in node.all_input_nodes):
+        if node in inputs_batched or any(
+            a in batched for a in node.all_input_nodes
+        ):
             batched.add(node)
         if node.op == "call_module" and id(modules[node.target]) in stochastic_modules:
             target = modules[node.target]
@@ -211,10 +330,18 @@ def plan_split(model: nn.Module) -> SplitPlan | str:
     frontier = frozenset(
         a for n in stochastic for a in n.all_input_nodes if a not in stochastic
     )
-    return SplitPlan(
+    plan = SplitPlan(
         model, graph, stochastic, batched, sorted(set(vectorized)), sorted(set(per_draw)),
-        single_use, frontier,
+        single_use, frontier, binding,
     )
+    from dnn2bnn.prediction._probe import check_batch_axis, model_output_type
+
+    reason = check_batch_axis(plan, inputs)
+    if reason is not None:
+        return reason
+    plan.output_type = model_output_type(plan, inputs)
+    return plan
+
 
 
 class _FoldedInterpreter(fx.Interpreter):

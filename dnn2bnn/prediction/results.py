@@ -23,7 +23,13 @@ def _variance(samples: Tensor) -> Tensor:
 class ClassificationPrediction:
     """Monte Carlo predictive of a classifier; entropies are in nats.
 
-    For ``N`` inputs, ``C`` classes and ``S`` posterior samples ``p_s = softmax(logits_s)``:
+    For ``N`` inputs, ``C`` classes and ``S`` posterior samples ``p_s = softmax(logits_s)``
+    over the class dim. The shapes below are those of a ``[N, C]`` classifier; for an N-d
+    output (segmentation ``[N, C, H, W]``, token logits ``[N, T, C]``) every field keeps the
+    model's layout: ``probs`` and ``variance`` have the shape of the logits, the entropies
+    and the mutual information that shape without the class dim (``[N, H, W]``), and
+    :attr:`class_dim` says where the classes are. Binary logits (``task="binary"``) give
+    two classes, ``(1 - p, p)``.
 
     Attributes:
         probs: ``[N, C]`` predictive probabilities ``mean_s p_s``.
@@ -35,6 +41,8 @@ class ClassificationPrediction:
         samples: ``[S, N, C]`` the per-sample probabilities ``p_s`` if asked for, else ``None``.
         num_samples: ``S``.
         method: how the samples were computed: ``"vectorized"`` or ``"loop"``.
+        class_dim: the class dim of :attr:`probs` and :attr:`variance` (``1`` for ``[N, C]``;
+            in :attr:`samples` it is one further right).
     """
 
     probs: Tensor
@@ -45,6 +53,7 @@ class ClassificationPrediction:
     samples: Tensor | None
     num_samples: int
     method: str
+    class_dim: int = 1
 
     @property
     def mean(self) -> Tensor:
@@ -53,13 +62,13 @@ class ClassificationPrediction:
 
     @property
     def predictions(self) -> Tensor:
-        """``[N]`` the most probable class."""
-        return self.probs.argmax(-1)
+        """``[N]`` (``[N, ...]`` for N-d outputs) the most probable class."""
+        return self.probs.argmax(self.class_dim)
 
     @property
     def confidence(self) -> Tensor:
-        """``[N]`` the predictive probability of the most probable class."""
-        return self.probs.max(-1).values
+        """``[N]`` (``[N, ...]``) the predictive probability of the most probable class."""
+        return self.probs.max(self.class_dim).values
 
     @property
     def aleatoric(self) -> Tensor:
@@ -73,25 +82,60 @@ class ClassificationPrediction:
 
     @classmethod
     def from_logits(
-        cls, logits: Tensor, *, keep_samples: bool = False, method: str = "loop"
+        cls,
+        logits: Tensor,
+        *,
+        keep_samples: bool = False,
+        method: str = "loop",
+        class_dim: int | None = None,
+        binary: bool = False,
     ) -> ClassificationPrediction:
-        """Summarize ``[S, N, C]`` logits (``[S, N, 1]``: one binary logit, class 1).
+        """Summarize ``[S, N, ...]`` logits.
+
+        Args:
+            logits: the per-sample model outputs, the samples on dim 0.
+            keep_samples: keep the per-sample probabilities in ``samples``.
+            method: recorded in ``method``.
+            class_dim: the class dim *of one sample's output* (``[N, C, H, W]``: ``1``;
+                ``[N, T, C]``: ``-1``; ``None``: ``-1``); dim 0 is the batch. With ``binary``,
+                the dim of size 1 that holds the one logit; ``None``: dim 1 if it has size 1
+                (``[N, 1]``, ``[N, 1, H, W]``), else there is none (``[N]``, ``[N, H, W]``) and
+                the two classes are inserted at dim 1.
+            binary: the logits are those of class 1 (``sigmoid``), as for
+                ``BCEWithLogitsLoss``.
 
         Example:
             >>> logits = torch.tensor([[[0.0, 0.0]], [[0.0, 0.0]]])
             >>> pred = ClassificationPrediction.from_logits(logits)
             >>> pred.probs, round(pred.predictive_entropy.item(), 4), pred.mutual_information
             (tensor([[0.5000, 0.5000]]), 0.6931, tensor([0.]))
+            >>> binary = ClassificationPrediction.from_logits(torch.zeros(4, 3), binary=True)
+            >>> binary.probs.shape, binary.predictive_entropy.shape
+            (torch.Size([3, 2]), torch.Size([3]))
         """
         logits = logits.float()
-        if logits.shape[-1] == 1:
-            log_p = torch.cat([F.logsigmoid(-logits), F.logsigmoid(logits)], dim=-1)
+        if logits.dim() < 2:
+            raise ValueError(
+                f"logits must be [S, N, ...] (samples, batch, ...), got shape {tuple(logits.shape)}"
+            )
+        if binary:
+            dim = _binary_dim(logits, class_dim)
+            one = logits if dim is None else logits.squeeze(dim)
+            dim = 2 if dim is None else dim
+            log_p = torch.stack([F.logsigmoid(-one), F.logsigmoid(one)], dim=dim)
         else:
-            log_p = logits.log_softmax(-1)
+            dim = _sample_dim(logits, -1 if class_dim is None else class_dim)
+            if logits.shape[dim] < 2:
+                raise ValueError(
+                    f"the class dim {dim - 1} of the logits (shape {tuple(logits.shape[1:])} per "
+                    f"sample) has size {logits.shape[dim]}: one logit is a binary classifier, "
+                    "use task='binary' (the logit of class 1, as for BCEWithLogitsLoss)"
+                )
+            log_p = logits.log_softmax(dim)
         p = log_p.exp()
         probs = p.mean(0)
-        predictive = torch.special.entr(probs).sum(-1)
-        expected = -(p * log_p).nan_to_num(0.0).sum(-1).mean(0)  # 0 * log 0 = 0
+        predictive = torch.special.entr(probs).sum(dim - 1)
+        expected = -(p * log_p).nan_to_num(0.0).sum(dim).mean(0)  # 0 * log 0 = 0
         return cls(
             probs=probs,
             predictive_entropy=predictive,
@@ -101,12 +145,49 @@ class ClassificationPrediction:
             samples=p if keep_samples else None,
             num_samples=logits.shape[0],
             method=method,
+            class_dim=dim - 1,
         )
 
     @classmethod
     def concat(cls, parts: list[ClassificationPrediction]) -> ClassificationPrediction:
         """Join the predictions of consecutive batches."""
         return cls(**_concat_fields(parts))
+
+
+def _sample_dim(logits: Tensor, class_dim: int) -> int:
+    """``class_dim`` of one sample's output as a dim of ``[S, N, ...]`` logits (>= 2)."""
+    per_sample = logits.dim() - 1
+    if isinstance(class_dim, bool) or not isinstance(class_dim, int):
+        raise TypeError(f"class_dim must be an int, got {type(class_dim).__name__}")
+    if not -per_sample <= class_dim < per_sample:
+        raise ValueError(
+            f"class_dim={class_dim} is out of range for an output of shape "
+            f"{tuple(logits.shape[1:])} (dims 1..{per_sample - 1}, or negative)"
+        )
+    dim = class_dim % per_sample
+    if dim == 0:
+        raise ValueError(
+            f"class_dim={class_dim} is the batch dim of an output of shape "
+            f"{tuple(logits.shape[1:])}; the classes are on another dim (1 as F.cross_entropy, "
+            "-1 for [N, T, C])"
+        )
+    return dim + 1
+
+
+def _binary_dim(logits: Tensor, class_dim: int | None) -> int | None:
+    """The size-1 dim of ``[S, N, ...]`` binary logits that holds the logit, or ``None``."""
+    if logits.dim() == 2:
+        return None  # [S, N]: one logit per input
+    if class_dim is None:
+        return 2 if logits.shape[2] == 1 else None
+    dim = _sample_dim(logits, class_dim)
+    if logits.shape[dim] != 1:
+        raise ValueError(
+            f"task='binary' takes one logit per input (the logit of class 1); class_dim="
+            f"{class_dim} of an output of shape {tuple(logits.shape[1:])} has size "
+            f"{logits.shape[dim]} (for C >= 2 logits use task='classification')"
+        )
+    return dim
 
 
 @dataclass(frozen=True)
@@ -158,7 +239,8 @@ class RegressionPrediction:
         else:
             raise TypeError(
                 "a regression model must return a tensor (the mean), a (mean, log_variance) "
-                f"pair or a torch.distributions.Normal; got {type(outputs).__name__}"
+                f"pair or a torch.distributions.Normal; got {type(outputs).__name__} (predict's "
+                "output_fn= picks the prediction from another output)"
             )
         means = means.float()
         epistemic = _variance(means)
@@ -185,7 +267,7 @@ def _concat_fields(parts: list[Any]) -> dict[str, Any]:
         values = [getattr(p, name) for p in parts]
         if name == "samples":
             fields[name] = None if values[0] is None else torch.cat(values, dim=1)
-        elif name in ("num_samples", "method"):
+        elif name in ("num_samples", "method", "class_dim"):
             fields[name] = values[0] if len(set(values)) == 1 else values[-1]
         elif values[0] is None:
             fields[name] = None
