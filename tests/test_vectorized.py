@@ -11,6 +11,7 @@ from torch import nn
 
 import dnn2bnn
 from dnn2bnn.prediction import _predict, _vectorized
+from dnn2bnn.prediction._io import ModelInputs
 from dnn2bnn.prediction._split import cached_plan
 from dnn2bnn.prediction._vectorized import WeightDraws, linear_plan
 
@@ -90,10 +91,12 @@ def test_a_layer_fed_by_the_deterministic_part_multiplies_b_rows_not_b_times_s(m
         return linear(x, *args, **kwargs)
 
     monkeypatch.setattr(_vectorized, "linear_plan", lambda **kw: "local")
-    monkeypatch.setattr(nn.functional, "linear", spy)
     x = torch.randn(6, 10)
+    inputs = ModelInputs.of(x)
+    plan = cached_plan(bnn, inputs)  # traced (and probed) before the spy
+    monkeypatch.setattr(nn.functional, "linear", spy)
     with torch.no_grad():  # all 8 draws folded at once
-        out = cached_plan(bnn).run(x, WeightDraws(8))
+        out = plan.run(inputs, WeightDraws(8))
     assert rows == [6, 6, 48, 48]  # first layer: mean and variance on the 6 input rows only
     assert out.shape == (8, 6, 3) and not torch.allclose(out[0], out[1])
     rows.clear()
