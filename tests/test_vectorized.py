@@ -115,12 +115,13 @@ def test_a_layer_fed_by_the_deterministic_part_multiplies_b_rows_not_b_times_s(m
         (nn.Linear(6, 4, bias=False), (3, 5, 6)),
         (nn.Conv2d(2, 4, 3, padding=1), (3, 2, 6, 6)),
         (nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect", bias=False), (3, 2, 6, 6)),
+        (nn.Conv1d(4, 6, 3, stride=2, groups=2), (3, 4, 9)),
     ],
-    ids=["linear", "linear-3d", "conv2d", "conv2d-reflect"],
+    ids=["linear", "linear-3d", "conv2d", "conv2d-reflect", "conv1d-groups"],
 )
 def test_a_shared_input_gives_what_its_repeated_copy_gives(layer, shape, conv_path, s, monkeypatch):
-    """Per-draw weights: ``apply(x, repeated=True)`` == ``apply(x repeated S times)`` with the
-    same draws."""
+    """Per-draw weights: ``apply(x, repeated=True)`` (for a convolution: one convolution with
+    the draws stacked as output channels) == ``apply(x repeated S times)`` with the same draws."""
     monkeypatch.setattr(_vectorized, "CPU_PER_DRAW_CONV", conv_path)
     bnn = dnn2bnn.transform_to_bnn_layer(nn.Sequential(layer), type(layer), posterior_sigma_init=0.3)[0]
     draws = WeightDraws(s)

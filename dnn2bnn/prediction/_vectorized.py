@@ -128,6 +128,7 @@ def linear_plan(
 
     ``input_rows`` is ``rows // samples`` when the input is the same deterministic value for
     every draw (local reparameterization then multiplies only those rows), else ``rows``.
+    ``device`` is a ``torch.device`` type; other accelerators than CUDA use its constants.
 
     * local: two matrix products of ``input_rows x in x out``, ``rows x out`` normals, about
       five elementwise passes over the output and one over the input;
@@ -312,18 +313,24 @@ def _conv(
     s: int,
     repeated: bool = False,
 ) -> Tensor:
-    if repeated and _per_draw_conv(x) and s > 1:  # every draw reads the same contiguous input
-        b = x.shape[0]
+    if repeated and layer.groups == 1:
+        # Every draw reads the same input: ONE ordinary convolution with the S draws stacked
+        # as output channels gives [B, S * C_out, ...], which is the folded [B * S, C_out, ...]
+        # as it is (batch-major), without repeating the input or stacking the outputs.
+        padding: Any = layer.padding
         if layer.padding_mode != "zeros":
             x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
-        padding: Any = 0 if layer.padding_mode != "zeros" else layer.padding
-        outs = [
-            conv(x, weight[i], None if bias is None else bias[i], layer.stride, padding,
-                 layer.dilation, layer.groups)
-            for i in range(s)
-        ]
-        out = torch.stack(outs, dim=1)  # [B, S, C_out, ...]
-        return out.reshape(b * s, *out.shape[2:])
+            padding = 0
+        out = conv(
+            x,
+            weight.reshape(-1, *weight.shape[2:]),
+            None if bias is None else bias.reshape(-1),
+            layer.stride,
+            padding,
+            layer.dilation,
+            1,
+        )
+        return out.reshape(x.shape[0] * s, weight.shape[1], *out.shape[2:])
     if repeated:
         x = _repeat(x, s)
     b = x.shape[0] // s
