@@ -153,7 +153,7 @@ def _pool(inputs: ModelInputs) -> ModelInputs:
         for k in range(1, 4 - len(picked)):
             first = v[picked[0]:picked[0] + 1]
             if first.is_floating_point():
-                scale = first.float().std().nan_to_num(0.0).item() or 1.0
+                scale = first.float().std(correction=0).nan_to_num(0.0).item() or 1.0
                 noise = torch.randn(first.shape, generator=generator).to(first.device, first.dtype)
                 rows.append(first + noise * scale)
             else:

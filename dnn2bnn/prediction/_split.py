@@ -381,6 +381,9 @@ class _FoldedInterpreter(fx.Interpreter):
 
     def _run_stochastic(self, n: fx.Node) -> Any:
         with self._set_current_node(n):
+            unfolded = self._deterministic_input(n)
+            if unfolded is not None:  # every draw reads the same value: not repeated
+                return self.draws.apply(self.fetch_attr(str(n.target)), unfolded, repeated=True)
             args = map_arg(n.args, self._fetch_folded)
             kwargs = map_arg(n.kwargs, self._fetch_folded)
             if n.op == "call_module":
@@ -391,6 +394,24 @@ class _FoldedInterpreter(fx.Interpreter):
                     return per_draw_call(module, tuple(args), dict(kwargs), self.draws)
             args, kwargs = map_aggregate(args, Shared.unwrap), map_aggregate(kwargs, Shared.unwrap)
             return getattr(self, n.op)(n.target, args, kwargs)
+
+    def _deterministic_input(self, n: fx.Node) -> Tensor | None:
+        """The ``[B, ...]`` input of a vectorizable layer fed from the deterministic part."""
+        if n.op != "call_module" or n.kwargs or len(n.args) != 1:
+            return None
+        (source,) = n.args
+        if not isinstance(source, fx.Node) or source in self.plan.stochastic:
+            return None
+        value = self.env.get(source)
+        if (
+            source not in self.plan.batched
+            or not isinstance(value, Tensor)
+            or value.dim() < 2
+            or value.shape[0] != self.batch
+            or not vectorizable(self.fetch_attr(str(n.target)))
+        ):
+            return None
+        return value
 
     def _fetch_folded(self, node: fx.Node) -> Argument:
         if node in self.plan.stochastic:
