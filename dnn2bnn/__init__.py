@@ -41,6 +41,7 @@ from dnn2bnn.layers import (
 from dnn2bnn.loss import WithBNNLoss, kl_divergence
 from dnn2bnn.mindspore import TransformToBNN
 from dnn2bnn.modes import get_mode, set_estimator, set_mode
+from dnn2bnn.posterior import PosteriorFit, fit_posterior
 from dnn2bnn.prediction import (
     ClassificationPrediction,
     PredictionWarning,
@@ -78,6 +79,7 @@ __all__ = [
     "EmpiricalPrior",
     "Estimator",
     "NormalPrior",
+    "PosteriorFit",
     "PredictionWarning",
     "RegressionPrediction",
     "ScaleMixturePrior",
@@ -88,6 +90,7 @@ __all__ = [
     "bayes_param_groups",
     "default_mapping",
     "distributed",
+    "fit_posterior",
     "get_mode",
     "is_bayesian_layer",
     "kl_divergence",
