@@ -153,6 +153,9 @@ def load_bnn(path: str | Path) -> nn.Module:
     model.load_state_dict(
         match_state(model, checkpoint.state or {}, source=str(path), target=target)
     )
+    report = getattr(model, "conversion_report", None)
+    if report is not None and metadata.get("posterior_fit") is not None:
+        report.posterior_fit = metadata["posterior_fit"]
     # so that save_bnn(model, ...) records the same architecture again without arch=
     model.__dict__[ARCH_ATTR] = {"spec": arch["spec"], "kwargs": arch.get("kwargs") or {}}
     return model
@@ -201,6 +204,8 @@ def bnn_metadata(
             else {"spec": arch, "kwargs": encode(arch_kwargs or {}, "arch_kwargs")}
         ),
         "calls": calls,
+        # what dnn2bnn.fit_posterior chose (JSON already), restored by load_bnn
+        "posterior_fit": getattr(report, "posterior_fit", None),
         "converted": [n for n, m in model.named_modules() if isinstance(m, BayesianLayer)],
     }
 
