@@ -117,7 +117,8 @@ def diagonal_curvature(
         chunk = max(1, memory_budget // max(1, vs.shape[1] * numel * itemsize * 2))
         for start in range(0, x.shape[0], chunk):
             part = slice(start, start + chunk)
-            squares = batched(x[part], vs[part], ws[part])
+            with torch.no_grad():  # torch.func's vjp still runs; no graph for other parameters
+                squares = batched(x[part], vs[part], ws[part])
             for k, value in squares.items():
                 diag[k] += value.sum(0)
         count += x.shape[0]
