@@ -29,6 +29,18 @@ def _fit(parent: nn.Module, data: Data, args: Any, **options: Any) -> tuple[nn.M
     return bnn, fit
 
 
+def _validation_split(args: Any) -> tuple[Tensor, Tensor] | None:
+    """The 10k MNIST validation images (not used by the parent's training), if reading MNIST."""
+    if not getattr(args, "mnist", None):
+        return None
+    import gzip
+    import pickle
+
+    with gzip.open(args.mnist, "rb") as f:
+        _, (x, y), _ = pickle.load(f, encoding="latin1")
+    return torch.as_tensor(x, dtype=torch.float32).view(-1, 1, 28, 28), torch.as_tensor(y, dtype=torch.long)
+
+
 def _row(model: nn.Module, data: Data, oods: dict[str, Tensor], args: Any, **extra: Any) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     row, _ = evaluate(model, data.x_test, data.y_test, oods, samples=args.samples)
@@ -76,11 +88,15 @@ def run_posthoc(
         results[name] = _row(bnn, data, oods, args, train_s=seconds, fit_s=fit.seconds)
         print(markdown_table({"ft": results[name]}), flush=True)
     if args.posthoc_variants:
+        val = _validation_split(args)
         variants: dict[str, dict[str, Any]] = {
             "marglik per layer, T=1 (no validation)": {"temperature": 1.0},
             "one marglik lambda, T on validation": {"prior_precision": "marglik"},
             "one lambda on validation NLL, T=1": {"prior_precision": "val"},
         }
+        if val is not None:
+            variants["T on the MNIST validation split (val_data)"] = {"val_data": val}
+            variants["one lambda on the MNIST validation split, T=1"] = {"val_data": val, "prior_precision": "val"}
         for label, options in variants.items():
             print(f"{base}: {label}", flush=True)
             bnn, fit = _fit(parent, data, args, **options)
