@@ -305,3 +305,45 @@ def test_errors_say_what_was_expected():
     mixture = dnn2bnn.transform_to_bnn_model(mlp((6, 4)), prior=dnn2bnn.ScaleMixturePrior())
     with pytest.raises(TypeError, match="layer '0' .* expected a dnn2bnn.NormalPrior"):
         dnn2bnn.fit_posterior(mixture, (x, y), progress=False)
+
+
+# ------------------------------------------------------------------------ torch.distributed
+def _ddp_worker(rank: int, store: str, out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    try:
+        torch.manual_seed(0)
+        bnn = dnn2bnn.transform_to_bnn_model(mlp((6, 8, 4)))
+        x, y = torch.randn(40, 6, generator=torch.Generator().manual_seed(5)), torch.arange(40) % 4
+        part = slice(rank * 20, rank * 20 + 20)
+        ddp = nn.parallel.DistributedDataParallel(bnn)
+        fit = dnn2bnn.fit_posterior(
+            ddp, (x[part], y[part]), prior_precision=1.0, temperature=1.0, curvature="ggn", progress=False
+        )
+        if rank == 0:
+            torch.save({"sigma": bnn[0].posterior_sigma().detach(), "n": fit.num_train_examples}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_sums_the_curvature_across_ranks(tmp_path):
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    out = tmp_path / "rank0.pt"
+    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2)
+    got = torch.load(out, weights_only=True)
+    torch.manual_seed(0)
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((6, 8, 4)))
+    x, y = torch.randn(40, 6, generator=torch.Generator().manual_seed(5)), torch.arange(40) % 4
+    dnn2bnn.fit_posterior(bnn, (x, y), prior_precision=1.0, temperature=1.0, curvature="ggn", progress=False)
+    assert got["n"] == 40  # the examples of both ranks
+    torch.testing.assert_close(got["sigma"], bnn[0].posterior_sigma().detach())
