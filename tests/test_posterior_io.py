@@ -88,3 +88,28 @@ def test_cli_convert_with_fit_data_in_a_real_process(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
     )
     assert bad.returncode != 0 and "--fit-data nothing.pt" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_quality_benchmark_posthoc_rows_on_synthetic_data(tmp_path):
+    """benchmarks/quality_mnist.py --parts posthoc: the rows exist, the fit is cached and reused."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_mnist", REPO / "benchmarks" / "quality_mnist.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["quality_mnist"] = module
+    try:
+        spec.loader.exec_module(module)
+        args = ["--synthetic", "--quick", "--parts", "posthoc", "--samples", "2", "--threads", "1",
+                "--out", str(tmp_path / "q.json"), "--fit-cache", str(tmp_path / "fit.pt")]
+        first = module.main(args)
+        second = module.main(args)  # the cached fit: the same posterior, the same numbers
+    finally:
+        del sys.modules["quality_mnist"]
+    names = list(first["models"])
+    assert names[0] == "LeNet-5 (deterministic parent)"
+    assert names[1] == "LeNet-5 + fit_posterior (defaults, no training)"
+    assert any("ELBO (plain Adam)" in n for n in names) and any("ELBO (recipe)" in n for n in names)
+    posthoc = first["models"][names[1]]
+    assert posthoc["temperature"] in dnn2bnn.posterior.DEFAULT_TEMPERATURES
+    assert second["models"][names[1]]["nll"] == posthoc["nll"]
