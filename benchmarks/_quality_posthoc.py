@@ -112,24 +112,28 @@ def run_posthoc(
         seconds = _finetune(bnn, data, args, plain=plain)
         results[name] = _row(bnn, data, oods, args, train_s=seconds, fit_s=fit["seconds"])
         print(markdown_table({"ft": results[name]}), flush=True)
-    if args.posthoc_variants:
-        val = _validation_split(args)
-        variants: dict[str, dict[str, Any]] = {
-            "marglik per layer, T=1 (no validation)": {"temperature": 1.0},
-            "one marglik lambda, T on validation": {"prior_precision": "marglik"},
-            "one lambda on validation NLL, T=1": {"prior_precision": "val"},
-        }
-        if val is not None:
-            variants["T on the MNIST validation split (val_data)"] = {"val_data": val}
-            variants["one lambda on the MNIST validation split, T=1"] = {"val_data": val, "prior_precision": "val"}
-        for label, options in variants.items():
-            print(f"{base}: {label}", flush=True)
-            bnn, fit = _fit(parent, data, args, **options)
-            results[f"{base}: {label}"] = _row(
-                bnn, data, oods, args, fit_s=fit.seconds, temperature=fit.temperature,
-                prior_precision=fit.prior_precision, val_nll=fit.val_nll,
-            )
-            print(markdown_table({"variant": results[f"{base}: {label}"]}), flush=True)
+    val = _validation_split(args)
+    variants: dict[str, tuple[str, dict[str, Any]]] = {
+        "t1": ("marglik per layer, T=1 (no validation)", {"temperature": 1.0}),
+        "valdata": ("T on the MNIST validation split (val_data)", {"val_data": val}),
+        "global": ("one marglik lambda, T on validation", {"prior_precision": "marglik"}),
+        "valprior": ("one lambda on validation NLL, T=1", {"prior_precision": "val"}),
+        "valdataprior": ("one lambda on the MNIST validation split, T=1",
+                         {"val_data": val, "prior_precision": "val"}),
+    }
+    chosen = [v.strip() for v in (args.posthoc_variants or "").split(",") if v.strip()]
+    for key in chosen:
+        label, options = variants[key]
+        if options.get("val_data", 0) is None:
+            continue  # no MNIST validation split (synthetic data)
+        print(f"{base}: {label}", flush=True)
+        bnn, fit = _fit(parent, data, args, **options)
+        print(fit, flush=True)
+        results[f"{base}: {label}"] = _row(
+            bnn, data, oods, args, fit_s=fit.seconds, temperature=fit.temperature,
+            prior_precision=fit.prior_precision, val_nll=fit.val_nll,
+        )
+        print(markdown_table({"variant": results[f"{base}: {label}"]}), flush=True)
     if args.laplace:
         run_laplace_torch(args, data, oods, results, parent)
 

@@ -294,8 +294,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="posthoc: the default fit's result, loaded if the file exists, else saved")
     parser.add_argument("--laplace", action="store_true",
                         help="posthoc: add laplace-torch rows on the same parent (needs .[bench])")
-    parser.add_argument("--posthoc-variants", action="store_true",
-                        help="posthoc: also the non-default fit_posterior variants")
+    parser.add_argument("--posthoc-variants", default="",
+                        help="posthoc: comma list of non-default fit_posterior variants: t1, "
+                        "valdata, global, valprior, valdataprior")
     parser.add_argument("--quick", action="store_true",
                         help="1+1 LeNet epochs, 2 MLP minutes, 8 samples")
     parser.add_argument("--parent-epochs", type=int, default=6)

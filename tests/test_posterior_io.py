@@ -49,6 +49,18 @@ def test_load_fit_data_reads_tensor_files(tmp_path, suffix):
     assert torch.equal(got_x, x) and torch.equal(got_y, y)
 
 
+def test_load_fit_data_calls_a_named_callable(tmp_path, monkeypatch):
+    (tmp_path / "fit_loader_mod.py").write_text(
+        "import torch\n"
+        "def loader():\n"
+        "    ds = torch.utils.data.TensorDataset(torch.zeros(6, 2), torch.zeros(6, dtype=torch.long))\n"
+        "    return torch.utils.data.DataLoader(ds, batch_size=3)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loader = load_fit_data("fit_loader_mod:loader")
+    assert isinstance(loader, torch.utils.data.DataLoader) and len(loader) == 2
+
+
 def test_load_fit_data_errors_name_what_was_expected(tmp_path):
     torch.save({"images": torch.zeros(2)}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match=r"found \['images'\]"):
