@@ -30,6 +30,23 @@ def _fit(parent: nn.Module, data: Data, args: Any, **options: Any) -> tuple[nn.M
     return bnn, fit
 
 
+def _linearized_row(
+    bnn: nn.Module, data: Data, oods: dict[str, Tensor], args: Any, results: dict[str, Any], name: str
+) -> None:
+    """The same posterior scored with the linearized predictive (one jvp per sample)."""
+    from _quality_eval import row_from_samples
+
+    def draw(x: Tensor) -> Tensor:
+        g = torch.Generator().manual_seed(args.seed)
+        parts = [dnn2bnn.posterior.linearized_samples(bnn, xb, args.samples, generator=g).softmax(-1)
+                 for xb in x.split(1000)]
+        return torch.cat(parts, 1)
+
+    print(name, flush=True)
+    results[name] = row_from_samples(draw, data.x_test, data.y_test, oods)
+    print(markdown_table({"linearized": results[name]}), flush=True)
+
+
 def _validation_split(args: Any) -> tuple[Tensor, Tensor] | None:
     """The 10k MNIST validation images (not used by the parent's training), if reading MNIST."""
     if not getattr(args, "mnist", None):
@@ -104,6 +121,8 @@ def run_posthoc(
         prior_precision=fit["prior_precision"], val_nll=fit["val_nll"], layers=fit["layers"],
     )
     print(markdown_table({"posthoc": results[f"{base} (defaults, no training)"]}), flush=True)
+    if args.linearized:
+        _linearized_row(bnn, data, oods, args, results, f"{base} (defaults), linearized predictive")
     state = copy.deepcopy(bnn.state_dict())
     for plain in (False, True):
         name = f"{base} + {args.finetune_epochs} ep. ELBO ({'plain Adam' if plain else 'recipe'})"
@@ -134,6 +153,8 @@ def run_posthoc(
             prior_precision=fit.prior_precision, val_nll=fit.val_nll,
         )
         print(markdown_table({"variant": results[f"{base}: {label}"]}), flush=True)
+        if args.linearized:
+            _linearized_row(bnn, data, oods, args, results, f"{base}: {label}, linearized predictive")
     if args.laplace:
         run_laplace_torch(args, data, oods, results, parent)
 

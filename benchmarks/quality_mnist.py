@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="LeNet-5 parent state_dict: loaded if the file exists, else saved there")
     parser.add_argument("--fit-cache", type=Path, default=None,
                         help="posthoc: the default fit's result, loaded if the file exists, else saved")
+    parser.add_argument("--linearized", action="store_true",
+                        help="posthoc: also score the fitted posteriors with the linearized predictive")
     parser.add_argument("--laplace", action="store_true",
                         help="posthoc: add laplace-torch rows on the same parent (needs .[bench])")
     parser.add_argument("--posthoc-variants", default="",

@@ -347,3 +347,21 @@ def test_ddp_sums_the_curvature_across_ranks(tmp_path):
     dnn2bnn.fit_posterior(bnn, (x, y), prior_precision=1.0, temperature=1.0, curvature="ggn", progress=False)
     assert got["n"] == 40  # the examples of both ranks
     torch.testing.assert_close(got["sigma"], bnn[0].posterior_sigma().detach())
+
+
+# ------------------------------------------------------------------------ linearized predictive
+def test_linearized_equals_sampled_for_a_model_linear_in_its_weights():
+    from dnn2bnn.posterior import linearized_samples
+
+    bnn = dnn2bnn.transform_to_bnn_model(nn.Linear(5, 3))
+    with torch.no_grad():
+        bnn.weight_rho.fill_(-1.0)
+        bnn.bias_rho.fill_(-2.0)
+    x = torch.randn(4, 5)
+    lin = linearized_samples(bnn, x, 2000, generator=torch.Generator().manual_seed(0))
+    mean = x @ bnn.weight_mu.detach().T + bnn.bias_mu.detach()
+    sw, sb = F.softplus(torch.tensor(-1.0)), F.softplus(torch.tensor(-2.0))
+    var = (x.square().sum(1, keepdim=True) * sw**2 + sb**2).expand(4, 3)  # closed form
+    torch.testing.assert_close(lin.mean(0), mean, atol=0.1, rtol=0)
+    torch.testing.assert_close(lin.var(0), var, rtol=0.1, atol=0)
+    assert bnn.training and dnn2bnn.get_mode(bnn) == dnn2bnn.BayesMode.SAMPLE  # restored

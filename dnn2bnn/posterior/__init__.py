@@ -7,6 +7,7 @@ matching ``N(0, 1/lambda)``; see ``docs/posterior.md``.
 
 from dnn2bnn.posterior.curvature import Curvature, Likelihood, diagonal_curvature
 from dnn2bnn.posterior.fit import DEFAULT_TEMPERATURES, PosteriorFit, fit_posterior
+from dnn2bnn.posterior.linearized import linearized_samples
 from dnn2bnn.posterior.prior import evidence_term, marglik_precision
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "diagonal_curvature",
     "evidence_term",
     "fit_posterior",
+    "linearized_samples",
     "marglik_precision",
 ]
