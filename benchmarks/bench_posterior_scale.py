@@ -36,7 +36,7 @@ def _model() -> torch.nn.Module:
     return torchvision.models.resnet18(num_classes=10)
 
 
-def measure(kind: str, examples: int, batch: int) -> dict[str, float]:
+def measure(kind: str, examples: int, batch: int, budget: int | None = None) -> dict[str, float]:
     import dnn2bnn
 
     model = _model()
@@ -56,7 +56,8 @@ def measure(kind: str, examples: int, batch: int) -> dict[str, float]:
             optimizer.step()
         seconds = (time.perf_counter() - start) / 2
     else:
-        dnn2bnn.fit_posterior(model, (x, y), temperature=1.0, batch_size=batch, progress=False)
+        options = {} if budget is None else {"memory_budget": budget}
+        dnn2bnn.fit_posterior(model, (x, y), temperature=1.0, batch_size=batch, progress=False, **options)
         seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_mb_above_base": _rss_mb() - base, "base_mb": base}
 
@@ -66,16 +67,20 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--examples", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-budget", type=int, default=None,
+                        help="fit_posterior's memory_budget in bytes (default: its own, 256 MiB)")
     parser.add_argument("--_measure", choices=["train", "fit"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args._measure:
-        print(json.dumps(measure(args._measure, args.examples, args.batch)))
+        print(json.dumps(measure(args._measure, args.examples, args.batch, args.memory_budget)))
         return {}
     results: dict[str, object] = {"examples": args.examples, "batch": args.batch, "threads": args.threads}
     for kind in ("train", "fit"):
         command = [sys.executable, __file__, "--_measure", kind, "--examples", str(args.examples),
                    "--batch", str(args.batch), "--threads", str(args.threads)]
+        if args.memory_budget is not None:
+            command += ["--memory-budget", str(args.memory_budget)]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         results[kind] = json.loads(done.stdout.strip().splitlines()[-1])
         print(kind, results[kind], flush=True)
