@@ -11,7 +11,7 @@ from torch import nn
 
 import dnn2bnn
 from dnn2bnn.posterior import Curvature, Likelihood, diagonal_curvature, evidence_term, marglik_precision
-from dnn2bnn.posterior.fit import _at_means
+from dnn2bnn.posterior._targets import at_means as _at_means
 from tests.conftest import mlp
 
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from dnn2bnn.layers._base import BayesianLayer
+from dnn2bnn.layers._base import BayesianLayer, BayesMode
 from dnn2bnn.priors import NormalPrior
 
-__all__ = ["BayesTarget", "find_targets", "set_posterior_"]
+__all__ = ["BayesTarget", "at_means", "find_targets", "set_posterior_"]
 
 
 @dataclass(frozen=True)
@@ -92,4 +93,25 @@ def set_posterior_(
     # sigma caches are keyed on rho's version counter, which copy_ bumped
     layer._sigma_cache.clear()
     layer._scalar_cache.clear()
+
+
+class at_means:  # noqa: N801 (used as a context manager)
+    """Eval mode and "mean" mode for the duration; both restored on exit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> nn.Module:
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.modes = [(m, m.bayes_mode) for m in self.model.modules() if hasattr(m, "bayes_mode")]
+        self.model.eval()
+        for m, _ in self.modes:
+            m.bayes_mode = BayesMode.MEAN
+        return self.model
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, flag in self.flags:
+            m.training = flag
+        for m, mode in self.modes:
+            m.bayes_mode = mode
 

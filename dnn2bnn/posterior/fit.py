@@ -16,10 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dnn2bnn.layers._base import BayesMode
 from dnn2bnn.posterior._data import HoldOut, as_batches, count_batches
-from dnn2bnn.posterior._targets import BayesTarget, find_targets, set_posterior_
-from dnn2bnn.posterior._validation import predictive_nll
+from dnn2bnn.posterior._choose import Chooser, sum_sq
+from dnn2bnn.posterior._targets import BayesTarget, at_means, find_targets, set_posterior_
 from dnn2bnn.posterior.curvature import (
     DEFAULT_MEMORY_BUDGET,
     Curvature,
@@ -27,14 +26,12 @@ from dnn2bnn.posterior.curvature import (
     diagonal_curvature,
     progress_bar,
 )
-from dnn2bnn.posterior.prior import evidence_term, marglik_precision
+from dnn2bnn.posterior.prior import evidence_term
 
 __all__ = ["DEFAULT_TEMPERATURES", "PosteriorFit", "fit_posterior"]
 
 #: Temperatures tried when ``temperature="auto"`` (the smallest is almost the parent network).
 DEFAULT_TEMPERATURES = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
-#: Prior precisions tried when ``prior_precision="val"``.
-VAL_PRECISIONS = tuple(10.0**e for e in range(-2, 7))
 
 
 @dataclass
@@ -173,7 +170,7 @@ def fit_posterior(
     batches = progress_bar(batches, total=count_batches(data), enabled=progress, desc="fit_posterior")
 
     generator = torch.Generator(device=next(iter(means.values())).device).manual_seed(settings.seed)
-    with _at_means(module):
+    with at_means(module):
         result = diagonal_curvature(
             module,
             means,
@@ -202,11 +199,11 @@ def fit_posterior(
                 "fit_posterior: choosing the temperature needs validation examples; pass val_data, "
                 "larger batches, or a fixed temperature=..."
             )
-    choice = _Chooser(module, groups, means, curv, val_batches, settings)
+    choice = Chooser(module, groups, means, curv, val_batches, settings)
     lambdas, temperature = choice.run(prior_precision)
     nll_scaled = result.nll * scale
     evidence = -nll_scaled + sum(
-        evidence_term([curv[t.key] for t in group], _sum_sq(group), lambdas[name]) for name, group in groups.items()
+        evidence_term([curv[t.key] for t in group], sum_sq(group), lambdas[name]) for name, group in groups.items()
     )
     sigmas = choice.sigmas(lambdas, temperature)
     for t in targets:
@@ -278,95 +275,6 @@ class _Settings:
         return cls(**values)
 
 
-class _Chooser:
-    """Chooses lambda per layer and the temperature; builds sigma for a choice."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        groups: dict[str, list[BayesTarget]],
-        means: dict[str, Tensor],
-        curv: dict[str, Tensor],
-        val_batches: list[tuple[Tensor, Tensor]],
-        settings: _Settings,
-    ) -> None:
-        self.model, self.groups, self.means, self.curv = model, groups, means, curv
-        self.val_batches, self.settings = val_batches, settings
-        self.tried: dict[str, float] = {}
-
-    def sigmas(self, lambdas: dict[str, float], temperature: float) -> dict[str, Tensor]:
-        return {
-            t.key: (temperature / (self.curv[t.key] + lambdas[name])).sqrt()
-            for name, group in self.groups.items()
-            for t in group
-        }
-
-    def run(self, prior_precision: float | Mapping[str, float] | str) -> tuple[dict[str, float], float]:
-        fixed_t = self.settings.temperature
-        if prior_precision == "val":
-            t = 1.0 if fixed_t == "auto" else float(fixed_t)
-            scores = {lam: self._score({n: lam for n in self.groups}, t, f"lambda={lam:g}") for lam in VAL_PRECISIONS}
-            best = min(scores, key=scores.__getitem__)
-            return {n: best for n in self.groups}, t
-        lambdas = self._lambdas(prior_precision)
-        if fixed_t != "auto":
-            return lambdas, float(fixed_t)
-        self.tried["means"] = self._nll(None)
-        scores = {t: self._score(lambdas, t, f"T={t:g}") for t in self.settings.temperatures}
-        return lambdas, min(scores, key=scores.__getitem__)
-
-    def _lambdas(self, prior_precision: float | Mapping[str, float] | str) -> dict[str, float]:
-        if isinstance(prior_precision, str):
-            if prior_precision == "auto":
-                return {n: marglik_precision([self.curv[t.key] for t in g], _sum_sq(g)) for n, g in self.groups.items()}
-            if prior_precision == "marglik":
-                h = [self.curv[t.key] for g in self.groups.values() for t in g]
-                lam = marglik_precision(h, sum(_sum_sq(g) for g in self.groups.values()))
-                return {n: lam for n in self.groups}
-            raise ValueError(
-                f"fit_posterior: prior_precision must be 'auto', 'marglik', 'val', a number or a "
-                f"mapping from layer name to number, got {prior_precision!r}"
-            )
-        if isinstance(prior_precision, Mapping):
-            missing = sorted(set(self.groups) - set(prior_precision))
-            extra = sorted(set(prior_precision) - set(self.groups))
-            if missing or extra:
-                raise ValueError(
-                    f"fit_posterior: prior_precision must name every Bayesian layer {sorted(self.groups)}; "
-                    f"missing {missing}, unknown {extra}"
-                )
-            values = {n: float(prior_precision[n]) for n in self.groups}
-        elif isinstance(prior_precision, (int, float)) and not isinstance(prior_precision, bool):
-            values = {n: float(prior_precision) for n in self.groups}
-        else:
-            raise TypeError(f"fit_posterior: prior_precision must be a str, number or mapping, got {type(prior_precision).__name__}")
-        bad = {n: v for n, v in values.items() if not (v > 0 and math.isfinite(v))}
-        if bad:
-            raise ValueError(f"fit_posterior: prior precisions must be finite and > 0, got {bad}")
-        return values
-
-    def _score(self, lambdas: dict[str, float], temperature: float, label: str) -> float:
-        self.tried[label] = self._nll(self.sigmas(lambdas, temperature))
-        return self.tried[label]
-
-    def _nll(self, sigmas: dict[str, Tensor] | None) -> float:
-        with _at_means(self.model):
-            return predictive_nll(
-                self.model,
-                self.means,
-                sigmas,
-                self.val_batches,
-                likelihood=self.settings.likelihood,
-                num_samples=self.settings.val_samples,
-                noise_sigma=self.settings.noise_sigma,
-                seed=self.settings.seed,
-            )
-
-
-def _sum_sq(group: list[BayesTarget]) -> float:
-    return float(sum(t.mu.detach().double().square().sum() for t in group))
-
-
 def _layer_stats(
     groups: dict[str, list[BayesTarget]], sigmas: dict[str, Tensor], lambdas: dict[str, float]
 ) -> dict[str, dict[str, float]]:
@@ -391,25 +299,3 @@ def _unwrap(model: nn.Module) -> nn.Module:
     if ddp is not None and isinstance(model, ddp):
         return model.module
     return model
-
-
-class _at_means:  # noqa: N801 (used as a context manager)
-    """Eval mode and "mean" mode for the duration; both restored on exit."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> nn.Module:
-        self.flags = [(m, m.training) for m in self.model.modules()]
-        self.modes = [(m, m.bayes_mode) for m in self.model.modules() if hasattr(m, "bayes_mode")]
-        self.model.eval()
-        for m, _ in self.modes:
-            m.bayes_mode = BayesMode.MEAN
-        return self.model
-
-    def __exit__(self, *exc: Any) -> None:
-        for m, flag in self.flags:
-            m.training = flag
-        for m, mode in self.modes:
-            m.bayes_mode = mode
-

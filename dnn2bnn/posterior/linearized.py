@@ -47,7 +47,7 @@ def linearized_samples(
         >>> linearized_samples(bnn, torch.ones(4, 3), 5).shape
         torch.Size([5, 4, 2])
     """
-    from dnn2bnn.posterior.fit import _at_means
+    from dnn2bnn.posterior._targets import at_means as _at_means
 
     means, sigmas = {}, {}
     for layer_name, layer in model.named_modules():
