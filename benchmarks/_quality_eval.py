@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - depends on the installed dnn2bnn
     _metrics = _plots = _predict = None
     EVALUATION = "fallback"
 
-__all__ = ["EVALUATION", "evaluate", "markdown_table", "save_plots"]
+__all__ = ["EVALUATION", "evaluate", "markdown_table", "row_from_samples", "save_plots"]
 
 #: Columns of the markdown table: (JSON key, header, format).
 COLUMNS = (
@@ -40,6 +40,8 @@ COLUMNS = (
     ("auroc_entropy_digits", "AUROC H digits", "{:.3f}"),
     ("auroc_mi_digits", "AUROC MI digits", "{:.3f}"),
     ("mean_mi_test", "mean MI (test)", "{:.2e}"),
+    ("mi_ratio_flip+inv", "MI OOD/test flip+inv", "{:.1f}"),
+    ("fit_s", "fit s", "{:.0f}"),
     ("train_s", "train s", "{:.0f}"),
 )
 
@@ -95,7 +97,46 @@ def evaluate(
         raw["out"][name] = outside
         row[f"auroc_entropy_{name}"] = m.ood_auroc(inside["entropy"], outside["entropy"])
         row[f"auroc_mi_{name}"] = m.ood_auroc(inside["mi"], outside["mi"])
+        _mi_ratio(row, name, inside["mi"], outside["mi"])
     return row, raw
+
+
+def _mi_ratio(row: dict[str, Any], name: str, mi_in: Tensor, mi_out: Tensor) -> None:
+    """Mean mutual information on the OOD set, and its ratio to that on the test set."""
+    row[f"mean_mi_{name}"] = mi_out.mean().item()
+    test = mi_in.mean().item()
+    row[f"mi_ratio_{name}"] = row[f"mean_mi_{name}"] / test if test > 0 else float("nan")
+
+
+def _from_probs(p: Tensor) -> dict[str, Tensor]:
+    """Predictive of stacked per-network probabilities ``[S, B, C]``."""
+    probs = p.mean(0)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+    expected = -(p * p.clamp_min(1e-12).log()).sum(-1).mean(0)
+    return {"probs": probs, "entropy": entropy, "mi": (entropy - expected).clamp_min(0)}
+
+
+@torch.no_grad()
+def row_from_samples(
+    draw: Any, x_test: Tensor, y_test: Tensor, oods: dict[str, Tensor]
+) -> dict[str, float]:
+    """A table row from ``draw(x) -> [S, B, C]`` probabilities (e.g. laplace-torch's samples)."""
+    m = _metrics if _metrics is not None else _Fallback
+    inside = _from_probs(draw(x_test))
+    probs = inside["probs"]
+    row = {
+        "accuracy": 100.0 * m.accuracy(probs, y_test),
+        "nll": m.nll(probs, y_test),
+        "ece": m.ece(probs, y_test, num_bins=15),
+        "brier": m.brier_score(probs, y_test),
+        "mean_mi_test": inside["mi"].mean().item(),
+    }
+    for name, x_out in oods.items():
+        outside = _from_probs(draw(x_out))
+        row[f"auroc_entropy_{name}"] = m.ood_auroc(inside["entropy"], outside["entropy"])
+        row[f"auroc_mi_{name}"] = m.ood_auroc(inside["mi"], outside["mi"])
+        _mi_ratio(row, name, inside["mi"], outside["mi"])
+    return row
 
 
 def markdown_table(rows: dict[str, dict[str, Any]]) -> str:

@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dnn2bnn  # noqa: E402
 from _quality_data import Data, load_mnist, ood_sets, synthetic  # noqa: E402
 from _quality_eval import EVALUATION, evaluate, markdown_table, save_plots  # noqa: E402
+from _quality_posthoc import run_posthoc  # noqa: E402
 from _quality_models import LeNet5, blundell_mlp, mlp_prior, mlp_prior_name  # noqa: E402
 
 BEGIN, END = "<!-- quality_mnist:begin -->", "<!-- quality_mnist:end -->"
@@ -168,14 +169,32 @@ def check_targets(kind: str, row: dict[str, Any], parent: dict[str, Any] | None)
     return missed
 
 
-def run_lenet(args: argparse.Namespace, data: Data, oods: dict[str, Tensor], results: dict) -> None:
+def get_parent(args: argparse.Namespace, data: Data) -> tuple[nn.Module, float]:
+    """The LeNet-5 parent: trained here, or loaded from / saved to ``--parent`` when given."""
+    if args.parent is not None and args.parent.exists():
+        parent = LeNet5()
+        parent.load_state_dict(torch.load(args.parent, weights_only=True))
+        print(f"LeNet-5 parent loaded from {args.parent}", flush=True)
+        return parent, float("nan")
     print(f"LeNet-5 parent: {args.parent_epochs} epochs", flush=True)
     parent, seconds = train_parent(data, epochs=args.parent_epochs, seed=args.seed)
+    if args.parent is not None:
+        args.parent.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(parent.state_dict(), args.parent)
+    return parent, seconds
+
+
+def run_lenet(
+    args: argparse.Namespace, data: Data, oods: dict[str, Tensor], results: dict, parts: set[str]
+) -> nn.Module:
+    parent, seconds = get_parent(args, data)
     row, raw = evaluate(parent, data.x_test, data.y_test, oods, samples=1)
     row.update(train_s=seconds, epochs=args.parent_epochs)
     row["plots"] = save_plots(raw, args.plots, "lenet_parent") if args.plots else []
     results["LeNet-5 (deterministic parent)"] = row
     print(markdown_table({"parent": row}), flush=True)
+    if "lenet" not in parts:
+        return parent
 
     print(f"LeNet-5 converted + {args.finetune_epochs} epochs of fine-tuning", flush=True)
     bnn = dnn2bnn.transform_to_bnn_model(parent, parametrization=args.parametrization)
@@ -196,6 +215,7 @@ def run_lenet(args: argparse.Namespace, data: Data, oods: dict[str, Tensor], res
     row["plots"] = save_plots(raw, args.plots, "lenet_converted") if args.plots else []
     results[f"LeNet-5 converted + {epochs} ep."] = row
     print(markdown_table({"converted": row}), flush=True)
+    return parent
 
 
 def run_mlp(args: argparse.Namespace, data: Data, oods: dict[str, Tensor], results: dict) -> None:
@@ -268,7 +288,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     source.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                         help="no training: join the models of earlier JSON reports (e.g. of "
                         "--parts lenet and --parts mlp run in parallel) into --out and --readme")
-    parser.add_argument("--parts", default="lenet,mlp", help="comma list of: lenet, mlp")
+    parser.add_argument("--parts", default="lenet,mlp",
+                        help="comma list of: lenet, mlp, posthoc (fit_posterior on the LeNet parent)")
+    parser.add_argument("--parent", type=Path, default=None,
+                        help="LeNet-5 parent state_dict: loaded if the file exists, else saved there")
+    parser.add_argument("--fit-cache", type=Path, default=None,
+                        help="posthoc: the default fit's result, loaded if the file exists, else saved")
+    parser.add_argument("--linearized", action="store_true",
+                        help="posthoc: also score the fitted posteriors with the linearized predictive")
+    parser.add_argument("--laplace", action="store_true",
+                        help="posthoc: add laplace-torch rows on the same parent (needs .[bench])")
+    parser.add_argument("--posthoc-variants", default="",
+                        help="posthoc: comma list of non-default fit_posterior variants: t1, "
+                        "valdata, global, valprior, valdataprior")
     parser.add_argument("--quick", action="store_true",
                         help="1+1 LeNet epochs, 2 MLP minutes, 8 samples")
     parser.add_argument("--parent-epochs", type=int, default=6)
@@ -305,10 +337,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     start = time.perf_counter()
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    if not parts <= {"lenet", "mlp"}:
-        parser.error(f"--parts takes lenet and/or mlp, got {args.parts!r}")
-    if "lenet" in parts:
-        run_lenet(args, data, oods, results)
+    if not parts <= {"lenet", "mlp", "posthoc"}:
+        parser.error(f"--parts takes lenet, mlp and/or posthoc, got {args.parts!r}")
+    if parts & {"lenet", "posthoc"}:
+        parent = run_lenet(args, data, oods, results, parts)
+        if "posthoc" in parts:
+            run_posthoc(args, data, oods, results, parent)
     if "mlp" in parts:
         run_mlp(args, data, oods, results)
     table = markdown_table(results)

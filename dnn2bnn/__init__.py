@@ -42,6 +42,7 @@ from dnn2bnn.layers import (
 from dnn2bnn.loss import WithBNNLoss, elbo, kl_divergence
 from dnn2bnn.mindspore import TransformToBNN
 from dnn2bnn.modes import get_mode, set_estimator, set_mode
+from dnn2bnn.posterior import PosteriorFit, fit_posterior
 from dnn2bnn.prediction import (
     ClassificationPrediction,
     PredictionWarning,
@@ -80,6 +81,7 @@ __all__ = [
     "Estimator",
     "NormalPrior",
     "Parametrization",
+    "PosteriorFit",
     "PredictionWarning",
     "ReconfiguredModule",
     "RegressionPrediction",
@@ -92,6 +94,7 @@ __all__ = [
     "default_mapping",
     "distributed",
     "elbo",
+    "fit_posterior",
     "get_mode",
     "is_bayesian_layer",
     "kl_divergence",

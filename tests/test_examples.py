@@ -33,6 +33,13 @@ def _check_lenet(out: str, tmp_path: Path) -> None:
     dnn_acc = float(line.split("DNN val acc ")[1].split(",")[0])
     mean_acc = float(line.split("BNN mean-mode ")[1].split(",")[0])
     assert dnn_acc == mean_acc  # conversion keeps the trained weights
+    # the side-by-side table of the end: DNN, post-hoc BNN, fine-tuned BNN, and the plots
+    rows = {n: l for l in out.splitlines() for n in ("DNN ", "post-hoc BNN", "fine-tuned BNN") if l.startswith(n)}
+    assert len(rows) == 3, out
+    dnn_row = [float(v) for v in rows["DNN "].split()[1:]]
+    assert dnn_row[0] == dnn_acc and all(v == v for v in dnn_row)  # same accuracy, no NaN
+    assert (tmp_path / "reliability_diagram.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "uncertainty_histogram_1.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _check_torchvision(out: str, tmp_path: Path) -> None:
@@ -127,7 +134,7 @@ class Example:
 TORCHRUN_2 = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
 
 EXAMPLES = [
-    Example("bayesian_lenet.py", check=_check_lenet),
+    Example("bayesian_lenet.py", quick_args=("--quick", "--out", "{tmp}"), check=_check_lenet),
     Example("convert_torchvision.py", check=_check_torchvision),
     Example("cli_roundtrip.py", check=_check_cli, author="issue 6 (command line)"),
     Example(

@@ -197,6 +197,9 @@ def load_bnn(path: str | Path) -> nn.Module:
         model.load_state_dict(state)
     except RuntimeError as exc:  # e.g. a tensor whose dtype cannot be copied
         raise CheckpointError(f"{path}: loading the state_dict failed: {exc}") from exc
+    report = getattr(model, "conversion_report", None)
+    if report is not None and metadata.get("posterior_fit") is not None:
+        report.posterior_fit = metadata["posterior_fit"]
     # so that save_bnn(model, ...) records the same architecture again without arch=
     model.__dict__[ARCH_ATTR] = {"spec": arch["spec"], "kwargs": decode(arch.get("kwargs") or {})}
     return model
@@ -215,6 +218,8 @@ def bnn_metadata(
         "torch_version": torch.__version__,
         "arch": None if arch is None else _arch_entry(model, arch, arch_kwargs),
         "calls": calls,
+        # what dnn2bnn.fit_posterior chose (JSON already), restored by load_bnn
+        "posterior_fit": getattr(report, "posterior_fit", None),
         "converted": [n for n, m in model.named_modules() if isinstance(m, BayesianLayer)],
         "layers": layer_states(model),
     }

@@ -115,6 +115,20 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     conv.add_argument(
         "--estimator", choices=ESTIMATORS, help="gradient estimator of the Bayesian layers"
     )
+    fit = parser.add_argument_group("posterior (no training)")
+    fit.add_argument(
+        "--fit-data",
+        metavar="FILE",
+        help="fit a Laplace posterior with dnn2bnn.fit_posterior on this data: a .pt/.safetensors "
+        "file with 'input' and 'target' tensors, or package.module:callable returning a DataLoader",
+    )
+    fit.add_argument(
+        "--fit-options",
+        metavar="JSON",
+        type=json_object,
+        default=None,
+        help='keyword options of fit_posterior, a JSON object (e.g. \'{"temperature": 0.1}\')',
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing OUTPUT")
     parser.set_defaults(run=run)
 
@@ -196,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
             f"({'; '.join(notes[:3]) or skipped or 'it has no Linear or Conv layer'}); "
             "nothing written"
         )
+    fitted = _fit(bnn, args)
     save_bnn(
         bnn,
         output,
@@ -220,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
         "notes": notes + report.notes,
         "params_before": report.params_before,
         "params_after": report.params_after,
+        "posterior_fit": None if fitted is None else fitted.to_dict(),
     }
     kinds: dict[str, int] = {}
     for c in report.converted:
@@ -236,9 +252,29 @@ def run(args: argparse.Namespace) -> int:
         text.append("  options: " + ", ".join(f"{k}={v}" for k, v in options.items()))
     text += [f"  skipped {s.name}: {s.reason}" for s in report.skipped[:10]]
     text += [f"  note: {n}" for n in result["notes"]]
+    if fitted is not None:
+        text += ["  " + line for line in str(fitted).splitlines()]
     text.append(f"  load it with: dnn2bnn.load_bnn({str(output)!r})")
     emit(args, result, text)
     return 0
+
+
+def _fit(bnn: nn.Module, args: argparse.Namespace) -> Any:
+    """Fit the Laplace posterior when --fit-data is given (``None`` otherwise)."""
+    if args.fit_data is None:
+        if args.fit_options is not None:
+            raise ConversionError("--fit-options applies with --fit-data; add --fit-data FILE")
+        return None
+    from dnn2bnn.posterior import fit_posterior
+    from dnn2bnn.posterior.data_file import load_fit_data
+
+    try:
+        data = load_fit_data(args.fit_data)
+        return fit_posterior(
+            bnn, data, progress=not getattr(args, "json", False), **(args.fit_options or {})
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConversionError(f"--fit-data {args.fit_data}: {exc}") from exc
 
 
 def bayes_options(args: argparse.Namespace) -> dict[str, Any]:

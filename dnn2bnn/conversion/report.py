@@ -89,6 +89,8 @@ class ConversionReport:
     params_before: int = 0
     params_after: int = 0
     calls: list[dict[str, Any]] = field(default_factory=list)
+    #: What :func:`dnn2bnn.fit_posterior` chose (``PosteriorFit.to_dict()``); ``None`` before.
+    posterior_fit: dict[str, Any] | None = None
 
     def merge(self, other: ConversionReport) -> ConversionReport:
         """A report covering this conversion followed by ``other``."""
@@ -103,6 +105,7 @@ class ConversionReport:
             params_before=self.params_before,
             params_after=other.params_after,
             calls=self.calls + other.calls,
+            posterior_fit=other.posterior_fit or self.posterior_fit,
         )
 
     def __str__(self) -> str:
@@ -134,6 +137,12 @@ class ConversionReport:
                 + ", ".join(n or "<root>" for n in self.shared)
             )
         lines.extend(f"note: {n}" for n in self.notes)
+        if self.posterior_fit is not None:
+            fit = self.posterior_fit
+            lines.append(
+                f"posterior fitted by fit_posterior: {fit['curvature']} curvature, "
+                f"temperature {fit['temperature']:g}, {len(fit['prior_precision'])} layer prior(s)"
+            )
         return "\n".join(lines)
 
 

@@ -1,0 +1,223 @@
+"""The diagonal curvature of the per-example negative log-likelihood at the posterior means.
+
+For a network ``f(x; theta)`` and a per-example negative log-likelihood ``l(f, y)`` the
+generalized Gauss-Newton matrix of one example is ``J^T H J`` with ``J = df/dtheta`` and
+``H`` the Hessian of ``l`` in the outputs. ``H`` is written as a weighted sum of outer
+products of output cotangents, ``H = sum_j w_j v_j v_j^T``, so that the GGN diagonal is
+``sum_j w_j (J^T v_j)^2``, and each ``J^T v_j`` is one vector-Jacobian product:
+
+* softmax cross-entropy, exact: ``v_c = p - e_c`` with weight ``p_c`` for each class ``c``
+  (``sum_c p_c (p - e_c)(p - e_c)^T = diag(p) - p p^T``); C products per example;
+* softmax cross-entropy, Fisher: ``v = p - e_y`` for labels ``y`` drawn from the model
+  (one product per example and sample: an unbiased estimate of the same diagonal);
+* Gaussian likelihood with noise ``sigma``: ``v_k = e_k / sigma`` for each output (exact)
+  or ``v = z / sigma`` with ``z ~ N(0, I)`` (Fisher).
+
+The products run per example under ``torch.func.vmap`` at the posterior means (the model in
+"mean" and eval mode), in chunks whose per-example gradients fit ``memory_budget`` bytes.
+The per-example squares are summed at once: this is not the square of mini-batch gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+
+__all__ = ["Curvature", "CurvatureResult", "Likelihood", "diagonal_curvature"]
+
+#: Default bound on the per-example gradients held at once (bytes).
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
+
+
+class Likelihood(str, Enum):
+    """The per-example likelihood: softmax cross-entropy (class dim 1) or a Gaussian."""
+
+    CLASSIFICATION = "classification"
+    REGRESSION = "regression"
+
+
+class Curvature(str, Enum):
+    """Exact GGN diagonal, or the Fisher diagonal with targets sampled from the model."""
+
+    GGN = "ggn"
+    FISHER = "fisher"
+
+
+@dataclass
+class CurvatureResult:
+    """Sums over the examples seen (all ranks under torch.distributed)."""
+
+    #: Qualified name of each posterior mean (``"fc.weight_mu"``) -> summed GGN diagonal.
+    diag: dict[str, Tensor]
+    num_examples: int
+    #: Summed negative log-likelihood of the examples at the posterior means.
+    nll: float
+
+
+def diagonal_curvature(
+    model: nn.Module,
+    means: dict[str, Tensor],
+    batches: Iterable[tuple[Any, Tensor]],
+    *,
+    likelihood: Likelihood,
+    curvature: Curvature,
+    mc_samples: int = 1,
+    noise_sigma: float = 1.0,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    generator: torch.Generator | None = None,
+) -> CurvatureResult:
+    """Sum of per-example diagonal GGN (or sampled Fisher) over ``batches``.
+
+    The model must already be in eval mode with its Bayesian layers in "mean" mode; the
+    tensors in ``means`` (keyed by qualified parameter name) are the point of expansion.
+
+    Args:
+        model: the network.
+        means: the parameters to differentiate, by qualified name (other parameters fixed).
+        batches: ``(input, target)`` pairs, input a tensor whose dim 0 is the batch.
+        likelihood: see :class:`Likelihood`.
+        curvature: see :class:`Curvature`.
+        mc_samples: targets drawn per example for the Fisher.
+        noise_sigma: standard deviation of the Gaussian likelihood (regression).
+        memory_budget: bytes of per-example gradients held at once (sets the chunk size).
+        generator: random generator for the Fisher's sampled targets.
+
+    Returns:
+        A :class:`CurvatureResult`.
+    """
+    params = {k: v.detach() for k, v in means.items()}
+    numel = sum(v.numel() for v in params.values())
+    itemsize = max(v.element_size() for v in params.values())
+    diag = {k: torch.zeros_like(v, dtype=torch.promote_types(v.dtype, torch.float32)) for k, v in params.items()}
+    count, nll = 0, 0.0
+
+    def single(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(model, p, (x.unsqueeze(0),), strict=False).squeeze(0)
+
+    def per_example(x: Tensor, vs: Tensor, ws: Tensor) -> dict[str, Tensor]:
+        _, pullback = vjp(lambda p: single(p, x), params)
+        (grads,) = vmap(pullback)(vs)
+        return {k: torch.tensordot(ws, g.to(ws.dtype).square(), dims=1) for k, g in grads.items()}
+
+    batched = vmap(per_example)
+    for x, y in batches:
+        with torch.no_grad():
+            out = functional_call(model, params, (x,), strict=False)
+        out = _check_output(out, x)
+        vs, ws = _cotangents(out.detach(), likelihood, curvature, mc_samples, noise_sigma, generator)
+        nll += float(_nll(out.detach(), y, likelihood, noise_sigma))
+        chunk = max(1, memory_budget // max(1, vs.shape[1] * numel * itemsize * 2))
+        for start in range(0, x.shape[0], chunk):
+            part = slice(start, start + chunk)
+            with torch.no_grad():  # torch.func's vjp still runs; no graph for other parameters
+                squares = batched(x[part], vs[part], ws[part])
+            for k, value in squares.items():
+                diag[k] += value.sum(0)
+        count += x.shape[0]
+    return _all_reduce(CurvatureResult(diag=diag, num_examples=count, nll=nll))
+
+
+def _check_output(out: Any, x: Tensor) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            "fit_posterior: the model must return a tensor (logits or the regression mean), "
+            f"got {type(out).__name__}"
+        )
+    if out.dim() == 0 or out.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"fit_posterior: expected an output with the batch dimension {x.shape[0]} first, "
+            f"got shape {tuple(out.shape)}"
+        )
+    return out
+
+
+def _cotangents(
+    out: Tensor,
+    likelihood: Likelihood,
+    curvature: Curvature,
+    mc_samples: int,
+    noise_sigma: float,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """Output cotangents ``[B, J, *out]`` and their weights ``[B, J]`` (see the module doc)."""
+    batch = out.shape[0]
+    out = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+    if likelihood is Likelihood.CLASSIFICATION:
+        if out.dim() < 2:
+            raise ValueError(
+                "fit_posterior: a classifier must return logits [batch, classes, ...], got "
+                f"shape {tuple(out.shape)}"
+            )
+        probs = out.softmax(dim=1)
+        classes = out.shape[1]
+        if curvature is Curvature.GGN:
+            if out.dim() != 2:
+                raise ValueError(
+                    "fit_posterior: the exact GGN needs logits [batch, classes], got shape "
+                    f"{tuple(out.shape)}; use curvature='fisher' for outputs with more dimensions"
+                )
+            eye = torch.eye(classes, dtype=probs.dtype, device=probs.device)
+            vs = probs.unsqueeze(1) - eye  # [B, C(j), C]
+            return vs, probs
+        flat = probs.movedim(1, -1).reshape(-1, classes)
+        draws = torch.multinomial(flat, mc_samples, replacement=True, generator=generator)
+        onehot = F.one_hot(draws.T, classes).to(probs.dtype)  # [S, B*..., C]
+        onehot = onehot.reshape(mc_samples, *probs.movedim(1, -1).shape).movedim(-1, 2)
+        vs = probs.unsqueeze(1) - onehot.transpose(0, 1)
+        ws = torch.full((batch, mc_samples), 1.0 / mc_samples, dtype=probs.dtype, device=out.device)
+        return vs, ws
+    if curvature is Curvature.GGN:
+        size = out[0].numel()
+        eye = torch.eye(size, dtype=out.dtype, device=out.device) / noise_sigma
+        vs = eye.reshape(size, *out.shape[1:]).expand(batch, size, *out.shape[1:])
+        return vs, torch.ones(batch, size, dtype=out.dtype, device=out.device)
+    shape = (batch, mc_samples, *out.shape[1:])
+    noise = torch.randn(shape, dtype=out.dtype, device=out.device, generator=generator)
+    ws = torch.full((batch, mc_samples), 1.0 / mc_samples, dtype=out.dtype, device=out.device)
+    return noise / noise_sigma, ws
+
+
+def _nll(out: Tensor, target: Tensor, likelihood: Likelihood, noise_sigma: float) -> Tensor:
+    """Summed negative log-likelihood of a batch."""
+    out = out.float()
+    if likelihood is Likelihood.CLASSIFICATION:
+        return F.cross_entropy(out, target.to(out.device), reduction="sum")
+    target = target.to(out.device, out.dtype).reshape(out.shape)
+    z = (target - out) / noise_sigma
+    return (0.5 * z.square()).sum() + out.numel() * (math.log(noise_sigma) + 0.5 * math.log(2 * math.pi))
+
+
+def _all_reduce(result: CurvatureResult) -> CurvatureResult:
+    """Sum the curvature, the count and the NLL across ranks under torch.distributed."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return result
+    for value in result.diag.values():
+        dist.all_reduce(value)
+    first = next(iter(result.diag.values()))
+    totals = torch.tensor([float(result.num_examples), result.nll], dtype=torch.float64, device=first.device)
+    dist.all_reduce(totals)
+    return CurvatureResult(diag=result.diag, num_examples=int(totals[0]), nll=float(totals[1]))
+
+
+def progress_bar(
+    batches: Iterable[Any], *, total: int | None, enabled: bool, desc: str
+) -> Iterator[Any]:
+    """A tqdm bar over ``batches`` when ``enabled`` (on rank 0 only)."""
+    from dnn2bnn.distributed import get_rank
+
+    if not enabled or get_rank() != 0:
+        yield from batches
+        return
+    from tqdm.auto import tqdm
+
+    yield from tqdm(batches, total=total, desc=desc, unit="batch")
+

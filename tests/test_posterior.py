@@ -1,0 +1,367 @@
+"""fit_posterior: the curvature against closed forms and brute force, the written posterior, the choices."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dnn2bnn
+from dnn2bnn.posterior import Curvature, Likelihood, diagonal_curvature, evidence_term, marglik_precision
+from dnn2bnn.posterior._targets import at_means as _at_means
+from tests.conftest import mlp
+
+
+def _means(bnn: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in bnn.named_parameters() if k.endswith("_mu")}
+
+
+def _curvature(bnn, x, y, *, likelihood="classification", curvature="ggn", **kw):
+    with _at_means(bnn):
+        return diagonal_curvature(
+            bnn,
+            _means(bnn),
+            zip(x.split(7), y.split(7)),
+            likelihood=Likelihood(likelihood),
+            curvature=Curvature(curvature),
+            **kw,
+        )
+
+
+def _brute_force_ggn(bnn: nn.Module, x: torch.Tensor, *, likelihood: str = "classification", noise: float = 1.0):
+    """sum_n diag(J_n^T H_n J_n) from full per-example Jacobians (torch.autograd.functional)."""
+    means = _means(bnn)
+    names = list(means)
+    total = {k: torch.zeros_like(v) for k, v in means.items()}
+    with _at_means(bnn):
+        for xn in x:
+            def f(*values):
+                return torch.func.functional_call(bnn, dict(zip(names, values)), (xn[None],)).squeeze(0)
+
+            jac = torch.autograd.functional.jacobian(f, tuple(means[k] for k in names))
+            out = f(*(means[k] for k in names)).detach()
+            if likelihood == "classification":
+                p = out.softmax(-1)
+                hess = torch.diag(p) - torch.outer(p, p)
+            else:
+                hess = torch.eye(out.numel()) / noise**2
+            for k, j in zip(names, jac):
+                j = j.reshape(out.numel(), -1)
+                total[k] += torch.einsum("op,oq,qp->p", j, hess, j).reshape(total[k].shape)
+    return total
+
+
+# ------------------------------------------------------------------------ curvature
+def test_linear_softmax_ggn_equals_analytic_hessian_diagonal():
+    """For logits W x + b the GGN is the Hessian: d2/dW_ij^2 = sum_n p_ni (1 - p_ni) x_nj^2."""
+    bnn = dnn2bnn.transform_to_bnn_model(nn.Linear(5, 4))
+    x, y = torch.randn(30, 5), torch.randint(0, 4, (30,))
+    result = _curvature(bnn, x, y)
+    p = bnn.weight_mu.detach().mm(x.T).T.add(bnn.bias_mu.detach()).softmax(-1)
+    analytic_w = (p * (1 - p)).T.mm(x.square())
+    analytic_b = (p * (1 - p)).sum(0)
+    torch.testing.assert_close(result.diag["weight_mu"], analytic_w)
+    torch.testing.assert_close(result.diag["bias_mu"], analytic_b)
+    # and the autograd Hessian of the summed cross-entropy agrees
+    def loss(w):
+        return F.cross_entropy(x.mm(w.reshape(4, 5).T) + bnn.bias_mu.detach(), y, reduction="sum")
+
+    hess = torch.autograd.functional.hessian(loss, bnn.weight_mu.detach().reshape(-1))
+    torch.testing.assert_close(result.diag["weight_mu"].reshape(-1), hess.diagonal())
+    assert result.num_examples == 30
+    assert result.nll == pytest.approx(float(loss(bnn.weight_mu.detach().reshape(-1))), rel=1e-5)
+
+
+class _SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+        self.deconv = nn.ConvTranspose2d(3, 2, 2, stride=2)
+        self.fc = nn.Linear(2 * 10 * 10, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.conv(x)))
+        return self.fc(F.relu(self.deconv(h)).flatten(1))
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(4, 8)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        h = self.att(h, h, h)[0]
+        return self.head(self.norm(h).mean(1))
+
+
+_MODELS = {
+    "mlp": (lambda: dnn2bnn.transform_to_bnn_model(mlp((6, 8, 8, 4))), (6,)),
+    "cnn": (lambda: dnn2bnn.transform_to_bnn_model(_SmallCNN()), (1, 7, 7)),
+    "attention": (
+        lambda: dnn2bnn.transform_to_bnn_model(
+            _Attention(), layer_types=[nn.Linear, nn.MultiheadAttention, nn.LayerNorm]
+        ),
+        (5, 4),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(_MODELS))
+def test_ggn_equals_brute_force_per_example_jacobians(kind):
+    build, shape = _MODELS[kind]
+    bnn = build()
+    if kind == "cnn":  # running statistics that are not the identity, used in eval mode
+        bnn.bn.running_mean.uniform_(-0.5, 0.5)
+        bnn.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(9, *shape)
+    y = torch.randint(0, 3, (9,))
+    result = _curvature(bnn, x, y)
+    expected = _brute_force_ggn(bnn, x)
+    assert set(result.diag) == set(expected)
+    for k in expected:
+        torch.testing.assert_close(result.diag[k], expected[k], rtol=1e-4, atol=1e-6)
+
+
+def test_fisher_with_sampled_labels_estimates_the_ggn():
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((6, 8, 4)))
+    x, y = torch.randn(6, 6), torch.randint(0, 4, (6,))
+    exact = _curvature(bnn, x, y).diag
+    gen = torch.Generator().manual_seed(1)
+    fisher = _curvature(bnn, x, y, curvature="fisher", mc_samples=4000, generator=gen).diag
+    for k in exact:
+        rel = (fisher[k] - exact[k]).norm() / exact[k].norm()
+        assert rel < 0.05, (k, float(rel))
+
+
+def test_regression_ggn_is_jacobian_gram_over_noise_variance():
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((3, 6, 2)))
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    result = _curvature(bnn, x, y, likelihood="regression", noise_sigma=0.5)
+    expected = _brute_force_ggn(bnn, x, likelihood="regression", noise=0.5)
+    for k in expected:
+        torch.testing.assert_close(result.diag[k], expected[k], rtol=1e-4, atol=1e-6)
+    with _at_means(bnn), torch.no_grad():
+        out = bnn(x)
+    nll = 0.5 * ((y - out) / 0.5).square().sum() + y.numel() * (math.log(0.5) + 0.5 * math.log(2 * math.pi))
+    assert result.nll == pytest.approx(float(nll), rel=1e-5)
+
+
+@pytest.mark.slow  # importing laplace-torch takes seconds
+def test_agrees_with_laplace_torch_diagonal_ggn():
+    laplace = pytest.importorskip("laplace")
+    pytest.importorskip("curvlinops")
+    from laplace.curvature import CurvlinopsGGN
+
+    torch.manual_seed(0)
+    net = mlp((6, 8, 4))
+    x, y = torch.randn(40, 6), torch.randint(0, 4, (40,))
+    la = laplace.Laplace(
+        net, "classification", subset_of_weights="all", hessian_structure="diag", backend=CurvlinopsGGN
+    )
+    la.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=10))
+    bnn = dnn2bnn.transform_to_bnn_model(net)
+    ours = _curvature(bnn, x, y).diag
+    # laplace-torch orders the parameters as net.parameters(): weight, bias of each Linear
+    flat = torch.cat([ours[f"{i}.{n}_mu"].reshape(-1) for i in ("0", "2") for n in ("weight", "bias")])
+    torch.testing.assert_close(flat, la.H.detach(), rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ the written posterior
+def test_sigma_and_prior_follow_the_formula_and_elbo_runs():
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((6, 8, 4)))
+    x, y = torch.randn(50, 6), torch.randint(0, 4, (50,))
+    curv = _curvature(bnn, x, y).diag
+    fit = dnn2bnn.fit_posterior(
+        bnn, (x, y), num_train_examples=500, prior_precision={"0": 2.0, "2": 8.0},
+        temperature=0.5, curvature="ggn", progress=False,
+    )
+    assert fit.prior_precision == {"0": 2.0, "2": 8.0}
+    for layer, lam in (("0", 2.0), ("2", 8.0)):
+        module = bnn.get_submodule(layer)
+        for name in ("weight", "bias"):
+            expected = (0.5 / (10 * curv[f"{layer}.{name}_mu"] + lam)).sqrt()
+            torch.testing.assert_close(module.posterior_sigma(name), expected, rtol=1e-5, atol=1e-7)
+            assert float(getattr(module, f"{name}_prior_sigma")) == pytest.approx(1 / math.sqrt(lam))
+            assert float(getattr(module, f"{name}_prior_mu")) == 0.0
+        assert module.prior == dnn2bnn.NormalPrior(0.0, 1 / math.sqrt(lam))
+    # the KL is the closed form against N(0, 1/lambda), and an ELBO step runs from here
+    module = bnn.get_submodule("2")
+    s, m = module.posterior_sigma("weight"), module.weight_mu.detach()
+    p = 1 / math.sqrt(8.0)
+    kl_w = (torch.log(p / s) + (s.square() + m.square()) / (2 * p * p) - 0.5).sum()
+    s, m = module.posterior_sigma("bias"), module.bias_mu.detach()
+    kl_b = (torch.log(p / s) + (s.square() + m.square()) / (2 * p * p) - 0.5).sum()
+    torch.testing.assert_close(module.kl().detach(), kl_w + kl_b, rtol=1e-4, atol=1e-5)
+    loss_fn = dnn2bnn.WithBNNLoss.elbo(bnn, nn.CrossEntropyLoss(), num_train_examples=500)
+    loss = loss_fn(x, y)
+    loss.backward()
+    assert torch.isfinite(loss) and bnn[0].weight_rho.grad is not None
+    assert bnn.conversion_report.posterior_fit["prior_precision"] == {"0": 2.0, "2": 8.0}
+
+
+def test_mean_mode_prediction_is_the_parent_after_the_fit():
+    net = mlp((6, 8, 4))
+    bnn = dnn2bnn.transform_to_bnn_model(net)
+    x, y = torch.randn(60, 6), torch.randint(0, 4, (60,))
+    dnn2bnn.fit_posterior(bnn, (x, y), progress=False)
+    with dnn2bnn.set_mode(bnn, "mean"):
+        torch.testing.assert_close(bnn(x), net(x))
+    assert bnn.training  # train/eval and the modes are restored
+    assert dnn2bnn.get_mode(bnn) == dnn2bnn.BayesMode.SAMPLE
+
+
+def test_last_layer_only_model_leaves_the_rest_alone():
+    net = mlp((6, 8, 8, 4))
+    bnn = dnn2bnn.transform_to_bnn_model(net, include=["4"])
+    before = {k: v.clone() for k, v in bnn.state_dict().items() if not k.startswith("4.")}
+    x, y = torch.randn(40, 6), torch.randint(0, 4, (40,))
+    fit = dnn2bnn.fit_posterior(bnn, (x, y), prior_precision=1.0, temperature=1.0, curvature="ggn", progress=False)
+    assert list(fit.prior_precision) == ["4"]
+    after = bnn.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    # a last-layer posterior: the curvature of a linear softmax head on the features
+    with torch.no_grad():
+        feats = net[:4](x)
+    head = dnn2bnn.transform_to_bnn_model(net[4])
+    expected = _curvature(head, feats, y).diag["weight_mu"]
+    torch.testing.assert_close(bnn[4].posterior_sigma(), (1 / (expected + 1.0)).sqrt(), rtol=1e-4, atol=1e-6)
+
+
+def test_regression_fit_runs_with_gaussian_likelihood():
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((3, 16, 1)))
+    x = torch.randn(200, 3)
+    y = x.sum(1, keepdim=True) + 0.1 * torch.randn(200, 1)
+    fit = dnn2bnn.fit_posterior(bnn, (x, y), likelihood="regression", noise_sigma=0.1, progress=False)
+    assert fit.likelihood == "regression" and fit.temperature in dnn2bnn.posterior.DEFAULT_TEMPERATURES
+    assert fit.val_nll[f"T={fit.temperature:g}"] == min(v for k, v in fit.val_nll.items() if k != "means")
+
+
+# ------------------------------------------------------------------------ choices
+def test_marglik_precision_is_the_maximum_of_the_evidence():
+    h = torch.rand(50) * 30
+    sum_sq = 0.7
+    lam = marglik_precision(h, sum_sq)
+    best = evidence_term(h, sum_sq, lam)
+    assert best > evidence_term(h, sum_sq, lam * 1.05) and best > evidence_term(h, sum_sq, lam / 1.05)
+    # well-determined weights (huge curvature): lambda = P / ||mu||^2, the prior fits the weights
+    assert marglik_precision(torch.full((10,), 1e9), 2.0) == pytest.approx(5.0, rel=1e-6)
+    # no curvature at all: the evidence grows as lambda -> 0 (the lower bound)
+    assert marglik_precision(torch.zeros(10), 2.0) == dnn2bnn.posterior.prior.LAMBDA_RANGE[0]
+
+
+def test_auto_temperature_uses_validation_data_and_never_beats_itself():
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((6, 8, 4)))
+    x, y = torch.randn(100, 6), torch.randint(0, 4, (100,))
+    xv, yv = torch.randn(30, 6), torch.randint(0, 4, (30,))
+    fit = dnn2bnn.fit_posterior(bnn, (x, y), val_data=(xv, yv), progress=False, temperatures=(1.0, 0.01))
+    assert fit.num_val_examples == 30 and fit.num_curvature_examples == 100
+    assert set(fit.val_nll) == {"means", "T=1", "T=0.01"}
+    assert fit.temperature == min((1.0, 0.01), key=lambda t: fit.val_nll[f"T={t:g}"])
+    # without val_data, 10% of each batch is held out and N counts it
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((6, 8, 4)))
+    fit = dnn2bnn.fit_posterior(bnn, (x, y), progress=False, batch_size=50)
+    assert (fit.num_curvature_examples, fit.num_val_examples, fit.num_train_examples) == (90, 10, 100)
+
+
+def test_global_and_validation_prior_precision():
+    x, y = torch.randn(80, 6), torch.randint(0, 4, (80,))
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((6, 8, 4)))
+    fit = dnn2bnn.fit_posterior(bnn, (x, y), prior_precision="marglik", temperature=1.0, progress=False)
+    assert len(set(fit.prior_precision.values())) == 1
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((6, 8, 4)))
+    fit = dnn2bnn.fit_posterior(bnn, (x, y), prior_precision="val", progress=False)
+    assert fit.temperature == 1.0 and len(set(fit.prior_precision.values())) == 1
+    assert any(k.startswith("lambda=") for k in fit.val_nll)
+
+
+def test_dataloader_input_and_progress_bar(capsys):
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((6, 8, 4)))
+    ds = torch.utils.data.TensorDataset(torch.randn(64, 6), torch.randint(0, 4, (64,)))
+    fit = dnn2bnn.fit_posterior(bnn, torch.utils.data.DataLoader(ds, batch_size=16), temperature=0.1)
+    assert fit.num_curvature_examples == 64
+    assert "fit_posterior" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ errors
+def test_errors_say_what_was_expected():
+    x, y = torch.randn(10, 6), torch.randint(0, 4, (10,))
+    with pytest.raises(ValueError, match="expected a model with Bayesian layers"):
+        dnn2bnn.fit_posterior(mlp((6, 4)), (x, y))
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((6, 4)))
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['temprature'\]"):
+        dnn2bnn.fit_posterior(bnn, (x, y), temprature=1.0)
+    with pytest.raises(TypeError, match="pair \\(inputs, targets\\)"):
+        dnn2bnn.fit_posterior(bnn, x, progress=False)
+    with pytest.raises(ValueError, match="missing \\[\\], unknown \\['1'\\]"):
+        dnn2bnn.fit_posterior(bnn, (x, y), prior_precision={"0": 1.0, "1": 2.0}, temperature=1.0, progress=False)
+    mixture = dnn2bnn.transform_to_bnn_model(mlp((6, 4)), prior=dnn2bnn.ScaleMixturePrior())
+    with pytest.raises(TypeError, match="layer '0' .* expected a dnn2bnn.NormalPrior"):
+        dnn2bnn.fit_posterior(mixture, (x, y), progress=False)
+
+
+# ------------------------------------------------------------------------ torch.distributed
+def _ddp_worker(rank: int, store: str, out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    try:
+        torch.manual_seed(0)
+        bnn = dnn2bnn.transform_to_bnn_model(mlp((6, 8, 4)))
+        x, y = torch.randn(40, 6, generator=torch.Generator().manual_seed(5)), torch.arange(40) % 4
+        part = slice(rank * 20, rank * 20 + 20)
+        ddp = nn.parallel.DistributedDataParallel(bnn)
+        fit = dnn2bnn.fit_posterior(
+            ddp, (x[part], y[part]), prior_precision=1.0, temperature=1.0, curvature="ggn", progress=False
+        )
+        if rank == 0:
+            torch.save({"sigma": bnn[0].posterior_sigma().detach(), "n": fit.num_train_examples}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_sums_the_curvature_across_ranks(tmp_path):
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    out = tmp_path / "rank0.pt"
+    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2)
+    got = torch.load(out, weights_only=True)
+    torch.manual_seed(0)
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((6, 8, 4)))
+    x, y = torch.randn(40, 6, generator=torch.Generator().manual_seed(5)), torch.arange(40) % 4
+    dnn2bnn.fit_posterior(bnn, (x, y), prior_precision=1.0, temperature=1.0, curvature="ggn", progress=False)
+    assert got["n"] == 40  # the examples of both ranks
+    torch.testing.assert_close(got["sigma"], bnn[0].posterior_sigma().detach())
+
+
+# ------------------------------------------------------------------------ linearized predictive
+def test_linearized_equals_sampled_for_a_model_linear_in_its_weights():
+    from dnn2bnn.posterior import linearized_samples
+
+    bnn = dnn2bnn.transform_to_bnn_model(nn.Linear(5, 3))
+    with torch.no_grad():
+        bnn.weight_rho.fill_(-1.0)
+        bnn.bias_rho.fill_(-2.0)
+    x = torch.randn(4, 5)
+    lin = linearized_samples(bnn, x, 2000, generator=torch.Generator().manual_seed(0))
+    mean = x @ bnn.weight_mu.detach().T + bnn.bias_mu.detach()
+    sw, sb = F.softplus(torch.tensor(-1.0)), F.softplus(torch.tensor(-2.0))
+    var = (x.square().sum(1, keepdim=True) * sw**2 + sb**2).expand(4, 3)  # closed form
+    torch.testing.assert_close(lin.mean(0), mean, atol=0.1, rtol=0)
+    torch.testing.assert_close(lin.var(0), var, rtol=0.1, atol=0)
+    assert bnn.training and dnn2bnn.get_mode(bnn) == dnn2bnn.BayesMode.SAMPLE  # restored
