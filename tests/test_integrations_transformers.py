@@ -109,6 +109,29 @@ def test_save_pretrained_then_from_pretrained_restores_the_posterior(make, tmp_p
         assert torch.equal(again(ids).logits, bnn(ids).logits)
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize("make", [_bert, _gpt2], ids=["bert", "gpt2"])
+def test_save_bnn_of_a_converted_model_loads_without_arch(make, suffix, tmp_path):
+    # was: load_bnn -> CheckpointError "BertForSequenceClassification.__init__() missing
+    # 1 required positional argument: 'config'" (save_bnn recorded the class, not its config)
+    bnn = make()
+    with torch.no_grad():
+        for p in bnn.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    if hasattr(bnn, "lm_head"):  # the config recorded is the one at save time
+        bnn.resize_token_embeddings(110)
+    dnn2bnn.save_bnn(bnn, tmp_path / f"bnn{suffix}")
+    again = dnn2bnn.load_bnn(tmp_path / f"bnn{suffix}")
+    assert type(again) is type(bnn) and again.config.vocab_size == bnn.config.vocab_size
+    assert state_equal(again, bnn)
+    ids = torch.randint(0, 100, (2, 10))
+    bnn.eval(), again.eval()
+    with torch.no_grad(), dnn2bnn.set_mode(bnn, "mean"), dnn2bnn.set_mode(again, "mean"):
+        assert torch.equal(again(ids).logits, bnn(ids).logits)
+    dnn2bnn.save_bnn(again, tmp_path / f"again{suffix}")  # and again, without arch
+    assert state_equal(dnn2bnn.load_bnn(tmp_path / f"again{suffix}"), bnn)
+
+
 def test_plain_from_pretrained_loses_the_posterior_so_ours_is_needed(tmp_path):
     bnn = _bert()
     bnn.save_pretrained(tmp_path)

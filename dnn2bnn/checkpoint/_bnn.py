@@ -83,7 +83,10 @@ def save_bnn(
             "architecture to record; save it as .pt2"
         )
     remembered = model.__dict__.get(ARCH_ATTR)
-    if arch is None and remembered is not None:
+    own_arch = getattr(model, "dnn2bnn_arch_spec", None)  # converted Hugging Face models
+    if arch is None and own_arch is not None:
+        arch, arch_kwargs = own_arch()
+    elif arch is None and remembered is not None:
         arch, arch_kwargs = remembered["spec"], remembered["kwargs"]
     if suffix == ".pt2":
         spec = arch
