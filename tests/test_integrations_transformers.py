@@ -401,3 +401,63 @@ def test_seq2seq_trainer_trains_and_evaluates_a_tiny_t5(tmp_path):
     result = trainer.evaluate()  # labels are the decoder targets: no shift
     assert result["eval_nll"] == pytest.approx(result["eval_loss"], rel=1e-5)
     assert 3.0 < result["eval_nll"] < 6.0 and 0 <= result["eval_ece"] <= 1
+
+
+# ---------------------------------------------------------------------- F2 review: bad inputs
+class _Spans(torch.utils.data.Dataset):
+    """Question answering examples: two label names, start and end positions."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict:
+        ids = torch.randint(0, 100, (12,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "start_positions": i % 12, "end_positions": (i + 3) % 12}
+
+
+def test_several_label_names_get_no_mc_metrics_of_raw_logits(tmp_path):
+    # was: mc_metrics applied to the Trainer's (start_logits, end_logits): a silent
+    # eval_accuracy 0.125, eval_nll 0.013, eval_ece 0.98 that meant nothing
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=37)
+    torch.manual_seed(0)
+    bnn = _convert(transformers.BertForQuestionAnswering(config))
+    with pytest.warns(UserWarning, match=r"several label names \['start_positions', 'end_positions'\]"):
+        trainer = hf.BayesTrainer(model=bnn, args=_args(tmp_path), train_dataset=_Spans(),
+                                  eval_dataset=_Spans(), mc_samples=2)
+    assert trainer.compute_metrics is None
+    result = trainer.evaluate()
+    assert "eval_loss" in result and not {"eval_accuracy", "eval_nll", "eval_ece"} & set(result)
+
+
+def test_predict_with_generate_gets_no_mc_metrics_of_token_ids(tmp_path):
+    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=37, num_layers=1,
+                                   num_heads=2, decoder_start_token_id=0, pad_token_id=0)
+    bnn = _convert(transformers.T5ForConditionalGeneration(config))
+    args = transformers.Seq2SeqTrainingArguments(str(tmp_path), report_to=[], use_cpu=True,
+                                                 predict_with_generate=True)
+    with pytest.warns(UserWarning, match="predict_with_generate=True evaluates by generation"):
+        trainer = hf.BayesSeq2SeqTrainer(model=bnn, args=args, mc_samples=2)
+    assert trainer.compute_metrics is None
+
+
+def test_an_unconverted_model_is_refused(tmp_path):
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=37)
+    with pytest.raises(TypeError, match="BertForSequenceClassification without Bayesian layer"):
+        hf.BayesTrainer(model=transformers.BertForSequenceClassification(config), args=_args(tmp_path))
+
+
+def test_a_user_optimizer_is_checked_for_the_rho_learning_rate(tmp_path):
+    bnn = _bert()
+    plain = torch.optim.SGD(bnn.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"rho_lr=0.5 .* optimizers=\(optimizer, \.\.\.\) was passed"):
+        hf.BayesTrainer(model=bnn, args=_args(tmp_path), optimizers=(plain, None), rho_lr=0.5)
+    with pytest.warns(UserWarning, match="rho parameters train at the means' learning rate"):
+        hf.BayesTrainer(model=bnn, args=_args(tmp_path), optimizers=(plain, None))
+    groups = dnn2bnn.bayes_param_groups(bnn, lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer = hf.BayesTrainer(model=bnn, args=_args(tmp_path),
+                                  optimizers=(torch.optim.SGD(groups, lr=0.1), None))
+    assert trainer.create_optimizer() is trainer.optimizer

@@ -105,20 +105,68 @@ class BayesTrainerMixin:
         if rho_lr is not None and not (isinstance(rho_lr, (int, float)) and rho_lr > 0):
             raise ValueError(f"rho_lr must be a number > 0, got {rho_lr!r}")
         super().__init__(*args, **kwargs)
-        if self.compute_metrics is None and mc_samples > 0:  # type: ignore[has-type]
-            self.compute_metrics = mc_metrics
+        if not any(isinstance(m, BayesianLayer) for m in self.model.modules()):  # type: ignore[attr-defined]
+            raise TypeError(
+                f"{type(self).__name__}: expected a model converted by "
+                f"dnn2bnn.transform_to_bnn_model, got {type(self.model).__name__} "  # type: ignore[attr-defined]
+                "without Bayesian layer"
+            )
         self._num_train_examples = None if num_train_examples is None else int(num_train_examples)
         self.rho_lr = rho_lr
         self.mc_samples = mc_samples
         self._kl_sum: Tensor | float = 0.0
         self._kl_count = 0
         self._warned_generate = False
-        if not any(isinstance(m, BayesianLayer) for m in self.model.modules()):
-            warnings.warn(
-                f"{type(self).__name__}: {type(self.model).__name__} has no Bayesian layer; "
-                "convert it with dnn2bnn.transform_to_bnn_model first",
-                stacklevel=2,
+        if self.compute_metrics is None and mc_samples > 0:  # type: ignore[has-type]
+            # only where prediction_step returns Monte Carlo log-probabilities: mc_metrics
+            # of generated token ids or of (start, end) logits would be numbers without meaning
+            if self._monte_carlo_evaluation():
+                self.compute_metrics = mc_metrics
+            else:
+                warnings.warn(
+                    f"{type(self).__name__}: {self._why_not_monte_carlo()}, so evaluation is the "
+                    "Trainer's own (one posterior sample per forward pass, no accuracy/NLL/ECE); "
+                    "pass compute_metrics= for metrics, or mc_samples=0 to silence this",
+                    stacklevel=2,
+                )
+        self._check_user_optimizer(rho_lr)
+
+    def _monte_carlo_evaluation(self) -> bool:
+        return self._why_not_monte_carlo() == ""
+
+    def _why_not_monte_carlo(self) -> str:
+        label_names = self.label_names or ["labels"]  # type: ignore[attr-defined]
+        if getattr(self.args, "predict_with_generate", False):  # type: ignore[attr-defined]
+            return "predict_with_generate=True evaluates by generation"
+        if len(label_names) != 1:
+            return (
+                f"the model has several label names {list(label_names)} (Monte Carlo "
+                "evaluation handles one class label)"
             )
+        return ""
+
+    def _check_user_optimizer(self, rho_lr: float | None) -> None:
+        optimizer = self.optimizer  # type: ignore[has-type]
+        if optimizer is None:
+            return
+        if rho_lr is not None:
+            raise ValueError(
+                f"{type(self).__name__}: rho_lr={rho_lr!r} sets the rho learning rate of the "
+                "optimizer BayesTrainer builds, but optimizers=(optimizer, ...) was passed; build "
+                "that optimizer with dnn2bnn.bayes_param_groups(model, lr=..., rho_lr=...) instead"
+            )
+        rho_ids = {id(p) for n, p in self.model.named_parameters() if n.endswith("_rho")}  # type: ignore[attr-defined]
+        for group in optimizer.param_groups:
+            ids = {id(p) for p in group["params"]}
+            if ids & rho_ids and ids - rho_ids:
+                warnings.warn(
+                    f"{type(self).__name__}: the optimizer passed in optimizers=(...) has a "
+                    "parameter group holding both rho and mean parameters, so the rho "
+                    "parameters train at the means' learning rate (and weight decay); build it "
+                    "with dnn2bnn.bayes_param_groups(model, lr=...) for the rho learning rate",
+                    stacklevel=3,
+                )
+                return
 
     # ------------------------------------------------------------------ the ELBO
     @property
