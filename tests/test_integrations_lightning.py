@@ -165,3 +165,21 @@ def test_mixin_works_with_the_pytorch_lightning_package_name(tmp_path):
     trainer.fit(module, _loader(_data(N_TRAIN, 0)))
     assert not torch.equal(module.model[-1].weight_rho, before)  # it trained
     assert trainer.logged_metrics["train/kl"] > 0 and module.num_train_examples == N_TRAIN
+
+
+def test_a_model_returning_a_tuple_gets_an_error_that_says_what_to_return():
+    # was: "expected logits (a tensor, or .logits) from the model, got tuple", no way out named
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            out = self.fc(x)
+            return out, out.sum()
+
+    module = lightning.BayesLightningModule(dnn2bnn.transform_to_bnn_model(Pair()), num_train_examples=8)
+    with pytest.raises(TypeError, match=r"got tuple; .*return_dict=True.* \(the output has 2 elements\)"):
+        module.elbo_loss((torch.randn(2, 4), torch.tensor([0, 1])))
+    with pytest.raises(TypeError, match="got tuple"):
+        module.mc_probs(torch.randn(2, 4))

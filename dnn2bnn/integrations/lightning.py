@@ -255,4 +255,9 @@ def _logits(output: Any) -> Tensor:
     logits = getattr(output, "logits", None)
     if isinstance(logits, Tensor):
         return logits
-    raise TypeError(f"expected logits (a tensor, or .logits) from the model, got {type(output).__name__}")
+    raise TypeError(
+        f"expected class logits from the model (a tensor, or an output with .logits), got "
+        f"{type(output).__name__}; make the model return its logits (Hugging Face: "
+        "return_dict=True), or wrap it in a module that picks them"
+        + (f" (the output has {len(output)} elements)" if isinstance(output, (tuple, list)) else "")
+    )
