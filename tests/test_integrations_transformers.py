@@ -461,3 +461,15 @@ def test_a_user_optimizer_is_checked_for_the_rho_learning_rate(tmp_path):
         trainer = hf.BayesTrainer(model=bnn, args=_args(tmp_path),
                                   optimizers=(torch.optim.SGD(groups, lr=0.1), None))
     assert trainer.create_optimizer() is trainer.optimizer
+
+
+def test_generate_in_mean_mode_is_the_deterministic_posterior_mean_model():
+    # the documented way to generate reproducibly from a converted GPT-2
+    bnn = _gpt2().eval()
+    prompt = torch.randint(0, 100, (2, 4), generator=torch.Generator().manual_seed(0))
+    options = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    dnn = dnn2bnn.to_dnn(bnn).eval()
+    with dnn2bnn.set_mode(bnn, "mean"):
+        first = bnn.generate(prompt, **options)
+        assert torch.equal(bnn.generate(prompt, **options), first)
+    assert first.shape == (2, 9) and torch.equal(dnn.generate(prompt, **options), first)

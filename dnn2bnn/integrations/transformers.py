@@ -299,14 +299,15 @@ class BayesTrainerMixin:
         inputs without labels); for causal language models, positions and labels are
         shifted by one as the model's own loss does. ``mc_samples=0`` gives the
         ``Trainer``'s own step, so does ``predict_with_generate`` (with a warning: it
-        generates with one posterior sample per call) and several label names.
+        draws new weights at every decoding step) and several label names.
         """
         label_names = self.label_names or ["labels"]  # type: ignore[attr-defined]
         generate = getattr(self.args, "predict_with_generate", False)  # type: ignore[attr-defined]
         if generate and self.mc_samples and not self._warned_generate:
             warnings.warn(
                 f"{type(self).__name__}: predict_with_generate=True evaluates by generation, "
-                "with one posterior sample per generate call, not by Monte Carlo averaging",
+                "and every decoding step (one forward pass) draws new weights, so a generated "
+                "sequence mixes posterior samples; it is not Monte Carlo averaging",
                 stacklevel=2,
             )
             self._warned_generate = True
@@ -390,7 +391,8 @@ class BayesSeq2SeqTrainer(BayesTrainerMixin, transformers.Seq2SeqTrainer):
     """``transformers.Seq2SeqTrainer`` for converted models (see :class:`BayesTrainerMixin`).
 
     With ``predict_with_generate=True``, evaluation generates as the ``Seq2SeqTrainer``
-    does (one posterior sample per call) instead of Monte Carlo averaging.
+    does instead of Monte Carlo averaging: every decoding step (one forward pass) draws new
+    weights, so a generated sequence mixes posterior samples rather than following one.
     """
 
 
