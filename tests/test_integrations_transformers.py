@@ -473,3 +473,39 @@ def test_generate_in_mean_mode_is_the_deterministic_posterior_mean_model():
         first = bnn.generate(prompt, **options)
         assert torch.equal(bnn.generate(prompt, **options), first)
     assert first.shape == (2, 9) and torch.equal(dnn.generate(prompt, **options), first)
+
+
+class _Targets(torch.utils.data.Dataset):
+    """Float targets: one per sequence (regression) or three (multi-label)."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict:
+        ids = torch.randint(0, 100, (12,), generator=torch.Generator().manual_seed(i))
+        target = (ids[: self.width] % 2).float()
+        return {"input_ids": ids, "labels": target[0] if self.width == 1 else target}
+
+
+@pytest.mark.parametrize("width", [1, 3], ids=["regression", "multi-label"])
+def test_float_targets_are_evaluated_as_the_trainer_does_with_a_warning(width, tmp_path):
+    # was: RuntimeError "gather(): Expected dtype int32/int64 for index" (regression) and
+    # IndexError "The shape of the mask [24] ... does not match" (multi-label) in evaluate()
+    problem = None if width == 1 else "multi_label_classification"  # regression: found at forward
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=37,
+                                     num_labels=width, problem_type=problem)
+    torch.manual_seed(0)
+    bnn = _convert(transformers.BertForSequenceClassification(config))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = hf.BayesTrainer(model=bnn, args=_args(tmp_path), train_dataset=_Targets(width),
+                                  eval_dataset=_Targets(width), mc_samples=2)
+        result = trainer.evaluate()
+    messages = [str(w.message) for w in caught if "BayesTrainer" in str(w.message)]
+    assert len(messages) == 1 and ("float32" in messages[0] or "multi_label" in messages[0])
+    assert "eval_loss" in result and "eval_accuracy" not in result
+    assert trainer.compute_metrics is None

@@ -62,6 +62,8 @@ __all__ = [
     "mc_metrics",
 ]
 
+_NOT_SINGLE_LABEL = ("regression", "multi_label_classification")
+
 _CAUSAL_LM_NAMES = set(
     transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 )
@@ -117,12 +119,16 @@ class BayesTrainerMixin:
         self._kl_sum: Tensor | float = 0.0
         self._kl_count = 0
         self._warned_generate = False
+        self._default_metrics = False
+        self._warned_not_mc = False
         if self.compute_metrics is None and mc_samples > 0:  # type: ignore[has-type]
             # only where prediction_step returns Monte Carlo log-probabilities: mc_metrics
             # of generated token ids or of (start, end) logits would be numbers without meaning
             if self._monte_carlo_evaluation():
                 self.compute_metrics = mc_metrics
+                self._default_metrics = True
             else:
+                self._warned_not_mc = True
                 warnings.warn(
                     f"{type(self).__name__}: {self._why_not_monte_carlo()}, so evaluation is the "
                     "Trainer's own (one posterior sample per forward pass, no accuracy/NLL/ECE); "
@@ -134,8 +140,19 @@ class BayesTrainerMixin:
     def _monte_carlo_evaluation(self) -> bool:
         return self._why_not_monte_carlo() == ""
 
-    def _why_not_monte_carlo(self) -> str:
+    def _why_not_monte_carlo(self, labels: Tensor | None = None) -> str:
         label_names = self.label_names or ["labels"]  # type: ignore[attr-defined]
+        problem = getattr(getattr(self.model, "config", None), "problem_type", None)  # type: ignore[attr-defined]
+        if problem in _NOT_SINGLE_LABEL:
+            return (
+                f"the model's config.problem_type is {problem!r} (Monte Carlo evaluation "
+                "averages a softmax over classes)"
+            )
+        if labels is not None and labels.is_floating_point():
+            return (
+                f"the labels are {labels.dtype} (regression or multi-label targets; Monte Carlo "
+                "evaluation averages a softmax over integer classes)"
+            )
         if getattr(self.args, "predict_with_generate", False):  # type: ignore[attr-defined]
             return "predict_with_generate=True evaluates by generation"
         if len(label_names) != 1:
@@ -317,6 +334,22 @@ class BayesTrainerMixin:
             )
         inputs = self._prepare_inputs(inputs)  # type: ignore[attr-defined]
         labels = inputs.get(label_names[0])
+        why = self._why_not_monte_carlo(labels)
+        if why:  # found only now: HF models set config.problem_type at their first forward
+            if self._default_metrics:
+                self.compute_metrics, self._default_metrics = None, False
+            if not self._warned_not_mc:
+                self._warned_not_mc = True
+                warnings.warn(
+                    f"{type(self).__name__}: {why}, so evaluation is the Trainer's own (one "
+                    "posterior sample per forward pass) and mc_metrics is not applied; pass "
+                    "mc_samples=0 to silence this",
+                    stacklevel=2,
+                )
+            self.mc_samples = 0
+            return super().prediction_step(  # type: ignore[misc]
+                model, inputs, prediction_loss_only, ignore_keys=ignore_keys
+            )
         # the labels stay in the forward, as in the Trainer's own step: encoder-decoder
         # models build their decoder inputs from them
         unwrapped = self.accelerator.unwrap_model(model)  # type: ignore[attr-defined]
