@@ -143,10 +143,12 @@ class BayesLightningMixin:
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         inputs, target = _split(batch)
+        _check_class_target(self, target, "validation_step")
         self._outputs["val"].append((self.mc_probs(inputs), target))
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         inputs, target = _split(batch)
+        _check_class_target(self, target, "test_step")
         self._outputs["test"].append((self.mc_probs(inputs), target))
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -214,6 +216,16 @@ class BayesLightningModule(BayesLightningMixin, pl.LightningModule):
             mc_samples=mc_samples, optimizer_cls=optimizer_cls,
         )
         self.save_hyperparameters(ignore=["model", "loss_fn", "optimizer_cls"])
+
+
+def _check_class_target(module: Any, target: Any, step: str) -> None:
+    if isinstance(target, Tensor) and (target.is_floating_point() or target.is_complex()):
+        raise TypeError(
+            f"{type(module).__name__}.{step}: the Monte Carlo metrics (accuracy, NLL, ECE of the "
+            f"mean softmax) need integer class targets, got {target.dtype}; for regression or "
+            "multi-label targets override the step, e.g. with dnn2bnn.predict(self.model, x, "
+            'task="regression")'
+        )
 
 
 def _cross_entropy(output: Any, target: Tensor) -> Tensor:
