@@ -509,3 +509,20 @@ def test_float_targets_are_evaluated_as_the_trainer_does_with_a_warning(width, t
     assert len(messages) == 1 and ("float32" in messages[0] or "multi_label" in messages[0])
     assert "eval_loss" in result and "eval_accuracy" not in result
     assert trainer.compute_metrics is None
+
+
+@pytest.mark.parametrize("how", ["save_pretrained", "save_bnn"])
+def test_a_bfloat16_model_reloads_in_bfloat16(how, tmp_path):
+    # was: from_pretrained built the model in float32 (config.dtype is a torch.dtype in
+    # Transformers 5, not a string), so mean-mode outputs differed from the saved model's
+    bnn = _gpt2().to(torch.bfloat16).eval()
+    if how == "save_pretrained":
+        bnn.save_pretrained(tmp_path)
+        again = hf.from_pretrained(tmp_path)
+    else:
+        dnn2bnn.save_bnn(bnn, tmp_path / "bnn.safetensors")
+        again = dnn2bnn.load_bnn(tmp_path / "bnn.safetensors").eval()
+    assert again.lm_head.weight_mu.dtype == torch.bfloat16 and state_equal(again, bnn)
+    ids = torch.randint(0, 100, (2, 6))
+    with torch.no_grad(), dnn2bnn.set_mode(bnn, "mean"), dnn2bnn.set_mode(again, "mean"):
+        assert torch.equal(again(ids).logits, bnn(ids).logits)

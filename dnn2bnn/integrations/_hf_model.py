@@ -69,10 +69,18 @@ def build_pretrained(*, model_class: str, config: dict[str, Any]) -> nn.Module:
     cls = _import(*model_class.split(":", 1))
     built_config = cls.config_class.from_dict(dict(config))
     model = cls(built_config)
-    dtype = getattr(built_config, "dtype", None) or getattr(built_config, "torch_dtype", None)
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
-        model = model.to(getattr(torch, dtype))
-    return model
+    dtype = config_dtype(built_config)
+    return model if dtype is None else model.to(dtype)
+
+
+def config_dtype(config: Any) -> Any:
+    """The ``torch.dtype`` a Hugging Face config records (a string or a dtype), else ``None``."""
+    import torch
+
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def pretrained_arch(model: nn.Module) -> tuple[str, dict[str, Any]]:
@@ -83,6 +91,9 @@ def pretrained_arch(model: nn.Module) -> tuple[str, dict[str, Any]]:
     """
     base = type(model).__dict__.get("_dnn2bnn_hf_base", type(model))
     config = json.loads(model.config.to_json_string(use_diff=False))  # type: ignore[union-attr]
+    dtype = getattr(model, "dtype", None)  # what the parameters are now, as save_pretrained records
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")
     return ARCH_SPEC, {"model_class": f"{base.__module__}:{base.__qualname__}", "config": config}
 
 

@@ -48,7 +48,7 @@ from dnn2bnn.checkpoint._arch import _import
 from dnn2bnn.checkpoint._bnn import replay_calls
 from dnn2bnn.checkpoint._read import match_state
 from dnn2bnn.errors import CheckpointError, ConversionWarning
-from dnn2bnn.integrations._hf_model import RECORD_NAME
+from dnn2bnn.integrations._hf_model import RECORD_NAME, config_dtype
 from dnn2bnn.layers._base import BayesianLayer
 from dnn2bnn.loss import check_num_train_examples, kl_divergence
 from dnn2bnn.modes import set_mode
@@ -469,10 +469,10 @@ def from_pretrained(directory: str | os.PathLike[str]) -> nn.Module:
         )
     cls = _import(*record["model_class"].split(":", 1))
     config = cls.config_class.from_pretrained(directory)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = config_dtype(config)
     model = cls(config)
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
-        model = model.to(getattr(torch, dtype))
+    if dtype is not None:
+        model = model.to(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConversionWarning)  # shown when it was converted
         model = replay_calls(model, record.get("calls", []))
