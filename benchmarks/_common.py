@@ -9,6 +9,7 @@ machine load.
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import statistics
@@ -143,3 +144,48 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def torchbnn_model(dnn: nn.Module, *, sigma: float = 1e-3, prior_sigma: float = 1.0) -> nn.Module | None:
+    """A copy of ``dnn`` with every ``nn.Linear``/``nn.Conv2d`` swapped for torchbnn 1.2's
+    ``BayesLinear``/``BayesConv2d`` (``sigma = exp(log_sigma)``), means = the trained weights,
+    ``log_sigma = log(sigma)`` (dnn2bnn's default posterior width), prior N(0, ``prior_sigma``).
+    ``None`` when torchbnn is not installed."""
+    try:
+        import torchbnn
+    except ImportError:  # pragma: no cover - optional peer
+        return None
+    import math
+
+    model = copy.deepcopy(dnn)
+
+    def swap(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear:
+                new = torchbnn.BayesLinear(0.0, prior_sigma, child.in_features, child.out_features,
+                                           bias=child.bias is not None)
+            elif type(child) is nn.Conv2d:
+                new = torchbnn.BayesConv2d(
+                    0.0, prior_sigma, child.in_channels, child.out_channels, child.kernel_size,
+                    stride=child.stride, padding=child.padding, dilation=child.dilation,
+                    groups=child.groups, bias=child.bias is not None)
+            else:
+                swap(child)
+                continue
+            with torch.no_grad():
+                new.weight_mu.copy_(child.weight)
+                new.weight_log_sigma.fill_(math.log(sigma))
+                if child.bias is not None:
+                    new.bias_mu.copy_(child.bias)
+                    new.bias_log_sigma.fill_(math.log(sigma))
+            setattr(parent, name, new)
+
+    swap(model)
+    return model
+
+
+def torchbnn_kl(model: nn.Module) -> torch.Tensor:
+    """torchbnn's summed KL (``torchbnn.functional.bayesian_kl_loss(reduction="sum")``)."""
+    from torchbnn.functional import bayesian_kl_loss
+
+    return bayesian_kl_loss(model, reduction="sum")

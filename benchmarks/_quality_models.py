@@ -44,13 +44,16 @@ def mlp_prior_name(estimator: str = "reparam") -> str:
     )
 
 
-def blundell_mlp(*, hidden: int = 1200, estimator: str = "reparam", bayesian: bool = True) -> nn.Module:
+def blundell_mlp(
+    *, hidden: int = 1200, estimator: str = "reparam", bayesian: bool = True,
+    parametrization: str = "softplus",
+) -> nn.Module:
     """784-hidden-hidden-10 MLP (Blundell et al. 2015), of Bayesian linear layers built from
     scratch, or of plain ``nn.Linear`` layers with ``bayesian=False``."""
     def linear(i: int, o: int) -> nn.Module:
         if not bayesian:
             return nn.Linear(i, o)
-        return BayesLinear(i, o, prior=mlp_prior(), estimator=estimator)
+        return BayesLinear(i, o, prior=mlp_prior(), estimator=estimator, parametrization=parametrization)
 
     return nn.Sequential(
         nn.Flatten(), linear(784, hidden), nn.ReLU(), linear(hidden, hidden), nn.ReLU(),

@@ -1,29 +1,39 @@
-"""Cost of dnn2bnn against the deterministic model (issue 8), all measurements in one run.
+"""Cost of dnn2bnn against the deterministic model and its peers (issues 8, 17), one run.
 
-    python benchmarks/bench_speed.py            # full run (10 rounds)
-    python benchmarks/bench_speed.py --quick    # 3 rounds, fewer repetitions
+    python benchmarks/bench_speed.py                  # full run (10 rounds x 3 repetitions)
+    python benchmarks/bench_speed.py --quick          # 3 rounds x 1 repetition
+    python benchmarks/bench_speed.py --quick --workloads mlp --skip-memory   # one workload, fast
+    python benchmarks/bench_speed.py --profile        # + profiler tables and aten ops per step
 
-Measures, on CPU with one thread (interleaved rounds, median of per-round ratios):
+Measures, on CPU with one thread (interleaved rounds, median of per-round ratios), with
+``torch.set_flush_denormal(True)`` unless ``--no-flush-denormal`` (denormal arithmetic slows
+the deterministic baseline and deflates every ratio):
 1. one training step (forward, cross-entropy + KL/N, backward, Adam), default estimator, on
-   MLP 784-1200-1200-10 (batch 128), LeNet-5 (batch 64), ResNet-18 3x32x32 (batch 32);
-2. Monte Carlo prediction with 16 samples against 16 deterministic passes (a plain loop of
-   forward passes; ``dnn2bnn.predict`` too when the installed dnn2bnn has it);
-3. ResNet-18 with only ``fc`` Bayesian: 16-sample prediction against ONE deterministic pass
-   (needs ``dnn2bnn.predict``, which runs the deterministic trunk once; the plain loop is
-   shown for reference);
+   MLP 784-1200-1200-10 (batch 128), LeNet-5 (batch 64), ResNet-18 3x32x32 (batch 32), for
+   dnn2bnn and, side by side when installed (``pip install .[bench]``), torchbnn 1.2
+   (``BayesLinear``/``BayesConv2d`` swapped in for every Linear/Conv2d, means = the trained
+   weights, ``sigma = exp(log_sigma)`` = 1e-3, its ``bayesian_kl_loss``) and bayesian-torch
+   0.5 (``dnn_to_bnn``, Reparameterization);
+2. Monte Carlo prediction with 16 samples against 16 deterministic passes:
+   ``dnn2bnn.predict``, a plain loop of 16 forward passes of each library's BNN;
+3. ResNet-18 with only ``fc`` Bayesian: 16-sample prediction against ONE deterministic pass;
 4. conversion time of a ResNet-50 (median of 3);
 5. peak training memory (growth of the peak RSS of a fresh subprocess, Linux; on CUDA the
-   peak allocated GPU memory) relative to deterministic;
-6. the same train step with ``torch.optim.Adam(fused=True)`` on both sides, and two
-   *floors*, ratios that any implementation drawing one fresh Gaussian per weight pays
-   before doing anything else: noise, ``1 + t(randn over every Bayesian weight) / t(det.
-   step)`` (``1 + 16 t(randn) / t(16 det. passes)`` for MC), and noise + the optimizer over
-   the extra parameters, adding ``t(Adam step over the rho parameters) / t(det. step)``;
-   a third adds one pass each of ``softplus(rho)``, ``sigmoid(rho)`` and ``log(sigma)``,
-   which ``sigma = softplus(rho)`` and the closed-form KL need in any implementation.
-``--device cuda`` runs everything on the GPU (timings synchronised).
-With bayesian-torch installed (``pip install .[bench]``), its ``dnn_to_bnn`` is timed
-side by side. Prints a table; writes benchmarks/results/bench_speed.json.
+   peak allocated GPU memory) relative to deterministic, for each library;
+6. the same train step with ``torch.optim.Adam(fused=True)`` on both sides, and *floors*,
+   ratios that any implementation drawing one fresh Gaussian per weight per step pays before
+   doing anything else: noise, ``1 + t(randn over every Bayesian weight) / t(det. step)``
+   (``1 + 16 t(randn) / t(16 det. passes)`` for MC); + the optimizer over the extra
+   parameters, ``t(Adam step over the rho parameters) / t(det. step)``; + one ``exp`` pass
+   over them (``sigma = exp(rho)``; its derivative is sigma itself and the KL's log sigma is
+   rho, so no other transcendental pass is needed). The three passes of the softplus
+   parametrization (``softplus``, ``sigmoid``, ``log``) are timed too, for reference.
+``--profile`` adds a torch.profiler table (sorted by self CPU time) of one training step of
+each library, and the number of aten operations per training step (and per forward +
+backward, without the optimizer) for the deterministic model and each BNN, also for MLPs of
+increasing depth to show how the count grows with the number of Bayesian layers.
+``--device cuda`` runs everything on the GPU (timings synchronised; no peer columns).
+Prints tables; writes benchmarks/results/bench_speed.json.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -46,18 +57,20 @@ sys.path.insert(0, str(HERE.parent))
 
 import dnn2bnn  # noqa: E402
 from _common import (  # noqa: E402
-    WORKLOADS, Workload, batch, interleaved, median_ratio, table, train_step, write_json,
+    WORKLOADS, Workload, batch, interleaved, median_ratio, table, torchbnn_kl, torchbnn_model,
+    train_step, write_json,
 )
 
 SAMPLES = 16
 KL_SCALE = 1.0 / 60_000
-TARGETS = {  # issue 8
-    "train": {"MLP 784-1200-1200-10": 1.6, "LeNet-5": 1.15, "ResNet-18 3x32x32": 1.25},
-    "mc": 1.2,
+TARGETS = {  # issue 17 (train, MC) and issue 8 (last layer, conversion, memory)
+    "train": {"MLP 784-1200-1200-10": 2.0, "LeNet-5": 1.15, "ResNet-18 3x32x32": 1.6},
+    "mc": {"MLP 784-1200-1200-10": 1.5, "LeNet-5": None, "ResNet-18 3x32x32": 1.6},
     "last_layer": 1.3,
     "resnet50_conversion_s": 1.0,
     "memory": 2.5,
 }
+PEERS = ("torchbnn", "bayesian-torch")
 
 try:  # optional comparison, never required
     from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn, get_kl_loss
@@ -65,10 +78,13 @@ except ImportError:  # pragma: no cover - depends on the environment
     dnn_to_bnn = get_kl_loss = None
 
 
-def bayesian_torch_model(workload: Workload) -> torch.nn.Module | None:
+def bayesian_torch_model(dnn: nn.Module) -> nn.Module | None:
+    """A copy of ``dnn`` converted by bayesian-torch's ``dnn_to_bnn`` (its README settings)."""
     if dnn_to_bnn is None:
         return None
-    model = workload.make()
+    import copy
+
+    model = copy.deepcopy(dnn)
     dnn_to_bnn(model, {
         "prior_mu": 0.0, "prior_sigma": 1.0, "posterior_mu_init": 0.0, "posterior_rho_init": -3.0,
         "type": "Reparameterization", "moped_enable": False, "moped_delta": 0.5,
@@ -76,19 +92,50 @@ def bayesian_torch_model(workload: Workload) -> torch.nn.Module | None:
     return model
 
 
-def bt_train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+def peer_model(tool: str, dnn: nn.Module) -> nn.Module | None:
+    """The BNN of ``tool`` built from a copy of ``dnn``; ``None`` if the peer is not installed."""
+    if tool == "dnn2bnn":
+        return dnn2bnn.transform_to_bnn_model(dnn)
+    if tool == "torchbnn":
+        return torchbnn_model(dnn)
+    if tool == "bayesian-torch":
+        return bayesian_torch_model(dnn)
+    if tool == "deterministic":
+        return dnn
+    raise ValueError(f"unknown tool {tool!r}")
+
+
+def loss_fn(tool: str) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy + KL / 60,000 with each library's own KL."""
+    ce = nn.functional.cross_entropy
+    if tool == "deterministic":
+        return lambda model, x, y: ce(model(x), y)
+    if tool == "dnn2bnn":
+        return lambda model, x, y: ce(model(x), y) + KL_SCALE * dnn2bnn.kl_divergence(model)
+    if tool == "torchbnn":
+        return lambda model, x, y: ce(model(x), y) + KL_SCALE * torchbnn_kl(model)
+    return lambda model, x, y: ce(model(x), y) + KL_SCALE * get_kl_loss(model)
+
+
+def step_of(tool: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+            optimizer: bool = True, fused: bool = False) -> Callable[[], None]:
+    """One training step of ``tool``'s ``model`` (``optimizer=False``: forward + backward only)."""
+    if tool in ("deterministic", "dnn2bnn") and optimizer:
+        return train_step(model, x, y, None if tool == "deterministic" else KL_SCALE, fused=fused)
+    loss = loss_fn(tool)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, **({"fused": True} if fused else {}))
+    model.train()
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), y) + KL_SCALE * get_kl_loss(model)
-        loss.backward()
-        optimizer.step()
+        opt.zero_grad(set_to_none=True)
+        loss(model, x, y).backward()
+        if optimizer:
+            opt.step()
 
     return step
 
 
-def mc_loop(model: torch.nn.Module, x: torch.Tensor, samples: int = SAMPLES) -> Callable[[], None]:
+def mc_loop(model: nn.Module, x: torch.Tensor, samples: int = SAMPLES) -> Callable[[], None]:
     model.eval()
 
     def run() -> None:
@@ -98,15 +145,12 @@ def mc_loop(model: torch.nn.Module, x: torch.Tensor, samples: int = SAMPLES) -> 
     return run
 
 
-def mc_predict(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None] | None:
-    predict = getattr(dnn2bnn, "predict", None)
-    if predict is None:
-        return None
+def mc_predict(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     model.eval()
-    return lambda: predict(model, x, num_samples=SAMPLES)
+    return lambda: dnn2bnn.predict(model, x, num_samples=SAMPLES)
 
 
-def one_pass(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def one_pass(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     model.eval()
 
     def run() -> None:
@@ -123,14 +167,24 @@ def fmt(ratio: float | None, target: float | None = None) -> str:
     return f"{ratio:.2f}x{mark}"
 
 
-def measure_memory(index: int, variant: str) -> float:
+def best_mark(values: dict[str, float | None], tool: str) -> str:
+    """``fmt`` of ``values[tool]``, bold when it is the smallest of the row."""
+    value = values.get(tool)
+    if value is None:
+        return "n/a"
+    known = [v for v in values.values() if v is not None]
+    return f"**{value:.2f}x**" if value == min(known) and len(known) > 1 else f"{value:.2f}x"
+
+
+def measure_memory(index: int, variant: str, flush: bool) -> float:
     """Max-RSS growth (MiB) of a fresh process doing 3 train steps of one variant."""
     # glibc keeps freed large blocks in the heap (dynamic mmap threshold), so the RSS would
     # show the allocator's high-water mark rather than live tensors; a fixed threshold makes
     # every large tensor its own mapping, returned on free. Same setting for every variant.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(
-        [sys.executable, __file__, "--_memory", str(index), variant],
+        [sys.executable, __file__, "--_memory", str(index), variant,
+         *([] if flush else ["--no-flush-denormal"])],
         capture_output=True, text=True, check=True, env=env,
     )
     return float(out.stdout.strip().splitlines()[-1])
@@ -146,14 +200,12 @@ def _status_kib(field: str) -> int:
 def cuda_memory(workload: Workload, variant: str, device: str) -> float:
     """Peak allocated GPU memory (MiB) over 3 train steps of one variant, from a clean slate."""
     x, y = batch(workload, device=device)
-    model = workload.make().to(device)
-    if variant == "dnn2bnn":
-        model = dnn2bnn.transform_to_bnn_model(model, inplace=True)
+    model = peer_model(variant, workload.make().to(device))
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    step = train_step(model, x, y, None if variant == "deterministic" else KL_SCALE)
+    step = step_of(variant, model, x, y)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -162,25 +214,46 @@ def cuda_memory(workload: Workload, variant: str, device: str) -> float:
     return peak / 2**20
 
 
-def noise(model: torch.nn.Module, draws: int = 1) -> Callable[[], None]:
-    """``torch.randn`` over as many numbers as ``model`` has Bayesian weights, ``draws`` times."""
-    count = sum(
-        p.numel() for name, p in model.named_parameters() if name.endswith("_mu")
-    )
+def bayesian_counts(model: nn.Module) -> int:
+    """Number of Bayesian weights (elements of the ``*_mu`` parameters) of a dnn2bnn model."""
+    return sum(p.numel() for name, p in model.named_parameters() if name.endswith("_mu"))
+
+
+def noise(model: nn.Module, draws: int = 1) -> Callable[[], None]:
+    """``torch.randn`` over as many numbers as ``model`` has Bayesian weights, ``draws`` times,
+    one call per Bayesian tensor (as any layer-wise implementation draws them)."""
+    shapes = [p.shape for name, p in model.named_parameters() if name.endswith("_mu")]
     device = next(model.parameters()).device
 
     def run() -> None:
         for _ in range(draws):
-            torch.randn(count, device=device)
+            for shape in shapes:
+                torch.randn(shape, device=device)
 
     return run
 
 
-def transcendentals(model: torch.nn.Module) -> Callable[[], None]:
-    """``softplus(rho)``, ``sigmoid(rho)`` and ``log(sigma)`` over every Bayesian weight: one
-    pass each that ``sigma = softplus(rho)`` (forward), its derivative (backward) and the
-    closed-form KL's ``sum(log sigma)`` need whatever the implementation."""
-    rhos = [p.detach() for name, p in model.named_parameters() if name.endswith("_rho")]
+def _rhos(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach() for name, p in model.named_parameters() if name.endswith("_rho")]
+
+
+def exp_pass(model: nn.Module) -> Callable[[], None]:
+    """``exp(rho)`` over every Bayesian weight: all the transcendental work that
+    ``sigma = exp(rho)`` needs (dsigma/drho = sigma, log sigma = rho in the KL)."""
+    rhos = _rhos(model)
+
+    def run() -> None:
+        for rho in rhos:
+            torch.exp(rho)
+
+    return run
+
+
+def softplus_passes(model: nn.Module) -> Callable[[], None]:
+    """``softplus(rho)``, ``sigmoid(rho)`` and ``log(sigma)`` over every Bayesian weight: the
+    passes that ``sigma = softplus(rho)`` (forward), its derivative (backward) and the
+    closed-form KL's ``sum(log sigma)`` need."""
+    rhos = _rhos(model)
 
     def run() -> None:
         for rho in rhos:
@@ -190,11 +263,10 @@ def transcendentals(model: torch.nn.Module) -> Callable[[], None]:
     return run
 
 
-def rho_adam(model: torch.nn.Module, fused: bool = False) -> Callable[[], None]:
+def rho_adam(model: nn.Module, fused: bool = False) -> Callable[[], None]:
     """One Adam step over the ``rho`` parameters alone: the optimizer work a Bayesian model
     adds (its means replace the deterministic weights one for one)."""
-    rhos = [p for name, p in model.named_parameters() if name.endswith("_rho")]
-    clones = [torch.nn.Parameter(p.detach().clone()) for p in rhos]
+    clones = [torch.nn.Parameter(p.clone()) for p in _rhos(model)]
     for p in clones:
         p.grad = torch.randn_like(p)
     optimizer = torch.optim.Adam(clones, lr=1e-4, **({"fused": True} if fused else {}))
@@ -207,26 +279,111 @@ def _memory_child(index: int, variant: str) -> None:
     x, y = batch(workload)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     base = _status_kib("VmRSS")
-    model = workload.make()
-    if variant == "dnn2bnn":
-        model = dnn2bnn.transform_to_bnn_model(model, inplace=True)
-    elif variant == "bayesian-torch":
-        model = bayesian_torch_model(workload)
-    step = bt_train_step(model, x, y) if variant == "bayesian-torch" else train_step(
-        model, x, y, None if variant == "deterministic" else KL_SCALE)
+    model = peer_model(variant, workload.make())
+    step = step_of(variant, model, x, y)
     for _ in range(3):
         step()
     print((_status_kib("VmHWM") - base) / 1024)
 
+
+# ---------------------------------------------------------------- profiling (--profile)
+
+def deep_mlp(depth: int, width: int = 256) -> nn.Module:
+    """784 -> ``depth`` hidden layers of ``width`` -> 10 (``depth + 1`` Linear layers)."""
+    layers: list[nn.Module] = []
+    previous = 784
+    for _ in range(depth):
+        layers += [nn.Linear(previous, width), nn.ReLU()]
+        previous = width
+    return nn.Sequential(*layers, nn.Linear(previous, 10))
+
+
+def aten_ops(fn: Callable[[], None], steps: int = 2) -> float:
+    """aten operations per call of ``fn`` (every ``aten::`` event recorded by torch.profiler,
+    nested calls included: ``aten::linear`` and the ``aten::addmm`` it calls count twice)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / steps
+
+
+def profile_tables(workload: Workload, tools: list[str], device: str, rows: int = 15) -> None:
+    """Print a profiler table (self CPU time) of 3 training steps of each library."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, y = batch(workload, device=device)
+    dnn = workload.make().to(device)
+    for tool in ["deterministic", *tools]:
+        step = step_of(tool, peer_model(tool, dnn), x, y)
+        for _ in range(3):
+            step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                step()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) / 3e3
+        print(f"\n### {workload.name}, {tool}: 3 training steps (self CPU {total:.1f} ms per step)\n")
+        print(events.table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def op_counts(workloads: list[Workload], tools: list[str], device: str) -> dict[str, dict]:
+    """aten operations per training step (and per forward + backward) of every library."""
+    cases = [(w.name, w.make, w) for w in workloads]
+    cases += [(f"MLP depth {d} (width 256, batch 128)", (lambda d=d: deep_mlp(d)), WORKLOADS[0])
+              for d in (2, 4, 8, 16)]
+    counts: dict[str, dict] = {}
+    for name, make, workload in cases:
+        x, y = batch(workload, device=device)
+        dnn = make().to(device)
+        counts[name] = {}
+        for tool in ["deterministic", *tools]:
+            model = peer_model(tool, dnn)
+            counts[name][tool] = {
+                "step": aten_ops(step_of(tool, model, x, y)),
+                "forward_backward": aten_ops(step_of(tool, model, x, y, optimizer=False)),
+            }
+    return counts
+
+
+def print_op_counts(counts: dict[str, dict], tools: list[str]) -> None:
+    header = ["model", "DNN step (fwd+bwd)"] + [f"{t} step (fwd+bwd)" for t in tools]
+    body = []
+    for name, entry in counts.items():
+        det = entry["deterministic"]
+        cells = [f"{det['step']:.0f} ({det['forward_backward']:.0f})"]
+        for tool in tools:
+            c = entry[tool]
+            cells.append(f"{c['step']:.0f} ({c['forward_backward']:.0f}); "
+                         f"+{c['step'] - det['step']:.0f} (+{c['forward_backward'] - det['forward_backward']:.0f})")
+        body.append([name, *cells])
+    print("\naten operations per training step (forward + backward only), BNN: +extra over the DNN\n")
+    print(table(header, body))
+
+
+# ---------------------------------------------------------------- main
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds, 1 repetition")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--no-flush-denormal", dest="flush", action="store_false",
+                        help="keep denormal arithmetic (the slower deterministic baseline)")
+    parser.add_argument("--workloads", nargs="+", default=None, metavar="NAME",
+                        help="only these workloads (prefix of the name, case-insensitive: mlp lenet resnet)")
+    parser.add_argument("--skip-memory", action="store_true", help="no memory subprocesses")
+    parser.add_argument("--skip-extra", action="store_true",
+                        help="no last-layer and ResNet-50 conversion measurements")
+    parser.add_argument("--profile", action="store_true",
+                        help="profiler tables and aten ops per step (adds ~1 min)")
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    flushed = torch.set_flush_denormal(args.flush) and args.flush
     if args._memory:
+        torch.set_flush_denormal(args.flush)
         _memory_child(int(args._memory[0]), args._memory[1])
         return
     rounds = args.rounds or (3 if args.quick else 10)
@@ -235,119 +392,141 @@ def main() -> None:
     torch.manual_seed(0)
     device = args.device
     cuda = device.startswith("cuda")
-    bt_model = bayesian_torch_model if not cuda else (lambda workload: None)
-    tools = ["dnn2bnn"] + (["bayesian-torch"] if dnn_to_bnn is not None and not cuda else [])
+    workloads = [w for w in WORKLOADS if args.workloads is None
+                 or any(w.name.lower().startswith(p.lower()) for p in args.workloads)]
+    available = {"torchbnn": torchbnn_model(nn.Linear(1, 1)) is not None,
+                 "bayesian-torch": dnn_to_bnn is not None}
+    peers = [p for p in PEERS if available[p] and not cuda]
+    tools = ["dnn2bnn", *peers]
     results: dict = {"rounds": rounds, "reps": reps, "samples": SAMPLES, "targets": TARGETS,
+                     "flush_denormal": flushed, "tools": tools,
                      "device": torch.cuda.get_device_name() if cuda else "cpu"}
-    rows = []
-    for index, workload in enumerate(WORKLOADS):
+    print(f"{device}, {torch.get_num_threads()} thread, flush denormal {flushed}, "
+          f"{rounds} rounds x {reps}, tools: {', '.join(tools)}", file=sys.stderr, flush=True)
+    rows, peer_rows = [], []
+    for workload in workloads:
+        index = WORKLOADS.index(workload)
         x, y = batch(workload, device=device)
         dnn = workload.make().to(device)
-        bnn = dnn2bnn.transform_to_bnn_model(dnn)
-        bt = bt_model(workload)
+        models = {tool: peer_model(tool, dnn) for tool in tools}
+        bnn = models["dnn2bnn"]
         dnn_f = workload.make().to(device)
         bnn_f = dnn2bnn.transform_to_bnn_model(dnn_f)
-        train = {
-            "deterministic": train_step(dnn, x, y, None),
-            "dnn2bnn": train_step(bnn, x, y, KL_SCALE),
+        train = {"deterministic": step_of("deterministic", dnn, x, y)}
+        train |= {tool: step_of(tool, models[tool], x, y) for tool in tools}
+        train |= {
             "deterministic (fused Adam)": train_step(dnn_f, x, y, None, fused=True),
             "dnn2bnn (fused Adam)": train_step(bnn_f, x, y, KL_SCALE, fused=True),
             "noise": noise(bnn),
             "rho Adam": rho_adam(bnn),
-            "softplus, sigmoid, log": transcendentals(bnn),
+            "exp": exp_pass(bnn),
+            "softplus, sigmoid, log": softplus_passes(bnn),
             "rho Adam (fused)": rho_adam(bnn, fused=True),
         }
-        mc = {"deterministic": mc_loop(dnn, x), "dnn2bnn": mc_loop(bnn, x),
-              "noise": noise(bnn, SAMPLES)}
-        if bt is not None:
-            train["bayesian-torch"] = bt_train_step(bt, x, y)
-            mc["bayesian-torch"] = mc_loop(bt, x)
-        predict = mc_predict(bnn, x)
-        if predict is not None:
-            mc["dnn2bnn.predict"] = predict
+        mc = {"deterministic": mc_loop(dnn, x), "dnn2bnn": mc_predict(bnn, x),
+              "dnn2bnn (loop)": mc_loop(bnn, x)}
+        mc |= {tool: mc_loop(models[tool], x) for tool in peers}
+        mc["noise"] = noise(bnn, SAMPLES)
         train_times = interleaved(train, rounds=rounds, reps=reps)
         mc_times = interleaved(mc, rounds=rounds, reps=reps)
-        fused_ratio = median_ratio(train_times, "dnn2bnn (fused Adam)", "deterministic (fused Adam)")
+
+        def ratio(times: dict, key: str, base: str = "deterministic") -> float:
+            return median_ratio(times, key, base)
+
+        noise_r, adam_r = ratio(train_times, "noise"), ratio(train_times, "rho Adam")
         entry = {
-            "train": {k: median_ratio(train_times, k, "deterministic") for k in tools},
-            "train_fused_adam": fused_ratio,
-            "train_noise_floor": 1 + median_ratio(train_times, "noise", "deterministic"),
-            "train_noise_floor_fused_adam": 1 + median_ratio(train_times, "noise", "deterministic (fused Adam)"),
+            "train": {k: ratio(train_times, k) for k in tools},
+            "train_fused_adam": ratio(train_times, "dnn2bnn (fused Adam)", "deterministic (fused Adam)"),
+            "train_noise_floor": 1 + noise_r,
             # noise + the optimizer over the extra (rho) parameters: paid by any implementation
-            "train_floor": 1 + median_ratio(train_times, "noise", "deterministic")
-            + median_ratio(train_times, "rho Adam", "deterministic"),
-            "train_floor_fused_adam": 1 + median_ratio(train_times, "noise", "deterministic (fused Adam)")
-            + median_ratio(train_times, "rho Adam (fused)", "deterministic (fused Adam)"),
-            # + the three transcendental passes of the softplus parametrization and the KL
-            "train_floor_parametrization": 1 + median_ratio(train_times, "noise", "deterministic")
-            + median_ratio(train_times, "rho Adam", "deterministic")
-            + median_ratio(train_times, "softplus, sigmoid, log", "deterministic"),
-            "mc": {k: median_ratio(mc_times, k, "deterministic") for k in mc
-                   if k not in ("deterministic", "noise")},
-            "mc_noise_floor": 1 + median_ratio(mc_times, "noise", "deterministic"),
-            "train_deterministic_ms": 1e3 * statistics.median(train_times["deterministic"]),
-            "train_deterministic_fused_adam_ms": 1e3 * statistics.median(train_times["deterministic (fused Adam)"]),
-            "mc_deterministic_ms": 1e3 * statistics.median(mc_times["deterministic"]),
+            "train_floor": 1 + noise_r + adam_r,
+            # + one exp pass: sigma = exp(rho) needs no other transcendental pass
+            "train_floor_exp": 1 + noise_r + adam_r + ratio(train_times, "exp"),
+            # for reference: + softplus, sigmoid and log (the softplus parametrization)
+            "train_floor_softplus": 1 + noise_r + adam_r + ratio(train_times, "softplus, sigmoid, log"),
+            "train_floor_fused_adam": 1 + ratio(train_times, "noise", "deterministic (fused Adam)")
+            + ratio(train_times, "rho Adam (fused)", "deterministic (fused Adam)"),
+            "mc": {k: ratio(mc_times, k) for k in mc if k not in ("deterministic", "noise")},
+            "mc_noise_floor": 1 + ratio(mc_times, "noise"),
+            "train_ms": {k: 1e3 * statistics.median(v) for k, v in train_times.items()},
+            "mc_ms": {k: 1e3 * statistics.median(v) for k, v in mc_times.items()},
         }
-        if cuda:
-            entry["memory_mib"] = {v: cuda_memory(workload, v, device) for v in ["deterministic", *tools]}
-        else:
-            entry["memory_mib"] = {v: measure_memory(index, v) for v in ["deterministic", *tools]}
-        entry["memory"] = {
-            v: entry["memory_mib"][v] / entry["memory_mib"]["deterministic"] for v in tools
-        }
+        if not args.skip_memory:
+            variants = ["deterministic", *tools]
+            if cuda:
+                entry["memory_mib"] = {v: cuda_memory(workload, v, device) for v in variants}
+            else:
+                entry["memory_mib"] = {v: measure_memory(index, v, args.flush) for v in variants}
+            entry["memory"] = {
+                v: entry["memory_mib"][v] / entry["memory_mib"]["deterministic"] for v in tools
+            }
         results[workload.name] = entry
-        target = TARGETS["train"][workload.name]
+        target, mc_target = TARGETS["train"][workload.name], TARGETS["mc"][workload.name]
         rows.append([
             workload.name,
-            f"{entry['train_deterministic_ms']:.1f} ms",
+            f"{entry['train_ms']['deterministic']:.1f} ms",
             fmt(entry["train"]["dnn2bnn"], target) + f" (<= {target})",
             f"{entry['train_noise_floor']:.2f}x / {entry['train_floor']:.2f}x / "
-            f"{entry['train_floor_parametrization']:.2f}x",
+            f"{entry['train_floor_exp']:.2f}x ({entry['train_floor_softplus']:.2f}x)",
             fmt(entry["train_fused_adam"], target) + f" ({entry['train_floor_fused_adam']:.2f}x)",
-            fmt(entry["mc"]["dnn2bnn"], TARGETS["mc"]),
-            fmt(entry["mc"].get("dnn2bnn.predict"), TARGETS["mc"]),
+            f"{entry['mc_ms']['deterministic']:.1f} ms",
+            fmt(entry["mc"]["dnn2bnn"], mc_target) + ("" if mc_target is None else f" (<= {mc_target})"),
+            fmt(entry["mc"]["dnn2bnn (loop)"]),
             f"{entry['mc_noise_floor']:.2f}x",
-            fmt(entry["memory"]["dnn2bnn"], TARGETS["memory"]),
-            *([fmt(entry["train"]["bayesian-torch"]), fmt(entry["mc"]["bayesian-torch"]),
-               fmt(entry["memory"]["bayesian-torch"])] if bt is not None else []),
+            fmt(entry.get("memory", {}).get("dnn2bnn"), TARGETS["memory"]),
+        ])
+        train_cells = {t: entry["train"][t] for t in tools}
+        mc_cells = {t: entry["mc"][t] for t in tools}
+        peer_rows.append([
+            workload.name,
+            *(best_mark(train_cells, t) for t in tools),
+            *(best_mark(mc_cells, t) for t in tools),
+            *(fmt(entry.get("memory", {}).get(t)) for t in tools),
         ])
         print(f"done: {workload.name}", file=sys.stderr, flush=True)
 
-    # 3. ResNet-18 with a Bayesian last layer: 16 samples vs ONE deterministic pass
-    workload = WORKLOADS[2]
-    x, _ = batch(workload, device=device)
-    dnn = workload.make().to(device)
-    last = dnn2bnn.transform_to_bnn_model(dnn, include="fc")
-    variants = {"deterministic x1": one_pass(dnn, x), "loop x16": mc_loop(last, x)}
-    predict = mc_predict(last, x)
-    if predict is not None:
-        variants["dnn2bnn.predict"] = predict
-    times = interleaved(variants, rounds=rounds, reps=1, warmup=1)
-    last_layer = {k: median_ratio(times, k, "deterministic x1") for k in variants if k != "deterministic x1"}
-    results["last_layer"] = last_layer
+    if not args.skip_extra:
+        # 3. ResNet-18 with a Bayesian last layer: 16 samples vs ONE deterministic pass
+        workload = WORKLOADS[2]
+        x, _ = batch(workload, device=device)
+        dnn = workload.make().to(device)
+        last = dnn2bnn.transform_to_bnn_model(dnn, include="fc")
+        variants = {"deterministic x1": one_pass(dnn, x), "loop x16": mc_loop(last, x),
+                    "dnn2bnn.predict": mc_predict(last, x)}
+        times = interleaved(variants, rounds=rounds, reps=1, warmup=1)
+        results["last_layer"] = {k: median_ratio(times, k, "deterministic x1")
+                                 for k in variants if k != "deterministic x1"}
+        # 4. conversion time of ResNet-50
+        resnet50 = torchvision.models.resnet50()
+        conversions = []
+        for _ in range(3):
+            start = time.perf_counter()
+            dnn2bnn.transform_to_bnn_model(resnet50)
+            conversions.append(time.perf_counter() - start)
+        results["resnet50_conversion_s"] = statistics.median(conversions)
 
-    # 4. conversion time of ResNet-50
-    resnet50 = torchvision.models.resnet50()
-    conversions = []
-    for _ in range(3):
-        start = time.perf_counter()
-        dnn2bnn.transform_to_bnn_model(resnet50)
-        conversions.append(time.perf_counter() - start)
-    results["resnet50_conversion_s"] = statistics.median(conversions)
-
-    header = ["workload", "det. step", "train step", "floor: noise / +rho Adam / +softplus,sigmoid,log",
-              "train, fused Adam (floor)",
-              "MC x16 (loop)", "MC x16 (predict)", "MC noise floor", "peak memory"]
-    if len(tools) > 1:
-        header += ["bayesian-torch train", "bayesian-torch MC", "bayesian-torch memory"]
+    header = ["workload", "det. step", "train step",
+              "floor: noise / +rho Adam / +exp (+softplus,sigmoid,log instead)",
+              "train, fused Adam (floor)", "16 det. passes", "MC x16 predict", "MC x16 loop",
+              "MC noise floor", "peak memory"]
     print(table(header, rows))
-    print()
-    print(table(["ResNet-18, Bayesian fc only: 16 samples vs ONE deterministic pass", "ratio"], [
-        ["plain loop of 16 passes (reference)", fmt(last_layer["loop x16"])],
-        ["dnn2bnn.predict", fmt(last_layer.get("dnn2bnn.predict"), TARGETS["last_layer"])],
-    ]))
-    print(f"\nResNet-50 conversion: {results['resnet50_conversion_s']:.3f} s (target < 1 s)")
+    print("\nRatios to the deterministic model in the same rounds (train step; MC x16 against 16 "
+          "deterministic passes; memory); bold: the fastest library of the row\n")
+    print(table(["workload", *(f"train: {t}" for t in tools), *(f"MC x16: {t}" for t in tools),
+                 *(f"memory: {t}" for t in tools)], peer_rows))
+    if not args.skip_extra:
+        last_layer = results["last_layer"]
+        print()
+        print(table(["ResNet-18, Bayesian fc only: 16 samples vs ONE deterministic pass", "ratio"], [
+            ["plain loop of 16 passes (reference)", fmt(last_layer["loop x16"])],
+            ["dnn2bnn.predict", fmt(last_layer["dnn2bnn.predict"], TARGETS["last_layer"])],
+        ]))
+        print(f"\nResNet-50 conversion: {results['resnet50_conversion_s']:.3f} s (target < 1 s)")
+    if args.profile:
+        for workload in workloads:
+            profile_tables(workload, tools, device)
+        results["aten_ops"] = op_counts(workloads, tools, device)
+        print_op_counts(results["aten_ops"], tools)
     path = write_json("bench_speed" + ("_cuda" if cuda else ""), results)
     print(f"JSON: {path}")
 

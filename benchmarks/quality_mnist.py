@@ -178,7 +178,7 @@ def run_lenet(args: argparse.Namespace, data: Data, oods: dict[str, Tensor], res
     print(markdown_table({"parent": row}), flush=True)
 
     print(f"LeNet-5 converted + {args.finetune_epochs} epochs of fine-tuning", flush=True)
-    bnn = dnn2bnn.transform_to_bnn_model(parent)
+    bnn = dnn2bnn.transform_to_bnn_model(parent, parametrization=args.parametrization)
     torch.manual_seed(args.seed)
     after, _ = evaluate(bnn, data.x_test, data.y_test, {}, samples=args.samples)
     with dnn2bnn.set_mode(bnn, "mean"):
@@ -203,13 +203,15 @@ def run_mlp(args: argparse.Namespace, data: Data, oods: dict[str, Tensor], resul
     print(f"Blundell MLP 784-1200-1200-10, {mlp_prior_name(args.mlp_estimator)}, {budget}",
           flush=True)
     torch.manual_seed(args.seed)
-    model = blundell_mlp(hidden=args.mlp_hidden, estimator=args.mlp_estimator)
+    model = blundell_mlp(hidden=args.mlp_hidden, estimator=args.mlp_estimator,
+                         parametrization=args.parametrization)
     pretrain_s, name = 0.0, "Blundell MLP BNN"
     if args.mlp_pretrain_epochs:  # the dnn2bnn way: train deterministically, convert, go on
         dnn, pretrain_s = train_parent(
             data, epochs=args.mlp_pretrain_epochs, seed=args.seed,
             make=lambda: blundell_mlp(hidden=args.mlp_hidden, bayesian=False))
-        options = {"prior": mlp_prior(), "estimator": args.mlp_estimator}
+        options = {"prior": mlp_prior(), "estimator": args.mlp_estimator,
+                   "parametrization": args.parametrization}
         model = dnn2bnn.transform_to_bnn_model(dnn, **options)
         name = f"Blundell MLP, {args.mlp_pretrain_epochs} det. ep. + converted"
         print(f"    {args.mlp_pretrain_epochs} deterministic epochs in {pretrain_s:.0f} s", flush=True)
@@ -280,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="train the MLP deterministically this many epochs first, convert "
                         "it with dnn2bnn, then train the BNN for the rest of the time budget")
     parser.add_argument("--mlp-hidden", type=int, default=1200)
+    parser.add_argument("--parametrization", default="softplus", choices=["softplus", "exp"],
+                        help="how rho maps to sigma in every Bayesian layer (issue 17)")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the means")
     parser.add_argument("--samples", type=int, default=20,
                         help="Monte Carlo samples for evaluation")

@@ -10,10 +10,11 @@ Example:
 from dnn2bnn import distributed
 from dnn2bnn._version import __version__
 from dnn2bnn.checkpoint import load_bnn, save_bnn
-from dnn2bnn.config import BayesConfig, BayesConfigMapping, Estimator
+from dnn2bnn.config import BayesConfig, BayesConfigMapping, Estimator, Parametrization
 from dnn2bnn.conversion import (
     ConversionReport,
     ConvertedModule,
+    ReconfiguredModule,
     SkippedModule,
     default_mapping,
     opt_in_mapping,
@@ -78,7 +79,9 @@ __all__ = [
     "EmpiricalPrior",
     "Estimator",
     "NormalPrior",
+    "Parametrization",
     "PredictionWarning",
+    "ReconfiguredModule",
     "RegressionPrediction",
     "ScaleMixturePrior",
     "SkippedModule",

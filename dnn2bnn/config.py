@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import numbers
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+import torch
 from torch import nn
 
-from dnn2bnn.priors import PRIOR_TYPES, NormalPrior, Prior, _check_positive
+from dnn2bnn.priors import PRIOR_TYPES, NormalPrior, Prior, _check_finite, _check_positive
 
-__all__ = ["BayesConfig", "BayesConfigMapping", "Estimator", "OPTION_NAMES"]
+__all__ = ["BayesConfig", "BayesConfigMapping", "Estimator", "OPTION_NAMES", "Parametrization"]
 
 
 class Estimator(str, Enum):
@@ -39,6 +41,19 @@ class Estimator(str, Enum):
     LRT = "lrt"
 
 
+class Parametrization(str, Enum):
+    """How a Bayesian layer's ``<param>_rho`` maps to the posterior standard deviation.
+
+    * ``"softplus"``: ``sigma = log(1 + exp(rho))`` (the meaning of ``*_rho`` in every
+      checkpoint written before this option existed).
+    * ``"exp"``: ``sigma = exp(rho)`` (log-sigma): no softplus in the forward, no sigmoid in
+      the backward and no log in the KL; the same family of posteriors.
+    """
+
+    SOFTPLUS = "softplus"
+    EXP = "exp"
+
+
 @dataclass(frozen=True)
 class BayesConfig:
     """Configuration of one Bayesian layer.
@@ -50,6 +65,8 @@ class BayesConfig:
         moped_delta: if set, MOPED initialisation ``sigma = moped_delta * |w|`` per weight
             (floored at 1e-8) instead of ``posterior_sigma_init``.
         estimator: ``"reparam"``, ``"flipout"`` or ``"lrt"`` (an :class:`Estimator`).
+        parametrization: ``"softplus"`` or ``"exp"`` (a :class:`Parametrization`): how
+            ``*_rho`` maps to sigma.
 
     Example:
         >>> cfg = BayesConfig(estimator="flipout", prior=dnn2bnn.NormalPrior(0.0, 0.1))
@@ -61,6 +78,7 @@ class BayesConfig:
     posterior_sigma_init: float = 1e-3
     moped_delta: float | None = None
     estimator: Estimator = Estimator.REPARAM
+    parametrization: Parametrization = Parametrization.SOFTPLUS
 
     def __post_init__(self) -> None:
         if not isinstance(self.prior, PRIOR_TYPES):
@@ -68,9 +86,13 @@ class BayesConfig:
                 "prior must be one of "
                 f"{[t.__name__ for t in PRIOR_TYPES]}, got {type(self.prior).__name__} {self.prior!r}"
             )
-        _check_positive("posterior_sigma_init", self.posterior_sigma_init)
+        sigma = _real("posterior_sigma_init", self.posterior_sigma_init)
+        _check_positive("posterior_sigma_init", sigma)
+        object.__setattr__(self, "posterior_sigma_init", sigma)
         if self.moped_delta is not None:
-            _check_positive("moped_delta", self.moped_delta)
+            delta = _real("moped_delta", self.moped_delta)
+            _check_positive("moped_delta", delta)
+            object.__setattr__(self, "moped_delta", delta)
         try:
             estimator = Estimator(self.estimator)
         except ValueError as exc:
@@ -78,7 +100,14 @@ class BayesConfig:
                 f"estimator must be one of {[e.value for e in Estimator]}, got {self.estimator!r}"
             ) from exc
         object.__setattr__(self, "estimator", estimator)
-        object.__setattr__(self, "posterior_sigma_init", float(self.posterior_sigma_init))
+        try:
+            parametrization = Parametrization(self.parametrization)
+        except ValueError as exc:
+            raise ValueError(
+                "parametrization must be one of "
+                f"{[p.value for p in Parametrization]}, got {self.parametrization!r}"
+            ) from exc
+        object.__setattr__(self, "parametrization", parametrization)
 
     @classmethod
     def from_options(cls, base: BayesConfig | None = None, **options: Any) -> BayesConfig:
@@ -99,9 +128,11 @@ class BayesConfig:
             if "prior" in options:
                 raise TypeError("pass either prior= or prior_mean=/prior_sigma=, not both")
             old = base.prior if isinstance(base.prior, NormalPrior) else NormalPrior()
-            changes["prior"] = NormalPrior(
-                options.get("prior_mean", old.mean), options.get("prior_sigma", old.sigma)
+            mean = _real("prior_mean", options["prior_mean"]) if "prior_mean" in options else old.mean
+            sigma = (
+                _real("prior_sigma", options["prior_sigma"]) if "prior_sigma" in options else old.sigma
             )
+            changes["prior"] = NormalPrior(mean, sigma)  # it checks sigma > 0
         return dataclasses.replace(base, **changes) if changes else base
 
 
@@ -113,6 +144,7 @@ OPTION_NAMES = (
     "posterior_sigma_init",
     "moped_delta",
     "estimator",
+    "parametrization",
 )
 
 
@@ -191,6 +223,31 @@ class BayesConfigMapping:
             f"BayesConfigMapping(global={self.global_config}, types={len(self.type_configs)}, "
             f"names={list(self.name_configs)})"
         )
+
+
+def _real(name: str, value: Any) -> float:
+    """``value`` as a Python float: a real number, a numpy scalar or a 0-d real tensor.
+
+    Raises ``TypeError`` for anything else (bools and strings included) and ``ValueError``
+    for NaN or infinity.
+    """
+    number: Any = value
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(
+                f"{name} must be a real number or a 0-d real tensor, got a tensor of shape "
+                f"{tuple(value.shape)} and dtype {value.dtype}"
+            )
+        number = value.item()
+    elif (
+        isinstance(value, bool)
+        or type(value).__name__ == "bool_"
+        or not isinstance(value, numbers.Real)
+    ):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    result = float(number)
+    _check_finite(name, result)
+    return result
 
 
 def _check_config(where: str, config: Any) -> BayesConfig | None:

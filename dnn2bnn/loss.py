@@ -63,11 +63,14 @@ def kl_divergence(model: nn.Module) -> Tensor:
                 small.append((*args[:3], prior_mean, *args[4:]))
         if not found:
             m.kl()  # raises: a Bayesian layer without any Bayesian parameter
-    if small:
-        columns = list(zip(*small))
-        terms.append(MultiNormalKL.apply(
-            list(columns[3]), list(columns[4]), list(columns[5]), *columns[0], *columns[1], *columns[2]
-        ))
+    for exp in (False, True):  # one multi-tensor node per parametrization
+        group = [args for args in small if args[6] is exp]
+        if group:
+            columns = list(zip(*group))
+            terms.append(MultiNormalKL.apply(
+                list(columns[3]), list(columns[4]), list(columns[5]), exp,
+                *columns[0], *columns[1], *columns[2],
+            ))
     if not terms:
         param = next(model.parameters(), None)
         device = param.device if param is not None else None
@@ -281,9 +284,23 @@ class WithBNNLoss(nn.Module):
                 )
             prediction = prediction_of(output, self.output_fn, where="WithBNNLoss")
             data_loss = self.loss_fn(prediction, label)
+            if not isinstance(data_loss, Tensor) or data_loss.numel() != 1:
+                found = (
+                    f"shape {tuple(data_loss.shape)}" if isinstance(data_loss, Tensor)
+                    else type(data_loss).__name__
+                )
+                # A per-example loss plus the KL, then summed, would count the KL B times.
+                raise ValueError(
+                    "WithBNNLoss: loss_fn must return the scalar data loss of the batch (a mean "
+                    f"over its examples, as reduction='mean'), got {found} from "
+                    f"{getattr(self.loss_fn, '__qualname__', type(self.loss_fn).__qualname__)}"
+                )
+            data_loss = data_loss.reshape(())
         kl = kl_divergence(self.backbone)
         self.last_data_loss, self.last_kl = data_loss.detach(), kl.detach()
-        return self.dnn_factor * data_loss + self.bnn_factor * kl.to(data_loss.dtype)
+        # Scaled in the KL's own (float32 or wider) precision, then cast: a float16 KL of a
+        # large model overflows to inf before the 1/N factor could bring it into range.
+        return self.dnn_factor * data_loss + (self.bnn_factor * kl).to(data_loss.dtype)
 
     def extra_repr(self) -> str:
         own = ", loss_fn=None (output.loss)" if self.loss_fn is None else ""

@@ -7,15 +7,18 @@ hyperparameter of every param group.
 
 from __future__ import annotations
 
+import copy
+import inspect
+import warnings
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from dnn2bnn.conversion.transform import transform_to_bnn_layer, transform_to_bnn_model
 from dnn2bnn.loss import WithBNNLoss
 
-__all__ = ["TransformToBNN"]
+__all__ = ["TransformToBNN", "rebuild_optimizer"]
 
 
 class TransformToBNN:
@@ -28,8 +31,15 @@ class TransformToBNN:
         bnn_factor: weight of the KL term (``1 / num_train_examples`` for the ELBO).
         optimizer: an optimizer over the trainable's parameters. After a transform,
             :attr:`optimizer` is a new optimizer of the same class, with the same param
-            groups and hyperparameters, over the Bayesian parameters (``weight`` becomes
-            ``weight_mu`` and ``weight_rho``). Optimizer state (e.g. momenta) is not carried.
+            groups and every hyperparameter of each group, over the Bayesian parameters
+            (``weight`` becomes ``weight_mu`` and ``weight_rho`` in the same group). It is
+            built from the class's constructor signature: only the defaults the
+            constructor accepts are passed to it. The state of each parameter (momenta,
+            step counts) moves to its new parameter (``weight``'s to ``weight_mu``);
+            ``weight_rho`` starts with the state of a new parameter. ``LBFGS`` keeps one state for all
+            parameters together, which is reset. An LR scheduler attached to the old
+            optimizer keeps scheduling the old one: create it again on :attr:`optimizer`
+            (that is warned when the scheduler is detectable).
         **bayes_options: options of the Bayesian layers (``prior_sigma``, ...).
 
     Attributes:
@@ -62,7 +72,9 @@ class TransformToBNN:
         else:
             self._backbone, self._loss_fn = trainable, None
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch Optimizer, got {type(optimizer).__qualname__}")
+            raise TypeError(
+                f"optimizer must be a torch Optimizer, got {type(optimizer).__qualname__}"
+            )
         self._dnn_factor, self._bnn_factor = dnn_factor, bnn_factor
         self._options = bayes_options
         self._dnn_optimizer = optimizer
@@ -107,19 +119,80 @@ class TransformToBNN:
         old = self._dnn_optimizer
         assert old is not None
         new_params = dict(backbone.named_parameters())
-        groups = []
+        groups, moves = [], []
         for group in old.param_groups:
-            params = []
+            params, names = [], []
             for param in group["params"]:
                 name = self._names[id(param)]
                 if name in new_params:
-                    params.append(new_params[name])
-                    continue
-                owner, _, attr = name.rpartition(".")
-                prefix = f"{owner}." if owner else ""
-                pair = [new_params.get(f"{prefix}{attr}_{s}") for s in ("mu", "rho")]
-                if None in pair:
-                    raise ValueError(f"optimizer parameter {name!r} has no counterpart in the BNN")
-                params.extend(pair)
-            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
-        return type(old)(groups, **old.defaults)
+                    targets = [(name, True)]
+                else:
+                    owner, _, attr = name.rpartition(".")
+                    prefix = f"{owner}." if owner else ""
+                    targets = [(f"{prefix}{attr}_mu", True), (f"{prefix}{attr}_rho", False)]
+                    if any(n not in new_params for n, _ in targets):
+                        raise ValueError(
+                            f"optimizer parameter {name!r} has no counterpart in the BNN "
+                            f"(expected {name!r} or {targets[0][0]!r} and {targets[1][0]!r})"
+                        )
+                for new_name, keeps_state in targets:
+                    params.append(new_params[new_name])
+                    names.append(new_name)
+                    if keeps_state:
+                        moves.append((param, new_params[new_name]))
+            new_group = {k: v for k, v in group.items() if k != "params"}
+            if "param_names" in group:  # built from named_parameters()
+                new_group["param_names"] = names
+            groups.append({**new_group, "params": params})
+        new = rebuild_optimizer(old, groups)
+        if not isinstance(old, torch.optim.LBFGS):  # its one state is for all params at once
+            for old_param, new_param in moves:
+                if old_param in old.state and old_param.shape == new_param.shape:
+                    new.state[new_param] = _copy_state(old.state[old_param])
+        if getattr(old.step, "_wrapped_by_lr_sched", False):
+            warnings.warn(
+                f"TransformToBNN: an LR scheduler is attached to the original "
+                f"{type(old).__name__} and keeps scheduling it, not TransformToBNN.optimizer; "
+                "create the scheduler again on the new optimizer (its param groups keep "
+                "'initial_lr', so pass last_epoch=scheduler.last_epoch to resume)",
+                stacklevel=4,  # the user's transform_to_bnn_* call
+            )
+        return new
+
+
+def rebuild_optimizer(
+    old: torch.optim.Optimizer, groups: list[dict[str, Any]]
+) -> torch.optim.Optimizer:
+    """A new optimizer of ``old``'s class over ``groups``, with ``old``'s defaults.
+
+    Only the defaults the class's constructor accepts are passed (``AdamW`` records
+    ``decoupled_weight_decay`` in its defaults but does not take it); every other
+    hyperparameter travels in the param groups.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> old = torch.optim.AdamW([w], lr=0.01, weight_decay=0.5)
+        >>> new = rebuild_optimizer(old, [{"params": [torch.nn.Parameter(torch.ones(2))]}])
+        >>> type(new).__name__, new.param_groups[0]["lr"], new.param_groups[0]["weight_decay"]
+        ('AdamW', 0.01, 0.5)
+    """
+    cls = type(old)
+    signature = inspect.signature(cls)
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    defaults = {
+        k: v
+        for k, v in old.defaults.items()
+        if k != "params" and (takes_any or k in signature.parameters)
+    }
+    try:
+        return cls(groups, **defaults)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"rebuilding {cls.__qualname__} over the Bayesian parameters failed ({exc}); build "
+            "the optimizer yourself over transform.bnn.parameters() (or "
+            "dnn2bnn.bayes_param_groups)"
+        ) from exc
+
+
+def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in state.items()}

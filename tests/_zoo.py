@@ -82,6 +82,13 @@ def convert_checked(dnn: nn.Module, *, traced: bool = True, warns: tuple[str, ..
         assert sum(bool(re.search(pattern, m)) for m in messages) == 1, (pattern, messages)
     report = bnn.conversion_report
     assert report.method == ("torch.fx" if traced else "module tree"), report.fallback_reason
+    # functional weights (a module's own parameter passed to F.linear, matmul, ...) come on top,
+    # each converted with the reason in the report
+    for converted in report.converted:
+        if converted.reason:
+            module = bnn.get_submodule(converted.name)
+            for name in converted.params:
+                count, numel = count + 1, numel + module._parameters[name + "_mu"].numel()
     mus = bayesian_mus(bnn)
     assert (len(mus), sum(m.numel() for m in mus)) == (count, numel) and count > 0
     left = [n for n, m in bnn.named_modules() if isinstance(m, MUST_CONVERT) and not isinstance(m, BayesianLayer)]

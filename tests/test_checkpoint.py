@@ -14,7 +14,7 @@ from torch import nn
 import dnn2bnn
 from dnn2bnn.checkpoint import FORMAT_VERSION
 from dnn2bnn.checkpoint._arch import build_arch, spec_of
-from dnn2bnn.checkpoint._bnn import write_state
+from dnn2bnn.checkpoint._bnn import bnn_metadata, write_state
 from dnn2bnn.checkpoint._export import lift_program
 from dnn2bnn.checkpoint._read import match_state, read_checkpoint
 from dnn2bnn.errors import CheckpointError
@@ -81,9 +81,10 @@ def test_round_trip_of_config_objects_and_prior_objects(tmp_path, suffix):
     )
     dnn = trained_tiny()
     bnn = dnn2bnn.transform_to_bnn_model(dnn, config=config)
-    bnn = dnn2bnn.transform_to_bnn_layer(
-        bnn, nn.Linear, exclude="head", prior=dnn2bnn.EmpiricalPrior(0.2)
-    )  # converts nothing new: checks an options object next to a config
+    with pytest.warns(dnn2bnn.ConversionWarning, match="nothing in TinyNet was converted"):
+        bnn = dnn2bnn.transform_to_bnn_layer(
+            bnn, nn.Linear, exclude="head", prior=dnn2bnn.EmpiricalPrior(0.2)
+        )  # converts nothing new: checks an options object next to a config
     path = dnn2bnn.save_bnn(bnn, tmp_path / f"bnn{suffix}", example_inputs=X)
     loaded = dnn2bnn.load_bnn(path)
     if suffix != ".pt2":  # an exported module keeps the mode it was exported in
@@ -252,7 +253,8 @@ def test_match_state_names_the_first_mismatches():
         ("no_such_package.mod:Net", "cannot import 'no_such_package.mod'"),
         ("_models:TinyNett", "did you mean TinyNet"),
         ("_models:trained_tiny.__doc__", "not callable"),
-        ("torch:zeros", "returned Tensor; expected a torch.nn.Module"),
+        ("torch:zeros", "not a torch.nn.Module class or a function annotated to return one"),
+        ("builtins:open", "a builtin_function_or_method, not a torch.nn.Module class"),
     ],
 )
 def test_bad_arch_specs(spec, message):
@@ -286,3 +288,394 @@ def test_pt2_input_is_not_a_zip(tmp_path):
     assert not zipfile.is_zipfile(path)
     with pytest.raises(CheckpointError, match="not a torch.export archive"):
         read_checkpoint(path)
+
+
+# ------------------------------- issue 14 item 4: save never writes what load cannot read
+def _assert_round_trip(bnn: nn.Module, path, x, **save_kwargs) -> nn.Module:
+    dnn2bnn.save_bnn(bnn, path, **save_kwargs)
+    loaded = dnn2bnn.load_bnn(path)
+    saved, restored = bnn.state_dict(), loaded.state_dict()
+    assert list(saved) == list(restored)
+    assert all(torch.equal(saved[k], restored[k]) for k in saved)
+    bnn.eval(), loaded.eval()
+    a, b = _mean_output(bnn, x), _mean_output(loaded, x)
+    a, b = getattr(a, "logits", a), getattr(b, "logits", b)
+    assert torch.equal(a, b)
+    return loaded
+
+
+def _trees() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    quickstart = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+    nested = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4, eps=1e-3, momentum=0.2),
+        nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)),
+        nn.Flatten(),
+        nn.Dropout(0.25),
+        nn.Linear(4 * 4 * 4, 3, dtype=torch.float64).float(),
+    )
+    shared = nn.Linear(4, 4)
+    return {
+        "shared": (nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(4, 2)), torch.randn(3, 4)),
+        "quickstart": (quickstart, torch.randn(2, 784)),
+        "nested": (nested, X),
+        "bare_layer": (nn.Conv1d(2, 3, 5, stride=2, padding="valid"), torch.randn(2, 2, 9)),
+    }
+
+
+@pytest.mark.parametrize("name", ["quickstart", "nested", "bare_layer", "shared"])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_torch_nn_trees_round_trip_without_arch(tmp_path, name, suffix):
+    """Regression: the README quickstart BNN saved; load_bnn raised "not rebuilt: ['0', '2']"."""
+    torch.manual_seed(0)
+    dnn, x = _trees()[name]
+    bnn = dnn2bnn.transform_to_bnn_model(dnn, prior_sigma=0.3)
+    loaded = _assert_round_trip(bnn, tmp_path / f"bnn{suffix}", x)
+    assert type(loaded) is type(bnn)
+    if name == "shared":  # a layer used twice is rebuilt once, in both places
+        assert loaded[0] is loaded[2]
+    assert json.loads(_raw_metadata(tmp_path / f"bnn{suffix}"))["arch"]["spec"] == (
+        "dnn2bnn:module_tree"
+    )
+
+
+def test_module_list_and_dict_trees_round_trip(tmp_path):
+    torch.manual_seed(0)
+    tree = nn.ModuleDict(
+        {
+            "blocks": nn.ModuleList([nn.Linear(3, 4), nn.Linear(4, 4, bias=False)]),
+            "out": nn.Linear(4, 2),
+        }
+    )
+    with pytest.warns(dnn2bnn.ConversionWarning, match="could not trace ModuleDict"):
+        bnn = dnn2bnn.transform_to_bnn_model(tree)
+    dnn2bnn.save_bnn(bnn, tmp_path / "bnn.safetensors")
+    loaded = dnn2bnn.load_bnn(tmp_path / "bnn.safetensors")
+    assert type(loaded) is nn.ModuleDict and type(loaded["blocks"]) is nn.ModuleList
+    x = torch.randn(2, 3)
+
+    def run(model):
+        with torch.no_grad(), dnn2bnn.set_mode(model, "mean"):
+            h = model["blocks"][1](model["blocks"][0](x))
+            return model["out"](h)
+
+    assert torch.equal(run(bnn), run(loaded))
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in bnn.state_dict().items())
+
+
+def _raw_metadata(path) -> str:
+    return read_checkpoint(path).metadata and json.dumps(read_checkpoint(path).metadata)
+
+
+def test_custom_class_with_arch_round_trips(tmp_path):
+    _assert_round_trip(
+        dnn2bnn.transform_to_bnn_model(trained_tiny(width=6)), tmp_path / "bnn.pt", X, **ARCH
+    )
+
+
+def test_params_on_root_parameters_records_the_original_class(tmp_path):
+    """Regression: the ViT of docs/conversion.md recorded a dynamic BayesVisionTransformer class."""
+    torchvision = pytest.importorskip("torchvision")
+    kwargs = dict(
+        image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32
+    )
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(**kwargs)
+    bnn = dnn2bnn.transform_to_bnn_model(vit, params=["class_token", "encoder.pos_embedding"])
+    assert type(bnn).__name__ == "BayesVisionTransformer"
+    path = tmp_path / "vit.safetensors"
+    loaded = _assert_round_trip(bnn, path, torch.randn(2, 3, 16, 16), arch_kwargs=kwargs)
+    assert read_checkpoint(path).metadata["arch"]["spec"] == (
+        "torchvision.models.vision_transformer:VisionTransformer"
+    )
+    assert type(loaded).__name__ == "BayesVisionTransformer"
+
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_labels=3,
+        id2label={0: "neg", 1: "neutral", 2: "pos"}, label2id={"neg": 0, "neutral": 1, "pos": 2},
+    )  # fmt: skip
+    return transformers.BertForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("build", [_tiny_gpt2, _tiny_bert], ids=["gpt2", "bert"])
+def test_hugging_face_models_round_trip_without_arch(tmp_path, build):
+    """Regression: GPT2LMHeadModel saved without arch failed to load with "missing 'config'"."""
+    torch.manual_seed(0)
+    model = build()
+    with pytest.warns(dnn2bnn.ConversionWarning):  # HF models are not traceable by torch.fx
+        bnn = dnn2bnn.transform_to_bnn_model(model, posterior_sigma_init=0.01)
+    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "hf.safetensors"
+    loaded = _assert_round_trip(bnn, path, ids)
+    assert type(loaded) is type(bnn) and isinstance(loaded, type(model))
+    assert loaded.config.to_dict() == bnn.config.to_dict()
+    spec = read_checkpoint(path).metadata["arch"]["spec"]
+    assert spec == f"transformers:{type(model).__name__}"
+
+
+def test_hugging_face_config_dict_with_int_keys_is_accepted_as_arch_kwargs(tmp_path):
+    """Regression: arch_kwargs={'config': cfg.to_dict()} was refused (id2label has int keys)."""
+    torch.manual_seed(0)
+    model = _tiny_bert()
+    with pytest.warns(dnn2bnn.ConversionWarning):
+        bnn = dnn2bnn.transform_to_bnn_model(model)
+    ids = torch.randint(0, 40, (2, 6))
+    loaded = _assert_round_trip(
+        bnn, tmp_path / "hf.pt", ids, arch_kwargs={"config": model.config.to_dict()}
+    )
+    assert loaded.config.id2label == {0: "neg", 1: "neutral", 2: "pos"}
+
+
+def test_codec_round_trips_non_string_keys_and_dtypes():
+    from dnn2bnn.checkpoint._codec import decode, encode
+
+    value = {"id2label": {0: "a", 1: "b"}, "m": {1.5: None, True: 2}, "dtype": torch.float16}
+    assert decode(json.loads(json.dumps(encode(value, "x")))) == value
+
+
+class _NotTorchNN(nn.Module):
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.parametrize(
+    ("make", "kwargs", "message"),
+    [
+        (
+            lambda: nn.Sequential(nn.Linear(3, 3), _NotTorchNN()),
+            {},
+            r"^1 is a test_checkpoint._NotTorchNN.*arch=",
+        ),
+        (lambda: trained_tiny(width=6), {"arch_kwargs": {"width": 5}}, r"shape.*arch="),
+        (
+            lambda: trained_tiny(width=6),
+            {"arch": "torch.nn:Identity"},
+            r"not rebuilt.*not written.*arch=",
+        ),
+    ],
+    ids=["custom child", "wrong kwargs", "wrong arch"],
+)
+def test_save_refuses_what_load_cannot_rebuild_and_writes_nothing(
+    tmp_path, make, kwargs, message
+):
+    bnn = dnn2bnn.transform_to_bnn_model(make())
+    path = tmp_path / "bnn.safetensors"
+    path.write_bytes(b"the user's file")
+    with pytest.raises(CheckpointError, match=message):
+        dnn2bnn.save_bnn(bnn, path, force=True, **kwargs)
+    assert path.read_bytes() == b"the user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bnn.safetensors"]
+
+
+def test_a_model_changed_after_construction_is_refused(tmp_path):
+    model = trained_tiny(width=6)
+    model.head = nn.Linear(24, 7)  # a new head: TinyNet(width=6) does not build this
+    bnn = dnn2bnn.transform_to_bnn_model(model)
+    with pytest.raises(CheckpointError, match=r"head.weight_mu: \(7, 24\).*vs \(3, 24\)"):
+        dnn2bnn.save_bnn(bnn, tmp_path / "bnn.pt", **ARCH)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------- issue 14 item 11: estimator and mode are stored
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_set_estimator_and_set_mode_are_stored(tmp_path, suffix):
+    """Regression: a loaded model came back with the estimator of the conversion call."""
+    bnn = dnn2bnn.transform_to_bnn_model(trained_tiny(width=6), estimator="flipout")
+    dnn2bnn.set_estimator(bnn, "lrt")
+    dnn2bnn.set_mode(bnn.head, "mean")
+    path = dnn2bnn.save_bnn(bnn, tmp_path / f"bnn{suffix}", **ARCH)
+    loaded = dnn2bnn.load_bnn(path)
+    for name in ("features.0", "head"):
+        assert loaded.get_submodule(name).estimator.value == "lrt"
+    assert loaded.head.bayes_mode == "mean" and loaded.features[0].bayes_mode == "sample"
+
+
+def test_checkpoints_without_layer_states_load_with_the_conversion_defaults(tmp_path):
+    bnn = dnn2bnn.transform_to_bnn_model(trained_tiny(width=6), estimator="flipout")
+    metadata = bnn_metadata(bnn, arch=ARCH["arch"], arch_kwargs={"width": 6})
+    del metadata["layers"]  # as written by dnn2bnn before layer states were stored
+    write_state(tmp_path / "old.safetensors", bnn.state_dict(), metadata)
+    loaded = dnn2bnn.load_bnn(tmp_path / "old.safetensors")
+    assert loaded.head.estimator.value == "flipout" and loaded.head.bayes_mode == "sample"
+
+
+# ------------------------------------------------- fuzzed and hostile files (issue 14)
+def _fuzz():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent / "fuzz" / "fuzz_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("fuzz_checkpoint", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_fuzzed_checkpoints_fail_only_with_checkpoint_error(tmp_path):
+    """A short seeded run of tests/fuzz/fuzz_checkpoint.py (atheris runs it for longer)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    fuzz = _fuzz()
+    fuzz.seeds()
+
+    @settings(
+        max_examples=60,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(st.binary(min_size=2, max_size=64))
+    def run(data):
+        fuzz.check(data, tmp_path)
+
+    run()
+    assert not fuzz.MARKER.exists()
+
+
+@pytest.mark.parametrize("kind", range(7))
+def test_each_fuzz_mutation_kind_is_rejected_cleanly(tmp_path, kind):
+    fuzz = _fuzz()
+    for seed in range(len(fuzz.seeds())):
+        for extra in (b"", b"\x03\x07\x11\x00\xff", bytes(range(40))):
+            fuzz.check(bytes([seed, kind]) + extra, tmp_path)
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_hostile_metadata_is_refused_without_running_anything(tmp_path, index):
+    fuzz = _fuzz()
+    bnn = fuzz._bnn()
+    metadata = bnn_metadata(bnn, arch="dnn2bnn:module_tree", arch_kwargs={})
+    value = fuzz.HOSTILE_VALUES[index]
+    for keys in (("arch",), ("arch", "kwargs"), ("calls", 0, "config"), ("calls", 0, "options")):
+        hostile = fuzz._inject(metadata, keys, value)
+        write_state(tmp_path / "bnn.safetensors", bnn.state_dict(), hostile)
+        with pytest.raises(CheckpointError):
+            dnn2bnn.load_bnn(tmp_path / "bnn.safetensors")
+        assert not fuzz.MARKER.exists()
+
+
+def test_hostile_pickles_are_refused(tmp_path):
+    """A torch.save file and a legacy pickle whose __reduce__ would create a marker file."""
+    fuzz = _fuzz()
+    for suffix, data in fuzz.seeds()[-2:]:
+        path = tmp_path / f"hostile{suffix}"
+        path.write_bytes(data)
+        for read in (dnn2bnn.load_bnn, read_checkpoint):
+            with pytest.raises(CheckpointError, match="unpickling can run arbitrary code"):
+                read(path)
+    assert not fuzz.MARKER.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["hostile.pt"]
+
+
+def test_parametrization_round_trips_and_old_checkpoints_read_as_softplus(tmp_path):
+    """Engineer B's parametrization option (softplus|exp): stored, checked, default softplus."""
+    from dnn2bnn.config import OPTION_NAMES
+
+    if "parametrization" not in OPTION_NAMES:
+        pytest.skip("this dnn2bnn has no parametrization option yet")
+    bnn = dnn2bnn.transform_to_bnn_model(trained_tiny(width=6), parametrization="exp")
+    path = dnn2bnn.save_bnn(bnn, tmp_path / "exp.safetensors", **ARCH)
+    assert read_checkpoint(path).metadata["layers"]["head"]["parametrization"] == "exp"
+    loaded = dnn2bnn.load_bnn(path)
+    assert loaded.head.parametrization.value == "exp"
+    torch.testing.assert_close(loaded.head.posterior_sigma(), bnn.head.posterior_sigma())
+    old = bnn_metadata(dnn2bnn.transform_to_bnn_model(trained_tiny(width=6)), **_arch_args())
+    del old["layers"]  # written before parametrizations existed
+    for call in old["calls"]:
+        call["options"].pop("parametrization", None)
+    state = dnn2bnn.transform_to_bnn_model(trained_tiny(width=6)).state_dict()
+    write_state(tmp_path / "old.pt", state, old)
+    assert dnn2bnn.load_bnn(tmp_path / "old.pt").head.parametrization.value == "softplus"
+    tampered = read_checkpoint(path).metadata
+    tampered["layers"]["head"]["parametrization"] = "softplus"
+    write_state(tmp_path / "tampered.pt", bnn.state_dict(), tampered)
+    with pytest.raises(CheckpointError, match="head.parametrization is recorded as 'softplus'"):
+        dnn2bnn.load_bnn(tmp_path / "tampered.pt")
+
+
+def _arch_args() -> dict:
+    return {"arch": ARCH["arch"], "arch_kwargs": ARCH["arch_kwargs"]}
+
+
+def test_a_prior_written_after_conversion_is_stored(tmp_path):
+    """A posterior fit writes rho and a new prior object; load_bnn restores both."""
+    bnn = dnn2bnn.transform_to_bnn_model(trained_tiny(width=6), prior_sigma=1.0)
+    with torch.no_grad():
+        bnn.head.weight_prior_sigma.fill_(0.2)
+        bnn.head.bias_prior_sigma.fill_(0.2)
+    bnn.head.prior = dnn2bnn.NormalPrior(0.0, 0.2)
+    loaded = dnn2bnn.load_bnn(dnn2bnn.save_bnn(bnn, tmp_path / "bnn.safetensors", **ARCH))
+    assert loaded.head.prior == dnn2bnn.NormalPrior(0.0, 0.2)
+    assert loaded.features[0].prior == dnn2bnn.NormalPrior(0.0, 1.0)
+    torch.testing.assert_close(dnn2bnn.kl_divergence(loaded), dnn2bnn.kl_divergence(bnn))
+
+
+def test_tree_of_attention_and_recurrent_layers_round_trips(tmp_path):
+    """Constructor arguments read back for layers with unusual signatures (bias, *args)."""
+    torch.manual_seed(0)
+    tree = nn.ModuleList(
+        [
+            nn.MultiheadAttention(8, 2, bias=False, batch_first=True, kdim=6, vdim=4),
+            nn.LSTM(3, 4, num_layers=2, bidirectional=True),
+            nn.Linear(3, 2).double(),
+        ]
+    )
+    with pytest.warns(dnn2bnn.ConversionWarning, match="could not trace ModuleList"):
+        bnn = dnn2bnn.transform_to_bnn_model(
+            tree, layer_types=[nn.MultiheadAttention, nn.LSTM, nn.Linear]
+        )
+    loaded = dnn2bnn.load_bnn(dnn2bnn.save_bnn(bnn, tmp_path / "bnn.safetensors"))
+    assert [repr(m) for m in loaded] == [repr(m) for m in bnn]
+    saved, restored = bnn.state_dict(), loaded.state_dict()
+    for key, value in saved.items():
+        assert torch.equal(value, restored[key]) and value.dtype == restored[key].dtype, key
+    q = torch.randn(1, 5, 8)
+    with torch.no_grad(), dnn2bnn.set_mode(bnn, "mean"), dnn2bnn.set_mode(loaded, "mean"):
+        k, v = torch.randn(1, 5, 6), torch.randn(1, 5, 4)
+        assert torch.equal(bnn[0](q, k, v)[0], loaded[0](q, k, v)[0])
+        x = torch.randn(5, 2, 3)
+        assert torch.equal(bnn[1](x)[0], loaded[1](x)[0])
+
+
+def test_a_half_precision_model_is_rebuilt_in_its_dtype(tmp_path):
+    torch.manual_seed(0)
+    model = _tiny_gpt2().to(torch.bfloat16)
+    with pytest.warns(dnn2bnn.ConversionWarning):
+        bnn = dnn2bnn.transform_to_bnn_model(model)
+    path = dnn2bnn.save_bnn(bnn, tmp_path / "bf16.safetensors")
+    assert read_checkpoint(path).metadata["arch"]["dtype"] == "bfloat16"
+    restored = dnn2bnn.load_bnn(path).state_dict()
+    for key, value in bnn.state_dict().items():
+        assert restored[key].dtype == value.dtype and torch.equal(restored[key], value), key
+
+
+class _ReadsItsWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(x) + x @ self.fc.weight.T
+
+
+def test_a_pt2_archive_that_load_bnn_cannot_rebuild_is_not_written(tmp_path):
+    """Regression: the archive was written, and load_bnn then failed on it."""
+    bnn = dnn2bnn.transform_to_bnn_model(_ReadsItsWeight())
+    with pytest.raises(CheckpointError, match="could not be read back, so it was not written"):
+        dnn2bnn.save_bnn(bnn, tmp_path / "bnn.pt2", example_inputs=torch.randn(2, 3))
+    assert list(tmp_path.iterdir()) == []

@@ -228,7 +228,7 @@ def _damaged(path: str, keep: float) -> str:
         ),
         (
             ["convert", "tiny.pt", "out.safetensors", *ARCH, "--arch-kwargs", '{"width": 5}'],
-            "shape mismatch",
+            "7 shape mismatches: ",  # regression: "mismatchs"
         ),
         (
             ["convert", "tiny.pt", "out.safetensors", "--arch", "torch.nn:Sequential"],
@@ -258,6 +258,9 @@ def _damaged(path: str, keep: float) -> str:
             "no layer of tiny.pt was converted (features.0: excluded",
         ),
         (["inspect", "missing.safetensors"], "missing.safetensors: no such file"),
+        (["convert", ".", "out.pt", *ARCH], ". is a directory; expected a checkpoint file"),
+        (["inspect", "."], ". is a directory; expected a checkpoint file"),
+        (["inspect", "whole.pt"], "only `dnn2bnn convert --trust-pickle` unpickles"),
         (["to-dnn", "tiny.pt", "mean.pt"], "not a dnn2bnn BNN checkpoint"),
     ],
 )
@@ -321,3 +324,63 @@ def test_inspect_and_to_dnn_of_pt2_files(workdir, capsys):
     torch.testing.assert_close(mean(X), trained_tiny()(X), rtol=0, atol=0)
     assert main(["inspect", "tiny.pt"]) == 0
     assert "DNN checkpoint (torch)" in capsys.readouterr().out
+
+
+def test_inspect_of_a_pickle_does_not_suggest_an_option_inspect_rejects(workdir, capsys):
+    """Regression: inspect said 'pass --trust-pickle', then rejected --trust-pickle."""
+    assert main(["inspect", "whole.pt"]) == 1
+    err = capsys.readouterr().err
+    assert "pass --trust-pickle" not in err
+    assert main(["convert", "whole.pt", "out.pt", *ARCH]) == 1
+    assert "or pass --trust-pickle if you trust" in capsys.readouterr().err
+
+
+def test_pickled_torch_nn_tree_is_converted_and_loads(workdir, capsys):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    torch.save(model, "seq.pt")
+    assert main(["convert", "seq.pt", "bnn.safetensors", "--trust-pickle"]) == 0
+    assert "recorded as its tree of torch.nn modules" in capsys.readouterr().out
+    bnn = dnn2bnn.load_bnn("bnn.safetensors")
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(_mean(bnn, x), model(x), rtol=0, atol=0)
+    assert main(["inspect", "bnn.safetensors"]) == 0
+    assert "architecture: a tree of torch.nn modules (4 modules)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_pickled_torchvision_resnet18_is_converted_with_its_inferred_arch(tmp_path):
+    """Regression: 'cannot record how to rebuild the pickled ResNet ... pass --arch'."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=7).eval()
+    torch.save(model, tmp_path / "r18.pt")
+    result = _run("convert", "r18.pt", "bnn.pt", "--trust-pickle", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["arch"] == "torchvision:resnet18" and report["arch_kwargs"] == {"num_classes": 7}
+    bnn = dnn2bnn.load_bnn(tmp_path / "bnn.pt").eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(_mean(bnn, x), model(x), rtol=0, atol=0)
+
+
+def test_docs_layers_default_is_the_help_default():
+    """Regression: docs/cli.md listed 4 default layer types, --help 8."""
+    from dnn2bnn.cli._convert import _layer_names
+
+    docs = (REPO / "docs" / "cli.md").read_text()
+    line = next(row for row in docs.splitlines() if row.startswith("| `--layers"))
+    assert f"(default: all of `{', '.join(_layer_names())}`)" in line
+
+
+@pytest.mark.slow
+def test_pickled_timm_model_is_converted_with_its_registry_name(workdir, capsys):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=5).eval()
+    torch.save(model, "timm.pt")
+    assert main(["convert", "timm.pt", "bnn.safetensors", "--trust-pickle", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["arch"] == "timm:resnet10t" and report["arch_kwargs"] == {"num_classes": 5}
+    bnn = dnn2bnn.load_bnn("bnn.safetensors").eval()
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(_mean(bnn, x), model(x), rtol=0, atol=0)

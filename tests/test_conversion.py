@@ -154,7 +154,7 @@ def test_functional_and_module_use_share_one_sample():
     torch.testing.assert_close(bnn(torch.randn(2, 4)), torch.zeros(2, 4))
 
 
-def test_raw_parameter_used_functionally_is_reported_and_warned():
+def test_raw_parameter_used_functionally_is_converted_on_its_owner():
     class Raw(nn.Module):
         def __init__(self):
             super().__init__()
@@ -164,13 +164,13 @@ def test_raw_parameter_used_functionally_is_reported_and_warned():
         def forward(self, x):
             return F.linear(self.fc(x), self.w)
 
-    with pytest.warns(ConversionWarning, match="w: used directly by linear"):
-        bnn = transform_to_bnn_model(Raw())
-    assert [s.name for s in bnn.conversion_report.skipped] == ["w"]
-    with pytest.raises(ConversionError, match="strict conversion: 1 skipped: w"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            transform_to_bnn_model(Raw(), strict=True)
+    bnn = _check_equivalent(Raw(), torch.randn(4, 3))
+    assert isinstance(bnn, Raw) and isinstance(bnn, dnn2bnn.BayesianParameters)
+    report = bnn.conversion_report
+    root = [c for c in report.converted if c.name == ""]
+    assert root and root[0].params == ("w",) and "the weight of linear()" in root[0].reason
+    assert not report.skipped
+    transform_to_bnn_model(Raw(), strict=True)  # nothing is left deterministic
 
 
 class ScaledConv(nn.Conv2d):

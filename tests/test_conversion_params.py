@@ -36,14 +36,17 @@ def _names(bnn):
 
 def test_default_converts_attention_and_leaves_opt_in_layers_alone():
     dnn = Tiny().eval()
-    with pytest.warns(ConversionWarning, match="w_out: used directly by linear"):
-        bnn = transform_to_bnn_model(dnn)
+    bnn = transform_to_bnn_model(dnn)
     assert _names(bnn) == {
+        "": ("BayesTiny", ("w_out",)),  # the root's own weight, used by F.linear
         "attn": ("BayesMultiheadAttention", ("in_proj_weight", "in_proj_bias")),
         "attn.out_proj": ("BayesNonDynamicallyQuantizableLinear", ()),
     }
     converted = {c.name: c.traced_use for c in bnn.conversion_report.converted}
-    assert converted == {"attn": True, "attn.out_proj": True}  # out_proj runs inside attn
+    assert converted == {"": True, "attn": True, "attn.out_proj": True}  # out_proj runs inside attn
+    idx = torch.randint(0, 20, (2, 5))
+    with torch.no_grad(), set_mode(bnn, "mean"):
+        torch.testing.assert_close(bnn(idx), dnn(idx), rtol=0, atol=1e-6)
 
 
 def test_opt_in_types_and_params_globs():

@@ -224,3 +224,73 @@ def test_transposed_conv_output_size_argument(estimator):
     assert sampled.shape == (1, 3, 8, 8) and not torch.equal(sampled, out)
     assert bnn(x).shape == (1, 3, 7, 7)
     assert type(bnn.to_dnn()) is nn.ConvTranspose2d and not hasattr(bnn.to_dnn(), "_call_output_padding")
+
+
+@pytest.mark.parametrize("parametrization", ["softplus", "exp"])
+def test_parametrization_sigma_samples_and_kl(parametrization):
+    """Both parametrizations give the configured sigma, matching samples and the closed-form KL
+    (against torch.distributions), through the layer, its fused paths and kl_divergence."""
+    torch.manual_seed(0)
+    layer = BayesLinear(300, 250, posterior_sigma_init=0.2, prior_sigma=0.5, parametrization=parametrization)
+    assert layer.parametrization.value == parametrization and "parametrization" in dnn2bnn.config.OPTION_NAMES
+    torch.testing.assert_close(layer.posterior_sigma(), torch.full((250, 300), 0.2))
+    with torch.no_grad():
+        layer.weight_rho.add_(0.3 * torch.randn_like(layer.weight_rho))
+    transform = torch.exp if parametrization == "exp" else F.softplus
+    sigma = transform(layer.weight_rho.detach())
+    torch.testing.assert_close(layer.posterior_sigma(), sigma)
+    with torch.no_grad():
+        draws = torch.stack([layer.weight - layer.weight_mu for _ in range(50)])
+    z = draws / sigma
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
+    expected = sum(
+        kl_divergence(Normal(getattr(layer, n + "_mu"), transform(getattr(layer, n + "_rho"))),
+                      Normal(torch.tensor(0.0), torch.tensor(0.5))).sum()
+        for n in ("weight", "bias")
+    )
+    layer(torch.randn(2, 300))  # training forward: the large weight's KL comes from its sample node
+    fused = dnn2bnn.kl_divergence(layer)
+    torch.testing.assert_close(fused, expected)
+    got = torch.autograd.grad(fused, (layer.weight_rho, layer.bias_rho))
+    want = torch.autograd.grad(expected, (layer.weight_rho, layer.bias_rho))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_parametrization_is_checked_and_defaults_to_softplus():
+    assert BayesLinear(2, 2).parametrization.value == "softplus"
+    with pytest.raises(ValueError, match="parametrization must be one of"):
+        BayesLinear(2, 2, parametrization="log")
+
+
+def test_tiny_posterior_sigma_init_trains_with_exact_gradients():
+    """Issue 14 item 13: sigma 1e-12 is accepted and its rho gradient is not zero."""
+    layer = BayesLinear(3, 2, posterior_sigma_init=1e-12)
+    layer(torch.randn(4, 3)).sum().backward()
+    assert (layer.weight_rho.grad != 0).all() and torch.isfinite(layer.weight_rho.grad).all()
+
+
+@pytest.mark.parametrize("how", ["option", "config"])
+def test_parametrization_round_trips_through_save_and_load(tmp_path, how):
+    from _models import TinyNet
+
+    options = {"parametrization": "exp"} if how == "option" else {"config": dnn2bnn.BayesConfig(parametrization="exp")}
+    bnn = dnn2bnn.transform_to_bnn_model(TinyNet(), **options)
+    with torch.no_grad():
+        bnn.head.weight_rho.add_(0.5)
+    dnn2bnn.save_bnn(bnn, tmp_path / "b.pt")
+    back = dnn2bnn.load_bnn(tmp_path / "b.pt")
+    assert back.head.parametrization.value == "exp"
+    torch.testing.assert_close(back.head.posterior_sigma(), bnn.head.posterior_sigma())
+
+
+def test_a_layer_pickled_before_the_parametrization_option_loads_as_softplus():
+    layer = BayesLinear(3, 2, posterior_sigma_init=0.1)
+    state = layer.__getstate__()
+    for key in ("parametrization", "_exp", "_replay"):
+        del state[key]
+    old = BayesLinear.__new__(BayesLinear)
+    old.__setstate__(state)
+    assert old.parametrization.value == "softplus"
+    torch.testing.assert_close(old.posterior_sigma(), torch.full((2, 3), 0.1))
+    old(torch.ones(1, 3)).sum().backward()

@@ -40,6 +40,27 @@ def test_elbo_scaling():
         WithBNNLoss.elbo(bnn, nn.CrossEntropyLoss(), num_train_examples=5.0)
 
 
+def test_the_kl_of_a_float16_model_is_scaled_before_it_is_cast():
+    # D2-2: KL ~1.3e6 cast to float16 (max 65504) before the 1/N factor made the loss inf.
+    bnn = transform_to_bnn_model(nn.Linear(256, 256), prior_sigma=0.01).half()
+    criterion = WithBNNLoss.elbo(bnn, nn.MSELoss(), num_train_examples=60_000)
+    loss = criterion(torch.randn(4, 256).half(), torch.zeros(4, 256).half())
+    assert criterion.last_kl.item() > 65504 and loss.dtype == torch.float16
+    expected = criterion.last_data_loss.float() + criterion.last_kl / 60_000
+    assert torch.isfinite(loss) and loss.float().item() == pytest.approx(expected.item(), rel=1e-2)
+
+
+def test_a_per_example_loss_is_refused():
+    # D2-7: reduction="none" gave a [B] loss with the KL added to every element; its .sum()
+    # counted the KL B times, silently.
+    bnn = transform_to_bnn_model(mlp((6, 4, 3)))
+    criterion = WithBNNLoss.elbo(bnn, nn.CrossEntropyLoss(reduction="none"), num_train_examples=100)
+    with pytest.raises(ValueError, match=r"scalar data loss .* got shape \(5,\) from CrossEntropyLoss"):
+        criterion(torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    summed = WithBNNLoss.elbo(bnn, nn.CrossEntropyLoss(reduction="sum"), num_train_examples=100)
+    assert summed(torch.randn(5, 6), torch.randint(0, 3, (5,))).shape == ()
+
+
 def test_bad_factors_and_arguments():
     bnn = transform_to_bnn_model(mlp())
     with pytest.raises(ValueError, match="bnn_factor must be finite and >= 0"):

@@ -69,3 +69,100 @@ def test_errors():
     other = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="not in the trainable network"):
         TransformToBNN(LeNet5(), optimizer=torch.optim.SGD(other.parameters(), lr=0.1))
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6, bias=False), nn.Tanh(), nn.Linear(6, 3, bias=False))
+
+
+#: Every optimizer class of torch.optim, with non-default hyperparameters per group.
+OPTIMIZERS = {
+    "SGD": ({"lr": 0.05, "momentum": 0.8, "dampening": 0.1, "weight_decay": 1e-3}, {"lr": 0.2}),
+    "Adam": ({"lr": 2e-3, "betas": (0.8, 0.95), "amsgrad": True}, {"weight_decay": 0.1}),
+    "AdamW": ({"lr": 2e-3, "weight_decay": 0.05, "eps": 1e-6}, {"betas": (0.7, 0.9)}),
+    "RMSprop": ({"lr": 3e-3, "alpha": 0.9, "centered": True, "momentum": 0.5}, {"eps": 1e-5}),
+    "Adagrad": ({"lr": 0.05, "lr_decay": 1e-3, "initial_accumulator_value": 0.1}, {"lr": 0.3}),
+    "Adadelta": ({"lr": 0.5, "rho": 0.8}, {"weight_decay": 0.01}),
+    "Adamax": ({"lr": 4e-3, "betas": (0.85, 0.99)}, {"eps": 1e-6}),
+    "NAdam": ({"lr": 4e-3, "momentum_decay": 3e-3, "decoupled_weight_decay": True}, {"lr": 1e-2}),
+    "RAdam": ({"lr": 4e-3, "decoupled_weight_decay": True, "weight_decay": 0.1}, {"lr": 1e-2}),
+    "ASGD": ({"lr": 0.02, "lambd": 1e-3, "alpha": 0.7, "t0": 10.0}, {"lr": 0.05}),
+    "Rprop": ({"lr": 0.02, "etas": (0.4, 1.3), "step_sizes": (1e-5, 10.0)}, {"lr": 0.05}),
+    "LBFGS": ({"lr": 0.5, "max_iter": 3, "history_size": 7}, None),  # one group only
+    "SparseAdam": ({"lr": 2e-3, "betas": (0.8, 0.9)}, {"lr": 4e-3}),
+    "Adafactor": ({"lr": 0.02, "beta2_decay": -0.7, "d": 2.0}, {"weight_decay": 0.1}),
+    "Muon": ({"lr": 0.02, "momentum": 0.9, "ns_steps": 3, "nesterov": False}, {"lr": 0.05}),
+}
+
+
+def test_every_torch_optim_optimizer_is_listed():
+    classes = {
+        name
+        for name, value in vars(torch.optim).items()
+        if isinstance(value, type)
+        and issubclass(value, torch.optim.Optimizer)
+        and value is not torch.optim.Optimizer
+    }
+    assert classes <= set(OPTIMIZERS)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_every_optimizer_is_rebuilt_with_each_group_and_its_state(name):
+    """Regression: AdamW raised TypeError (decoupled_weight_decay is not a constructor argument)."""
+    cls = getattr(torch.optim, name, None)
+    if cls is None:
+        pytest.skip(f"torch.optim.{name} is not in this torch")
+    net = _mlp()
+    first, second = OPTIMIZERS[name]
+    if second is None:
+        optimizer = cls(net.parameters(), **first)
+    else:
+        optimizer = cls(
+            [{"params": net[0].parameters()}, {"params": net[2].parameters(), **second}], **first
+        )
+    if name != "SparseAdam":  # it needs sparse gradients; the rebuild is what is tested
+        def closure():
+            optimizer.zero_grad()
+            loss = net(torch.randn(5, 4)).square().mean()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    transform = TransformToBNN(net, optimizer=optimizer)
+    bnn = transform.transform_to_bnn_model()
+    new = transform.optimizer
+    assert type(new) is cls and len(new.param_groups) == len(optimizer.param_groups)
+    for old_group, new_group in zip(optimizer.param_groups, new.param_groups):
+        assert {k: v for k, v in old_group.items() if k != "params"} == {
+            k: v for k, v in new_group.items() if k != "params"
+        }
+        assert len(new_group["params"]) == 2 * len(old_group["params"])
+    assert {id(p) for g in new.param_groups for p in g["params"]} == {
+        id(p) for p in bnn.parameters()
+    }
+    old_state = optimizer.state[net[0].weight]
+    new_state = new.state[bnn[0].weight_mu]
+    if name == "LBFGS" or not old_state:
+        assert not new_state  # LBFGS: one state for all parameters together, reset
+    else:
+        assert old_state.keys() == new_state.keys()
+        for key, value in old_state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(new_state[key])), key
+    rho_state = new.state[bnn[0].weight_rho]  # fresh (Adagrad fills it in its constructor)
+    assert float(rho_state.get("step", 0)) == 0
+    if name != "SparseAdam":
+        new.step(lambda: bnn(torch.randn(5, 4)).square().mean().backward() or torch.tensor(0.0))
+
+
+def test_an_attached_lr_scheduler_is_warned_about():
+    net = _mlp()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
+    transform = TransformToBNN(net, optimizer=optimizer)
+    with pytest.warns(UserWarning, match="LR scheduler is attached.*create the scheduler again"):
+        transform.transform_to_bnn_model()
+    rebuilt = torch.optim.lr_scheduler.StepLR(
+        transform.optimizer, step_size=2, last_epoch=scheduler.last_epoch
+    )
+    assert rebuilt.get_last_lr() == scheduler.get_last_lr()

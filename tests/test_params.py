@@ -234,3 +234,42 @@ def test_parameter_level_layers_use_reparam_and_say_so():
     with pytest.warns(dnn2bnn.ConversionWarning, match="1: LSTM has parameter-level"):
         converted = dnn2bnn.transform_to_bnn_model(dnn, layer_types=[nn.Linear, nn.LSTM], estimator="flipout")
     assert converted[0].estimator.value == "flipout" and converted[1].estimator.value == "reparam"
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Embedding(6, 3, padding_idx=2),
+    lambda: nn.EmbeddingBag(6, 3, mode="sum", padding_idx=2),
+], ids=["Embedding", "EmbeddingBag"])
+def test_embedding_padding_row_is_deterministic_without_kl_or_gradient(make):
+    """Issue 14 item 6: the padding row stays exactly zero, has no KL and no gradient."""
+    torch.manual_seed(0)
+    dnn = make()
+    bnn = opt_in_mapping()[type(dnn)].from_dnn(dnn, posterior_sigma_init=0.3, prior_sigma=0.5)
+    tokens = torch.tensor([[2, 1, 2], [2, 2, 2]])
+    out = bnn(tokens)
+    if isinstance(bnn, nn.Embedding):
+        assert out[:, [0, 2]].abs().max() == 0 and out[1].abs().max() == 0
+    else:
+        assert out[1].abs().max() == 0  # a bag of padding tokens only
+    (out.pow(2).sum() + bnn.kl()).backward()
+    assert bnn.weight_rho.grad[2].abs().max() == 0
+    assert bnn.weight_mu.grad[2].abs().max() == 0
+    keep = [0, 1, 3, 4, 5]
+    mu, sigma = bnn.weight_mu.detach()[keep], F.softplus(bnn.weight_rho.detach()[keep])
+    expected = kl_divergence(Normal(mu, sigma), Normal(torch.tensor(0.0), torch.tensor(0.5))).sum()
+    torch.testing.assert_close(bnn.kl(), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(dnn2bnn.kl_divergence(bnn), expected)
+    with set_mode(bnn, "mean"):
+        torch.testing.assert_close(bnn(tokens), dnn(tokens))
+
+
+def test_embedding_max_norm_trains():
+    """Issue 14 item 6: ``max_norm`` renormalises the call's sample and backward works."""
+    torch.manual_seed(0)
+    dnn = nn.Embedding(6, 3, max_norm=0.5)
+    bnn = opt_in_mapping()[nn.Embedding].from_dnn(dnn, posterior_sigma_init=0.3)
+    out = bnn(torch.tensor([1, 3, 1]))
+    assert out.norm(dim=1).max() <= 0.5 + 1e-6
+    (out.sum() + bnn.kl()).backward()
+    assert bnn.weight_rho.grad[1].abs().sum() > 0

@@ -3,6 +3,7 @@
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -243,6 +244,83 @@ class Encoder(nn.Module):
         return self.head(self.encoder(self.proj(x)))
 
 
+class CausalEncoder(nn.Module):
+    """A batch-first causal (GPT-like) encoder: the mask ``[T, T]`` comes from the input's
+    length and crosses into the stochastic part without a batch dim (D2-5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        return self.head(self.layer(self.proj(x), src_mask=mask, is_causal=True))
+
+
+class CausalAttention(nn.Module):
+    """Hand-written causal attention: the mask meets Bayesian scores in ``masked_fill``."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+        self.k = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        future = nn.Transformer.generate_square_subsequent_mask(x.shape[1]).isinf()
+        scores = (self.q(x) @ self.k(x).transpose(1, 2)).masked_fill(future, float("-inf"))
+        return self.head(scores.softmax(-1) @ x)
+
+
+class WholeBatchScale(nn.Module):
+    """A statistic of the whole batch computed before the first Bayesian layer: the loop and
+    the folded pass both use its value on the real batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.proj(x)) / x.std())
+
+
+class AlwaysOnDropout(nn.Module):
+    """MC dropout written into forward: random, so the row probe cannot judge it."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(F.dropout(torch.relu(self.proj(x)), 0.5, training=True))
+
+
+def test_a_random_operation_is_named_as_random_not_as_mixing_rows():
+    # D2-9: the warning blamed "a sequence-first layout, attention, a recurrence ..." for dropout.
+    bnn = dnn2bnn.transform_to_bnn_model(AlwaysOnDropout())
+    with pytest.warns(PredictionWarning, match="node dropout .* gives another result each time it runs"):
+        assert dnn2bnn.predict(bnn, torch.randn(4, 8), 4).method == "loop"
+    # in-place operations (add_, ReLU(inplace=True)) are run again on copies: still vectorized
+    resnet = dnn2bnn.transform_to_bnn_model(Residual())
+    assert dnn2bnn.predict(resnet, torch.randn(4, 8), 4).method == "vectorized"
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        out = self.fc(x).add_(x)  # in place (fx records `out += x` as an out-of-place add)
+        return self.head(self.relu(out))
+
+
 FAMILIES = {
     # name: (build, conversion options, input, expected method of "auto")
     "mlp": (lambda: mlp((10, 16, 16, 3)), {}, (6, 10), "vectorized"),
@@ -257,6 +335,10 @@ FAMILIES = {
     # the encoder is deterministic: it runs on the folded batch and mixes dim 0 (time)
     "encoder-seq-first-deterministic": (lambda: Encoder(False), {"exclude": "encoder.*"}, (5, 3, 8), "loop"),
     "encoder-batch-first-deterministic": (lambda: Encoder(True), {"exclude": "encoder.*"}, (3, 5, 8), "vectorized"),
+    # values of the input that are not per row: passed whole to the folded part (D2-5)
+    "causal-encoder": (CausalEncoder, {}, (3, 5, 8), "vectorized"),
+    "causal-attention-len-3": (CausalAttention, {}, (4, 3, 8), "vectorized"),  # T = the probe's 3 rows
+    "whole-batch-statistic": (WholeBatchScale, {}, (4, 8), "vectorized"),
 }
 
 
@@ -367,6 +449,31 @@ def test_the_plan_is_traced_once_per_model_structure():
     del bnn, first, changed, hooked, replaced
     gc.collect()
     assert ref() is None  # the cache does not keep the model alive
+
+
+class _SoftmaxOverDimMinus2(nn.Module):
+    """Row-wise for [B, T, D] inputs (softmax over T), mixing rows for [B, D] (over B)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.fc(x).softmax(dim=-2))
+
+
+def test_the_plan_cache_is_keyed_on_the_input_rank():
+    # D2-1: a probe that passed for [B, T, D] was reused for [B, D], where the same softmax
+    # mixes the folded rows: vectorized, silently different from the loop.
+    bnn = dnn2bnn.transform_to_bnn_model(_SoftmaxOverDimMinus2(), posterior_sigma_init=0.3)
+    assert dnn2bnn.predict(bnn, torch.randn(6, 5, 4), 4, class_dim=-1).method == "vectorized"
+    with pytest.warns(PredictionWarning, match="node softmax"):
+        result = dnn2bnn.predict(bnn, torch.randn(6, 4), 4)
+    assert result.method == "loop"
+    inputs = ModelInputs.of(torch.randn(2, 5, 4))
+    assert cached_plan(bnn, inputs) is cached_plan(bnn, ModelInputs.of(torch.randn(3, 7, 4)))
+    assert cached_plan(bnn, inputs) is not cached_plan(bnn, ModelInputs.of(torch.randn(2, 5, 4).double()))
 
 
 def test_mean_mode_layers_are_deterministic():
@@ -520,6 +627,11 @@ def test_regression_with_log_variance_head():
         ({"class_dim": 2}, ValueError, "out of range"),
         ({"class_dim": 1.0}, TypeError, "class_dim must be an int"),
         ({"output_fn": 3}, TypeError, "output_fn must be callable"),
+        ({"num_samples": True}, ValueError, "num_samples must be a positive int, got bool"),
+        ({"num_samples": 2.0}, ValueError, "num_samples must be a positive int, got float"),
+        ({"inputs": torch.randn(0, 20)}, ValueError, "has 0 rows"),  # D2-4: not torch's var() warning
+        # D2-10: one example without its batch dim was told to use task='binary'
+        ({"inputs": torch.randn(20)}, ValueError, r"returned shape \(5,\) for a batch of 20 inputs.*unsqueeze\(0\)"),
     ],
 )
 def test_mistakes_raise(kwargs, error, match):
@@ -527,6 +639,86 @@ def test_mistakes_raise(kwargs, error, match):
     args = {"inputs": torch.randn(2, 20), "num_samples": 2, **kwargs}
     with pytest.raises(error, match=match):
         dnn2bnn.predict(bnn, args.pop("inputs"), args.pop("num_samples"), **args)
+
+
+def test_numpy_and_0d_tensor_sample_counts_are_accepted():
+    # D2-4: np.int64(4) (a count from numpy arithmetic) was refused, unlike torch's own APIs.
+    bnn = dnn2bnn.transform_to_bnn_model(mlp())
+    x = torch.randn(5, 20)
+    assert dnn2bnn.predict(bnn, x, np.int64(3), batch_size=np.int64(2)).num_samples == 3
+    assert dnn2bnn.predict(bnn, x, torch.tensor(3)).num_samples == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_results_keep_float64_and_widen_half_precision(dtype):
+    # D2-3: a float64 model's probabilities were rounded to float32 (errors ~1e-8 instead of ~1e-16).
+    dnn = mlp((6, 8, 3)).to(dtype)
+    x = torch.randn(4, 6, dtype=dtype)
+    bnn = dnn2bnn.transform_to_bnn_model(dnn, posterior_sigma_init=1e-6)
+    with torch.no_grad():
+        for name, p in bnn.named_parameters():
+            if name.endswith("rho"):
+                p.fill_(-40.0)  # collapsed posterior: every sample is the DNN
+        expected = dnn(x).double().softmax(1)
+    wide = torch.promote_types(dtype, torch.float32)
+    for method in ("auto", "loop"):
+        pred = dnn2bnn.predict(bnn, x, 3, method=method, return_samples=True)
+        assert pred.probs.dtype == pred.samples.dtype == pred.mutual_information.dtype == wide
+        tol = 1e-12 if dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(pred.samples.double(), expected.expand(3, -1, -1), rtol=0, atol=tol)
+    regression = dnn2bnn.predict(bnn, x, 3, task="regression")
+    assert regression.mean.dtype == regression.variance.dtype == wide
+
+
+@pytest.mark.parametrize(
+    "x, error, match",
+    [
+        (torch.randn(3, 5), RuntimeError, "cannot be multiplied"),  # wrong feature size
+        (torch.ones(3, 20, dtype=torch.long), RuntimeError, "dtype"),
+    ],
+)
+def test_inputs_the_model_rejects_raise_its_error_without_a_fallback_warning(x, error, match):
+    # D2-6: a PredictionWarning "the folded batch failed (... While executing %_0 ...)" came
+    # first, as if vectorizing were the problem; then the loop raised the same error.
+    bnn = dnn2bnn.transform_to_bnn_model(mlp())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(error, match=match):
+            dnn2bnn.predict(bnn, x, 4)
+    assert not [w for w in caught if issubclass(w.category, PredictionWarning)]
+
+
+def test_compiled_and_data_parallel_models_are_vectorized_through_the_module_inside():
+    # D2-6: torch.compile(bnn) fell back to the loop ("OptimizedModule.forward takes
+    # *args/**kwargs"); the folded pass now traces bnn itself (nothing is compiled here).
+    dnn = mlp((6, 8, 3))
+    bnn = dnn2bnn.transform_to_bnn_model(dnn, posterior_sigma_init=0.1)
+    compiled = torch.compile(bnn)
+    x = torch.randn(5, 6)
+    pred = dnn2bnn.predict(compiled, x, 4, return_samples=True)
+    assert pred.method == "vectorized"
+    with torch.no_grad():
+        for name, p in bnn.named_parameters():
+            if name.endswith("rho"):
+                p.fill_(-40.0)
+        expected = dnn(x).softmax(1)
+    collapsed = dnn2bnn.predict(compiled, x, 3, return_samples=True)
+    torch.testing.assert_close(collapsed.samples, expected.expand(3, -1, -1))
+    parallel = dnn2bnn.predict(nn.DataParallel(bnn), x, 3, return_samples=True)  # the same for .module
+    assert parallel.method == "vectorized"
+    torch.testing.assert_close(parallel.samples, expected.expand(3, -1, -1))
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_batches_of_different_lengths_are_refused_clearly(task):
+    # D2-8: a loader padding each batch to its own length (per-token outputs [N, T, C]) ran
+    # every batch, then failed in torch.cat ("Sizes of tensors must match except in dim 0").
+    bnn = dnn2bnn.transform_to_bnn_model(CausalEncoder())
+    loader = [torch.randn(3, 4, 8), torch.randn(2, 7, 8)]
+    options = {"class_dim": -1} if task == "classification" else {}
+    with pytest.raises(ValueError, match=r"batch 1 gives results of shape \(2, 7, 2\) .*padding='max_length'"):
+        dnn2bnn.predict(bnn, loader, 2, task=task, **options)
+    assert dnn2bnn.predict(bnn, loader[:1] * 2, 2, task=task, **options).method == "vectorized"
 
 
 # ---------------------------------------------------------------- output conventions (issue 14 item 10)

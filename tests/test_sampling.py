@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+import dnn2bnn
 from dnn2bnn import BayesLinear, EmpiricalPrior, NormalPrior
-from dnn2bnn.layers._sampling import GaussianSample, GaussianSampleTransformable, NormalKL, cached_sigma
+from dnn2bnn.layers._base import softplus_inverse
+from dnn2bnn.layers._sampling import GaussianSample, GaussianSampleTransformable, NormalKL, posterior_std
 from dnn2bnn.priors import kl_normal
+
+EXP = pytest.mark.parametrize("exp", [False, True], ids=["softplus", "exp"])
+
+
+def _sigma(rho, exp):
+    return torch.exp(rho) if exp else torch.nn.functional.softplus(rho)
 
 
 def _params():
@@ -16,30 +26,33 @@ def _params():
     return mu, rho
 
 
+@EXP
 @pytest.mark.parametrize("function", [GaussianSample, GaussianSampleTransformable], ids=lambda f: f.__name__)
-def test_sample_gradient_equals_autograd_of_the_formula(function):
+def test_sample_gradient_equals_autograd_of_the_formula(function, exp):
     mu, rho = _params()
-    sigma = torch.nn.functional.softplus(rho).detach()
+    sigma = _sigma(rho, exp).detach()
     torch.manual_seed(3)
-    weight = function.apply(mu, rho, sigma)
+    weight = function.apply(mu, rho, sigma, exp)
+    weight = weight[0] if isinstance(weight, tuple) else weight
     torch.manual_seed(3)
     eps = torch.randn_like(mu)
     g = torch.randn_like(weight)
     grads = torch.autograd.grad(weight, (mu, rho), g)
-    reference = mu + torch.nn.functional.softplus(rho) * eps
+    reference = mu + _sigma(rho, exp) * eps
     torch.testing.assert_close(weight, reference)
     for got, want in zip(grads, torch.autograd.grad(reference, (mu, rho), g)):
         torch.testing.assert_close(got, want)
 
 
+@EXP
 @pytest.mark.parametrize("prior_mu", [0.0, 0.3, "tensor"])
-def test_fused_normal_kl_value_and_gradient_equal_the_reference(prior_mu):
+def test_fused_normal_kl_value_and_gradient_equal_the_reference(prior_mu, exp):
     mu, rho = _params()
     pm = torch.randn(7, 5, dtype=torch.float64) if prior_mu == "tensor" else torch.tensor(prior_mu, dtype=torch.float64)
     ps = torch.tensor(0.4, dtype=torch.float64)
-    sigma = torch.nn.functional.softplus(rho).detach()
-    fused = NormalKL.apply(mu, rho, sigma, pm, 0.4)
-    reference = kl_normal(mu, torch.nn.functional.softplus(rho), pm, ps)
+    sigma = _sigma(rho, exp).detach()
+    fused = NormalKL.apply(mu, rho, sigma, pm, 0.4, None, exp)
+    reference = kl_normal(mu, _sigma(rho, exp), pm, ps)
     torch.testing.assert_close(fused, reference)
     for got, want in zip(torch.autograd.grad(3 * fused, (mu, rho)), torch.autograd.grad(3 * reference, (mu, rho))):
         torch.testing.assert_close(got, want)
@@ -61,35 +74,60 @@ def test_layer_kl_gradient_equals_the_unfused_reference(prior):
         torch.testing.assert_close(g, p.grad)
 
 
-def test_sigma_cache_follows_every_change_of_rho():
-    layer = BayesLinear(4, 2, posterior_sigma_init=0.1)
-    optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
-    layer(torch.ones(3, 4)).sum().backward()
-    optimizer.step()  # in-place update of rho
-    torch.testing.assert_close(layer._sigma("weight", layer.weight_rho), layer.posterior_sigma().detach())
-    state = {k: v.clone() for k, v in layer.state_dict().items()}
-    state["weight_rho"].fill_(-1.0)
-    layer.load_state_dict(state)
-    torch.testing.assert_close(layer._sigma("weight", layer.weight_rho), layer.posterior_sigma().detach())
-    cache = {}
-    rho = torch.zeros(3)
-    first = cached_sigma(cache, "w", rho)
-    assert cached_sigma(cache, "w", rho) is first
-    rho.add_(1.0)
-    torch.testing.assert_close(cached_sigma(cache, "w", rho), torch.nn.functional.softplus(rho))
-
-
-def test_sigma_is_recomputed_in_training_and_after_inference_mode():
-    layer = BayesLinear(4, 2, posterior_sigma_init=0.1)
-    with torch.inference_mode():
-        layer(torch.ones(1, 4))  # caches an inference tensor
-    layer(torch.ones(1, 4)).sum().backward()  # must not save the inference tensor
-    assert layer.weight_rho.grad is not None
+@pytest.mark.parametrize("parametrization", ["softplus", "exp"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "training"])
+def test_no_value_computed_from_rho_outlives_a_data_write(grad, parametrization):
+    """Issue 14 item 11: after ``rho.data.fill_`` samples and the KL use the new sigma."""
+    torch.manual_seed(0)
+    layer = BayesLinear(50, 50, posterior_sigma_init=1e-3, parametrization=parametrization)
+    x = torch.randn(4, 50)
+    with torch.set_grad_enabled(grad):
+        layer(x)  # a forward that computed sigma (and, in training, the KL's)
+    if grad:
+        layer.kl()  # the step's KL takes (and drops) what the forward left for it
+    layer.weight_rho.data.fill_(0.0)  # invisible to the version counter
+    layer.eval()
     with torch.no_grad():
-        layer(torch.ones(1, 4))
-    layer.weight_rho.data.fill_(-2.0)  # invisible to the version counter ...
-    layer(torch.ones(1, 4))  # ... but a training forward recomputes
-    torch.testing.assert_close(layer._sigma("weight", layer.weight_rho), layer.posterior_sigma().detach())
+        draws = torch.stack([layer.weight - layer.weight_mu for _ in range(20)])
+    expected = posterior_std(torch.zeros(()), parametrization == "exp").item()
+    assert abs(draws.std().item() - expected) < 0.05 * expected
+    reference = sum(
+        kl_normal(getattr(layer, n + "_mu"), layer.posterior_sigma(n), torch.tensor(0.0), torch.tensor(1.0))
+        for n in ("weight", "bias")
+    )
+    torch.testing.assert_close(layer.kl(), reference)
+    with torch.no_grad():
+        torch.testing.assert_close(dnn2bnn.kl_divergence(layer), reference)
+
+
+def test_prior_buffer_data_writes_reach_the_kl():
+    layer = BayesLinear(5, 3, prior_sigma=1.0)
+    before = layer.kl().item()
+    layer.weight_prior_sigma.data.fill_(0.1)
+    after = layer.kl()
+    reference = kl_normal(layer.weight_mu, layer.posterior_sigma(), torch.tensor(0.0), torch.tensor(0.1)) + kl_normal(
+        layer.bias_mu, layer.posterior_sigma("bias"), torch.tensor(0.0), torch.tensor(1.0))
+    assert after.item() != before
+    torch.testing.assert_close(after, reference)
+
+
+@EXP
+def test_rho_gradient_is_exact_for_tiny_sigma_in_float32(exp):
+    """Issue 14 item 13: sigma 1e-8 in float32, where ``mu + sigma * eps`` rounds to ``mu``."""
+    torch.manual_seed(0)
+    mu = torch.randn(64, 32, requires_grad=True)
+    rho0 = torch.full((64, 32), math.log(1e-8) if exp else softplus_inverse(1e-8))
+    rho = rho0.clone().requires_grad_()
+    g = torch.randn(64, 32)
+    torch.manual_seed(5)
+    weight = GaussianSample.apply(mu, rho, _sigma(rho, exp).detach(), exp)
+    (grad_rho,) = torch.autograd.grad(weight, (rho,), g)
+    torch.manual_seed(5)
+    eps = torch.randn(64, 32)
+    rho_ref = rho0.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(mu.detach() + _sigma(rho_ref, exp) * eps, (rho_ref,), g)
+    assert expected.abs().min() > 0
+    torch.testing.assert_close(grad_rho, expected, rtol=1e-5, atol=0)
 
 
 def test_per_example_gradients_with_vmap_use_the_transformable_sample():
@@ -105,21 +143,22 @@ def test_per_example_gradients_with_vmap_use_the_transformable_sample():
     assert grads["weight_rho"].shape == (4, 2, 3) and torch.isfinite(grads["weight_rho"]).all()
 
 
+@EXP
 @pytest.mark.parametrize("uses", ["both", "weight only", "kl only"])
 @pytest.mark.parametrize("prior_mu", [0.0, "zero as None", "tensor"])
-def test_sample_and_kl_in_one_node_equal_autograd_of_the_formulas(uses, prior_mu):
+def test_sample_and_kl_in_one_node_equal_autograd_of_the_formulas(uses, prior_mu, exp):
     """GaussianSampleKL: the weight sample and its KL from one node, gradients combined."""
     from dnn2bnn.layers._sampling import GaussianSampleKL
 
     mu, rho = _params()
-    sigma = torch.nn.functional.softplus(rho).detach()
+    sigma = _sigma(rho, exp).detach()
     pm = torch.randn(7, 5, dtype=torch.float64) if prior_mu == "tensor" else torch.tensor(0.0, dtype=torch.float64)
     torch.manual_seed(3)
-    weight, kl = GaussianSampleKL.apply(mu, rho, sigma, None if prior_mu == "zero as None" else pm, 0.7, None)
+    weight, kl = GaussianSampleKL.apply(mu, rho, sigma, None if prior_mu == "zero as None" else pm, 0.7, None, exp)
     torch.manual_seed(3)
     eps = torch.randn_like(mu)
-    reference_w = mu + torch.nn.functional.softplus(rho) * eps
-    reference_kl = kl_normal(mu, torch.nn.functional.softplus(rho), pm, torch.tensor(0.7, dtype=torch.float64))
+    reference_w = mu + _sigma(rho, exp) * eps
+    reference_kl = kl_normal(mu, _sigma(rho, exp), pm, torch.tensor(0.7, dtype=torch.float64))
     torch.testing.assert_close(weight, reference_w)
     torch.testing.assert_close(kl, reference_kl)
     g = torch.randn_like(weight)

@@ -11,16 +11,21 @@ import torch
 from torch import Tensor, nn
 
 from dnn2bnn._version import __version__
-from dnn2bnn.checkpoint._arch import _import, build_arch, spec_of
 from dnn2bnn.checkpoint._codec import decode, encode
 from dnn2bnn.checkpoint._export import export_args_of, export_module, rebuild_bnn
 from dnn2bnn.checkpoint._files import WRITABLE_SUFFIXES, atomic_write, check_output, suffix_of
 from dnn2bnn.checkpoint._read import METADATA_KEY, match_state, read_checkpoint
-from dnn2bnn.conversion import transform_to_bnn_layer, transform_to_bnn_model
+from dnn2bnn.checkpoint._rebuild import (  # replay_calls: imported from here by integrations
+    check_rebuild,
+    infer_arch,
+    layer_states,
+    rebuild,
+    replay_calls,
+)
 from dnn2bnn.errors import CheckpointError, ConversionWarning
 from dnn2bnn.layers import BayesianLayer
 
-__all__ = ["FORMAT_VERSION", "bnn_metadata", "load_bnn", "save_bnn", "write_state"]
+__all__ = ["FORMAT_VERSION", "bnn_metadata", "load_bnn", "replay_calls", "save_bnn", "write_state"]
 
 #: Version of the metadata layout; a file with a higher version is refused.
 FORMAT_VERSION = 1
@@ -46,14 +51,23 @@ def save_bnn(
     ``torch.export.load(path).module()`` and no dnn2bnn installed. The file is written to a
     temporary name and renamed, so a failure leaves nothing behind.
 
+    What it writes, :func:`load_bnn` reads: before writing, the model is rebuilt on the meta
+    device from what is recorded and compared with ``model`` (module tree, state_dict keys,
+    shapes and dtypes, layer settings); a difference raises :class:`CheckpointError` naming
+    ``arch=`` and nothing is written. Each Bayesian layer's estimator, mode, prior and
+    parametrization are recorded too.
+
     Args:
         model: a model converted by :func:`dnn2bnn.transform_to_bnn_model` (or one whose
             architecture builds Bayesian layers itself).
         path: ``.safetensors``, ``.pt`` or ``.pt2`` file; an existing file is refused unless
             ``force=True``.
         arch: how to rebuild the deterministic model: ``"torchvision:resnet18"``,
-            ``"timm:NAME"`` or ``"package.module:callable"``. Default: the architecture a
-            model returned by :func:`load_bnn` was built from, else the model's own class
+            ``"timm:NAME"``, ``"transformers:NAME"`` or ``"package.module:callable"`` (an
+            ``nn.Module`` class or a function annotated to return one). Default: the
+            architecture a model returned by :func:`load_bnn` was built from; else, without
+            ``arch_kwargs``, a Hugging Face model's class and config, or the recorded tree of
+            a ``torch.nn`` container/layer model; else the model's class before conversion
             called with ``arch_kwargs``.
         arch_kwargs: keyword arguments of the architecture call (JSON-serialisable).
         example_inputs: for ``.pt2``: a tensor or tuple of positional inputs to export with
@@ -83,22 +97,44 @@ def save_bnn(
             "architecture to record; save it as .pt2"
         )
     remembered = model.__dict__.get(ARCH_ATTR)
-    own_arch = getattr(model, "dnn2bnn_arch_spec", None)  # converted Hugging Face models
-    if arch is None and own_arch is not None:
-        arch, arch_kwargs = own_arch()
-    elif arch is None and remembered is not None:
+    if arch is None and arch_kwargs is None and remembered is not None:
         arch, arch_kwargs = remembered["spec"], remembered["kwargs"]
+    if arch is None and suffix != ".pt2":
+        arch, arch_kwargs = infer_arch(model, arch_kwargs)
+    metadata = bnn_metadata(model, arch=arch, arch_kwargs=arch_kwargs)
     if suffix == ".pt2":
-        spec = arch
+        atomic_write(path, lambda tmp: _export_checked(model, tmp, metadata, example_inputs))
     else:
-        spec = arch if arch is not None else spec_of(model)
-    metadata = bnn_metadata(model, arch=spec, arch_kwargs=arch_kwargs)
-    if suffix == ".pt2":
-        atomic_write(path, lambda tmp: export_module(model, tmp, metadata, example_inputs))
-    else:
+        check_rebuild(model, metadata, where=str(path))  # what save writes, load reads
         state = model.state_dict()
         atomic_write(path, lambda tmp: write_state(tmp, state, metadata))
     return path
+
+
+def _export_checked(
+    model: nn.Module, tmp: Path, metadata: dict[str, Any], example_inputs: Any
+) -> None:
+    """Export to ``tmp``, then rebuild the BNN from it as load_bnn will (before the rename)."""
+    export_module(model, tmp, metadata, example_inputs)
+    if not any(isinstance(m, BayesianLayer) for m in model.modules()):
+        return
+    try:
+        rebuilt = load_bnn(tmp)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"the exported archive could not be read back, so it was not written: {exc}"
+        ) from exc
+    def posterior(m: nn.Module) -> dict[str, tuple[int, ...]]:
+        return {
+            n: tuple(t.shape) for n, t in m.state_dict().items() if n.endswith(("_mu", "_rho"))
+        }
+
+    if posterior(model) != posterior(rebuilt):
+        lost = sorted(set(posterior(model)) - set(posterior(rebuilt)))[:5]
+        raise CheckpointError(
+            "the exported archive rebuilds a BNN with other posterior parameters (e.g. missing "
+            f"{lost}), so it was not written"
+        )
 
 
 def load_bnn(path: str | Path) -> nn.Module:
@@ -110,9 +146,13 @@ def load_bnn(path: str | Path) -> nn.Module:
     ``torch.fx.GraphModule`` whose linear/conv calls are Bayesian layers again).
     Conversion warnings were shown when the model was converted and are not repeated.
 
+    Nothing in the file is run: pickles are refused, and the metadata may only name
+    ``nn.Module`` classes, functions annotated to return one, and dataclasses.
+
     Raises:
         CheckpointError: the file is missing, corrupt, not a BNN checkpoint, from a newer
-            format, or does not fit the rebuilt architecture.
+            format, names something else to call, or does not fit the rebuilt architecture
+            (keys, shapes or dtypes).
 
     Example: see :func:`save_bnn`.
     """
@@ -124,66 +164,41 @@ def load_bnn(path: str | Path) -> nn.Module:
             f"{path} is not a dnn2bnn BNN checkpoint (it has no dnn2bnn metadata); convert it "
             "with `dnn2bnn convert` or save the BNN with dnn2bnn.save_bnn"
         )
-    if int(metadata["format_version"]) > FORMAT_VERSION:
+    if metadata["format_version"] > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format version {metadata['format_version']} (written by dnn2bnn "
             f"{metadata.get('dnn2bnn_version')}); this dnn2bnn {__version__} reads up to "
             f"{FORMAT_VERSION}: upgrade dnn2bnn"
         )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConversionWarning)
-            if checkpoint.program is not None:
+    if checkpoint.program is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConversionWarning)
                 return rebuild_bnn(checkpoint.program, metadata)
-            arch = metadata.get("arch")
-            if not arch or not arch.get("spec"):
-                raise CheckpointError(f"{path}: no architecture recorded in its metadata")
-            model = build_arch(arch["spec"], arch.get("kwargs") or {})
-            model = replay_calls(model, metadata.get("calls", []))
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, CheckpointError):
+        except CheckpointError:
             raise
-        raise CheckpointError(f"{path}: replaying the recorded conversion failed: {exc}") from exc
-    converted = sorted(n for n, m in model.named_modules() if isinstance(m, BayesianLayer))
-    recorded = sorted(metadata.get("converted", []))
-    if converted != recorded:
-        extra, lost = sorted(set(converted) - set(recorded)), sorted(set(recorded) - set(converted))
-        raise CheckpointError(
-            f"{path}: the rebuilt model's Bayesian layers differ from the recorded ones "
-            f"(not recorded: {extra[:5]}, not rebuilt: {lost[:5]})"
-        )
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise CheckpointError(
+                f"{path}: replaying the recorded conversion failed: {exc}"
+            ) from exc
+    model = rebuild(metadata, where=str(path))
+    arch = metadata["arch"]
     target = f"the BNN rebuilt from {arch['spec']}"
-    model.load_state_dict(
-        match_state(model, checkpoint.state or {}, source=str(path), target=target)
-    )
+    state = match_state(model, checkpoint.state or {}, source=str(path), target=target)
+    expected = model.state_dict()
+    dtypes = [
+        f"{key} is {value.dtype} in the file but {expected[key].dtype} in the model"
+        for key, value in state.items()
+        if value.dtype != expected[key].dtype
+    ]
+    if dtypes:  # save_bnn writes the model's own dtypes: the file was changed since
+        raise CheckpointError(f"{path} does not fit {target}: {'; '.join(dtypes[:3])}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # e.g. a tensor whose dtype cannot be copied
+        raise CheckpointError(f"{path}: loading the state_dict failed: {exc}") from exc
     # so that save_bnn(model, ...) records the same architecture again without arch=
-    model.__dict__[ARCH_ATTR] = {"spec": arch["spec"], "kwargs": arch.get("kwargs") or {}}
-    return model
-
-
-def replay_calls(model: nn.Module, calls: list[dict[str, Any]]) -> nn.Module:
-    """Apply recorded conversion calls to ``model`` in place; returns the (new) root."""
-    for call in calls:
-        common = {
-            "include": call.get("include"),
-            "exclude": call.get("exclude"),
-            "strict": call.get("strict", False),
-            "inplace": True,
-            **decode(call.get("options", {})),
-        }
-        if call.get("config") is not None:
-            common["config"] = decode(call["config"])
-        if call["function"] == "transform_to_bnn_model":
-            names = call.get("layer_types")
-            types = None if names is None else [_import(*n.split(":", 1)) for n in names]
-            params = call.get("params")
-            model = transform_to_bnn_model(model, layer_types=types, params=params, **common)
-        elif call["function"] == "transform_to_bnn_layer":
-            dnn_type = _import(*call["dnn_layer_type"].split(":", 1))
-            bnn_type = _import(*call["bnn_layer_type"].split(":", 1))
-            model = transform_to_bnn_layer(model, dnn_type, bnn_type, **common)
-        else:
-            raise CheckpointError(f"unknown recorded conversion function {call['function']!r}")
+    model.__dict__[ARCH_ATTR] = {"spec": arch["spec"], "kwargs": decode(arch.get("kwargs") or {})}
     return model
 
 
@@ -198,14 +213,19 @@ def bnn_metadata(
         "format_version": FORMAT_VERSION,
         "dnn2bnn_version": __version__,
         "torch_version": torch.__version__,
-        "arch": (
-            None
-            if arch is None
-            else {"spec": arch, "kwargs": encode(arch_kwargs or {}, "arch_kwargs")}
-        ),
+        "arch": None if arch is None else _arch_entry(model, arch, arch_kwargs),
         "calls": calls,
         "converted": [n for n, m in model.named_modules() if isinstance(m, BayesianLayer)],
+        "layers": layer_states(model),
     }
+
+
+def _arch_entry(model: nn.Module, spec: str, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    entry = {"spec": spec, "kwargs": encode(kwargs or {}, "arch_kwargs")}
+    dtypes = {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
+    if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.get_default_dtype():
+        entry["dtype"] = str(dtype).removeprefix("torch.")  # a bf16 model: built, then cast
+    return entry
 
 
 def write_state(path: Path, state: dict[str, Tensor], metadata: dict[str, Any] | None) -> None:

@@ -65,22 +65,40 @@ class Checkpoint:
         return self.metadata is not None
 
 
-def read_checkpoint(path: Path | str, *, trust_pickle: bool = False) -> Checkpoint:
+def read_checkpoint(
+    path: Path | str, *, trust_pickle: bool = False, trust_hint: str | None = None
+) -> Checkpoint:
     """Read any supported checkpoint file.
 
+    Args:
+        path: the file.
+        trust_pickle: unpickle a file holding Python objects (e.g. a whole ``nn.Module``).
+        trust_hint: how the caller's user can allow that (``"pass --trust-pickle"``), for
+            the error that refuses such a file; ``None`` where the caller never unpickles.
+
     Raises:
-        CheckpointError: missing, corrupt or truncated file, unsupported extension, no
-            state_dict inside, or a pickled object without ``trust_pickle``.
+        CheckpointError: missing, corrupt or truncated file, a directory, unsupported
+            extension, no state_dict inside, or a pickled object without ``trust_pickle``.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a directory; expected a checkpoint file "
+            f"({', '.join(READABLE_SUFFIXES)})"
+        )
     suffix = suffix_of(path, READABLE_SUFFIXES, "input")
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path}: no such file")
-    if suffix == ".safetensors":
-        return _read_safetensors(path)
-    if suffix == ".pt2":
-        return _read_pt2(path)
-    return _read_torch(path, trust_pickle=trust_pickle)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file")
+    try:
+        if suffix == ".safetensors":
+            return _read_safetensors(path)
+        if suffix == ".pt2":
+            return _read_pt2(path)
+        return _read_torch(path, trust_pickle=trust_pickle, trust_hint=trust_hint)
+    except OSError as exc:  # unreadable: permissions, I/O errors
+        raise CheckpointError(f"{path}: cannot read it ({_line(exc)})") from exc
 
 
 def match_state(
@@ -108,7 +126,9 @@ def match_state(
             if tuple(state[k].shape) != tuple(expected[k].shape)
         ]
         if shapes:
-            problems.append(f"{_count(shapes, 'shape mismatch')}: {'; '.join(shapes[:3])}")
+            problems.append(
+                f"{_count(shapes, 'shape mismatch', 'shape mismatches')}: {'; '.join(shapes[:3])}"
+            )
     if problems:
         raise CheckpointError(f"{source} does not fit {target}: {'; '.join(problems)}")
     return state
@@ -129,7 +149,7 @@ def _read_safetensors(path: Path) -> Checkpoint:
     )
 
 
-def _read_torch(path: Path, *, trust_pickle: bool) -> Checkpoint:
+def _read_torch(path: Path, *, trust_pickle: bool, trust_hint: str | None) -> Checkpoint:
     with open(path, "rb") as handle:
         magic = handle.read(1)
     if not zipfile.is_zipfile(path) and magic != b"\x80":  # torch.save: a zip, or a legacy pickle
@@ -145,8 +165,13 @@ def _read_torch(path: Path, *, trust_pickle: bool) -> Checkpoint:
         if not trust_pickle:
             raise CheckpointError(
                 f"{path} holds pickled Python objects (e.g. a whole nn.Module), and unpickling "
-                "can run arbitrary code, so it was refused; save model.state_dict() instead and "
-                "pass --arch, or pass --trust-pickle if you trust where the file came from"
+                "can run arbitrary code, so it was refused; save model.state_dict() instead"
+                + (
+                    f", or {trust_hint} if you trust where the file came from"
+                    if trust_hint
+                    else " (only `dnn2bnn convert --trust-pickle` unpickles, for a file you "
+                    "trust)"
+                )
             ) from exc
         obj = _load_trusted(path)
     except Exception as exc:
@@ -204,6 +229,24 @@ def _metadata(path: Path, text: str | None) -> dict[str, Any] | None:
         raise CheckpointError(f"{path}: corrupt dnn2bnn metadata ({exc})") from exc
     if not isinstance(metadata, dict) or "format_version" not in metadata:
         raise CheckpointError(f"{path}: dnn2bnn metadata without a format_version")
+    expected = {
+        "format_version": int,
+        "arch": (dict, type(None)),
+        "calls": list,
+        "converted": list,
+        "layers": dict,
+    }
+    for key, types in expected.items():
+        value = metadata.get(key)
+        if key in metadata and (not isinstance(value, types) or isinstance(value, bool)):
+            raise CheckpointError(
+                f"{path}: corrupt dnn2bnn metadata: {key!r} is {type(value).__name__} "
+                f"{str(value)[:60]!r}"
+            )
+    if not all(isinstance(c, dict) for c in metadata.get("calls", [])) or not all(
+        isinstance(n, str) for n in metadata.get("converted", [])
+    ):
+        raise CheckpointError(f"{path}: corrupt dnn2bnn metadata: malformed 'calls' or 'converted'")
     return metadata
 
 
@@ -256,8 +299,8 @@ def _quiet_export_logs() -> Iterator[None]:
         logger.setLevel(previous)
 
 
-def _count(items: list[str], noun: str) -> str:
-    return f"{len(items)} {noun}{'s' if len(items) != 1 else ''}"
+def _count(items: list[str], noun: str, plural: str | None = None) -> str:
+    return f"{len(items)} {noun if len(items) == 1 else plural or noun + 's'}"
 
 
 def _first(items: list[str]) -> str:

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from dnn2bnn.checkpoint._arch import build_arch, spec_of
+from dnn2bnn.checkpoint._arch import build_arch, guess_timm, guess_torchvision
 from dnn2bnn.checkpoint._bnn import save_bnn
 from dnn2bnn.checkpoint._export import lift_program
 from dnn2bnn.checkpoint._files import WRITABLE_SUFFIXES, check_output, suffix_of
 from dnn2bnn.checkpoint._read import match_state, read_checkpoint
+from dnn2bnn.checkpoint._rebuild import infer_arch
+from dnn2bnn.checkpoint._tree import TREE_SPEC
 from dnn2bnn.cli._common import emit, example_inputs, input_shape, json_object, params
 from dnn2bnn.conversion import default_mapping, transform_to_bnn_model
-from dnn2bnn.errors import CheckpointError, ConversionError
+from dnn2bnn.errors import CheckpointError, ConversionError, ConversionWarning
 from dnn2bnn.layers import BayesLinear
 
 __all__ = ["add_parser", "run"]
@@ -122,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
     options = bayes_options(args)
     layer_types = parse_layers(args.layers)
 
-    checkpoint = read_checkpoint(source, trust_pickle=args.trust_pickle)
+    checkpoint = read_checkpoint(
+        source, trust_pickle=args.trust_pickle, trust_hint="pass --trust-pickle"
+    )
     if checkpoint.is_bnn:
         raise CheckpointError(
             f"{source} is already a dnn2bnn BNN checkpoint; see `dnn2bnn inspect` or "
@@ -151,7 +157,9 @@ def run(args: argparse.Namespace) -> int:
             ]
     elif checkpoint.module is not None:
         model = checkpoint.module
-        arch = arch or spec_of(model)
+        if arch is None:
+            arch, arch_kwargs, note = _pickled_arch(model, arch_kwargs)
+            notes.append(note)
         _check_rebuildable(model, arch, arch_kwargs)
     else:
         if arch is None:
@@ -170,14 +178,17 @@ def run(args: argparse.Namespace) -> int:
 
     if checkpoint.program is None:
         model.eval()  # a module rebuilt from a .pt2 keeps the mode it was exported in
-    bnn = transform_to_bnn_model(
-        model,
-        layer_types=layer_types,
-        include=args.include,
-        exclude=args.exclude,
-        inplace=True,
-        **options,
-    )
+    with warnings.catch_warnings():
+        # converting nothing is an error below, with the reasons: not a warning too
+        warnings.filterwarnings("ignore", "dnn2bnn: nothing in .* was converted", ConversionWarning)
+        bnn = transform_to_bnn_model(
+            model,
+            layer_types=layer_types,
+            include=args.include,
+            exclude=args.exclude,
+            inplace=True,
+            **options,
+        )
     if not bnn.conversion_report.converted:
         skipped = "; ".join(f"{s.name}: {s.reason}" for s in bnn.conversion_report.skipped[:3])
         raise ConversionError(
@@ -278,12 +289,31 @@ def _layer_names() -> list[str]:
     return [cls.__name__.lower() for cls in default_mapping()]
 
 
+def _pickled_arch(
+    model: nn.Module, kwargs: dict[str, Any] | None
+) -> tuple[str, dict[str, Any], str]:
+    """How to rebuild a pickled model (spec, kwargs), and a note saying how it was found."""
+    what = f"the pickled {type(model).__name__}"
+    guess = (guess_torchvision(model) or guess_timm(model)) if kwargs is None else None
+    if guess is not None:
+        return guess[0], guess[1], f"architecture of {what} inferred: {guess[0]} {guess[1]}"
+    try:
+        spec, kwargs = infer_arch(model, kwargs)
+    except CheckpointError as exc:
+        raise CheckpointError(f"cannot record how to rebuild {what}: {exc}; pass --arch") from exc
+    if spec == TREE_SPEC:
+        return spec, kwargs, f"{what} is recorded as its tree of torch.nn modules"
+    if "config" in kwargs:
+        return spec, kwargs, f"{what} is recorded as {spec} with its config"
+    return spec, kwargs, f"{what} is recorded as its class {spec}"
+
+
 def _check_rebuildable(model: nn.Module, arch: str, kwargs: dict[str, Any] | None) -> None:
     """A pickled model is only accepted if ``arch`` rebuilds it, so load_bnn can too."""
     try:
-        match_state(
-            build_arch(arch, kwargs), model.state_dict(), source="the pickled model", target=arch
-        )
+        with torch.device("meta"):
+            built = build_arch(arch, kwargs)
+        match_state(built, model.state_dict(), source="the pickled model", target=arch)
     except CheckpointError as exc:
         raise CheckpointError(
             f"cannot record how to rebuild the pickled {type(model).__name__}: {exc}; pass "

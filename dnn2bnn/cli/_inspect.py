@@ -12,7 +12,9 @@ from torch import Tensor, nn
 
 from dnn2bnn.checkpoint._export import lift_program
 from dnn2bnn.checkpoint._read import Checkpoint, read_checkpoint
+from dnn2bnn.checkpoint._tree import TREE_SPEC
 from dnn2bnn.cli._common import emit, params
+from dnn2bnn.errors import CheckpointError
 
 __all__ = ["add_parser", "describe", "run"]
 
@@ -47,7 +49,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def describe(checkpoint: Checkpoint) -> dict[str, Any]:
-    """A JSON-serialisable description of ``checkpoint``."""
+    """A JSON-serialisable description of ``checkpoint``.
+
+    Raises:
+        CheckpointError: the metadata does not have the layout dnn2bnn writes.
+    """
+    try:
+        info = _describe(checkpoint)
+        _text(info)  # what run() prints must be printable too
+    except CheckpointError:
+        raise
+    except (AttributeError, TypeError, KeyError, ValueError, IndexError) as exc:
+        raise CheckpointError(
+            f"{checkpoint.path}: corrupt dnn2bnn metadata ({type(exc).__name__}: {exc})"
+        ) from exc
+    return info
+
+
+def _describe(checkpoint: Checkpoint) -> dict[str, Any]:
     if checkpoint.program is not None:
         state = dict(checkpoint.program.state_dict)
     else:
@@ -120,7 +139,9 @@ def _layer(name: str, state: dict[str, Tensor], estimator: str) -> dict[str, Any
         "weight_shape": list(mu.shape) if mu is not None else None,
         "mean_elements": elements,
         "prior": prior or None,
-        "posterior_sigma_mean": None if rho is None else float(F.softplus(rho.float()).mean()),
+        "posterior_sigma_mean": (
+            None if rho is None else float(F.softplus(rho.detach().float()).mean())
+        ),
         "estimator": estimator,
     }
 
@@ -132,11 +153,7 @@ def _text(info: dict[str, Any]) -> list[str]:
         f"dtypes: {', '.join(info['dtypes'])}",
     ]
     if info["kind"] == "BNN":
-        arch = info.get("arch") or {}
-        spec = arch.get("spec") or "exported graph"
-        lines.append(
-            f"  architecture: {spec}" + (f" {arch['kwargs']}" if arch.get("kwargs") else "")
-        )
+        lines.append(f"  architecture: {_arch_text(info.get('arch') or {})}")
         lines.append(
             f"  written by dnn2bnn {info['dnn2bnn_version']} (format {info['format_version']})"
         )
@@ -175,6 +192,26 @@ def _text(info: dict[str, Any]) -> list[str]:
         )
         lines.append("  convert it with: dnn2bnn convert FILE OUT.safetensors --arch SPEC")
     return lines
+
+
+def _arch_text(arch: dict[str, Any]) -> str:
+    """The recorded architecture in one line (a module tree or a config summarised)."""
+    spec, kwargs = arch.get("spec") or "exported graph", arch.get("kwargs") or {}
+    if spec == TREE_SPEC and isinstance(kwargs, dict):
+        return f"a tree of torch.nn modules ({_count_nodes(kwargs.get('tree'))} modules)"
+    if isinstance(kwargs, dict) and isinstance(kwargs.get("config"), dict):
+        model_type = kwargs["config"].get("model_type", "?")
+        rest = {k: v for k, v in kwargs.items() if k != "config"}
+        return f"{spec} from its config (model_type {model_type!r})" + (f" {rest}" if rest else "")
+    return spec + (f" {kwargs}" if kwargs else "")
+
+
+def _count_nodes(node: Any) -> int:
+    if not isinstance(node, dict):
+        return 0
+    children = node.get("children")
+    inner = children.values() if isinstance(children, dict) else []
+    return 1 + sum(_count_nodes(child) for child in inner)
 
 
 def _short(encoded: Any) -> str:

@@ -35,6 +35,13 @@ def copy_sharing(
             if value is not None and holders[id(value)] == 1:
                 memo[id(value)] = value
     shared = set(memo)
+    for module in model.modules():
+        for value in module._buffers.values():
+            if isinstance(value, nn.parameter.UninitializedBuffer):
+                # torch cannot deep-copy these; a lazy module gets a fresh one, as it had
+                memo[id(value)] = nn.parameter.UninitializedBuffer(
+                    requires_grad=value.requires_grad, device=value.device, dtype=value.dtype
+                )
     return copy.deepcopy(model, memo), shared
 
 

@@ -20,7 +20,7 @@ def install_sample_sharing(model: nn.Module) -> None:
 
 def _open_sample_scope(model: nn.Module, args: Any) -> None:
     for module in model.modules():
-        if isinstance(module, BayesianLayer) and module._share_samples:
+        if isinstance(module, BayesianLayer) and module._share_samples and module._sample_cache is None:
             module._sample_cache = {}
 
 

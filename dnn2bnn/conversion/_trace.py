@@ -1,27 +1,33 @@
-"""torch.fx analysis of a model's forward: which layers it calls, and how often.
+"""torch.fx analysis of a model's forward: which layers it calls, how often, and which raw
+parameters act as weights.
 
 The conversion does not execute the traced graph. It keeps the user's own module (its
 class, methods and attributes) and converts layers in place; the trace tells it which
 layers the forward reaches, which are used more than once per call (they must share one
-weight sample), and which raw parameters feed linear/convolution functions.
+weight sample), and which parameters not owned by a convertible layer feed a matrix
+product or a convolution (``F.linear``, ``F.conv*``, ``@``, ``torch.matmul``, ``einsum``,
+``bmm``, ``addmm``, ...), directly or through computations on parameters alone
+(``self.W.t()``, ``self.W * self.mask``).
 """
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["TraceInfo", "analyse"]
+__all__ = ["ParamUse", "TraceInfo", "analyse"]
 
-#: Functions whose second argument (or ``weight=``) is a weight that a Bayesian layer owns.
-_WEIGHT_FUNCTIONS = frozenset(
-    {
+#: Functions taking ``(input, weight, bias, ...)``: a Bayesian layer's operation.
+_WEIGHT_FUNCTIONS: dict[Any, tuple[int, int]] = {
+    fn: (1, 2)
+    for fn in (
         F.linear,
-        F.bilinear,
         F.conv1d,
         F.conv2d,
         F.conv3d,
@@ -34,8 +40,44 @@ _WEIGHT_FUNCTIONS = frozenset(
         torch.conv_transpose1d,
         torch.conv_transpose2d,
         torch.conv_transpose3d,
+    )
+}
+_WEIGHT_FUNCTIONS[F.bilinear] = (2, 3)
+
+#: Matrix products whose every tensor operand is weight-like (position 0 of the ``add*``
+#: forms is the added term, a bias).
+_PRODUCTS = frozenset(
+    {
+        torch.matmul,
+        torch.mm,
+        torch.bmm,
+        torch.mv,
+        torch.einsum,
+        torch.tensordot,
+        torch.inner,
+        torch.chain_matmul,
+        torch.linalg.multi_dot,
+        operator.matmul,
     }
 )
+_ADD_PRODUCTS = frozenset({torch.addmm, torch.addmv, torch.baddbmm, torch.addbmm})
+_PRODUCT_METHODS = frozenset({"matmul", "mm", "bmm", "mv", "__matmul__", "__rmatmul__"})
+_ADD_PRODUCT_METHODS = frozenset({"addmm", "addmv", "baddbmm", "addbmm"})
+
+
+@dataclass(frozen=True)
+class ParamUse:
+    """One use of a raw parameter as (part of) a weight.
+
+    ``slot`` is ``"weight"`` (the weight of ``F.linear``/``F.conv*``), ``"operand"`` (an
+    operand of a matrix product: ``@``, ``matmul``, ``einsum``, ``bmm``, ...) or ``"bias"``
+    (the bias of one of them); ``partners`` are the parameters feeding the weight or
+    operands of the same call (the owner of a bias decides with them).
+    """
+
+    function: str
+    slot: str
+    partners: tuple[str, ...] = ()
 
 
 @dataclass
@@ -45,9 +87,9 @@ class TraceInfo:
     failure: str | None = None
     #: id(module) -> number of uses (module calls plus functional reads) per forward call.
     uses: dict[int, int] = field(default_factory=dict)
-    #: (qualified parameter name, function name) for parameters that no convertible module
-    #: owns but that are used as the weight of a linear/convolution function.
-    raw_weights: list[tuple[str, str]] = field(default_factory=list)
+    #: qualified name of a parameter owned by no leaf (convertible) module -> its uses as
+    #: a weight, operand or bias of a linear/convolution/matrix-product call.
+    param_uses: dict[str, list[ParamUse]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -71,9 +113,14 @@ def analyse(model: nn.Module, leaf_types: tuple[type, ...]) -> TraceInfo:
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         return TraceInfo(failure=f"{type(exc).__name__}: {first}")
     modules = dict(model.named_modules())
-    info = TraceInfo()
+    info = TraceInfo(uses=_module_uses(graph, modules))
+    info.param_uses = _param_uses(graph, modules, leaf_types)
+    return info
+
+
+def _module_uses(graph: fx.Graph, modules: dict[str, nn.Module]) -> dict[int, int]:
     uses: dict[int, int] = defaultdict(int)
-    readers: dict[int, set[fx.Node]] = defaultdict(set)
+    reads: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for node in graph.nodes:
         if node.op == "call_module":
             called = modules[node.target]
@@ -84,15 +131,133 @@ def analyse(model: nn.Module, leaf_types: tuple[type, ...]) -> TraceInfo:
             owner_name, _, attr = str(node.target).rpartition(".")
             owner = modules.get(owner_name)
             if owner is not None:
-                # Reads of a parameter (possibly made Bayesian by params=) count as uses.
-                readers[id(owner)].update(node.users)
-            if not isinstance(owner, leaf_types):
-                for user in node.users:
-                    if user.op == "call_function" and user.target in _WEIGHT_FUNCTIONS:
-                        weight = user.args[1] if len(user.args) > 1 else user.kwargs.get("weight")
-                        if weight is node:
-                            info.raw_weights.append((str(node.target), user.target.__name__))
-    for key, users in readers.items():
-        uses[key] += len(users)
-    info.uses = dict(uses)
-    return info
+                # Reads of a parameter (possibly made Bayesian by params=) count as uses:
+                # a module whose parameter is read twice per call is used twice.
+                reads[id(owner)][attr] += len(node.users)
+    for key, counts in reads.items():
+        uses[key] += max(counts.values())
+    return dict(uses)
+
+
+def _param_uses(
+    graph: fx.Graph, modules: dict[str, nn.Module], leaf_types: tuple[type, ...]
+) -> dict[str, list[ParamUse]]:
+    """For each raw parameter, the weight slots it reaches through parameter-only nodes."""
+    from_input = _input_dependent(graph)
+    # (call node, slot) -> parameters reaching that slot
+    reaching: dict[tuple[fx.Node, str], set[str]] = defaultdict(set)
+    leaf_owned: set[str] = set()
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner_name, _, attr = str(node.target).rpartition(".")
+        owner = modules.get(owner_name)
+        if owner is None or not isinstance(owner._parameters.get(attr), nn.Parameter):
+            continue  # a buffer, or a parameter of a Bayesian layer (a property)
+        name = str(node.target)
+        if isinstance(owner, leaf_types):
+            leaf_owned.add(name)  # a partner of biases only: its layer is converted as a whole
+        seen: set[fx.Node] = set()
+        frontier = [node]
+        while frontier:
+            current = frontier.pop()
+            for user in current.users:
+                slots = _slots(user, current)
+                for slot in slots:
+                    reaching[(user, slot)].add(name)
+                # Only computations on parameters alone carry the weight further.
+                if user not in seen and not from_input[user] and user.op != "output":
+                    seen.add(user)
+                    frontier.append(user)
+    found: dict[str, list[ParamUse]] = defaultdict(list)
+    for (call, slot), names in reaching.items():
+        if not names - leaf_owned:
+            continue
+        function = _function_name(call)
+        partners: tuple[str, ...] = ()
+        if slot == "bias":
+            partners = tuple(
+                sorted(reaching.get((call, "weight"), set()) | reaching.get((call, "operand"), set()))
+            )
+        for name in sorted(names - leaf_owned):
+            use = ParamUse(function, slot, partners)
+            if use not in found[name]:
+                found[name].append(use)
+    return dict(found)
+
+
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "type", "get_device"})
+_METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
+
+
+def _input_dependent(graph: fx.Graph) -> dict[fx.Node, bool]:
+    """Whether each node depends on the values of an input of the forward (or on a
+    submodule call); shapes, dtypes and devices of inputs do not count."""
+    result: dict[fx.Node, bool] = {}
+    for node in graph.nodes:
+        if node.op in ("placeholder", "call_module"):
+            result[node] = True
+        elif node.op == "get_attr" or _is_metadata(node):
+            result[node] = False
+        else:
+            result[node] = any(result.get(arg, True) for arg in node.all_input_nodes)
+    return result
+
+
+def _is_metadata(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in _METADATA_METHODS and len(node.args) <= 2:
+        return node.target != "type" or len(node.args) == 1
+    return (
+        node.op == "call_function"
+        and node.target is getattr
+        and len(node.args) == 2
+        and node.args[1] in _METADATA_ATTRIBUTES
+    )
+
+
+def _slots(user: fx.Node, value: fx.Node) -> list[str]:
+    """The weight slots of call ``user`` that ``value`` occupies (empty: not a weight use)."""
+    args, kwargs = list(user.args), dict(user.kwargs)
+    if user.op == "call_function" and user.target in _WEIGHT_FUNCTIONS:
+        weight_at, bias_at = _WEIGHT_FUNCTIONS[user.target]
+        slots = []
+        if _at(args, kwargs, weight_at, "weight") is value:
+            slots.append("weight")
+        if _at(args, kwargs, bias_at, "bias") is value:
+            slots.append("bias")
+        return slots
+    if user.op == "call_function" and user.target in _PRODUCTS:
+        return ["operand"] if _contains(args, value) or _contains(list(kwargs.values()), value) else []
+    if user.op == "call_function" and user.target in _ADD_PRODUCTS:
+        bias = _at(args, kwargs, 0, "input") is value
+        operand = _contains(args[1:], value) or any(
+            v is value for k, v in kwargs.items() if k != "input"
+        )
+        return (["bias"] if bias else []) + (["operand"] if operand else [])
+    if user.op == "call_method" and user.target in _PRODUCT_METHODS:
+        return ["operand"] if _contains(args, value) else []
+    if user.op == "call_method" and user.target in _ADD_PRODUCT_METHODS:
+        bias = bool(args) and args[0] is value
+        return (["bias"] if bias else []) + (["operand"] if _contains(args[1:], value) else [])
+    return []
+
+
+def _at(args: list[Any], kwargs: dict[str, Any], index: int, key: str) -> Any:
+    return args[index] if len(args) > index else kwargs.get(key)
+
+
+def _contains(values: Any, node: fx.Node) -> bool:
+    for value in values:
+        if value is node:
+            return True
+        if isinstance(value, (list, tuple)) and _contains(value, node):
+            return True
+    return False
+
+
+def _function_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    if node.target is operator.matmul:
+        return "@"
+    return getattr(node.target, "__name__", str(node.target))

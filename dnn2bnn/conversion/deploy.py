@@ -91,11 +91,14 @@ def _plain(layer: nn.Module, mode: _Mode, name: str) -> nn.Module:
 def _remove_sample_hooks(model: nn.Module) -> None:
     """Drop the forward hooks that conversion installs for one-sample-per-call sharing."""
     from dnn2bnn.conversion._sharing import _close_sample_scope, _open_sample_scope
+    from dnn2bnn.layers._batched import _draw_all, _drop_all
 
     for module in model.modules():
         pairs = (
             (module._forward_pre_hooks, _open_sample_scope),
             (module._forward_hooks, _close_sample_scope),
+            (module._forward_pre_hooks, _draw_all),
+            (module._forward_hooks, _drop_all),
         )
         for hooks, hook in pairs:
             for key in [k for k, h in hooks.items() if h is hook]:

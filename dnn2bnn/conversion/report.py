@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["ConversionReport", "ConvertedModule", "SkippedModule"]
+from torch import nn
+
+if TYPE_CHECKING:
+    from dnn2bnn.conversion._candidates import ConversionPlan
+
+__all__ = [
+    "ConversionReport",
+    "ConvertedModule",
+    "ReconfiguredModule",
+    "SkippedModule",
+    "report_plan",
+]
 
 
 @dataclass(frozen=True)
@@ -21,6 +32,19 @@ class ConvertedModule:
     #: For parameter-level conversions (:class:`dnn2bnn.BayesianParameters`): the names of
     #: the module's own parameters that became Bayesian; empty for layer-level ones.
     params: tuple[str, ...] = ()
+    #: Why it was converted when no layer type says so: how the forward uses its
+    #: parameters (``"w: used as an operand of @()"``); empty for layer types.
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ReconfiguredModule:
+    """A layer that was Bayesian already and got the options of a later conversion call."""
+
+    name: str
+    type: str
+    #: What changed (prior, sigma re-initialisation, estimator); empty when nothing did.
+    changes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -41,6 +65,7 @@ class ConversionReport:
             failed and layers were found by walking the module tree.
         fallback_reason: why tracing failed (``None`` when it worked).
         converted: the converted modules, in module-tree order.
+        reconfigured: layers that were Bayesian already and got this call's options.
         skipped: modules or parameters left deterministic, each with its reason.
         shared: Bayesian layers used more than once per forward call; they draw one
             weight sample per call of the whole model.
@@ -57,6 +82,7 @@ class ConversionReport:
     method: str = "torch.fx"
     fallback_reason: str | None = None
     converted: list[ConvertedModule] = field(default_factory=list)
+    reconfigured: list[ReconfiguredModule] = field(default_factory=list)
     skipped: list[SkippedModule] = field(default_factory=list)
     shared: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -70,6 +96,7 @@ class ConversionReport:
             method=other.method if other.fallback_reason else self.method,
             fallback_reason=self.fallback_reason or other.fallback_reason,
             converted=self.converted + other.converted,
+            reconfigured=self.reconfigured + other.reconfigured,
             skipped=other.skipped,
             shared=sorted(set(self.shared) | set(other.shared)),
             notes=self.notes + other.notes,
@@ -85,17 +112,75 @@ class ConversionReport:
             f"parameters: {self.params_before:,} -> {self.params_after:,}",
             f"converted ({len(self.converted)}):",
         ]
-        width = max([len(c.name) for c in self.converted + self.skipped] + [6])
+        entries: list[Any] = [*self.converted, *self.reconfigured, *self.skipped]
+        width = max([len(c.name) for c in entries] + [6])
         for c in self.converted:
             flag = "" if c.traced_use is not False else "  (not reached by the traced forward)"
             which = f" [{', '.join(c.params)}]" if c.params else ""
             lines.append(
                 f"  {c.name or '<root>':<{width}}  {c.old_type} -> {c.new_type}{which}{flag}"
             )
+        if self.reconfigured:
+            lines.append(f"reconfigured ({len(self.reconfigured)}):")
+        for r in self.reconfigured:
+            what = "; ".join(r.changes) or "no change"
+            lines.append(f"  {r.name or '<root>':<{width}}  {r.type}: {what}")
         lines.append(f"skipped ({len(self.skipped)}):")
         for s in self.skipped:
             lines.append(f"  {s.name or '<root>':<{width}}  {s.type}: {s.reason}")
         if self.shared:
-            lines.append("shared (one weight sample per forward call): " + ", ".join(self.shared))
+            lines.append(
+                "shared (one weight sample per forward call): "
+                + ", ".join(n or "<root>" for n in self.shared)
+            )
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def report_plan(
+    plan: ConversionPlan, *, params_before: int, result: nn.Module, call: dict[str, Any]
+) -> ConversionReport:
+    """The report of one conversion call, from its carried-out plan."""
+    from dnn2bnn.conversion._candidates import Action
+    from dnn2bnn.layers.params import BayesianParameters
+
+    report = ConversionReport(
+        method="torch.fx" if plan.trace.ok else "module tree",
+        fallback_reason=plan.trace.failure,
+        params_before=params_before,
+        params_after=count_parameters(result),
+        calls=[call],
+    )
+    for c in plan.candidates:
+        if c.action is Action.CONVERT:
+            new = c.result
+            assert new is not None
+            uses = plan.trace.uses.get(id(c.module), 0)
+            report.converted.append(
+                ConvertedModule(
+                    c.name,
+                    c.type_name,
+                    type(new).__name__,
+                    (uses > 0) if plan.trace.ok else None,
+                    tuple(new.bayes_params) if isinstance(new, BayesianParameters) else (),
+                    c.reason,
+                )
+            )
+            if uses > 1 or len(c.names) > 1:
+                report.shared.append(c.name)
+        elif c.action is Action.RECONFIGURE:
+            report.reconfigured.append(ReconfiguredModule(c.name, c.type_name, c.changes))
+        elif c.action in (Action.SKIP, Action.REFUSE):
+            report.skipped.append(SkippedModule(c.name, c.type_name, c.reason))
+        report.notes.extend(c.notes)
+    report.notes.extend(plan.notes)
+    return report
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameter elements (uninitialized lazy parameters count 0)."""
+    return sum(
+        p.numel()
+        for p in model.parameters()
+        if not isinstance(p, nn.parameter.UninitializedParameter)
+    )

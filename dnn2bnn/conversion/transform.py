@@ -3,40 +3,34 @@
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
-import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
 
-from dnn2bnn.conversion._copy import copy_sharing, unshare_
-from dnn2bnn.conversion._mapping import default_mapping, lookup, opt_in_mapping
-from dnn2bnn.conversion._params import resolve, select_parameters
-from dnn2bnn.conversion._select import (
-    ConfigArg,
-    Patterns,
-    check_options,
-    config_mapping,
-    count_parameters,
-    filtered_out,
-    import_name,
-    matches,
-    parent_index,
-    pattern_list,
-    tied_parameters,
-    short_type_name,
-    unconvertible,
-    will_replace,
-)
 from dnn2bnn.conversion import _sharing
+from dnn2bnn.conversion._apply import apply_plan
+from dnn2bnn.conversion._copy import copy_sharing, unshare_
+from dnn2bnn.conversion._mapping import default_mapping, opt_in_mapping
+from dnn2bnn.conversion._names import import_name, short_type_name
+from dnn2bnn.conversion._params import select_parameters
+from dnn2bnn.conversion._candidates import Action, ConversionPlan
+from dnn2bnn.conversion._plan import check_finite, plan_conversion, will_replace
+from dnn2bnn.conversion._request import (
+    ConfigArg,
+    LayerType,
+    Patterns,
+    Request,
+    build_request,
+    layer_type_mapping,
+    resolve_layer_type,
+)
 from dnn2bnn.conversion._sharing import install_sample_sharing
 from dnn2bnn.conversion._trace import analyse
-from dnn2bnn.conversion.report import ConversionReport, ConvertedModule, SkippedModule
+from dnn2bnn.conversion.report import count_parameters, report_plan
 from dnn2bnn.errors import ConversionError, ConversionWarning
 from dnn2bnn.integrations._adopt import adopt_
-from dnn2bnn.layers._base import BayesianLayer, is_bayesian_layer
-from dnn2bnn.layers.params import BayesianParameters
+from dnn2bnn.layers._base import BayesianLayer
 
 __all__ = ["transform_to_bnn_layer", "transform_to_bnn_model"]
 
@@ -48,7 +42,7 @@ _close_sample_scope = _sharing._close_sample_scope
 def transform_to_bnn_model(
     model: nn.Module,
     *,
-    layer_types: Iterable[type[nn.Module]] | None = None,
+    layer_types: LayerType | Iterable[LayerType] | None = None,
     include: Patterns = None,
     exclude: Patterns = None,
     params: Patterns = None,
@@ -104,34 +98,29 @@ def transform_to_bnn_model(
         >>> type(bnn[0]).__name__, len(bnn.conversion_report.converted)
         ('BayesLinear', 2)
     """
-    mapping = default_mapping()
-    if layer_types is not None:
-        if isinstance(layer_types, type):
-            layer_types = [layer_types]
-        known = {**mapping, **opt_in_mapping()}
-        chosen = {}
-        for layer_type in layer_types:
-            if layer_type not in known:
-                raise TypeError(
-                    f"layer_types: no Bayesian layer for {short_type_name(layer_type)}; expected "
-                    f"some of {[short_type_name(t) for t in known]} (or name its parameters in "
-                    "params=)"
-                )
-            chosen[layer_type] = known[layer_type]
-        mapping = chosen
+    mapping = layer_type_mapping(layer_types)
     call = {
         "function": "transform_to_bnn_model",
         "layer_types": None if layer_types is None else [import_name(t) for t in mapping],
         "params": None if params is None else ([params] if isinstance(params, str) else list(params)),
     }
-    return _convert(
-        model, mapping, include, exclude, inplace, strict, config, bayes_options, call, params
+    request = build_request(
+        model,
+        mapping=mapping,
+        function="transform_to_bnn_model",
+        explicit_types=layer_types is not None,
+        include=include,
+        exclude=exclude,
+        config=config,
+        options=bayes_options,
+        params=params,
     )
+    return _convert(model, request, inplace=inplace, strict=strict, call=call)
 
 
 def transform_to_bnn_layer(
     model: nn.Module,
-    dnn_layer_type: type[nn.Module],
+    dnn_layer_type: LayerType,
     bnn_layer_type: type[nn.Module] | None = None,
     *,
     include: Patterns = None,
@@ -163,8 +152,7 @@ def transform_to_bnn_layer(
         >>> [type(m).__name__ for m in bnn]
         ['Conv2d', 'Flatten', 'BayesLinear']
     """
-    if not (isinstance(dnn_layer_type, type) and issubclass(dnn_layer_type, nn.Module)):
-        raise TypeError(f"dnn_layer_type must be an nn.Module subclass, got {dnn_layer_type!r}")
+    dnn_layer_type = resolve_layer_type(dnn_layer_type, where="dnn_layer_type")
     if bnn_layer_type is None:
         known = {**default_mapping(), **opt_in_mapping()}
         bnn_layer_type = known.get(dnn_layer_type)
@@ -182,195 +170,121 @@ def transform_to_bnn_layer(
             "bnn_layer_type must be a class with a from_dnn(module, **options) classmethod "
             f"and a kl() method, got {bnn_layer_type!r}"
         )
-    mapping = {dnn_layer_type: bnn_layer_type}
     call = {
         "function": "transform_to_bnn_layer",
         "dnn_layer_type": import_name(dnn_layer_type),
         "bnn_layer_type": import_name(bnn_layer_type),
     }
-    return _convert(
-        model, mapping, include, exclude, inplace, strict, config, bayes_options, call, None
+    request = build_request(
+        model,
+        mapping={dnn_layer_type: bnn_layer_type},
+        function="transform_to_bnn_layer",
+        explicit_types=True,
+        include=include,
+        exclude=exclude,
+        config=config,
+        options=bayes_options,
+        params=None,
     )
+    return _convert(model, request, inplace=inplace, strict=strict, call=call)
 
 
 # ---------------------------------------------------------------------------- internals
 def _convert(
-    model: nn.Module,
-    mapping: Mapping[type[nn.Module], type[nn.Module]],
-    include: Patterns,
-    exclude: Patterns,
-    inplace: bool,
-    strict: bool,
-    config: ConfigArg,
-    options: dict[str, Any],
-    call: dict[str, Any],
-    params: Patterns,
+    model: nn.Module, request: Request, *, inplace: bool, strict: bool, call: dict[str, Any]
 ) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__qualname__}")
-    include_patterns = pattern_list("include", include)
-    exclude_patterns = pattern_list("exclude", exclude)
-    config_map = config_mapping(
-        config, options, {**mapping, nn.Module: BayesianParameters} if params else mapping
-    )
-    for bnn_cls in set(mapping.values()):
-        if not issubclass(bnn_cls, BayesianLayer):
-            check_options(bnn_cls, options)
-    select_parameters(model, params)  # fail on a bad pattern before copying
-
-    names_by_id: dict[int, list[str]] = defaultdict(list)
-    for name, module in model.named_modules(remove_duplicate=False):
-        names_by_id[id(module)].append(name)
-    all_names = [n for names in names_by_id.values() for n in names]
-    for kind, patterns in (("include", include_patterns), ("exclude", exclude_patterns)):
-        for pattern in patterns or ():
-            if not any(matches(name, [pattern]) for name in all_names):
-                raise ConversionError(
-                    f"{kind} pattern {pattern!r} matches no module of {type(model).__name__}; "
-                    f"module names look like {[n for n in all_names if n][:8]}"
-                )
-    for pattern in config_map.unmatched_patterns(all_names):
-        raise ConversionError(
-            f"config name pattern {pattern!r} matches no module of {type(model).__name__}; "
-            f"module names look like {[n for n in all_names if n][:8]}"
-        )
-
-    shared: set[int] = set()
-    if inplace:
-        target = model
-    else:
-        try:
-            target, shared = copy_sharing(
-                model, lambda m: will_replace(m, mapping, include_patterns, exclude_patterns)
-            )
-        except Exception as exc:
-            raise ConversionError(
-                f"cannot copy {type(model).__name__} ({exc}); pass inplace=True to convert "
-                "the model itself"
-            ) from exc
-
-    call.update(
-        include=include_patterns,
-        exclude=exclude_patterns,
-        strict=strict,
-        config=config,
-        options=dict(options),
-    )
-    report = ConversionReport(params_before=count_parameters(target), calls=[call])
-    selection, selected_names = select_parameters(target, params)
-    leaf_types = (*mapping.keys(), BayesianLayer)
-    trace = analyse(target, leaf_types)
-    if not trace.ok:
-        report.method, report.fallback_reason = "module tree", trace.failure
-        warnings.warn(
-            f"dnn2bnn: torch.fx could not trace {type(model).__name__} ({trace.failure}); "
-            "layers were found by walking the module tree instead (see conversion_report)",
-            ConversionWarning,
-            stacklevel=3,
-        )
-
-    names_by_id = defaultdict(list)
-    for name, module in target.named_modules(remove_duplicate=False):
-        names_by_id[id(module)].append(name)
-    param_names: dict[int, list[str]] = defaultdict(list)
-    for name, param in target.named_parameters(remove_duplicate=False):
-        param_names[id(param)].append(name)
-    parents = parent_index(target)
-
-    unexpected: list[SkippedModule] = []
-    result = target
-    for module in list({id(m): m for m in target.modules()}.values()):
-        if is_bayesian_layer(module):
-            continue
-        bnn_cls = lookup(mapping, type(module))
-        chosen = selection.get(id(module))
-        if bnn_cls is None and not chosen:
-            continue
-        names = names_by_id[id(module)]
-        name, type_name = names[0], short_type_name(type(module))
-        filtered = filtered_out(names, include_patterns, exclude_patterns) if bnn_cls else None
-        if filtered is not None and not chosen:
-            report.skipped.append(SkippedModule(name, type_name, filtered))
-            continue
-        own_params: tuple[str, ...] | None = None
-        if chosen:
-            bnn_cls, own_params = resolve(None if filtered else bnn_cls, module, chosen, name)
-        reason = unconvertible(bnn_cls, module, own_params)
-        if reason is not None:
-            skip = SkippedModule(name, type_name, reason)
-            report.skipped.append(skip)
-            unexpected.append(skip)
-            continue
-        tied = tied_parameters(module, names, param_names)
-        if issubclass(bnn_cls, BayesianLayer):
-            layer_config = config_map.config_for(names, type(module))
-            if layer_config is None:
-                report.skipped.append(SkippedModule(name, type_name, "configured None"))
-                continue
-            fallback = bnn_cls.estimator_fallback(type(module), layer_config)
-            if fallback is not None:
-                tied.append(f"{name}: {fallback}")
-                layer_config = dataclasses.replace(layer_config, estimator="reparam")
-        try:
-            if issubclass(bnn_cls, BayesianParameters):
-                new = bnn_cls._convert_(module, params=own_params, config=layer_config)
-            elif issubclass(bnn_cls, BayesianLayer):
-                new = bnn_cls._convert_(module, config=layer_config)
-            else:
-                new = bnn_cls.from_dnn(module, **options)
-        except (TypeError, ValueError) as exc:
-            raise ConversionError(
-                f"converting {name or '<root>'} ({type_name}) to {bnn_cls.__name__} failed: {exc}"
-            ) from exc
-        if new is not module:
-            for parent, attr in parents[id(module)]:
-                setattr(parent, attr, new)
-            if module is target:
-                result = new
-        uses = trace.uses.get(id(module), 0)
-        report.converted.append(
-            ConvertedModule(
-                name,
-                type_name,
-                type(new).__name__,
-                (uses > 0) if trace.ok else None,
-                tuple(new.bayes_params) if isinstance(new, BayesianParameters) else (),
-            )
-        )
-        if uses > 1 or len(names) > 1:
-            report.shared.append(name)
-            if isinstance(new, BayesianLayer):
-                new._share_samples = True
-        for note in tied:
-            report.notes.append(note)
-
-    for param_name, function in trace.raw_weights:
-        if param_name in selected_names:
-            continue
-        skip = SkippedModule(
-            param_name,
-            "nn.Parameter",
-            f"used directly by {function}() and owned by no convertible layer; left deterministic",
-        )
-        report.skipped.append(skip)
-        unexpected.append(skip)
-
+    """copy -> trace -> plan -> check -> apply -> report -> warn."""
+    target, shared = _target(model, request, inplace)
+    request.selection = select_parameters(target, request.params)[0]
+    trace = analyse(target, (*request.mapping.keys(), BayesianLayer))
+    plan = plan_conversion(target, request, trace)
+    _check(plan, strict)  # raises before anything changes
+    params_before = count_parameters(target)
+    result = apply_plan(target, plan, request.options)
     unshare_(result, shared)  # a copy never shares a tensor with the user's model
-    if strict and unexpected:
-        listed = "; ".join(f"{s.name or '<root>'} ({s.type}): {s.reason}" for s in unexpected)
-        raise ConversionError(f"strict conversion: {len(unexpected)} skipped: {listed}")
-    if unexpected or report.notes:
-        items = [f"{s.name or '<root>'}: {s.reason}" for s in unexpected] + report.notes
-        warnings.warn(
-            "dnn2bnn: " + "; ".join(items) + " (see conversion_report)",
-            ConversionWarning,
-            stacklevel=3,
-        )
-    call["converted"] = [c.name for c in report.converted]
+    call.update(
+        include=request.include,
+        exclude=request.exclude,
+        strict=strict,
+        config=request.config,
+        options=dict(request.options),
+        converted=[c.name for c in plan.having(Action.CONVERT)],
+    )
+    report = report_plan(plan, params_before=params_before, result=result, call=call)
     if report.shared:
         install_sample_sharing(result)
-    report.params_after = count_parameters(result)
+    _warn(plan, type(model).__name__)
     previous = result.__dict__.get("conversion_report")
     result.conversion_report = previous.merge(report) if previous is not None else report
     adopt_(result)  # e.g. a Hugging Face model's save_pretrained/tie_weights/resize_token_embeddings
     return result
+
+
+def _target(model: nn.Module, request: Request, inplace: bool) -> tuple[nn.Module, set[int]]:
+    """The module to convert: ``model`` itself, or a copy sharing the tensors to be replaced."""
+    if inplace:
+        return model, set()
+    try:
+        return copy_sharing(
+            model, lambda m: will_replace(m, request.mapping, request.include, request.exclude)
+        )
+    except Exception as exc:
+        raise ConversionError(
+            f"cannot copy {type(model).__name__} ({exc}); pass inplace=True to convert "
+            "the model itself"
+        ) from exc
+
+
+def _check(plan: ConversionPlan, strict: bool) -> None:
+    check_finite(plan)
+    refused = plan.having(Action.REFUSE)
+    if strict and refused:
+        listed = "; ".join(f"{c.name or '<root>'} ({c.type_name}): {c.reason}" for c in refused)
+        raise ConversionError(f"strict conversion: {len(refused)} skipped: {listed}")
+
+
+def _warn(plan: ConversionPlan, model_name: str) -> None:
+    """The conversion's warnings: the tracing fallback, what was left deterministic although
+    it carries weights, notes, and a conversion that converted nothing."""
+    stacklevel = 4  # the caller of transform_to_bnn_model/transform_to_bnn_layer
+    refused = plan.having(Action.REFUSE)
+    unknown = [c for c in refused if c.parameter and not plan.trace.ok]
+    if not plan.trace.ok:
+        extra = ""
+        if unknown:
+            names = ", ".join(c.name for c in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+            extra = (
+                f"; {len(unknown)} parameter(s) of unknown use were left deterministic ({names})"
+            )
+        warnings.warn(
+            f"dnn2bnn: torch.fx could not trace {model_name} ({plan.trace.failure}); "
+            f"layers were found by walking the module tree instead{extra} (see conversion_report)",
+            ConversionWarning,
+            stacklevel=stacklevel,
+        )
+    items = [f"{c.name or '<root>'}: {c.reason}" for c in refused if c not in unknown]
+    items += [n for c in plan.candidates for n in c.notes] + plan.notes
+    if items:
+        warnings.warn(
+            "dnn2bnn: " + "; ".join(items) + " (see conversion_report)",
+            ConversionWarning,
+            stacklevel=stacklevel,
+        )
+    kept = [c for c in plan.having(Action.KEEP) if not c.left_out]
+    if not plan.having(Action.CONVERT, Action.RECONFIGURE) and not kept:
+        warnings.warn(
+            f"dnn2bnn: nothing in {model_name} was converted: {_why_nothing(plan)}",
+            ConversionWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def _why_nothing(plan: ConversionPlan) -> str:
+    left = plan.having(Action.SKIP, Action.REFUSE) + [c for c in plan.having(Action.KEEP) if c.left_out]
+    types = ", ".join(plan.requested) or "none"
+    if not left:
+        return f"it has no layer of the requested types ({types}) and no functional weight"
+    if all(c.left_out for c in left):
+        return f"every one of the {len(left)} candidate(s) was left out by include/exclude"
+    reasons = "; ".join(f"{c.name or '<root>'}: {c.reason}" for c in left[:3])
+    return f"{len(left)} candidate(s) left deterministic ({reasons})"

@@ -31,46 +31,15 @@ from dnn2bnn.checkpoint._bnn import bnn_metadata
 from dnn2bnn.layers._base import BayesianLayer, is_bayesian_layer
 
 __all__ = [
-    "ARCH_SPEC",
     "RECORD_NAME",
     "adopt_pretrained_",
     "bayesian_pretrained_class",
-    "build_pretrained",
+    "config_dtype",
     "write_record",
 ]
 
 #: File that ``save_pretrained`` of a converted model writes next to ``config.json``.
 RECORD_NAME = "dnn2bnn_config.json"
-
-#: Architecture spec that ``save_bnn`` records for a converted ``PreTrainedModel``.
-ARCH_SPEC = "dnn2bnn.integrations._hf_model:build_pretrained"
-
-
-def build_pretrained(*, model_class: str, config: dict[str, Any]) -> nn.Module:
-    """The untrained ``model_class`` (``"module:Class"``) built from its config as a dict.
-
-    This is the architecture :func:`dnn2bnn.save_bnn` records for a converted
-    ``PreTrainedModel``, so that :func:`dnn2bnn.load_bnn` rebuilds it without ``arch=``
-    and without a download.
-
-    Example:
-        >>> model = build_pretrained(
-        ...     model_class="transformers.models.bert.modeling_bert:BertModel",
-        ...     config={"model_type": "bert", "vocab_size": 50, "hidden_size": 16,
-        ...             "num_hidden_layers": 1, "num_attention_heads": 2,
-        ...             "intermediate_size": 16})
-        >>> model.config.vocab_size, type(model).__name__
-        (50, 'BertModel')
-    """
-    import torch
-
-    from dnn2bnn.checkpoint._arch import _import
-
-    cls = _import(*model_class.split(":", 1))
-    built_config = cls.config_class.from_dict(dict(config))
-    model = cls(built_config)
-    dtype = config_dtype(built_config)
-    return model if dtype is None else model.to(dtype)
 
 
 def config_dtype(config: Any) -> Any:
@@ -81,20 +50,6 @@ def config_dtype(config: Any) -> Any:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
     return dtype if isinstance(dtype, torch.dtype) else None
-
-
-def pretrained_arch(model: nn.Module) -> tuple[str, dict[str, Any]]:
-    """``(spec, kwargs)`` that :func:`build_pretrained` rebuilds ``model``'s architecture from.
-
-    Read at save time, so a config changed since the conversion (``resize_token_embeddings``
-    updates ``vocab_size``) is the one recorded.
-    """
-    base = type(model).__dict__.get("_dnn2bnn_hf_base", type(model))
-    config = json.loads(model.config.to_json_string(use_diff=False))  # type: ignore[union-attr]
-    dtype = getattr(model, "dtype", None)  # what the parameters are now, as save_pretrained records
-    if dtype is not None:
-        config["dtype"] = str(dtype).removeprefix("torch.")
-    return ARCH_SPEC, {"model_class": f"{base.__module__}:{base.__qualname__}", "config": config}
 
 
 def adopt_pretrained_(model: nn.Module) -> None:
@@ -229,10 +184,6 @@ class BayesianPreTrainedMixin:
         # which on a Bayesian layer is a sample, to a parameter of theirs
         _replace(self, path, resized)  # type: ignore[arg-type]
         return result
-
-    def dnn2bnn_arch_spec(self) -> tuple[str, dict[str, Any]]:
-        """What :func:`dnn2bnn.save_bnn` records to rebuild this model (see :func:`pretrained_arch`)."""
-        return pretrained_arch(self)  # type: ignore[arg-type]
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # A class made by bayesian_pretrained_class() cannot be found by name: rebuild it.

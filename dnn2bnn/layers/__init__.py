@@ -18,6 +18,7 @@ from dnn2bnn.layers.conv import (
     BayesConvTranspose3d,
     ConvReparam,
 )
+from dnn2bnn.layers._batched import install_batched_sampling
 from dnn2bnn.layers.linear import BayesLinear, DenseReparam
 from dnn2bnn.layers.params import BayesianParameters, BayesMultiheadAttention, parameter_converter
 
@@ -39,6 +40,7 @@ __all__ = [
     "ConvReparam",
     "DenseReparam",
     "bayesian_class",
+    "install_batched_sampling",
     "is_bayesian_layer",
     "parameter_converter",
 ]

@@ -4,15 +4,23 @@ A Bayesian layer *is* the torch.nn layer it replaces (``BayesLinear`` subclasses
 ``nn.Linear``): it inherits the constructor, the argument checks and the ``forward`` of
 its parent. What changes is where ``weight`` and ``bias`` come from. The trained
 tensors become the posterior means ``weight_mu``/``bias_mu``, next to ``weight_rho``/
-``bias_rho`` with ``sigma = softplus(rho)``, and ``weight``/``bias`` turn into read-only
-properties that return a fresh reparameterized sample ``mu + sigma * eps`` (or ``mu`` in
-"mean" mode). Because the parent's ``forward`` and any functional use
+``bias_rho`` with ``sigma = softplus(rho)`` or ``exp(rho)`` (the layer's
+:class:`~dnn2bnn.Parametrization`), and ``weight``/``bias`` turn into read-only properties
+that return a reparameterized sample ``mu + sigma * eps`` (or ``mu`` in "mean" mode). Because the parent's ``forward`` and any functional use
 (``F.linear(x, fc.weight, fc.bias)``) read those properties, the layer computes the same
 function as its parent with Bayesian weights, and returns exactly what the parent returned.
+
+One sample per call: the first read of ``weight`` within a call of the layer (or of the
+converted model, for layers used several times) draws the sample, every further read of
+that call returns the same tensor, and the sample is dropped when the call ends. A
+recomputation by ``torch.utils.checkpoint`` (non-reentrant) sees the same sample. Outside
+any call, each read draws afresh and returns a read-only ``PosteriorSample`` (see
+``dnn2bnn/layers/_guard.py``: writes would be lost, so they raise).
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import functools
@@ -26,11 +34,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from dnn2bnn.config import OPTION_NAMES, BayesConfig, Estimator
+from dnn2bnn.config import OPTION_NAMES, BayesConfig, Estimator, Parametrization
 from dnn2bnn.errors import ConversionWarning
 from dnn2bnn.layers import _estimators
-from dnn2bnn.layers._kl import PosteriorKL, _FSDPModule
-from dnn2bnn.layers._sampling import cached_sigma, softplus32
+from dnn2bnn.layers._guard import guard
+from dnn2bnn.layers._kl import PosteriorKL
+from dnn2bnn.layers._sampling import posterior_std, transforms_active
 from dnn2bnn.layers._sampling import sample as _sample
 from dnn2bnn.priors import Prior
 
@@ -49,6 +58,10 @@ __all__ = [
 #: step; training then widens or narrows sigma where the data allow.
 DEFAULT_POSTERIOR_SIGMA_INIT = 1e-3
 DEFAULT_PRIOR_MEAN = 0.0
+#: RNG states remembered per parameter while checkpointing: the draws of one forward pass
+#: whose recomputation is still to come (a layer called more often per pass than this, each
+#: call in a checkpointed region, would not be recognised).
+_REPLAY_STATES = 16
 DEFAULT_PRIOR_SIGMA = 1.0
 
 
@@ -87,6 +100,9 @@ class BayesianLayer(PosteriorKL, nn.Module):
         "prior",
         "posterior_sigma_init",
         "estimator",
+        "parametrization",
+        "_exp",
+        "_replay",
         "_sample_cache",
         "_share_samples",
         "_kl_samples",
@@ -103,6 +119,7 @@ class BayesianLayer(PosteriorKL, nn.Module):
     prior: Prior
     posterior_sigma_init: float
     estimator: Estimator
+    parametrization: Parametrization
 
     def __init__(self, *args: Any, config: BayesConfig | None = None, **kwargs: Any) -> None:
         options = {k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs}
@@ -119,13 +136,18 @@ class BayesianLayer(PosteriorKL, nn.Module):
         self.prior = config.prior
         self.posterior_sigma_init = config.posterior_sigma_init
         self.estimator = config.estimator
+        self.parametrization = config.parametrization
+        self._exp = config.parametrization is Parametrization.EXP
         self._sample_cache: dict[str, Tensor] | None = None
         self._share_samples = False
         self._kl_samples: dict[str, Tensor] = {}
         # name -> (KL computed with the last training sample, the versions it is valid for)
         self._pending_kl: dict[str, tuple[Tensor, tuple[int, ...]]] = {}
-        self._sigma_cache: dict[str, tuple[int, int, Tensor]] = {}
+        # name -> (versions, sigma of the last training draw), for the KL of the same step
+        self._sigma_cache: dict[str, tuple[tuple[int, ...], Tensor]] = {}
         self._scalar_cache: dict[str, tuple[tuple[int, int], float]] = {}
+        # name -> (last sample, RNG states before the recent draws), kept while checkpointing
+        self._replay: dict[str, tuple[Tensor, collections.deque[Tensor]]] = {}
         for name in self.bayes_params:
             value = self._parameters.pop(name)
             if value is None:
@@ -219,9 +241,13 @@ class BayesianLayer(PosteriorKL, nn.Module):
 
     # ------------------------------------------------------------------ the posterior
     def posterior_sigma(self, name: str = "weight") -> Tensor | None:
-        """``softplus(rho)`` of the named Bayesian parameter (``None`` if absent), in float32+."""
+        """``sigma(rho)`` of the named Bayesian parameter (``None`` if absent), in float32+.
+
+        ``softplus(rho)`` or ``exp(rho)`` following the layer's ``parametrization``;
+        differentiable in ``rho``.
+        """
         rho = self._parameters[name + "_rho"]
-        return None if rho is None else softplus32(rho)
+        return None if rho is None else posterior_std(rho, self._exp)
 
     def _draw(self, name: str) -> Tensor | None:
         params = self.__dict__["_parameters"]
@@ -234,34 +260,116 @@ class BayesianLayer(PosteriorKL, nn.Module):
         if mu is None or self.bayes_mode == BayesMode.MEAN:
             return mu
         cache = self._sample_cache
-        if cache is not None and name in cache:
-            return cache[name]
-        rho = params[name + "_rho"]
-        # training recomputes sigma once per forward (the KL of the same step reuses it);
-        # repeated passes without autograd (Monte Carlo prediction) reuse it while rho is unchanged
-        # sigma is float32+ (see softplus32); the sample goes back to the parameter dtype so
-        # the parent's forward sees weights of the dtype it was built with.
-        sigma = self._sigma(name, rho, reuse=not torch.is_grad_enabled())
-        fused = self._sample_with_kl(name, mu, rho, sigma)
-        sample = fused if fused is not None else _sample(mu, rho, sigma).to(mu.dtype)
+        if cache is not None:
+            hit = cache.get(name)
+            if hit is not None:
+                return hit
+        compiling = torch.compiler.is_compiling()
+        backward = not compiling and _in_backward()
+        if backward:  # a checkpoint recomputation: the forward's sample, or the same RNG
+            replayed = self._replayed(name)
+            if replayed is not None:
+                if cache is not None:
+                    cache[name] = replayed
+                return replayed
+        sample = self._new_sample(name, mu, params[name + "_rho"])
         if cache is not None:
             cache[name] = sample
+            return sample
+        if backward or compiling or transforms_active():
+            return sample
+        # Outside any call: a read-only sample, so a write to it cannot be lost silently.
+        return guard(sample, f"{type(self).__name__}.{name}")
+
+    def _new_sample(self, name: str, mu: Tensor, rho: Tensor) -> Tensor:
+        """A fresh reparameterized sample (and, in training, the KL of the same node)."""
+        record = (
+            torch.is_grad_enabled() and not torch.compiler.is_compiling() and _checkpointing()
+        )
+        state = _rng_state(mu.device) if record else None
+        sigma = self._sigma(name, rho)
+        fused = self._sample_with_kl(name, mu, rho, sigma)
+        sample = fused if fused is not None else _sample(mu, rho, sigma, self._exp).to(mu.dtype)
+        sample = self._fix_rows(name, mu, sample)
         self._keep_for_kl(name, sample)
+        if state is not None:
+            entry = self._replay.get(name)
+            states = entry[1] if entry is not None else collections.deque(maxlen=_REPLAY_STATES)
+            states.append(state)
+            self._replay[name] = (sample, states)
+        elif self._replay and not torch.compiler.is_compiling() and not _in_backward():
+            self._replay.pop(name, None)
         return sample
 
-    def _sigma(self, name: str, rho: Tensor, *, reuse: bool = True) -> Tensor:
-        """``softplus(rho)`` detached, computed once per change of ``rho`` (see ``_sampling``).
+    def _replayed(self, name: str) -> Tensor | None:
+        """In a checkpoint recomputation: None if the RNG state is one the forward drew this
+        parameter at (drawing again gives the same sample and consumes the RNG as the forward
+        did), else the forward's last sample (the forward took it from the call's cache)."""
+        entry = self._replay.get(name)
+        if entry is None:
+            return None
+        sample, states = entry
+        current = _rng_state(sample.device)
+        if any(s.shape == current.shape and torch.equal(s, current) for s in states):
+            return None
+        return sample
 
-        Not cached on FSDP2-sharded layers: FSDP2 refills the unsharded parameters in place
-        without changing their version counter, so a cached sigma would go stale.
-        """
-        if _FSDPModule is not None and isinstance(self, _FSDPModule):
-            with torch.no_grad():
-                return softplus32(rho)
-        return cached_sigma(self._sigma_cache, name, rho, reuse=reuse)
+    def _sigma(self, name: str, rho: Tensor) -> Tensor:
+        """``sigma(rho)``, detached and computed now. A training draw leaves it for the KL of
+        the same step (dropped by that KL's backward, or when ``rho`` changes version)."""
+        if torch.compiler.is_compiling() or transforms_active():
+            # detach, not no_grad: torch.export turns a no_grad block into a submodule call
+            return posterior_std(rho, self._exp).detach()
+        with torch.no_grad():
+            sigma = posterior_std(rho, self._exp)
+        if torch.is_grad_enabled() and rho.requires_grad:
+            self._sigma_cache[name] = ((id(rho), rho._version), sigma)
+        elif self._sigma_cache:
+            self._sigma_cache.pop(name, None)
+        return sigma
+
+    def _step_sigma(self, name: str, rho: Tensor) -> Tensor:
+        """The sigma of this step's training draw if ``rho`` is unchanged since, else a fresh one."""
+        entry = self._sigma_cache.get(name)
+        if entry is not None and entry[0] == (id(rho), rho._version) and not (
+            torch.compiler.is_compiling() or transforms_active()
+        ):
+            return entry[1]
+        if torch.compiler.is_compiling() or transforms_active():
+            return posterior_std(rho, self._exp).detach()
+        with torch.no_grad():
+            return posterior_std(rho, self._exp)
+
+    def _fixed_row(self, name: str) -> int | None:
+        """Index of a row of parameter ``name`` that is deterministic (a padding row), if any."""
+        return None
+
+    def _fix_rows(self, name: str, mu: Tensor, sample: Tensor) -> Tensor:
+        row = self._fixed_row(name)
+        if row is None:
+            return sample
+        index = torch.tensor([row], device=mu.device)
+        return sample.index_copy(0, index, mu.index_select(0, index).to(sample.dtype))
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        if name in type(self).bayes_params and name + "_mu" in self.__dict__.get("_parameters", {}):
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is drawn from the posterior and cannot be set; "
+                f"assign {name}_mu (the posterior mean) or {name}_rho instead"
+            )
+        super().register_parameter(name, param)
 
     def forward(self, input: Tensor) -> Tensor:
         """The torch.nn layer's forward, with weights drawn by the configured estimator."""
+        if self._sample_cache is not None:
+            return self._estimated_forward(input)
+        self._sample_cache = {}  # one sample per parameter for this call
+        try:
+            return self._estimated_forward(input)
+        finally:
+            self._sample_cache = None
+
+    def _estimated_forward(self, input: Tensor) -> Tensor:
         if self.estimator is Estimator.REPARAM or self.bayes_mode == BayesMode.MEAN:
             return super().forward(input)  # type: ignore[misc]
         if self.estimator is Estimator.FLIPOUT:
@@ -325,8 +433,20 @@ class BayesianLayer(PosteriorKL, nn.Module):
         state["_pending_kl"] = {}
         state["_sigma_cache"] = {}
         state["_scalar_cache"] = {}
+        state["_replay"] = {}
         state["_sample_cache"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A layer pickled before the parametrization option existed: its rho is softplus's.
+        state = dict(state)
+        config = state.get("bayes_config")
+        if config is not None and not hasattr(config, "parametrization"):
+            object.__setattr__(config, "parametrization", Parametrization.SOFTPLUS)
+        state.setdefault("parametrization", Parametrization.SOFTPLUS)
+        state.setdefault("_exp", state["parametrization"] is Parametrization.EXP)
+        state.setdefault("_replay", {})
+        super().__setstate__(state)
 
     # ------------------------------------------------------------------ pickling
     def __reduce_ex__(self, protocol: Any) -> Any:
@@ -345,10 +465,12 @@ def _resolve(config: BayesConfig | None, options: dict[str, Any]) -> BayesConfig
 def _initial_rho(mu: Tensor, config: BayesConfig) -> Tensor:
     """``rho`` giving the configured initial sigma (constant, or MOPED ``delta * |mu|``)."""
     with torch.no_grad():
+        exp = config.parametrization is Parametrization.EXP
         if config.moped_delta is None:
-            return torch.full_like(mu, softplus_inverse(config.posterior_sigma_init))
+            value = config.posterior_sigma_init
+            return torch.full_like(mu, math.log(value) if exp else softplus_inverse(value))
         sigma = (config.moped_delta * mu.abs()).clamp_min(1e-8)
-        return sigma + torch.log(-torch.expm1(-sigma))
+        return torch.log(sigma) if exp else sigma + torch.log(-torch.expm1(-sigma))
 
 
 def check_convertible(base: type[BayesianLayer], module: nn.Module) -> None:
@@ -422,8 +544,44 @@ def bayesian_class(base: type[BayesianLayer], dnn_cls: type[nn.Module]) -> type[
     namespace: dict[str, Any] = {"dnn_type": dnn_cls, "_bnn_base": base, "__module__": base.__module__}
     if dnn_cls.forward is not base.dnn_type.forward:
         # The subclass's own forward reads the sampled ``weight``: only "reparam" applies.
-        namespace.update(forward=dnn_cls.forward, supports_estimators=False)
+        namespace.update(forward=scoped_forward(dnn_cls.forward), supports_estimators=False)
     return type(f"Bayes{dnn_cls.__name__}", (base, dnn_cls), namespace)
+
+
+def scoped_forward(forward: Any) -> Any:
+    """``forward`` run with one sample per Bayesian parameter for the whole call."""
+
+    @functools.wraps(forward)
+    def wrapper(self: BayesianLayer, *args: Any, **kwargs: Any) -> Any:
+        if self._sample_cache is not None:  # a model-wide scope is open already
+            return forward(self, *args, **kwargs)
+        self._sample_cache = {}
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            self._sample_cache = None
+
+    wrapper.__bnn_scoped__ = forward  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass on this thread (a checkpoint recompute)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _checkpointing() -> bool:
+    """Whether saved-tensor hooks are active (``torch.utils.checkpoint``, offloading)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    """The state of the default generator of ``device`` (empty where there is none)."""
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    module = getattr(torch, device.type, None)
+    getter = getattr(module, "get_rng_state", None)
+    return getter(device) if getter is not None else torch.empty(0, dtype=torch.uint8)
 
 
 def _new_bayesian_instance(base: type[BayesianLayer], dnn_cls: type[nn.Module]) -> BayesianLayer:

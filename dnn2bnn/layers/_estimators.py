@@ -38,7 +38,7 @@ def flipout(layer: BayesianLayer, input: Tensor) -> Tensor:
     cache = layer._sample_cache
     delta = None if cache is None else cache.get("weight_delta")
     if delta is None:
-        delta = F.softplus(layer.weight_rho) * torch.randn_like(mu)
+        delta = layer.posterior_sigma("weight").to(mu.dtype) * torch.randn_like(mu)
         if cache is not None:
             cache["weight_delta"] = delta
         if layer.prior.needs_sample:
@@ -54,8 +54,9 @@ def flipout(layer: BayesianLayer, input: Tensor) -> Tensor:
 def local_reparam(layer: BayesianLayer, input: Tensor) -> Tensor:
     """One local-reparameterization forward pass of ``layer`` (in "sample" mode)."""
     bias_mu = layer.bias_mu
-    bias_var = None if bias_mu is None else F.softplus(layer.bias_rho) ** 2
+    bias_var = None if bias_mu is None else layer.posterior_sigma("bias").to(bias_mu.dtype) ** 2
     mean = layer._op(input, layer.weight_mu, bias_mu)
-    var = layer._op(input * input, F.softplus(layer.weight_rho) ** 2, bias_var)
+    weight_var = layer.posterior_sigma("weight").to(layer.weight_mu.dtype) ** 2
+    var = layer._op(input * input, weight_var, bias_var)
     # clamp: an all-zero input patch without bias has variance 0, where sqrt has no gradient
     return mean + var.clamp_min(1e-20).sqrt() * torch.randn_like(mean)

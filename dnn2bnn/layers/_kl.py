@@ -6,7 +6,9 @@ parameter it picks the cheapest exact computation:
 * in training, the weight sample and its closed-form KL come from ONE autograd node
   (:class:`~dnn2bnn.layers._sampling.GaussianSampleKL`); the KL waits in ``_pending_kl``
   until :meth:`BayesianLayer.kl` or :func:`dnn2bnn.kl_divergence` takes it, and is dropped
-  if any parameter or prior buffer changed meanwhile;
+  if any parameter or prior buffer changed meanwhile (version counters) and by its own
+  backward. Like every autograd graph, it pairs with the parameters of that forward pass:
+  a write through ``.data`` between a forward and its KL is not seen;
 * otherwise the fused closed form (:class:`~dnn2bnn.layers._sampling.NormalKL`), the
   fused scale-mixture Monte Carlo KL (:class:`~dnn2bnn.layers._sampling.MixtureKL`) at
   the forward pass's sample, or the prior's own reference formula through autograd
@@ -25,7 +27,7 @@ from dnn2bnn.layers._sampling import (
     GaussianSampleKL,
     MixtureKL,
     NormalKL,
-    softplus32,
+    posterior_std,
     transforms_active,
 )
 
@@ -53,10 +55,14 @@ class PosteriorKL:
     prior: Prior
     _kl_samples: dict[str, Tensor]
     _pending_kl: dict[str, tuple[Tensor, tuple[int, ...]]]
-    _sigma_cache: dict[str, tuple[int, int, Tensor]]
+    _sigma_cache: dict[str, tuple[tuple[int, ...], Tensor]]
     _scalar_cache: dict[str, tuple[tuple[int, int], float]]
+    _exp: bool
 
-    def _sigma(self, name: str, rho: Tensor, *, reuse: bool = True) -> Tensor:
+    def _step_sigma(self, name: str, rho: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _fixed_row(self, name: str) -> int | None:
         raise NotImplementedError
 
     def _sample_with_kl(self, name: str, mu: Tensor, rho: Tensor, sigma: Tensor) -> Tensor | None:
@@ -69,13 +75,13 @@ class PosteriorKL:
             return None  # small: cheaper in the multi-tensor KL node of kl_divergence
         if transforms_active() or (_FSDPModule is not None and isinstance(self, _FSDPModule)):
             return None  # FSDP2: the KL of sharded parameters is taken per shard
-        args = self._normal_kl_args(name)
-        if args is None or args[2] is not sigma:
+        args = self._normal_kl_args(name, sigma)
+        if args is None:
             return None
-        prior_mu, prior_sigma, release = args[3:]
+        prior_mu, prior_sigma, release = args[3:6]
         zero_mean = prior_mu.numel() == 1 and self._prior_scalar(name + "_prior_mu", prior_mu) == 0.0
         weight, kl = GaussianSampleKL.apply(
-            mu, rho, sigma, None if zero_mean else prior_mu, prior_sigma, release
+            mu, rho, sigma, None if zero_mean else prior_mu, prior_sigma, release, self._exp
         )
         self._pending_kl[name] = (kl, self._kl_stamp(name, mu, rho))
         return weight
@@ -105,7 +111,11 @@ class PosteriorKL:
         return kl
 
     def _prior_scalar(self, key: str, buffer: Tensor) -> float:
-        """``float(buffer)``, read again only when the buffer changed (no device sync per step)."""
+        """``float(buffer)``: read every time on the CPU; on an accelerator read again only
+        when the buffer changed version or storage (no device sync per step; a write through
+        ``.data`` to a prior buffer on an accelerator is not seen)."""
+        if buffer.device.type == "cpu" or buffer.is_meta:
+            return float(buffer)
         stamp = (buffer._version, buffer.data_ptr())
         cached = self._scalar_cache.get(key)
         if cached is None or cached[0] != stamp:
@@ -138,20 +148,24 @@ class PosteriorKL:
             torch.compiler.is_compiling() or mu.is_meta
         )
 
-    def _normal_kl_args(self, name: str) -> tuple[Any, ...] | None:
-        """``(mu, rho, sigma, prior_mu, prior_sigma, release)`` for :class:`NormalKL` when the
-        closed form applies with a scalar prior sigma on plain tensors, else None."""
+    def _normal_kl_args(self, name: str, sigma: Tensor | None = None) -> tuple[Any, ...] | None:
+        """``(mu, rho, sigma, prior_mu, prior_sigma, release, exp)`` for :class:`NormalKL`
+        when the closed form applies with a scalar prior sigma on plain tensors, else None.
+        ``sigma``: the one just drawn with (default: this step's, or a fresh one)."""
         mu = self._parameters[name + "_mu"]
         if mu is None or self.prior.needs_sample or not self._fusable(mu):
             return None
+        if self._fixed_row(name) is not None:
+            return None  # the padding row has no KL: see _kl_term
         buffers = self._prior_buffers(name)
         if buffers["sigma"].numel() != 1:
             return None
         rho = self._parameters[name + "_rho"]
-        sigma = self._sigma(name, rho)
-        release = functools.partial(self._sigma_cache.pop, name, None)
+        if sigma is None:
+            sigma = self._step_sigma(name, rho)
+        release = functools.partial(_release, self, name)
         prior_sigma = self._prior_scalar(name + "_prior_sigma", buffers["sigma"])
-        return mu, rho, sigma, buffers["mu"], prior_sigma, release
+        return mu, rho, sigma, buffers["mu"], prior_sigma, release, self._exp
 
     def _kl_term(self, name: str) -> Tensor:
         """The KL of one Bayesian parameter (see :meth:`kl`)."""
@@ -163,13 +177,34 @@ class PosteriorKL:
             return NormalKL.apply(*args)
         mu, rho = self._parameters[name + "_mu"], self._parameters[name + "_rho"]
         buffers = self._prior_buffers(name)
-        sigma = softplus32(rho)  # the prior's own KL, through autograd
+        sigma = posterior_std(rho, self._exp)  # the prior's own KL, through autograd
         sample = None
         if self.prior.needs_sample:
             sample = self._kl_samples.pop(name, None)
             if sample is None:
                 sample = mu + sigma * torch.randn_like(mu)
+        row = self._fixed_row(name)
+        if row is not None:  # a padding row: deterministic, no KL, no gradient from it
+            keep = _other_rows(mu.shape[0], row, mu.device)
+            full = mu.shape
+            mu, sigma = mu.index_select(0, keep), sigma.index_select(0, keep)
+            sample = None if sample is None else sample.index_select(0, keep)
+            buffers = {
+                k: v.index_select(0, keep) if v.dim() and v.shape == full else v
+                for k, v in buffers.items()
+            }
         mixture = self._mixture_scalars(name, buffers) if self._fusable(mu) else None
         if mixture is not None:
             return MixtureKL.apply(sample, mu, sigma, *mixture)
         return self.prior.kl(mu, sigma, buffers, sample)
+
+
+def _release(layer: PosteriorKL, name: str) -> None:
+    """After the KL's backward: drop this step's sigma and KL (rho changes at the next step)."""
+    layer._sigma_cache.pop(name, None)
+    layer._pending_kl.pop(name, None)
+
+
+def _other_rows(rows: int, row: int, device: torch.device) -> Tensor:
+    index = torch.arange(rows, device=device)
+    return index[index != row]

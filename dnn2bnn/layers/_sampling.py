@@ -1,16 +1,19 @@
 """Weight sampling and the closed-form KL with hand-written gradients.
 
-Autograd through ``mu + softplus(rho) * eps`` keeps ``rho``, ``sigma`` and ``eps`` alive and
-computes softplus again for the KL. Here:
+``sigma`` is a function of ``rho`` chosen by the layer's parametrization (see
+:class:`~dnn2bnn.Parametrization`): ``softplus(rho)`` or ``exp(rho)``. Autograd through
+``mu + sigma(rho) * eps`` keeps ``rho``, ``sigma`` and ``eps`` alive and computes sigma again
+for the KL. Here:
 
-* ``sigma = softplus(rho)`` is computed once per optimizer step and cached (detached, keyed
-  by the version counter of ``rho``, so any in-place update or ``load_state_dict``
-  invalidates it); repeated Monte Carlo passes in inference never recompute it. In
-  training the KL's backward, the last use before the optimizer changes ``rho``, drops it.
-* :class:`GaussianSample` returns ``mu + sigma * eps`` and allocates nothing for its
-  backward (see there); ``grad_mu = g``, ``grad_rho = g * eps * sigmoid(rho)``.
+* ``sigma`` is computed once per draw, detached, and handed to the KL of the same training
+  step (see ``_kl``); no value computed from ``rho`` outlives the step it was computed in.
+* :class:`GaussianSample` returns ``mu + sigma * eps`` and keeps ``eps`` for its backward:
+  ``grad_mu = g``, ``grad_rho = g * eps * dsigma/drho`` with ``dsigma/drho = sigmoid(rho)``
+  (softplus) or ``sigma`` (exp). No division by sigma, so the gradient is exact however
+  small sigma is.
 * :class:`NormalKL` returns the summed closed-form KL with reductions (dot products) instead
-  of elementwise temporaries, and its gradient in closed form.
+  of elementwise temporaries, and its gradient in closed form; ``log sigma`` is ``rho``
+  itself under the exp parametrization.
 * :class:`GaussianSampleKL` is both in one node (training: the KL of a parameter meets its
   sample's gradient in one backward); :class:`MultiNormalKL` is :class:`NormalKL` for many
   small parameters with multi-tensor ops; :class:`MixtureKL` is the scale-mixture prior's
@@ -34,7 +37,7 @@ __all__ = [
     "MixtureKL",
     "MultiNormalKL",
     "NormalKL",
-    "cached_sigma",
+    "posterior_std",
     "sample",
     "softplus32",
     "transforms_active",
@@ -50,6 +53,13 @@ def softplus32(rho: Tensor) -> Tensor:
     return F.softplus(rho.to(torch.promote_types(rho.dtype, torch.float32)))
 
 
+def posterior_std(rho: Tensor, exp: bool) -> Tensor:
+    """``sigma`` of ``rho`` in float32 (or wider): ``exp(rho)`` if ``exp`` else ``softplus(rho)``."""
+    if exp:
+        return torch.exp(rho.to(torch.promote_types(rho.dtype, torch.float32)))
+    return softplus32(rho)
+
+
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
 
@@ -58,55 +68,27 @@ def transforms_active() -> bool:
     return bool(_transforms_active())
 
 
-def cached_sigma(
-    cache: dict[str, tuple[int, int, Tensor]], name: str, rho: Tensor, *, reuse: bool = True
-) -> Tensor:
-    """``softplus(rho)``, detached; with ``reuse``, recomputed only when ``rho`` changed.
-
-    "Changed" means a new version of ``rho`` (any in-place update through autograd-visible
-    ops: optimizer steps, ``load_state_dict``, ``with torch.no_grad(): rho.fill_(...)``) or a
-    different tensor. Writes through ``rho.data`` bypass the version counter and are not seen
-    until the next training forward, which always recomputes (``reuse=False``).
-
-    Bypassed under torch.compile (dynamo cannot trace the version/pointer check, and the
-    compiled graph fuses softplus into the sampling kernel anyway) and under torch.func
-    transforms (their wrappers have no storage to key on).
-    """
-    if torch.compiler.is_compiling() or _transforms_active():
-        # detach, not no_grad: torch.export turns a no_grad block into a submodule call
-        return softplus32(rho).detach()
-    key = (rho._version, rho.data_ptr())
-    entry = cache.get(name)
-    if (
-        reuse
-        and entry is not None
-        and entry[:2] == key
-        and entry[2].shape == rho.shape
-        and (torch.is_inference_mode_enabled() or not entry[2].is_inference())
-    ):
-        return entry[2]
-    with torch.no_grad():
-        sigma = softplus32(rho)
-    cache[name] = (*key, sigma)
-    return sigma
+def _grad_rho(grad: Tensor, rho: Tensor, sigma: Tensor, eps: Tensor, exp: bool) -> Tensor:
+    """``g * eps * dsigma/drho``: ``sigma`` (exp) or ``sigmoid(rho)`` (softplus)."""
+    out = torch.mul(eps, grad)
+    return out.mul_(sigma) if exp else out.mul_(torch.sigmoid(rho))
 
 
 def _sample_backward(
-    ctx: Any, grad: Tensor, mu: Tensor, rho: Tensor, sigma: Tensor, weight: Tensor
+    ctx: Any, grad: Tensor, rho: Tensor, sigma: Tensor, eps: Tensor
 ) -> tuple[Tensor | None, ...]:
     grad_rho = None
     if ctx.needs_input_grad[1]:
-        grad_rho = torch.sub(weight, mu).div_(sigma).mul_(torch.sigmoid(rho)).mul_(grad)
-    return (grad if ctx.needs_input_grad[0] else None), grad_rho, None
+        grad_rho = _grad_rho(grad, rho, sigma, eps, ctx.exp)
+    return (grad if ctx.needs_input_grad[0] else None), grad_rho, None, None
 
 
 class GaussianSample(torch.autograd.Function):
-    """``mu + sigma * eps`` with ``eps ~ N(0, 1)``; ``sigma = softplus(rho)`` precomputed.
+    """``mu + sigma * eps`` with ``eps ~ N(0, 1)``; ``sigma`` (of ``rho``) precomputed.
 
-    Saves nothing new: the sample itself (which the layer's op keeps for its own backward
-    anyway), ``mu`` and ``rho`` (parameters) and ``sigma`` (cached). Backward recovers
-    ``eps = (w - mu) / sigma`` (the noise actually applied, after rounding) and returns
-    ``grad_mu = g``, ``grad_rho = g * eps * sigmoid(rho)``.
+    Saves ``rho`` (a parameter), ``sigma`` and the noise ``eps``; backward returns
+    ``grad_mu = g`` and ``grad_rho = g * eps * dsigma/drho`` without dividing by sigma (exact
+    for any sigma > 0, even where ``mu + sigma * eps`` rounds to ``mu``).
 
     The ``ctx``-in-forward form: ``Function.apply`` binds arguments with ``inspect`` on every
     call when ``setup_context`` is defined, which costs more than the arithmetic on small
@@ -114,10 +96,11 @@ class GaussianSample(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, mu: Tensor, rho: Tensor, sigma: Tensor) -> Tensor:  # type: ignore[override]
-        weight = torch.addcmul(mu, sigma, torch.randn_like(mu))
-        ctx.save_for_backward(mu, rho, sigma, weight)
-        return weight
+    def forward(ctx: Any, mu: Tensor, rho: Tensor, sigma: Tensor, exp: bool = False) -> Tensor:  # type: ignore[override]
+        eps = torch.randn_like(mu)
+        ctx.save_for_backward(rho, sigma, eps)
+        ctx.exp = exp
+        return torch.addcmul(mu, sigma, eps)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -130,32 +113,37 @@ class GaussianSampleTransformable(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(mu: Tensor, rho: Tensor, sigma: Tensor) -> Tensor:  # type: ignore[override]
-        return torch.addcmul(mu, sigma, torch.randn_like(mu))
+    def forward(mu: Tensor, rho: Tensor, sigma: Tensor, exp: bool = False) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        eps = torch.randn_like(mu)
+        return torch.addcmul(mu, sigma, eps), eps
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        ctx.save_for_backward(*inputs, output)
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        ctx.save_for_backward(inputs[1], inputs[2], output[1])
+        ctx.exp = inputs[3]
+        ctx.mark_non_differentiable(output[1])
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor, _grad_eps: Tensor | None = None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         return _sample_backward(ctx, grad, *ctx.saved_tensors)
 
 
-def sample(mu: Tensor, rho: Tensor, sigma: Tensor) -> Tensor:
+def sample(mu: Tensor, rho: Tensor, sigma: Tensor, exp: bool = False) -> Tensor:
     """One reparameterized sample; the cheapest path when no gradient is needed."""
     if torch.is_grad_enabled() and (mu.requires_grad or rho.requires_grad):
         if _transforms_active():
-            return GaussianSampleTransformable.apply(mu, rho, sigma)
-        return GaussianSample.apply(mu, rho, sigma)
+            return GaussianSampleTransformable.apply(mu, rho, sigma, exp)[0]
+        return GaussianSample.apply(mu, rho, sigma, exp)
     return torch.randn_like(mu).mul_(sigma).add_(mu)
 
 
 def _normal_kl_value(
-    mu: Tensor, sigma: Tensor, prior_mu: Tensor | None, prior_sigma: float
+    mu: Tensor, sigma: Tensor, prior_mu: Tensor | None, prior_sigma: float,
+    rho: Tensor | None = None,
 ) -> Tensor:
     """Summed closed-form ``KL(N(mu, sigma^2) || N(prior_mu, prior_sigma^2))``, float32+.
-    ``prior_mu=None`` means a zero prior mean (one pass fewer)."""
+    ``prior_mu=None`` means a zero prior mean (one pass fewer); ``rho`` given means
+    ``log sigma = rho`` (the exp parametrization: no log pass)."""
     dtype = torch.promote_types(mu.dtype, torch.float32)
     m, s = mu.to(dtype).flatten(), sigma.to(dtype).flatten()
     # broadcasts a scalar prior mean
@@ -163,7 +151,20 @@ def _normal_kl_value(
     # 0.5 * sum(s^2 + d^2) / ps^2 - sum(log s) + n * (log ps - 1/2), with reductions only
     # out of place: under FSDP2 the dot products are partial sums (DTensor Partial)
     kl = (torch.dot(s, s) + torch.dot(diff, diff)) * (0.5 / prior_sigma**2)
-    return kl - torch.log(s).sum() + m.numel() * (math.log(prior_sigma) - 0.5)
+    logs = torch.log(s).sum() if rho is None else rho.to(dtype).sum()
+    return kl - logs + m.numel() * (math.log(prior_sigma) - 0.5)
+
+
+def _kl_grad_rho(
+    grad_kl: Tensor, rho: Tensor, sigma: Tensor, prior_sigma: float, exp: bool
+) -> Tensor:
+    """``c * dKL/drho`` for the closed-form Normal KL: ``(sigma / ps^2 - 1 / sigma) *
+    sigmoid(rho)`` (softplus) or ``sigma^2 / ps^2 - 1`` (exp), times ``c``."""
+    c = grad_kl.to(sigma.dtype)
+    if exp:
+        return torch.mul(sigma, sigma).mul_(c / prior_sigma**2).sub_(c)
+    out = sigma.reciprocal().mul_(-c).add_(sigma * (c / prior_sigma**2))
+    return out.mul_(torch.sigmoid(rho))
 
 
 class GaussianSampleKL(torch.autograd.Function):
@@ -173,11 +174,10 @@ class GaussianSampleKL(torch.autograd.Function):
     the same step, so the backward receives both gradients at once and combines them::
 
         grad_mu  = g + c (mu - prior_mu) / prior_sigma^2
-        grad_rho = sigmoid(rho) * ((g (w - mu) - c) / sigma + c sigma / prior_sigma^2)
+        grad_rho = g eps dsigma/drho + c dKL/drho
 
-    with ``g`` the weight's gradient and ``c`` the KL's: about ten passes over the weights
-    instead of fifteen for the two nodes, one ``sigmoid`` instead of two, and no gradient
-    accumulation between them. Either gradient may be absent (weight or KL unused).
+    with ``g`` the weight's gradient and ``c`` the KL's, and no gradient accumulation
+    between two nodes. Either gradient may be absent (weight or KL unused).
     """
 
     @staticmethod
@@ -189,11 +189,13 @@ class GaussianSampleKL(torch.autograd.Function):
         prior_mu: Tensor | None,
         prior_sigma: float,
         release: Callable[[], None] | None = None,
+        exp: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        weight = torch.addcmul(mu, sigma, torch.randn_like(mu))
-        kl = _normal_kl_value(mu, sigma, prior_mu, prior_sigma)
-        ctx.save_for_backward(mu, rho, sigma, weight, prior_mu)
-        ctx.prior_sigma, ctx.release = prior_sigma, release
+        eps = torch.randn_like(mu)
+        weight = torch.addcmul(mu, sigma, eps)
+        kl = _normal_kl_value(mu, sigma, prior_mu, prior_sigma, rho if exp else None)
+        ctx.save_for_backward(mu, rho, sigma, eps, prior_mu)
+        ctx.prior_sigma, ctx.release, ctx.exp = prior_sigma, release, exp
         ctx.set_materialize_grads(False)
         return weight, kl
 
@@ -201,38 +203,38 @@ class GaussianSampleKL(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad: Tensor | None, grad_kl: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        mu, rho, sigma, weight, prior_mu = ctx.saved_tensors
-        scale = None if grad_kl is None else grad_kl.to(sigma.dtype) / ctx.prior_sigma**2
+        mu, rho, sigma, eps, prior_mu = ctx.saved_tensors
         grad_mu = grad_rho = None
         if ctx.needs_input_grad[0]:
-            if scale is None:
+            if grad_kl is None:
                 grad_mu = grad if grad is not None else torch.zeros_like(mu)
             else:
+                scale = grad_kl.to(sigma.dtype) / ctx.prior_sigma**2
                 grad_mu = torch.mul(mu, scale) if prior_mu is None else torch.sub(mu, prior_mu).mul_(scale)
                 if grad is not None:
                     grad_mu.add_(grad)
         if ctx.needs_input_grad[1]:
-            grad_rho = torch.sub(weight, mu)  # sigma * eps
             if grad is not None:
-                grad_rho.mul_(grad)
+                grad_rho = _grad_rho(grad, rho, sigma, eps, ctx.exp)
+                if grad_kl is not None:
+                    grad_rho.add_(_kl_grad_rho(grad_kl, rho, sigma, ctx.prior_sigma, ctx.exp))
+            elif grad_kl is not None:
+                grad_rho = _kl_grad_rho(grad_kl, rho, sigma, ctx.prior_sigma, ctx.exp)
             else:
-                grad_rho.zero_()
-            if scale is not None:
-                grad_rho.sub_(grad_kl.to(sigma.dtype)).div_(sigma).addcmul_(sigma, scale)
-            else:
-                grad_rho.div_(sigma)
-            grad_rho.mul_(torch.sigmoid(rho))
+                grad_rho = torch.zeros_like(rho)
         if ctx.release is not None:
             ctx.release()  # rho changes at the next optimizer step: do not hold sigma meanwhile
-        return grad_mu, grad_rho, None, None, None, None
+        return grad_mu, grad_rho, None, None, None, None, None
 
 
 class NormalKL(torch.autograd.Function):
-    """Summed ``KL(N(mu, softplus(rho)^2) || N(prior_mu, prior_sigma^2))``, scalar prior sigma.
+    """Summed ``KL(N(mu, sigma^2) || N(prior_mu, prior_sigma^2))``, scalar prior sigma.
 
-    ``prior_sigma`` is a Python float (the layer reads its buffer once per change), so the
-    forward is a handful of reductions. Computed in float32 or wider. Gradients:
-    ``(mu - prior_mu) / prior_sigma^2`` and ``(sigma / prior_sigma^2 - 1 / sigma) * sigmoid(rho)``.
+    ``sigma`` is the detached ``sigma(rho)`` of the layer's parametrization (``exp`` True:
+    ``exp(rho)``, else ``softplus(rho)``). ``prior_sigma`` is a Python float, so the forward
+    is a handful of reductions. Computed in float32 or wider. Gradients:
+    ``(mu - prior_mu) / prior_sigma^2`` and ``(sigma / prior_sigma^2 - 1 / sigma) *
+    dsigma/drho``.
     """
 
     @staticmethod
@@ -244,27 +246,24 @@ class NormalKL(torch.autograd.Function):
         prior_mu: Tensor,
         prior_sigma: float,
         release: Callable[[], None] | None = None,
+        exp: bool = False,
     ) -> Tensor:
-        kl = _normal_kl_value(mu, sigma, prior_mu, prior_sigma)
+        kl = _normal_kl_value(mu, sigma, prior_mu, prior_sigma, rho if exp else None)
         ctx.save_for_backward(mu, rho, sigma, prior_mu)
-        ctx.prior_sigma = prior_sigma
-        ctx.release = release
+        ctx.prior_sigma, ctx.release, ctx.exp = prior_sigma, release, exp
         return kl
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         mu, rho, sigma, prior_mu = ctx.saved_tensors
-        grad = grad.to(rho.dtype)
-        inv_var = grad / ctx.prior_sigma**2
         grad_mu = grad_rho = None
         if ctx.needs_input_grad[0]:
-            grad_mu = torch.sub(mu, prior_mu).mul_(inv_var)
+            grad_mu = torch.sub(mu, prior_mu).mul_(grad.to(rho.dtype) / ctx.prior_sigma**2)
         if ctx.needs_input_grad[1]:
-            grad_rho = sigma.reciprocal().mul_(-grad).add_(sigma * inv_var)
-            grad_rho.mul_(torch.sigmoid(rho))
+            grad_rho = _kl_grad_rho(grad, rho, sigma, ctx.prior_sigma, ctx.exp)
         if ctx.release is not None:
             ctx.release()  # rho changes at the next optimizer step: do not hold sigma meanwhile
-        return grad_mu, grad_rho, None, None, None, None
+        return grad_mu, grad_rho, None, None, None, None, None
 
 
 class MixtureKL(torch.autograd.Function):
@@ -334,21 +333,22 @@ class MultiNormalKL(torch.autograd.Function):
         prior_means: list[float | Tensor],
         prior_sigmas: list[float],
         releases: list[Callable[[], None]],
+        exp: bool,
         *tensors: Tensor,
     ) -> Tensor:
         n = len(prior_sigmas)
-        mus, sigmas = tensors[:n], tensors[2 * n :]
+        mus, rhos, sigmas = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
         diffs = _diffs(mus, prior_means)
         inv_var = [1.0 / ps**2 for ps in prior_sigmas]
         squares = torch.stack(torch._foreach_norm(sigmas)).square_() + torch.stack(
             torch._foreach_norm(diffs)
         ).square_()
-        logs = torch.stack([torch.log(s).sum() for s in sigmas])
+        logs = torch.stack([r.sum() if exp else torch.log(s).sum() for r, s in zip(rhos, sigmas)])
         const = sum(m.numel() * (math.log(ps) - 0.5) for m, ps in zip(mus, prior_sigmas))
         weights = torch.tensor(inv_var, dtype=squares.dtype, device=squares.device)
         kl = torch.dot(squares, weights) * 0.5 - logs.sum() + const
         ctx.save_for_backward(*tensors)
-        ctx.prior_means, ctx.inv_var, ctx.releases = prior_means, inv_var, releases
+        ctx.prior_means, ctx.inv_var, ctx.releases, ctx.exp = prior_means, inv_var, releases, exp
         return kl
 
     @staticmethod
@@ -357,19 +357,23 @@ class MultiNormalKL(torch.autograd.Function):
         n = len(ctx.inv_var)
         mus, rhos, sigmas = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
         grad_mu = grad_rho = [None] * n
-        if any(ctx.needs_input_grad[3 : 3 + n]):
+        if any(ctx.needs_input_grad[4 : 4 + n]):
             grad_mu = _diffs(mus, ctx.prior_means)  # (mu - prior_mu) / prior_sigma^2
             torch._foreach_mul_(grad_mu, ctx.inv_var)
             torch._foreach_mul_(grad_mu, grad)
-        if any(ctx.needs_input_grad[3 + n : 3 + 2 * n]):
-            # (sigma / prior_sigma^2 - 1 / sigma) * sigmoid(rho)
-            grad_rho = torch._foreach_mul(sigmas, ctx.inv_var)
-            torch._foreach_sub_(grad_rho, torch._foreach_reciprocal(sigmas))
-            torch._foreach_mul_(grad_rho, torch._foreach_sigmoid(rhos))
+        if any(ctx.needs_input_grad[4 + n : 4 + 2 * n]):
+            if ctx.exp:  # sigma^2 / prior_sigma^2 - 1
+                grad_rho = torch._foreach_mul(sigmas, sigmas)
+                torch._foreach_mul_(grad_rho, ctx.inv_var)
+                torch._foreach_sub_(grad_rho, 1.0)
+            else:  # (sigma / prior_sigma^2 - 1 / sigma) * sigmoid(rho)
+                grad_rho = torch._foreach_mul(sigmas, ctx.inv_var)
+                torch._foreach_sub_(grad_rho, torch._foreach_reciprocal(sigmas))
+                torch._foreach_mul_(grad_rho, torch._foreach_sigmoid(rhos))
             torch._foreach_mul_(grad_rho, grad)
         for release in ctx.releases:
             release()  # rho changes at the next optimizer step: do not hold sigma meanwhile
-        return None, None, None, *grad_mu, *grad_rho, *([None] * n)
+        return None, None, None, None, *grad_mu, *grad_rho, *([None] * n)
 
 
 def _diffs(mus: tuple[Tensor, ...], prior_means: list[float | Tensor]) -> list[Tensor]:

@@ -11,6 +11,11 @@ read-only property that draws a sample (the mean in "mean" mode). Everything els
 
 Within one call of such a module, each Bayesian parameter is sampled once, however often
 its ``forward`` reads it.
+
+Embeddings (``nn.Embedding``/``nn.EmbeddingBag``, opt-in): the ``padding_idx`` row is not
+sampled (every sample holds the mean's row, zero for a trained embedding), has no KL term
+and gets no gradient; ``max_norm`` renormalises the call's sample, as torch renormalises
+the plain layer's weight.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ class BayesianParameters(BayesianLayer):
     ``BayesianParameters.from_dnn(module, params=["name", ...])`` returns a copy of
     ``module`` whose class is a dynamic subclass of ``type(module)`` (named
     ``"Bayes" + type(module).__name__``) where each named parameter is a posterior
-    ``N(name_mu, softplus(name_rho)^2)`` under a Normal prior, exactly like the ``weight`` of
+    ``N(name_mu, sigma(name_rho)^2)`` under a Normal prior, exactly like the ``weight`` of
     :class:`BayesLinear`. Without ``params``, the parameters chosen by the class
     (``candidate_params``; ``None`` means every parameter the module itself holds) are used.
 
@@ -179,15 +184,25 @@ class BayesianParameters(BayesianLayer):
     # ------------------------------------------------------------------ behaviour
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # The module's own forward, reading the sampled parameters; one sample per
-        # Bayesian parameter per call, however often the forward reads it.
+        # Bayesian parameter per call, however often the forward reads it, for this module
+        # and the Bayesian layers inside it (attention reads ``out_proj.weight`` itself).
         forward = type(self).dnn_type.forward
-        if self._sample_cache is not None:  # a model-wide scope is open already
-            return forward(self, *args, **kwargs)
-        self._sample_cache = {}
+        opened = [
+            m for m in self.modules() if isinstance(m, BayesianLayer) and m._sample_cache is None
+        ]
+        for module in opened:
+            module._sample_cache = {}
         try:
             return forward(self, *args, **kwargs)
         finally:
-            self._sample_cache = None
+            for module in opened:
+                module._sample_cache = None
+
+    def _fixed_row(self, name: str) -> int | None:
+        """The padding row of an embedding's ``weight`` (``padding_idx``): never sampled."""
+        if name == "weight" and isinstance(self, (nn.Embedding, nn.EmbeddingBag)):
+            return self.padding_idx
+        return None
 
     def reset_parameters(self) -> None:
         """The torch.nn re-initialisation where the class has one; sigma back to its start."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dnn2bnn.prediction._collect import concat_draws, stack_draws
 from dnn2bnn.prediction._io import ModelInputs, is_model_output, prediction_of
 from dnn2bnn.prediction._split import Chunk, SplitPlan, cached_plan
 from dnn2bnn.prediction._vectorized import WeightDraws, is_stochastic
@@ -137,12 +139,9 @@ def predict(
     """
     task = _enum(Task, task, "task")
     chosen = _enum(Method, method, "method")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    num_samples = _positive_int("num_samples", num_samples)
+    if batch_size is not None:
+        batch_size = _positive_int("batch_size", batch_size)
     if class_dim is not None and (isinstance(class_dim, bool) or not isinstance(class_dim, int)):
         raise TypeError(f"class_dim must be an int or None, got {type(class_dim).__name__}")
     if class_dim is not None and task is Task.REGRESSION:
@@ -161,19 +160,48 @@ def predict(
     with torch.no_grad(), _eval_mode(model):
         sampler = _Sampler(model, num_samples, chosen, output_fn)
         for batch in _progress(batches, inputs, progress):
+            if any(t.shape[0] == 0 for t in batch.tensors()):
+                raise ValueError(
+                    "predict: a batch of the inputs has 0 rows (tensor shapes "
+                    f"{ {k: tuple(v.shape) for k, v in batch.named_tensors()} }); pass at least one input"
+                )
             outputs = sampler(batch)
-            parts.append(_summarize(outputs, task, class_dim, sampler, return_samples))
+            parts.append(_summarize(outputs, task, class_dim, sampler, return_samples, batch))
+            _check_joinable(parts)
     if not parts:
         raise ValueError("predict got no input batch")
     joined = type(parts[0]).concat(parts)  # type: ignore[arg-type]
     return dataclasses.replace(joined, method=sampler.method_used)
 
 
+def _check_joinable(parts: list[Prediction]) -> None:
+    """The batches' results are joined along dim 0: the other dims must agree."""
+    first, last = parts[0], parts[-1]
+    a = first.probs if isinstance(first, ClassificationPrediction) else first.mean
+    b = last.probs if isinstance(last, ClassificationPrediction) else last.mean
+    if a.shape[1:] != b.shape[1:]:
+        raise ValueError(
+            f"predict: batch {len(parts) - 1} gives results of shape {tuple(b.shape)} and batch 0 "
+            f"{tuple(a.shape)}: they can only be joined along dim 0 (the batch). Per-token or "
+            "per-pixel outputs of batches padded to their own length cannot be joined: pad every "
+            "batch to one length (e.g. DataCollatorWithPadding(padding='max_length', "
+            "max_length=...)) or call predict once per batch"
+        )
+
+
 def _summarize(
-    outputs: Any, task: Task, class_dim: int | None, sampler: _Sampler, keep: bool
+    outputs: Any, task: Task, class_dim: int | None, sampler: _Sampler, keep: bool,
+    batch: ModelInputs,
 ) -> Prediction:
     """The result of one batch from its ``[S, B, ...]`` outputs."""
     where = sampler.where
+    if isinstance(outputs, Tensor) and outputs.dim() == 2 and outputs.shape[1] != batch.batch_size:
+        # [N] outputs whose N is not the number of inputs: an input without its batch dim
+        raise ValueError(
+            f"predict: {where} returned shape {tuple(outputs.shape[1:])} for a batch of "
+            f"{batch.batch_size} inputs; dim 0 of the inputs and of the output must be the "
+            "batch (a single example needs x.unsqueeze(0))"
+        )
     if task is Task.REGRESSION:
         return RegressionPrediction.from_outputs(outputs, keep_samples=keep)
     if not isinstance(outputs, Tensor):
@@ -226,6 +254,9 @@ class _Sampler:
         output_fn: Callable[[Any], Any] | None,
     ) -> None:
         self.model = model
+        #: what the vectorized path traces: the module inside torch.compile/DataParallel/DDP
+        #: (the folded pass runs the traced graph in an fx interpreter; the loop calls ``model``)
+        self.traced = _unwrapped(model)
         self.num_samples = num_samples
         self.method = method
         self.output_fn = output_fn
@@ -259,20 +290,30 @@ class _Sampler:
         self.fell_back = True
 
     def __call__(self, inputs: ModelInputs) -> Any:
+        reason = None
         if not self.fell_back:
-            plan = cached_plan(self.model, inputs)
+            plan = cached_plan(self.traced, inputs)
             if isinstance(plan, str):
-                self._fall_back(plan)
+                reason = plan
             else:
                 try:
                     out = self._run_plan(plan, inputs)
                 except Exception as exc:  # noqa: BLE001 - any failure: the reference loop decides
-                    self._fall_back(f"the folded batch failed ({type(exc).__name__}: {exc})")
+                    first = (str(exc).strip().splitlines() or [""])[0]
+                    reason = f"the folded batch failed ({type(exc).__name__}: {first})"
                 else:
                     self.used.add("vectorized")
                     return out
+        if reason is not None and self.method is Method.VECTORIZED:
+            self._fall_back(reason)  # raises
+        # The first pass runs before the warning: inputs the model itself rejects (a wrong
+        # shape or dtype) raise the model's own error, not a warning about vectorizing.
+        first = self.select(inputs(self.model))
+        if reason is not None:
+            self._fall_back(reason)
         self.used.add("loop")
-        return _stack([self.select(inputs(self.model)) for _ in range(self.num_samples)])
+        rest = [self.select(inputs(self.model)) for _ in range(self.num_samples - 1)]
+        return stack_draws([first, *rest])
 
     def _run_plan(self, plan: SplitPlan, inputs: ModelInputs) -> Any:
         """All draws folded at once; on CPU in cache-sized chunks (see CPU_FOLD_BYTES)."""
@@ -289,44 +330,32 @@ class _Sampler:
             k = min(s - done, max(1, rows // max(1, batch)))
             parts.append(plan.run(inputs, WeightDraws(k, self.sigmas), chunk, select=self.select))
             done += k
-        return _concat(parts)
+        return concat_draws(parts)
 
 
-def _concat(parts: list[Any]) -> Any:
-    """Join ``[k, B, ...]`` outputs of several chunks of draws along the sample dimension."""
-    first = parts[0]
-    if len(parts) == 1:
-        return first
-    if isinstance(first, Tensor):
-        return torch.cat(parts)
-    if isinstance(first, (tuple, list)):
-        return type(first)(_concat([p[i] for p in parts]) for i in range(len(first)))
-    if isinstance(first, dict):
-        return {k: _concat([p[k] for p in parts]) for k in first}
-    if isinstance(first, torch.distributions.Normal):
-        return torch.distributions.Normal(
-            torch.cat([p.loc for p in parts]), torch.cat([p.scale for p in parts])
-        )
-    raise TypeError(
-        f"cannot collect model outputs of type {type(first).__name__}: pass output_fn= to pick "
-        "the prediction (a tensor, a (mean, log_variance) pair or a Normal)"
-    )
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module that ``torch.compile`` (``OptimizedModule._orig_mod``), ``DataParallel`` or
+    ``DistributedDataParallel`` (``.module``) wrapped, else ``model``: their ``forward(*args,
+    **kwargs)`` cannot be traced, the module inside computes the same."""
+    original = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(original, nn.Module):
+        return _unwrapped(original)
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return _unwrapped(model.module)
+    return model
 
 
-def _stack(outputs: list[Any]) -> Any:
-    first = outputs[0]
-    if isinstance(first, Tensor):
-        return torch.stack(outputs)
-    if isinstance(first, (tuple, list)):
-        return type(first)(_stack([o[i] for o in outputs]) for i in range(len(first)))
-    if isinstance(first, torch.distributions.Normal):
-        return torch.distributions.Normal(
-            torch.stack([o.loc for o in outputs]), torch.stack([o.scale for o in outputs])
-        )
-    raise TypeError(
-        f"cannot collect model outputs of type {type(first).__name__}: pass output_fn= to pick "
-        "the prediction (a tensor, a (mean, log_variance) pair or a Normal)"
-    )
+def _positive_int(name: str, value: Any) -> int:
+    """``value`` as an ``int >= 1``; numpy and 0-d tensor integers accepted, bools refused."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(
+        value, numbers.Integral
+    ):
+        raise ValueError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
 
 
 def _enum(cls: type[Enum], value: Any, name: str) -> Any:

@@ -45,17 +45,20 @@ def check_batch_axis(plan: SplitPlan, inputs: ModelInputs) -> str | None:
     """``None`` if folding is exact for ``plan`` on inputs like ``inputs``, else why not."""
     pool = _pool(inputs)
     try:
-        three = _Recorder(plan, check_rows=True)
-        three.probe(_rows(pool, [0, 1, 2]))
         two = _Recorder(plan, check_rows=False)
         two.probe(_rows(pool, [0, 1]))
+        three = _Recorder(plan, check_rows=True, at_two=two.seen)
+        three.probe(_rows(pool, [0, 1, 2]))
     except Exception as exc:  # noqa: BLE001 - any failure: the loop is the reference
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         return (
             "the batch-axis probe (the graph on 3 and 2 rows in 'mean' mode) failed "
             f"({type(exc).__name__}: {first})"
         )
+    plan.shared = frozenset(three.shared)
     for node, value in three.seen.items():
+        if node in three.shared:
+            continue
         for index, leaf in enumerate(_tensors(value) if node.op == "output" else [value]):
             if not isinstance(leaf, Tensor):
                 continue
@@ -69,6 +72,12 @@ def check_batch_axis(plan: SplitPlan, inputs: ModelInputs) -> str | None:
                 )
     if three.mixing is not None:
         node, row = three.mixing
+        if row is None:
+            return (
+                f"{_where(node, 0)} gives another result each time it runs on the same input "
+                "(random: dropout with training=True, sampling), so the probe cannot check that "
+                "it keeps the rows apart"
+            )
         return (
             f"{_where(node, 0)} mixes rows along dim 0: row {row} of its output changes when "
             "another row of its input changes (a sequence-first layout [T, B, ...], attention, "
@@ -144,7 +153,7 @@ def _pool(inputs: ModelInputs) -> ModelInputs:
         for k in range(1, 4 - len(picked)):
             first = v[picked[0]:picked[0] + 1]
             if first.is_floating_point():
-                scale = first.float().std().nan_to_num(0.0).item() or 1.0
+                scale = first.float().std(correction=0).nan_to_num(0.0).item() or 1.0
                 noise = torch.randn(first.shape, generator=generator).to(first.device, first.dtype)
                 rows.append(first + noise * scale)
             else:
@@ -171,10 +180,16 @@ class _Recorder(fx.Interpreter):
     """Runs the graph, keeps the values whose shapes are checked and row-probes each
     operation of the stochastic part (see the module docstring)."""
 
-    def __init__(self, plan: SplitPlan, *, check_rows: bool) -> None:
+    def __init__(
+        self, plan: SplitPlan, *, check_rows: bool, at_two: dict[fx.Node, Any] | None = None
+    ) -> None:
         super().__init__(plan.module, graph=plan.graph)
         self.plan = plan
         self.check_rows = check_rows
+        #: the values kept by the probe on 2 rows (which frontier values follow the batch)
+        self.at_two = at_two or {}
+        #: frontier values of the input whose shapes do not follow the batch (see _shared)
+        self.shared: set[fx.Node] = set()
         self.keep = {n for n in plan.stochastic if n.op != "output"} | {
             n for n in plan.frontier if n in plan.batched
         }
@@ -185,8 +200,8 @@ class _Recorder(fx.Interpreter):
             n for n in plan.stochastic
             if n.op == "call_module" and is_stochastic(modules[str(n.target)])
         }
-        #: the first node found mixing rows, and the row that changed
-        self.mixing: tuple[fx.Node, int] | None = None
+        #: the first node found mixing rows, and the row that changed (None: the node is random)
+        self.mixing: tuple[fx.Node, int | None] | None = None
 
     def probe(self, inputs: ModelInputs) -> None:
         from dnn2bnn.prediction._split import means_for_tracing
@@ -200,10 +215,12 @@ class _Recorder(fx.Interpreter):
         value = super().run_node(n)
         if n in self.keep or n.op == "output":
             self.seen[n] = map_aggregate(value, _clone)
+            if n in self.at_two and n not in self.plan.stochastic and _shared(value, self.at_two[n]):
+                self.shared.add(n)
         if probe:
             row = self._mixed_row(n, saved, value)
-            if row is not None:
-                self.mixing = (n, row)
+            if row is not None:  # the op mixes rows, or is random (judged only then: cheap)
+                self.mixing = (n, row if self._repeatable(n, saved, value) else None)
         return value
 
     def _row_probed(self, n: fx.Node) -> bool:
@@ -211,12 +228,28 @@ class _Recorder(fx.Interpreter):
             return False
         return n not in self.sampled_calls
 
+    def _repeatable(self, n: fx.Node, saved: dict[fx.Node, Any], value: Any) -> bool:
+        """Whether ``n`` run again on the same inputs gives the same result (not random)."""
+        def fresh(a: fx.Node) -> Any:  # copies: an in-place op (out += x) must not change saved
+            return map_aggregate(saved[a], _clone)
+
+        args = map_arg(n.args, fresh)
+        kwargs = map_arg(n.kwargs, fresh)
+        with self._set_current_node(n):
+            try:
+                again = getattr(self, n.op)(n.target, args, kwargs)
+            except Exception:  # noqa: BLE001 - judged by the row probe
+                return True
+        return all(_same(a, b) for a, b in zip(_tensors(value), _tensors(again)))
+
     def _mixed_row(self, n: fx.Node, saved: dict[fx.Node, Any], value: Any) -> int | None:
         batched = self.plan.batched
         for index, row in _PERTURBATIONS:
             def fetch(a: fx.Node, index: list[int] = index) -> Any:
                 v = saved[a]
-                return map_aggregate(v, lambda t: _take(t, index)) if a in batched else v
+                if a in batched and a not in self.shared:
+                    return map_aggregate(v, lambda t: _take(t, index))
+                return v
 
             args = map_arg(n.args, fetch)
             kwargs = map_arg(n.kwargs, fetch)
@@ -229,6 +262,18 @@ class _Recorder(fx.Interpreter):
                 if before.dim() and before.shape[0] == 3 and not _same(before[row], after[row]):
                     return row
         return None
+
+
+def _shared(at_three: Any, at_two: Any) -> bool:
+    """Whether a value crossing into the stochastic part has the same tensor shapes for 3
+    and 2 rows: computed from the input's shape (a causal mask ``[T, T]``, positions
+    ``[T]``) or a statistic of the whole batch, not per row. It is passed to the folded
+    part as it is (computed once on the real batch, as in each pass of the loop), not
+    repeated per draw."""
+    three, two = _tensors(at_three), _tensors(at_two)
+    if not three or len(three) != len(two) or len(three) != len(tree_leaves(at_three)):
+        return False
+    return all(a.shape == b.shape for a, b in zip(three, two))
 
 
 def _take(value: Any, index: list[int]) -> Any:

@@ -27,6 +27,7 @@ from dnn2bnn.layers._base import BayesianLayer, BayesMode, is_bayesian_layer
 from dnn2bnn.prediction._io import ModelInputs
 from dnn2bnn.prediction._vectorized import (
     FoldError,
+    Shared,
     WeightDraws,
     is_stochastic,
     per_draw_call,
@@ -111,7 +112,9 @@ class Binding:
             names.append(name)
             if isinstance(value, Tensor):
                 tensors.add(name)
-                key.append((name, Tensor))
+                # The probe's verdict depends on the layout: an op that keeps the rows of
+                # [B, T, D] apart may mix them for [B, D] (softmax(dim=-2)).
+                key.append((name, Tensor, value.dim(), value.dtype, value.device))
                 continue
             concrete[name] = value
             try:
@@ -153,6 +156,10 @@ class SplitPlan:
     binding: Binding | None = None
     #: The Hugging Face ``ModelOutput`` class of the model's output (fx records a dict).
     output_type: type | None = None
+    #: Frontier nodes that depend on the input but not row by row (same shapes for any
+    #: batch size: a causal mask from the sequence length): passed unfolded (the probe
+    #: fills this in).
+    shared: frozenset[fx.Node] = frozenset()
 
     def placeholder_values(self, inputs: ModelInputs) -> list[Any]:
         """The graph inputs for ``inputs`` (``forward``'s parameters in order)."""
@@ -231,7 +238,8 @@ def cached_plan(model: nn.Module, inputs: ModelInputs) -> SplitPlan | str:
 
     The plan is traced again when a submodule is added, removed or replaced, a layer's mode
     changes, a hook is added or removed, or the call passes other inputs (other tensor
-    arguments, other non-tensor values). Python control flow in ``forward`` that reads
+    arguments or tensors of another rank, dtype or device, other non-tensor values).
+    Python control flow in ``forward`` that reads
     other attributes is frozen in the trace (as in any torch.fx capture): after changing
     such an attribute, call :func:`clear_plan_cache`.
     """
@@ -373,22 +381,48 @@ class _FoldedInterpreter(fx.Interpreter):
 
     def _run_stochastic(self, n: fx.Node) -> Any:
         with self._set_current_node(n):
+            unfolded = self._deterministic_input(n)
+            if unfolded is not None:  # every draw reads the same value: not repeated
+                return self.draws.apply(self.fetch_attr(str(n.target)), unfolded, repeated=True)
             args = map_arg(n.args, self._fetch_folded)
             kwargs = map_arg(n.kwargs, self._fetch_folded)
             if n.op == "call_module":
                 module = self.fetch_attr(str(n.target))
                 if vectorizable(module) and not kwargs and len(args) == 1:
-                    return self.draws.apply(module, args[0])
-                if is_stochastic(module):
+                    return self.draws.apply(module, Shared.unwrap(args[0]))
+                if is_stochastic(module):  # slices the folded values, passes Shared ones whole
                     return per_draw_call(module, tuple(args), dict(kwargs), self.draws)
+            args, kwargs = map_aggregate(args, Shared.unwrap), map_aggregate(kwargs, Shared.unwrap)
             return getattr(self, n.op)(n.target, args, kwargs)
+
+    def _deterministic_input(self, n: fx.Node) -> Tensor | None:
+        """The ``[B, ...]`` input of a vectorizable layer fed from the deterministic part."""
+        if n.op != "call_module" or n.kwargs or len(n.args) != 1:
+            return None
+        (source,) = n.args
+        if not isinstance(source, fx.Node) or source in self.plan.stochastic:
+            return None
+        value = self.env.get(source)
+        if (
+            source not in self.plan.batched
+            or not isinstance(value, Tensor)
+            or value.dim() < 2
+            or value.shape[0] != self.batch
+            or not vectorizable(self.fetch_attr(str(n.target)))
+        ):
+            return None
+        return value
 
     def _fetch_folded(self, node: fx.Node) -> Argument:
         if node in self.plan.stochastic:
             return self.env[node]
         if node not in self._folded:
             value = self.env[node]
-            self._folded[node] = self._repeat(value) if node in self.plan.batched else value
+            if node in self.plan.shared:
+                value = Shared(value)  # one value for all draws: not repeated, nor sliced
+            elif node in self.plan.batched:
+                value = self._repeat(value)
+            self._folded[node] = value
         return self._folded[node]
 
     def _repeat(self, value: Any) -> Any:

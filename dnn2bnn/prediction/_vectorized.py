@@ -6,7 +6,13 @@ makes a convolution over all draws free of copies: ``[B * S, C, ...]`` is viewed
 ``[B, S * C, ...]`` and convolved with the ``S`` weight draws stacked as ``S * groups``
 groups (on CPU, where oneDNN's grouped kernels are slower, one ordinary convolution per
 draw on a strided slice instead). A linear layer applies the draws with one batched matrix
-product.
+product, or samples its outputs by local reparameterization when a cost model of FLOPs,
+normals and elementwise passes says that is cheaper (:func:`linear_plan`).
+
+A layer whose input comes straight from the deterministic part (the same ``[B, ...]`` value
+for every draw) gets that value unrepeated: local reparameterization then computes its two
+matrix products on ``B`` rows instead of ``B * S``, and a per-draw convolution reads it
+contiguously.
 
 Only the built-in layers whose ``forward`` is torch's own are handled here; any other
 stochastic module is run once per draw on its slice of the folded batch
@@ -16,7 +22,8 @@ stochastic module is run once per draw on its slice of the folded batch
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +31,16 @@ from torch import Tensor, nn
 from torch.fx.node import map_aggregate
 
 from dnn2bnn.layers._base import BayesianLayer, BayesMode, is_bayesian_layer
-from dnn2bnn.layers._sampling import softplus32
 
-__all__ = ["FoldError", "WeightDraws", "is_stochastic", "per_draw_call", "vectorizable"]
+__all__ = [
+    "DeviceCosts",
+    "FoldError",
+    "WeightDraws",
+    "is_stochastic",
+    "linear_plan",
+    "per_draw_call",
+    "vectorizable",
+]
 
 _CONV_FUNCTIONS: dict[type[nn.Module], Callable[..., Tensor]] = {
     nn.Conv1d: F.conv1d,
@@ -38,6 +52,20 @@ _SUPPORTED: tuple[type[nn.Module], ...] = (nn.Linear, *_CONV_FUNCTIONS)
 
 class FoldError(RuntimeError):
     """The model cannot run on a folded batch; the caller falls back to the plain loop."""
+
+
+class Shared:
+    """A value of the folded pass that is the same for every draw (not folded: a causal
+    mask computed from the input's shape); :func:`per_draw_call` passes it whole."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    @staticmethod
+    def unwrap(value: Any) -> Any:
+        return value.value if isinstance(value, Shared) else value
 
 
 def _samples(layer: nn.Module) -> bool:
@@ -79,6 +107,69 @@ def vectorizable(layer: nn.Module) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class DeviceCosts:
+    """Rough seconds per unit of work on one device type, for :func:`linear_plan`.
+
+    Only their ratios matter. Fixed constants, not timings taken at run time, so that the
+    same seed always takes the same path and draws the same numbers.
+    """
+
+    #: one floating-point operation of a matrix product (a multiply-add counts 2)
+    flop: float
+    #: one standard normal drawn by ``torch.randn``
+    normal: float
+    #: one element of an elementwise pass (read + write)
+    element: float
+
+
+#: Measured on the benchmark CPU (one thread, AVX-512, torch 2.14): matrix products at about
+#: 80 GFLOP/s, ``torch.randn`` about 4 ns per number (a Mersenne twister feeding Box-Muller),
+#: elementwise passes about 0.5 ns per element. On CUDA ``randn`` (Philox) is memory-bound.
+COSTS: dict[str, DeviceCosts] = {
+    "cpu": DeviceCosts(flop=1.25e-11, normal=4e-9, element=5e-10),
+    "cuda": DeviceCosts(flop=2e-14, normal=1e-11, element=5e-12),
+}
+
+
+def linear_plan(
+    *, rows: int, input_rows: int, samples: int, in_features: int, out_features: int,
+    device: str = "cpu",
+) -> Literal["local", "weights"]:
+    """How a Bayesian Linear layer applies ``samples`` draws to ``rows`` folded rows: the cheaper
+    of local reparameterization (``"local"``) and per-draw weights (``"weights"``).
+
+    ``input_rows`` is ``rows // samples`` when the input is the same deterministic value for
+    every draw (local reparameterization then multiplies only those rows), else ``rows``.
+    ``device`` is a ``torch.device`` type; other accelerators than CUDA use its constants.
+
+    * local: two matrix products of ``input_rows x in x out``, ``rows x out`` normals, about
+      five elementwise passes over the output and one over the input;
+    * weights: ``samples x in x out`` normals and two elementwise passes over the drawn
+      weights (scale, shift), one batched product of ``rows x in x out``, a copy of the input
+      and of the output to and from the draw-major layout.
+
+    Example:
+        >>> linear_plan(rows=16 * 8, input_rows=16 * 8, samples=16, in_features=1200, out_features=1200)
+        'local'
+        >>> linear_plan(rows=16 * 4096, input_rows=16 * 4096, samples=16, in_features=64, out_features=64)
+        'weights'
+    """
+    c = COSTS.get(device, COSTS["cuda"])
+    io = in_features * out_features
+    local = (
+        c.flop * 4 * input_rows * io
+        + c.normal * rows * out_features
+        + c.element * (5 * rows * out_features + input_rows * in_features)
+    )
+    weights = (
+        (c.normal + 2 * c.element) * samples * io
+        + c.flop * 2 * rows * io
+        + c.element * (rows * in_features + rows * out_features)
+    )
+    return "local" if local <= weights else "weights"
+
+
 class WeightDraws:
     """``S`` weight draws per Bayesian layer for one forward pass over a folded batch.
 
@@ -93,7 +184,8 @@ class WeightDraws:
         self._sigmas: dict[int, dict[str, Tensor]] = {} if sigmas is None else sigmas
         self._draws: dict[int, dict[str, Tensor | None]] = {}
         self._caches: dict[int, list[dict[str, Tensor]]] = {}
-        #: ids of Linear layers called once per pass: sampled by local reparameterization.
+        #: ids of Linear layers called once per pass: local reparameterization is exact for
+        #: them and used where :func:`linear_plan` finds it cheaper.
         self.local: frozenset[int] = frozenset()
 
     def new_pass(self) -> None:
@@ -112,52 +204,75 @@ class WeightDraws:
                 if mu is None:
                     out[name] = None
                     continue
-                if name not in sigmas:  # float32 or wider, as the layer's own sampling
-                    sigmas[name] = softplus32(layer._parameters[name + "_rho"])
-                sigma = sigmas[name]
-                shape = (self.num_samples, *mu.shape)
-                eps = torch.randn(shape, dtype=sigma.dtype, device=mu.device)
-                out[name] = eps.mul_(sigma).add_(mu).to(mu.dtype)
+                if name not in sigmas:
+                    sigmas[name] = _layer_sigma(layer, name)
+                out[name] = _draw(mu, sigmas[name], self.num_samples)
             self._draws[key] = out
         return self._draws[key]
 
-    def apply(self, layer: BayesianLayer, x: Tensor) -> Tensor:
-        """``layer`` on the folded batch ``x`` (``[B * S, ...]``), draw ``s`` on rows ``b*S+s``."""
+    def apply(self, layer: BayesianLayer, x: Tensor, *, repeated: bool = False) -> Tensor:
+        """``layer`` on the folded batch ``x`` (``[B * S, ...]``), draw ``s`` on rows ``b*S+s``.
+
+        With ``repeated=True``, ``x`` is the unfolded ``[B, ...]`` value that every draw reads
+        (a value from the deterministic part); the result is folded all the same.
+        """
         base = _torch_base(layer)
         s = self.num_samples
-        if x.dim() < 2 or x.shape[0] % s:
+        if x.dim() < 2 or (not repeated and x.shape[0] % s):
             raise FoldError(f"{type(layer).__name__} got an input of shape {tuple(x.shape)}")
         if base is nn.Linear and x.dim() == 2 and id(layer) in self.local:
-            return self._linear_local(layer, x)
+            rows = x.shape[0] * (s if repeated else 1)
+            plan = linear_plan(
+                rows=rows, input_rows=x.shape[0], samples=s, in_features=x.shape[1],
+                out_features=layer._parameters["weight_mu"].shape[0], device=x.device.type,
+            )
+            if plan == "local":
+                return self._linear_local(layer, x, repeated)
         draws = self.draws(layer)
         weight, bias = draws["weight"], draws.get("bias")
         if weight is None:
             raise FoldError(f"{type(layer).__name__} has no weight")
         if base is nn.Linear:
-            return _linear(x, weight, bias, s)
-        return _conv(layer, _CONV_FUNCTIONS[base], x, weight, bias, s)  # type: ignore[index]
+            return _linear(_repeat(x, s) if repeated else x, weight, bias, s)
+        return _conv(layer, _CONV_FUNCTIONS[base], x, weight, bias, s, repeated)  # type: ignore[index]
 
-    def _linear_local(self, layer: BayesianLayer, x: Tensor) -> Tensor:
+    def _linear_local(self, layer: BayesianLayer, x: Tensor, repeated: bool) -> Tensor:
         """Local reparameterization: each output unit ``N(x mu^T, x^2 (sigma^2)^T)``.
 
         For a 2-d input this is the exact distribution of each row's output under a weight
-        draw of its own, at the cost of two matrix products and one normal per output
-        instead of ``S`` weight draws. Rows of the same draw ``s`` then no longer share one
-        weight sample, which does not change any per-input predictive statistic.
+        draw of its own (the output units of one row are independent under a mean-field
+        posterior, so their joint distribution is exact too), at the cost of two matrix
+        products and one normal per output instead of ``S`` weight draws. Rows of the same
+        draw ``s`` then no longer share one weight sample: every per-input predictive
+        statistic is unchanged, joint statistics across inputs are not. With ``repeated``
+        the two products run on the ``B`` unrepeated rows (once per :func:`dnn2bnn.predict`
+        call and input: later chunks of draws reuse them).
         """
         sigmas = self._sigmas.setdefault(id(layer), {})
-        squares: dict[str, Tensor | None] = {}
-        for name in ("weight", "bias"):
-            mu = layer._parameters.get(name + "_mu")
-            if mu is None:
-                squares[name] = None
-                continue
-            if name not in sigmas:
-                sigmas[name] = softplus32(layer._parameters[name + "_rho"])
-            squares[name] = sigmas[name].square().to(x.dtype)
-        mean = F.linear(x, layer._parameters["weight_mu"], layer._parameters.get("bias_mu"))
-        var = F.linear(x.square(), squares["weight"], squares["bias"])  # type: ignore[arg-type]
-        return mean + var.clamp_min(0).sqrt() * torch.randn_like(mean)
+        if repeated and sigmas.get("local_input") is x:
+            mean, std = sigmas["local_mean"], sigmas["local_std"]
+        else:
+            squares: dict[str, Tensor | None] = {}
+            for name in ("weight", "bias"):
+                mu = layer._parameters.get(name + "_mu")
+                if mu is None:
+                    squares[name] = None
+                    continue
+                if name not in sigmas:
+                    sigmas[name] = _layer_sigma(layer, name)
+                if name + "^2" not in sigmas:  # once per predict call, as the sigmas
+                    sigmas[name + "^2"] = sigmas[name].square().to(x.dtype)
+                squares[name] = sigmas[name + "^2"]
+            mean = F.linear(x, layer._parameters["weight_mu"], layer._parameters.get("bias_mu"))
+            var = F.linear(x.square(), squares["weight"], squares["bias"])  # type: ignore[arg-type]
+            std = var.clamp_min_(0).sqrt_()
+            if repeated:  # keyed on the input tensor itself (held, so its id is not reused)
+                sigmas.update(local_input=x, local_mean=mean, local_std=std)
+        if not repeated:
+            return torch.randn_like(mean).mul_(std).add_(mean)
+        s = self.num_samples
+        eps = torch.randn(mean.shape[0], s, mean.shape[1], dtype=mean.dtype, device=mean.device)
+        return eps.mul_(std.unsqueeze(1)).add_(mean.unsqueeze(1)).reshape(-1, mean.shape[1])
 
     def sample_caches(self, layer: BayesianLayer) -> list[dict[str, Tensor]]:
         """One ``_sample_cache`` per draw, so a layer used twice in a pass reuses its sample."""
@@ -175,6 +290,35 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, s: int) -> Tensor:
     return out.reshape(b * s, *inner, weight.shape[1])
 
 
+def _layer_sigma(layer: BayesianLayer, name: str) -> Tensor:
+    """The posterior standard deviation of ``layer``'s parameter ``name``, float32 or wider
+    (as the layer's own sampling), in the layer's own parametrization."""
+    sigma = layer.posterior_sigma(name)
+    assert sigma is not None  # callers skip parameters without a mean
+    return sigma
+
+
+#: A tensor of at least this many elements is drawn one draw at a time (each draw's noise,
+#: scale and shift stay in cache instead of three passes over ``S`` copies in memory; on the
+#: benchmark CPU one ``randn`` over 16 draws of a ResNet-18 layer cost 1.5x 16 per-draw ones).
+SLICED_DRAW_NUMEL = 2**16
+
+
+def _draw(mu: Tensor, sigma: Tensor, s: int) -> Tensor:
+    """``[S, *mu.shape]`` draws ``mu + sigma * eps`` in the dtype of ``mu``."""
+    out = torch.empty((s, *mu.shape), dtype=sigma.dtype, device=mu.device)
+    if mu.numel() < SLICED_DRAW_NUMEL or mu.device.type != "cpu":
+        return out.normal_().mul_(sigma).add_(mu).to(mu.dtype)
+    for draw in out:
+        draw.normal_().mul_(sigma).add_(mu)
+    return out.to(mu.dtype)
+
+
+def _repeat(x: Tensor, s: int) -> Tensor:
+    """``[B, ...]`` -> ``[B * S, ...]``, each row ``S`` times (batch-major folding)."""
+    return x.unsqueeze(1).expand(x.shape[0], s, *x.shape[1:]).reshape(-1, *x.shape[1:])
+
+
 def _conv(
     layer: nn.Module,
     conv: Callable[..., Tensor],
@@ -182,14 +326,38 @@ def _conv(
     weight: Tensor,
     bias: Tensor | None,
     s: int,
+    repeated: bool = False,
 ) -> Tensor:
+    if repeated and layer.groups == 1:
+        # Every draw reads the same input: ONE ordinary convolution with the S draws stacked
+        # as output channels gives [B, S * C_out, ...], which is the folded [B * S, C_out, ...]
+        # as it is (batch-major), without repeating the input or stacking the outputs.
+        padding: Any = layer.padding
+        if layer.padding_mode != "zeros":
+            x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+            padding = 0
+        out = conv(
+            x,
+            weight.reshape(-1, *weight.shape[2:]),
+            None if bias is None else bias.reshape(-1),
+            layer.stride,
+            padding,
+            layer.dilation,
+            1,
+        )
+        return out.reshape(x.shape[0] * s, weight.shape[1], *out.shape[2:])
+    if repeated:
+        x = _repeat(x, s)
     b = x.shape[0] // s
     xg = x.reshape(b, s * x.shape[1], *x.shape[2:])  # a view: folding is batch-major
-    padding: Any = layer.padding
+    padding = layer.padding
     if layer.padding_mode != "zeros":
         xg = F.pad(xg, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
         padding = 0
     if _per_draw_conv(x):
+        if s == 1:  # one draw (a CPU chunk of one): an ordinary convolution, no stacking copy
+            return conv(xg, weight[0], None if bias is None else bias[0], layer.stride, padding,
+                        layer.dilation, layer.groups)
         xs = xg.reshape(b, s, -1, *xg.shape[2:])
         outs = [
             conv(xs[:, i], weight[i], None if bias is None else bias[i], layer.stride, padding,
@@ -234,6 +402,8 @@ def per_draw_call(
 
     def slice_of(index: int) -> Callable[[Any], Any]:
         def take(value: Any) -> Any:
+            if isinstance(value, Shared):
+                return value.value
             if isinstance(value, Tensor) and value.dim() > 0:
                 if value.shape[0] % s:
                     raise FoldError(

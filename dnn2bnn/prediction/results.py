@@ -12,6 +12,11 @@ from torch import Tensor
 __all__ = ["ClassificationPrediction", "RegressionPrediction"]
 
 
+def _widen(t: Tensor) -> Tensor:
+    """At least float32 (half, bfloat16 and integers widened), float64 kept."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _variance(samples: Tensor) -> Tensor:
     """Unbiased variance over the sample axis 0 (zeros for a single sample)."""
     if samples.shape[0] < 2:
@@ -113,7 +118,7 @@ class ClassificationPrediction:
             >>> binary.probs.shape, binary.predictive_entropy.shape
             (torch.Size([3, 2]), torch.Size([3]))
         """
-        logits = logits.float()
+        logits = _widen(logits)
         if logits.dim() < 2:
             raise ValueError(
                 f"logits must be [S, N, ...] (samples, batch, ...), got shape {tuple(logits.shape)}"
@@ -231,9 +236,9 @@ class RegressionPrediction:
         """
         aleatoric = None
         if isinstance(outputs, torch.distributions.Normal):
-            means, aleatoric = outputs.loc, outputs.scale.float().pow(2).mean(0)
+            means, aleatoric = outputs.loc, _widen(outputs.scale).pow(2).mean(0)
         elif isinstance(outputs, (tuple, list)) and len(outputs) == 2:
-            means, aleatoric = outputs[0], outputs[1].float().exp().mean(0)
+            means, aleatoric = outputs[0], _widen(outputs[1]).exp().mean(0)
         elif isinstance(outputs, Tensor):
             means = outputs
         else:
@@ -242,7 +247,7 @@ class RegressionPrediction:
                 f"pair or a torch.distributions.Normal; got {type(outputs).__name__} (predict's "
                 "output_fn= picks the prediction from another output)"
             )
-        means = means.float()
+        means = _widen(means)
         epistemic = _variance(means)
         return cls(
             mean=means.mean(0),

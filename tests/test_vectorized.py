@@ -1,0 +1,162 @@
+"""How a Bayesian layer applies its S draws in ``predict``: the cost-based choice between local
+reparameterization and per-draw weights, and inputs shared by every draw (issue 17)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import dnn2bnn
+from dnn2bnn.prediction import _predict, _vectorized
+from dnn2bnn.prediction._io import ModelInputs
+from dnn2bnn.prediction._split import cached_plan
+from dnn2bnn.prediction._vectorized import WeightDraws, linear_plan
+
+
+def mlp(sizes: tuple[int, ...]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def test_the_cost_model_prefers_local_reparameterization_for_small_batches():
+    shape = {"samples": 16, "in_features": 1200, "out_features": 1200}
+    assert linear_plan(rows=16 * 8, input_rows=16 * 8, **shape) == "local"
+    assert linear_plan(rows=16 * 100_000, input_rows=16 * 100_000, **shape) == "weights"
+    # An input shared by every draw makes the two matrix products S times cheaper.
+    big = 16 * 400
+    assert linear_plan(rows=big, input_rows=big, **shape) == "weights"
+    assert linear_plan(rows=big, input_rows=400, **shape) == "local"
+
+
+@pytest.mark.parametrize("plan", ["local", "weights", "cost model"])
+@pytest.mark.parametrize("fold", ["at once", "in chunks"])
+def test_predict_matches_the_loop_in_distribution_for_each_plan(plan, fold, monkeypatch):
+    """Per-input output distribution of the vectorized path == the reference loop's, whichever
+    way each Linear applies its draws (first layer fed by the input, the others by samples)."""
+    torch.manual_seed(0)
+    if plan != "cost model":
+        monkeypatch.setattr(_vectorized, "linear_plan", lambda **kw: plan)
+    if fold == "in chunks":  # CPU chunks of one draw: later chunks reuse the shared moments
+        monkeypatch.setattr(_predict, "CPU_FOLD_BYTES", 1)
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((10, 16, 16, 3)), posterior_sigma_init=0.2)
+    x = torch.randn(5, 10)
+    s = 300
+    fast = dnn2bnn.predict(bnn, x, s, task="regression", return_samples=True)
+    slow = dnn2bnn.predict(bnn, x, s, task="regression", return_samples=True, method="loop")
+    assert fast.method == "vectorized"
+    a, b = fast.samples, slow.samples
+    var_a, var_b = a.var(0), b.var(0)
+    z = (a.mean(0) - b.mean(0)) / ((var_a + var_b) / s).sqrt()
+    assert z.abs().max() < 5.0, z.abs().max()
+    log_ratio = (var_a / var_b).log()
+    assert log_ratio.abs().max() < 6 * 2 * math.sqrt(2 * 2 / (s - 1)), log_ratio.abs().max()
+    # the draws of one input differ
+    assert a[:, 0].std(0).min() > 0
+
+
+def test_local_reparameterization_has_the_exact_moments_of_a_weight_draw():
+    """Closed form: out ~ N(x mu^T + b_mu, x^2 sigma^2^T + sigma_b^2) for each input row."""
+    torch.manual_seed(0)
+    layer = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Linear(6, 4)), posterior_sigma_init=0.3)[0]
+    x = torch.randn(3, 6)
+    s = 4000
+    draws = WeightDraws(s)
+    draws.local = frozenset({id(layer)})
+    with torch.no_grad():
+        out = draws.apply(layer, x, repeated=True).reshape(3, s, 4)
+        sigma = nn.functional.softplus(layer.weight_rho)
+        sigma_b = nn.functional.softplus(layer.bias_rho)
+        mean = x @ layer.weight_mu.T + layer.bias_mu
+        std = (x.square() @ sigma.square().T + sigma_b.square()).sqrt()
+    z = (out.mean(1) - mean) / (std / math.sqrt(s))
+    assert z.abs().max() < 5.0
+    ratio = out.std(1) / std
+    assert (ratio - 1).abs().max() < 5 * math.sqrt(1 / (2 * s))
+
+
+def test_a_layer_fed_by_the_deterministic_part_multiplies_b_rows_not_b_times_s(monkeypatch):
+    """The first Linear of an MLP reads the same input for every draw: its two products of
+    local reparameterization run on the B input rows (on B * S repeated rows before)."""
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((10, 16, 3)), posterior_sigma_init=0.1)
+    rows: list[int] = []
+    linear = nn.functional.linear
+
+    def spy(x, *args, **kwargs):
+        rows.append(x.shape[0])
+        return linear(x, *args, **kwargs)
+
+    monkeypatch.setattr(_vectorized, "linear_plan", lambda **kw: "local")
+    x = torch.randn(6, 10)
+    inputs = ModelInputs.of(x)
+    plan = cached_plan(bnn, inputs)  # traced (and probed) before the spy
+    monkeypatch.setattr(nn.functional, "linear", spy)
+    with torch.no_grad():  # all 8 draws folded at once
+        out = plan.run(inputs, WeightDraws(8))
+    assert rows == [6, 6, 48, 48]  # first layer: mean and variance on the 6 input rows only
+    assert out.shape == (8, 6, 3) and not torch.allclose(out[0], out[1])
+    rows.clear()
+    # predict on CPU: a chunk of one draw, then one of 7 that reuses the first layer's moments
+    pred = dnn2bnn.predict(bnn, x, 8, return_samples=True)
+    assert pred.method == "vectorized"
+    assert rows == [6, 6, 6, 6, 42, 42]
+
+
+@pytest.mark.parametrize("s", [1, 5])
+@pytest.mark.parametrize("conv_path", [True, False], ids=["per-draw", "grouped"])
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (nn.Linear(6, 4), (3, 6)),
+        (nn.Linear(6, 4, bias=False), (3, 5, 6)),
+        (nn.Conv2d(2, 4, 3, padding=1), (3, 2, 6, 6)),
+        (nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect", bias=False), (3, 2, 6, 6)),
+        (nn.Conv1d(4, 6, 3, stride=2, groups=2), (3, 4, 9)),
+    ],
+    ids=["linear", "linear-3d", "conv2d", "conv2d-reflect", "conv1d-groups"],
+)
+def test_a_shared_input_gives_what_its_repeated_copy_gives(layer, shape, conv_path, s, monkeypatch):
+    """Per-draw weights: ``apply(x, repeated=True)`` (for a convolution: one convolution with
+    the draws stacked as output channels) == ``apply(x repeated S times)`` with the same draws."""
+    monkeypatch.setattr(_vectorized, "CPU_PER_DRAW_CONV", conv_path)
+    bnn = dnn2bnn.transform_to_bnn_layer(nn.Sequential(layer), type(layer), posterior_sigma_init=0.3)[0]
+    draws = WeightDraws(s)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        shared = draws.apply(bnn, x, repeated=True)
+        folded = x.unsqueeze(1).expand(shape[0], s, *shape[1:]).reshape(-1, *shape[1:])
+        torch.testing.assert_close(shared, draws.apply(bnn, folded), rtol=1e-5, atol=1e-5)
+        # and draw i on rows b * S + i is the plain layer with weight draw i
+        plain = bnn.to_dnn()
+        sampled = draws.draws(bnn)
+        for i in range(s):
+            plain.weight.copy_(sampled["weight"][i])
+            if plain.bias is not None:
+                plain.bias.copy_(sampled["bias"][i])
+            torch.testing.assert_close(shared[i::s], plain(x), rtol=1e-5, atol=1e-5)
+    assert shared.shape[0] == shape[0] * s
+
+
+@pytest.mark.parametrize("plan", ["local", "weights"])
+@pytest.mark.parametrize("parametrization", ["softplus", "exp"])
+def test_draws_follow_the_layers_parametrization(plan, parametrization, monkeypatch):
+    """sigma = exp(rho) or softplus(rho), as the layer says: a Linear(1, 1) on x = 1 outputs its
+    weight, so the sample std is sigma (softplus(0) = 0.69 would pass for exp(0) = 1 otherwise)."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(_vectorized, "linear_plan", lambda **kw: plan)
+    net = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False))
+    bnn = dnn2bnn.transform_to_bnn_model(
+        net, posterior_sigma_init=1.0, parametrization=parametrization, include=["0"]
+    )
+    with torch.no_grad():
+        bnn[0].weight_mu.zero_()
+        bnn[1].weight.fill_(1.0)
+    s = 4000
+    pred = dnn2bnn.predict(bnn, torch.ones(1, 1), s, task="regression", return_samples=True)
+    assert pred.method == "vectorized"
+    assert abs(pred.samples.std().item() - bnn[0].posterior_sigma().item()) < 0.05
+    assert abs(bnn[0].posterior_sigma().item() - 1.0) < 1e-6
