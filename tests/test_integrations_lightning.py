@@ -165,3 +165,34 @@ def test_mixin_works_with_the_pytorch_lightning_package_name(tmp_path):
     trainer.fit(module, _loader(_data(N_TRAIN, 0)))
     assert not torch.equal(module.model[-1].weight_rho, before)  # it trained
     assert trainer.logged_metrics["train/kl"] > 0 and module.num_train_examples == N_TRAIN
+
+
+def test_a_model_returning_a_tuple_gets_an_error_that_says_what_to_return():
+    # was: "expected logits (a tensor, or .logits) from the model, got tuple", no way out named
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            out = self.fc(x)
+            return out, out.sum()
+
+    module = lightning.BayesLightningModule(dnn2bnn.transform_to_bnn_model(Pair()), num_train_examples=8)
+    with pytest.raises(TypeError, match=r"got tuple; .*return_dict=True.* \(the output has 2 elements\)"):
+        module.elbo_loss((torch.randn(2, 4), torch.tensor([0, 1])))
+    with pytest.raises(TypeError, match="got tuple"):
+        module.mc_probs(torch.randn(2, 4))
+
+
+def test_float_targets_in_validation_get_an_error_naming_the_step():
+    # was: "labels must be integer class indices, got dtype torch.float32" from dnn2bnn.metrics
+    module = lightning.BayesLightningModule(
+        dnn2bnn.transform_to_bnn_model(nn.Linear(4, 1)), nn.functional.mse_loss, num_train_examples=8
+    )
+    batch = (torch.randn(3, 4), torch.randn(3, 1))
+    module.elbo_loss(batch)  # training a regression is fine
+    with pytest.raises(TypeError, match=r"BayesLightningModule\.validation_step: .* got torch\.float32"):
+        module.validation_step(batch, 0)
+    with pytest.raises(TypeError, match=r"test_step: .*task=\"regression\""):
+        module.test_step(batch, 0)

@@ -109,6 +109,29 @@ def test_save_pretrained_then_from_pretrained_restores_the_posterior(make, tmp_p
         assert torch.equal(again(ids).logits, bnn(ids).logits)
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize("make", [_bert, _gpt2], ids=["bert", "gpt2"])
+def test_save_bnn_of_a_converted_model_loads_without_arch(make, suffix, tmp_path):
+    # was: load_bnn -> CheckpointError "BertForSequenceClassification.__init__() missing
+    # 1 required positional argument: 'config'" (save_bnn recorded the class, not its config)
+    bnn = make()
+    with torch.no_grad():
+        for p in bnn.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    if hasattr(bnn, "lm_head"):  # the config recorded is the one at save time
+        bnn.resize_token_embeddings(110)
+    dnn2bnn.save_bnn(bnn, tmp_path / f"bnn{suffix}")
+    again = dnn2bnn.load_bnn(tmp_path / f"bnn{suffix}")
+    assert type(again) is type(bnn) and again.config.vocab_size == bnn.config.vocab_size
+    assert state_equal(again, bnn)
+    ids = torch.randint(0, 100, (2, 10))
+    bnn.eval(), again.eval()
+    with torch.no_grad(), dnn2bnn.set_mode(bnn, "mean"), dnn2bnn.set_mode(again, "mean"):
+        assert torch.equal(again(ids).logits, bnn(ids).logits)
+    dnn2bnn.save_bnn(again, tmp_path / f"again{suffix}")  # and again, without arch
+    assert state_equal(dnn2bnn.load_bnn(tmp_path / f"again{suffix}"), bnn)
+
+
 def test_plain_from_pretrained_loses_the_posterior_so_ours_is_needed(tmp_path):
     bnn = _bert()
     bnn.save_pretrained(tmp_path)
@@ -378,3 +401,128 @@ def test_seq2seq_trainer_trains_and_evaluates_a_tiny_t5(tmp_path):
     result = trainer.evaluate()  # labels are the decoder targets: no shift
     assert result["eval_nll"] == pytest.approx(result["eval_loss"], rel=1e-5)
     assert 3.0 < result["eval_nll"] < 6.0 and 0 <= result["eval_ece"] <= 1
+
+
+# ---------------------------------------------------------------------- F2 review: bad inputs
+class _Spans(torch.utils.data.Dataset):
+    """Question answering examples: two label names, start and end positions."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict:
+        ids = torch.randint(0, 100, (12,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "start_positions": i % 12, "end_positions": (i + 3) % 12}
+
+
+def test_several_label_names_get_no_mc_metrics_of_raw_logits(tmp_path):
+    # was: mc_metrics applied to the Trainer's (start_logits, end_logits): a silent
+    # eval_accuracy 0.125, eval_nll 0.013, eval_ece 0.98 that meant nothing
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=37)
+    torch.manual_seed(0)
+    bnn = _convert(transformers.BertForQuestionAnswering(config))
+    with pytest.warns(UserWarning, match=r"several label names \['start_positions', 'end_positions'\]"):
+        trainer = hf.BayesTrainer(model=bnn, args=_args(tmp_path), train_dataset=_Spans(),
+                                  eval_dataset=_Spans(), mc_samples=2)
+    assert trainer.compute_metrics is None
+    result = trainer.evaluate()
+    assert "eval_loss" in result and not {"eval_accuracy", "eval_nll", "eval_ece"} & set(result)
+
+
+def test_predict_with_generate_gets_no_mc_metrics_of_token_ids(tmp_path):
+    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=37, num_layers=1,
+                                   num_heads=2, decoder_start_token_id=0, pad_token_id=0)
+    bnn = _convert(transformers.T5ForConditionalGeneration(config))
+    args = transformers.Seq2SeqTrainingArguments(str(tmp_path), report_to=[], use_cpu=True,
+                                                 predict_with_generate=True)
+    with pytest.warns(UserWarning, match="predict_with_generate=True evaluates by generation"):
+        trainer = hf.BayesSeq2SeqTrainer(model=bnn, args=args, mc_samples=2)
+    assert trainer.compute_metrics is None
+
+
+def test_an_unconverted_model_is_refused(tmp_path):
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=37)
+    with pytest.raises(TypeError, match="BertForSequenceClassification without Bayesian layer"):
+        hf.BayesTrainer(model=transformers.BertForSequenceClassification(config), args=_args(tmp_path))
+
+
+def test_a_user_optimizer_is_checked_for_the_rho_learning_rate(tmp_path):
+    bnn = _bert()
+    plain = torch.optim.SGD(bnn.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"rho_lr=0.5 .* optimizers=\(optimizer, \.\.\.\) was passed"):
+        hf.BayesTrainer(model=bnn, args=_args(tmp_path), optimizers=(plain, None), rho_lr=0.5)
+    with pytest.warns(UserWarning, match="rho parameters train at the means' learning rate"):
+        hf.BayesTrainer(model=bnn, args=_args(tmp_path), optimizers=(plain, None))
+    groups = dnn2bnn.bayes_param_groups(bnn, lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer = hf.BayesTrainer(model=bnn, args=_args(tmp_path),
+                                  optimizers=(torch.optim.SGD(groups, lr=0.1), None))
+    assert trainer.create_optimizer() is trainer.optimizer
+
+
+def test_generate_in_mean_mode_is_the_deterministic_posterior_mean_model():
+    # the documented way to generate reproducibly from a converted GPT-2
+    bnn = _gpt2().eval()
+    prompt = torch.randint(0, 100, (2, 4), generator=torch.Generator().manual_seed(0))
+    options = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    dnn = dnn2bnn.to_dnn(bnn).eval()
+    with dnn2bnn.set_mode(bnn, "mean"):
+        first = bnn.generate(prompt, **options)
+        assert torch.equal(bnn.generate(prompt, **options), first)
+    assert first.shape == (2, 9) and torch.equal(dnn.generate(prompt, **options), first)
+
+
+class _Targets(torch.utils.data.Dataset):
+    """Float targets: one per sequence (regression) or three (multi-label)."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict:
+        ids = torch.randint(0, 100, (12,), generator=torch.Generator().manual_seed(i))
+        target = (ids[: self.width] % 2).float()
+        return {"input_ids": ids, "labels": target[0] if self.width == 1 else target}
+
+
+@pytest.mark.parametrize("width", [1, 3], ids=["regression", "multi-label"])
+def test_float_targets_are_evaluated_as_the_trainer_does_with_a_warning(width, tmp_path):
+    # was: RuntimeError "gather(): Expected dtype int32/int64 for index" (regression) and
+    # IndexError "The shape of the mask [24] ... does not match" (multi-label) in evaluate()
+    problem = None if width == 1 else "multi_label_classification"  # regression: found at forward
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=37,
+                                     num_labels=width, problem_type=problem)
+    torch.manual_seed(0)
+    bnn = _convert(transformers.BertForSequenceClassification(config))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = hf.BayesTrainer(model=bnn, args=_args(tmp_path), train_dataset=_Targets(width),
+                                  eval_dataset=_Targets(width), mc_samples=2)
+        result = trainer.evaluate()
+    messages = [str(w.message) for w in caught if "BayesTrainer" in str(w.message)]
+    assert len(messages) == 1 and ("float32" in messages[0] or "multi_label" in messages[0])
+    assert "eval_loss" in result and "eval_accuracy" not in result
+    assert trainer.compute_metrics is None
+
+
+@pytest.mark.parametrize("how", ["save_pretrained", "save_bnn"])
+def test_a_bfloat16_model_reloads_in_bfloat16(how, tmp_path):
+    # was: from_pretrained built the model in float32 (config.dtype is a torch.dtype in
+    # Transformers 5, not a string), so mean-mode outputs differed from the saved model's
+    bnn = _gpt2().to(torch.bfloat16).eval()
+    if how == "save_pretrained":
+        bnn.save_pretrained(tmp_path)
+        again = hf.from_pretrained(tmp_path)
+    else:
+        dnn2bnn.save_bnn(bnn, tmp_path / "bnn.safetensors")
+        again = dnn2bnn.load_bnn(tmp_path / "bnn.safetensors").eval()
+    assert again.lm_head.weight_mu.dtype == torch.bfloat16 and state_equal(again, bnn)
+    ids = torch.randint(0, 100, (2, 6))
+    with torch.no_grad(), dnn2bnn.set_mode(bnn, "mean"), dnn2bnn.set_mode(again, "mean"):
+        assert torch.equal(again(ids).logits, bnn(ids).logits)

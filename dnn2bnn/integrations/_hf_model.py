@@ -30,10 +30,26 @@ from dnn2bnn._version import __version__
 from dnn2bnn.checkpoint._bnn import bnn_metadata
 from dnn2bnn.layers._base import BayesianLayer, is_bayesian_layer
 
-__all__ = ["RECORD_NAME", "adopt_pretrained_", "bayesian_pretrained_class", "write_record"]
+__all__ = [
+    "RECORD_NAME",
+    "adopt_pretrained_",
+    "bayesian_pretrained_class",
+    "config_dtype",
+    "write_record",
+]
 
 #: File that ``save_pretrained`` of a converted model writes next to ``config.json``.
 RECORD_NAME = "dnn2bnn_config.json"
+
+
+def config_dtype(config: Any) -> Any:
+    """The ``torch.dtype`` a Hugging Face config records (a string or a dtype), else ``None``."""
+    import torch
+
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def adopt_pretrained_(model: nn.Module) -> None:

@@ -143,10 +143,12 @@ class BayesLightningMixin:
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         inputs, target = _split(batch)
+        _check_class_target(self, target, "validation_step")
         self._outputs["val"].append((self.mc_probs(inputs), target))
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         inputs, target = _split(batch)
+        _check_class_target(self, target, "test_step")
         self._outputs["test"].append((self.mc_probs(inputs), target))
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -216,6 +218,16 @@ class BayesLightningModule(BayesLightningMixin, pl.LightningModule):
         self.save_hyperparameters(ignore=["model", "loss_fn", "optimizer_cls"])
 
 
+def _check_class_target(module: Any, target: Any, step: str) -> None:
+    if isinstance(target, Tensor) and (target.is_floating_point() or target.is_complex()):
+        raise TypeError(
+            f"{type(module).__name__}.{step}: the Monte Carlo metrics (accuracy, NLL, ECE of the "
+            f"mean softmax) need integer class targets, got {target.dtype}; for regression or "
+            "multi-label targets override the step, e.g. with dnn2bnn.predict(self.model, x, "
+            'task="regression")'
+        )
+
+
 def _cross_entropy(output: Any, target: Tensor) -> Tensor:
     return F.cross_entropy(_logits(output), target)
 
@@ -255,4 +267,9 @@ def _logits(output: Any) -> Tensor:
     logits = getattr(output, "logits", None)
     if isinstance(logits, Tensor):
         return logits
-    raise TypeError(f"expected logits (a tensor, or .logits) from the model, got {type(output).__name__}")
+    raise TypeError(
+        f"expected class logits from the model (a tensor, or an output with .logits), got "
+        f"{type(output).__name__}; make the model return its logits (Hugging Face: "
+        "return_dict=True), or wrap it in a module that picks them"
+        + (f" (the output has {len(output)} elements)" if isinstance(output, (tuple, list)) else "")
+    )

@@ -48,7 +48,7 @@ from dnn2bnn.checkpoint._arch import _import
 from dnn2bnn.checkpoint._bnn import replay_calls
 from dnn2bnn.checkpoint._read import match_state
 from dnn2bnn.errors import CheckpointError, ConversionWarning
-from dnn2bnn.integrations._hf_model import RECORD_NAME
+from dnn2bnn.integrations._hf_model import RECORD_NAME, config_dtype
 from dnn2bnn.layers._base import BayesianLayer
 from dnn2bnn.loss import check_num_train_examples, kl_divergence
 from dnn2bnn.modes import set_mode
@@ -61,6 +61,8 @@ __all__ = [
     "from_pretrained",
     "mc_metrics",
 ]
+
+_NOT_SINGLE_LABEL = ("regression", "multi_label_classification")
 
 _CAUSAL_LM_NAMES = set(
     transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
@@ -105,20 +107,83 @@ class BayesTrainerMixin:
         if rho_lr is not None and not (isinstance(rho_lr, (int, float)) and rho_lr > 0):
             raise ValueError(f"rho_lr must be a number > 0, got {rho_lr!r}")
         super().__init__(*args, **kwargs)
-        if self.compute_metrics is None and mc_samples > 0:  # type: ignore[has-type]
-            self.compute_metrics = mc_metrics
+        if not any(isinstance(m, BayesianLayer) for m in self.model.modules()):  # type: ignore[attr-defined]
+            raise TypeError(
+                f"{type(self).__name__}: expected a model converted by "
+                f"dnn2bnn.transform_to_bnn_model, got {type(self.model).__name__} "  # type: ignore[attr-defined]
+                "without Bayesian layer"
+            )
         self._num_train_examples = None if num_train_examples is None else int(num_train_examples)
         self.rho_lr = rho_lr
         self.mc_samples = mc_samples
         self._kl_sum: Tensor | float = 0.0
         self._kl_count = 0
         self._warned_generate = False
-        if not any(isinstance(m, BayesianLayer) for m in self.model.modules()):
-            warnings.warn(
-                f"{type(self).__name__}: {type(self.model).__name__} has no Bayesian layer; "
-                "convert it with dnn2bnn.transform_to_bnn_model first",
-                stacklevel=2,
+        self._default_metrics = False
+        self._warned_not_mc = False
+        if self.compute_metrics is None and mc_samples > 0:  # type: ignore[has-type]
+            # only where prediction_step returns Monte Carlo log-probabilities: mc_metrics
+            # of generated token ids or of (start, end) logits would be numbers without meaning
+            if self._monte_carlo_evaluation():
+                self.compute_metrics = mc_metrics
+                self._default_metrics = True
+            else:
+                self._warned_not_mc = True
+                warnings.warn(
+                    f"{type(self).__name__}: {self._why_not_monte_carlo()}, so evaluation is the "
+                    "Trainer's own (one posterior sample per forward pass, no accuracy/NLL/ECE); "
+                    "pass compute_metrics= for metrics, or mc_samples=0 to silence this",
+                    stacklevel=2,
+                )
+        self._check_user_optimizer(rho_lr)
+
+    def _monte_carlo_evaluation(self) -> bool:
+        return self._why_not_monte_carlo() == ""
+
+    def _why_not_monte_carlo(self, labels: Tensor | None = None) -> str:
+        label_names = self.label_names or ["labels"]  # type: ignore[attr-defined]
+        problem = getattr(getattr(self.model, "config", None), "problem_type", None)  # type: ignore[attr-defined]
+        if problem in _NOT_SINGLE_LABEL:
+            return (
+                f"the model's config.problem_type is {problem!r} (Monte Carlo evaluation "
+                "averages a softmax over classes)"
             )
+        if labels is not None and labels.is_floating_point():
+            return (
+                f"the labels are {labels.dtype} (regression or multi-label targets; Monte Carlo "
+                "evaluation averages a softmax over integer classes)"
+            )
+        if getattr(self.args, "predict_with_generate", False):  # type: ignore[attr-defined]
+            return "predict_with_generate=True evaluates by generation"
+        if len(label_names) != 1:
+            return (
+                f"the model has several label names {list(label_names)} (Monte Carlo "
+                "evaluation handles one class label)"
+            )
+        return ""
+
+    def _check_user_optimizer(self, rho_lr: float | None) -> None:
+        optimizer = self.optimizer  # type: ignore[has-type]
+        if optimizer is None:
+            return
+        if rho_lr is not None:
+            raise ValueError(
+                f"{type(self).__name__}: rho_lr={rho_lr!r} sets the rho learning rate of the "
+                "optimizer BayesTrainer builds, but optimizers=(optimizer, ...) was passed; build "
+                "that optimizer with dnn2bnn.bayes_param_groups(model, lr=..., rho_lr=...) instead"
+            )
+        rho_ids = {id(p) for n, p in self.model.named_parameters() if n.endswith("_rho")}  # type: ignore[attr-defined]
+        for group in optimizer.param_groups:
+            ids = {id(p) for p in group["params"]}
+            if ids & rho_ids and ids - rho_ids:
+                warnings.warn(
+                    f"{type(self).__name__}: the optimizer passed in optimizers=(...) has a "
+                    "parameter group holding both rho and mean parameters, so the rho "
+                    "parameters train at the means' learning rate (and weight decay); build it "
+                    "with dnn2bnn.bayes_param_groups(model, lr=...) for the rho learning rate",
+                    stacklevel=3,
+                )
+                return
 
     # ------------------------------------------------------------------ the ELBO
     @property
@@ -251,14 +316,15 @@ class BayesTrainerMixin:
         inputs without labels); for causal language models, positions and labels are
         shifted by one as the model's own loss does. ``mc_samples=0`` gives the
         ``Trainer``'s own step, so does ``predict_with_generate`` (with a warning: it
-        generates with one posterior sample per call) and several label names.
+        draws new weights at every decoding step) and several label names.
         """
         label_names = self.label_names or ["labels"]  # type: ignore[attr-defined]
         generate = getattr(self.args, "predict_with_generate", False)  # type: ignore[attr-defined]
         if generate and self.mc_samples and not self._warned_generate:
             warnings.warn(
                 f"{type(self).__name__}: predict_with_generate=True evaluates by generation, "
-                "with one posterior sample per generate call, not by Monte Carlo averaging",
+                "and every decoding step (one forward pass) draws new weights, so a generated "
+                "sequence mixes posterior samples; it is not Monte Carlo averaging",
                 stacklevel=2,
             )
             self._warned_generate = True
@@ -268,6 +334,22 @@ class BayesTrainerMixin:
             )
         inputs = self._prepare_inputs(inputs)  # type: ignore[attr-defined]
         labels = inputs.get(label_names[0])
+        why = self._why_not_monte_carlo(labels)
+        if why:  # found only now: HF models set config.problem_type at their first forward
+            if self._default_metrics:
+                self.compute_metrics, self._default_metrics = None, False
+            if not self._warned_not_mc:
+                self._warned_not_mc = True
+                warnings.warn(
+                    f"{type(self).__name__}: {why}, so evaluation is the Trainer's own (one "
+                    "posterior sample per forward pass) and mc_metrics is not applied; pass "
+                    "mc_samples=0 to silence this",
+                    stacklevel=2,
+                )
+            self.mc_samples = 0
+            return super().prediction_step(  # type: ignore[misc]
+                model, inputs, prediction_loss_only, ignore_keys=ignore_keys
+            )
         # the labels stay in the forward, as in the Trainer's own step: encoder-decoder
         # models build their decoder inputs from them
         unwrapped = self.accelerator.unwrap_model(model)  # type: ignore[attr-defined]
@@ -342,7 +424,8 @@ class BayesSeq2SeqTrainer(BayesTrainerMixin, transformers.Seq2SeqTrainer):
     """``transformers.Seq2SeqTrainer`` for converted models (see :class:`BayesTrainerMixin`).
 
     With ``predict_with_generate=True``, evaluation generates as the ``Seq2SeqTrainer``
-    does (one posterior sample per call) instead of Monte Carlo averaging.
+    does instead of Monte Carlo averaging: every decoding step (one forward pass) draws new
+    weights, so a generated sequence mixes posterior samples rather than following one.
     """
 
 
@@ -386,10 +469,10 @@ def from_pretrained(directory: str | os.PathLike[str]) -> nn.Module:
         )
     cls = _import(*record["model_class"].split(":", 1))
     config = cls.config_class.from_pretrained(directory)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = config_dtype(config)
     model = cls(config)
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
-        model = model.to(getattr(torch, dtype))
+    if dtype is not None:
+        model = model.to(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConversionWarning)  # shown when it was converted
         model = replay_calls(model, record.get("calls", []))
