@@ -35,7 +35,7 @@ def _bnn(model: nn.Module, **options: Any) -> nn.Module:
         return dnn2bnn.transform_to_bnn_model(model, **options)
 
 
-class _Block(nn.Module):  # a user-written, non-torch.nn module (importable: tests._limits-free)
+class _Block(nn.Module):  # a user-written module, not a torch.nn layer or container
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(3, 3)
@@ -257,6 +257,18 @@ def _hf_tie() -> None:
     bnn.tie_weights()
 
 
+def _trainer_without_length(tmp_path: Path) -> int:
+    transformers = pytest.importorskip("transformers")
+    from dnn2bnn.integrations.transformers import BayesTrainer
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self) -> Any:
+            yield {"x": torch.zeros(3), "labels": 0}
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1)
+    return BayesTrainer(model=_bnn(nn.Linear(3, 2)), args=args, train_dataset=Stream()).num_train_examples
+
+
 def _lightning(model: nn.Module, batch: Any = None) -> None:
     lightning = pytest.importorskip("dnn2bnn.integrations.lightning")
     module = lightning.BayesLightningModule(model, num_train_examples=10)
@@ -380,6 +392,8 @@ CASES: list[tuple[str, Callable[[Path], Any], type, str]] = [
      ValueError, "GPT2LMHeadModel.tie_weights: lm_head.weight would be tied to transformer.wte.weight"),
     ("hf-resize", lambda _: _gpt2_bnn().resize_token_embeddings(30),
      TypeError, "are a Bayesian layer; resizing them is not supported"),
+    ("trainer-without-length", _trainer_without_length,
+     ValueError, "BayesTrainer: cannot take num_train_examples from a train_dataset without a length (Stream)"),
     ("lightning-unconverted", lambda _: _lightning(nn.Linear(3, 3)),
      TypeError, "BayesLightningModule: expected a network converted by dnn2bnn.transform_to_bnn_model"),
     ("lightning-dict-without-labels", lambda _: _lightning(_bnn(nn.Linear(3, 3)), {"x": X}),
