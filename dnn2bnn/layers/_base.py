@@ -370,7 +370,15 @@ class BayesianLayer(PosteriorKL, nn.Module):
             self._sample_cache = None
 
     def _estimated_forward(self, input: Tensor) -> Tensor:
-        if self.estimator is Estimator.REPARAM or self.bayes_mode == BayesMode.MEAN:
+        # A shared layer (used more than once per call of the model) must give every use the
+        # same weight sample; flipout/lrt draw fresh noise per use, so it runs "reparam"
+        # (conversion and set_estimator already set it, with a warning; this guards a direct
+        # assignment of ``layer.estimator``).
+        if (
+            self.estimator is Estimator.REPARAM
+            or self.bayes_mode == BayesMode.MEAN
+            or self._share_samples
+        ):
             return super().forward(input)  # type: ignore[misc]
         if self.estimator is Estimator.FLIPOUT:
             return _estimators.flipout(self, input)
