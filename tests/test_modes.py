@@ -118,3 +118,20 @@ def test_set_estimator_back_to_reparam_on_a_shared_layer_is_silent():
         warnings.simplefilter("error")
         dnn2bnn.set_estimator(bnn, "reparam")
     assert bnn.layer.estimator is dnn2bnn.Estimator.REPARAM
+
+
+class _DeconvTwice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.ConvTranspose2d(2, 2, 3, stride=2)
+
+    def forward(self, x):
+        return self.layer(x, output_size=[12, 12]) - self.layer(x, output_size=[12, 12])
+
+
+@pytest.mark.parametrize("estimator", ["flipout", "lrt"])
+def test_shared_transposed_conv_keeps_output_size_and_one_sample(estimator):
+    bnn = transform_to_bnn_model(_DeconvTwice(), posterior_sigma_init=0.2)
+    bnn.layer.estimator = dnn2bnn.Estimator(estimator)
+    gap = bnn(torch.randn(1, 2, 5, 5))
+    assert gap.shape == (1, 2, 12, 12) and gap.abs().max().item() == 0.0

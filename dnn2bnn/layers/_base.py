@@ -370,16 +370,22 @@ class BayesianLayer(PosteriorKL, nn.Module):
         finally:
             self._sample_cache = None
 
-    def _estimated_forward(self, input: Tensor) -> Tensor:
-        # A shared layer (used more than once per call of the model) must give every use the
-        # same weight sample; flipout/lrt draw fresh noise per use, so it runs "reparam"
-        # (conversion and set_estimator already set it, with a warning; this guards a direct
-        # assignment of ``layer.estimator``).
-        if (
+    def _runs_reparam(self) -> bool:
+        """Whether this call uses the torch.nn forward on sampled (or mean) weights.
+
+        A shared layer (used more than once per call of the model) must give every use the
+        same weight sample; flipout/lrt draw fresh noise per use, so it runs "reparam"
+        whatever its estimator (conversion and :func:`~dnn2bnn.set_estimator` already set
+        it, with a warning; this guards a direct assignment of ``layer.estimator``).
+        """
+        return (
             self.estimator is Estimator.REPARAM
             or self.bayes_mode == BayesMode.MEAN
             or self._share_samples
-        ):
+        )
+
+    def _estimated_forward(self, input: Tensor) -> Tensor:
+        if self._runs_reparam():
             return super().forward(input)  # type: ignore[misc]
         if self.estimator is Estimator.FLIPOUT:
             return _estimators.flipout(self, input)
