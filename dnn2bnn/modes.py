@@ -85,7 +85,10 @@ def set_estimator(model: nn.Module, estimator: Estimator | str) -> None:
 
     All estimators share parameters and KL, so a model trained with one can be evaluated
     with another. Layers that cannot run ``estimator`` (user subclasses with their own
-    ``forward``) keep ``"reparam"``; that is warned, naming them.
+    ``forward``) keep ``"reparam"``; that is warned, naming them. So do shared layers (used
+    more than once per call of the model, listed in the conversion report's ``shared``):
+    ``"flipout"`` and ``"lrt"`` draw fresh noise at every use, and a shared layer promises
+    one weight sample per call; that is warned too, naming them.
 
     Example:
         >>> bnn = dnn2bnn.transform_to_bnn_model(torch.nn.Linear(3, 2))
@@ -99,15 +102,26 @@ def set_estimator(model: nn.Module, estimator: Estimator | str) -> None:
         raise ValueError(
             f"estimator must be one of {[e.value for e in Estimator]}, got {estimator!r}"
         ) from exc
-    refused = []
+    refused, shared = [], []
     for name, layer in model.named_modules():
         if not isinstance(layer, BayesianLayer):
             continue
         if estimator is not Estimator.REPARAM and not layer.supports_estimators:
             refused.append(name or "<root>")
             continue
+        if estimator is not Estimator.REPARAM and layer._share_samples:
+            shared.append(name or "<root>")
+            layer.estimator = Estimator.REPARAM
+            continue
         layer.estimator = estimator
     if refused:
         warnings.warn(
             f"set_estimator: {refused} have their own forward and keep 'reparam'", stacklevel=2
+        )
+    if shared:
+        warnings.warn(
+            f"set_estimator: {shared} are used more than once per call (shared) and keep "
+            f"'reparam': {estimator.value!r} would draw independent noise at each use, "
+            "breaking one weight sample per call",
+            stacklevel=2,
         )

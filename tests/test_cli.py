@@ -384,3 +384,21 @@ def test_pickled_timm_model_is_converted_with_its_registry_name(workdir, capsys)
     bnn = dnn2bnn.load_bnn("bnn.safetensors").eval()
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(_mean(bnn, x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize("parametrization", ["softplus", "exp"])
+def test_inspect_reports_sigma_under_the_recorded_parametrization(tmp_path, capsys, suffix, parametrization):
+    """Regression: inspect read every rho as softplus(rho); an exp layer's sigma was wrong."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    bnn = dnn2bnn.transform_to_bnn_model(model, posterior_sigma_init=0.5, parametrization=parametrization)
+    with torch.no_grad():
+        bnn[2].weight_rho.add_(0.3)
+    path = dnn2bnn.save_bnn(bnn, tmp_path / f"bnn{suffix}")
+    assert main(["inspect", str(path), "--json"]) == 0
+    layers = {layer["name"]: layer for layer in json.loads(capsys.readouterr().out)["bayesian_layers"]}
+    for name in ("0", "2"):
+        expected = bnn[int(name)].posterior_sigma().mean().item()
+        assert layers[name]["posterior_sigma_mean"] == pytest.approx(expected, rel=1e-6)
+        assert layers[name]["parametrization"] == parametrization
+    assert layers["0"]["posterior_sigma_mean"] == pytest.approx(0.5, rel=1e-6)

@@ -294,3 +294,42 @@ def test_a_layer_pickled_before_the_parametrization_option_loads_as_softplus():
     assert old.parametrization.value == "softplus"
     torch.testing.assert_close(old.posterior_sigma(), torch.full((2, 3), 0.1))
     old(torch.ones(1, 3)).sum().backward()
+
+
+@pytest.mark.parametrize("saved, target", [("exp", "softplus"), ("softplus", "exp")])
+def test_a_state_dict_of_another_parametrization_is_refused_after_torch_save(tmp_path, saved, target):
+    """Issue 17: rho means softplus(rho) or exp(rho); the keys agree, so a mismatch was silent."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Conv1d(1, 2, 3))
+    source = dnn2bnn.transform_to_bnn_model(model, parametrization=saved, posterior_sigma_init=0.1)
+    with torch.no_grad():
+        source[0].weight_rho.add_(0.25)
+    torch.save(source.state_dict(), tmp_path / "sd.pt")
+    state = torch.load(tmp_path / "sd.pt", weights_only=True)
+    assert state._metadata["0"]["dnn2bnn_parametrization"] == saved
+    other = dnn2bnn.transform_to_bnn_model(model, parametrization=target)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(RuntimeError, match=rf"(?s)0: the state_dict's weight_rho, bias_rho were written under "
+                       rf"parametrization='{saved}'.*this layer uses parametrization='{target}'.*\n\s*2: "):
+        other.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="parametrization"):
+        other.load_state_dict(state, strict=False)  # a wrong sigma is never a "partial" load
+    # the same parametrization loads exactly, and sigma is the saved one
+    same = dnn2bnn.transform_to_bnn_model(model, parametrization=saved, posterior_sigma_init=0.3)
+    same.load_state_dict(state)
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(same.state_dict()[key], value, rtol=0, atol=0)
+    torch.testing.assert_close(same[0].posterior_sigma(), source[0].posterior_sigma(), rtol=0, atol=0)
+    # without the metadata (an old checkpoint, a plain dict): nothing says how rho was meant
+    other.load_state_dict(dict(state))
+    assert not torch.equal(other[0].weight_rho, before["0.weight_rho"])
+
+
+def test_a_state_dict_without_bayesian_keys_loads_whatever_was_recorded():
+    source = BayesLinear(3, 2, parametrization="exp")
+    state = source.state_dict()
+    assert state._metadata[""]["dnn2bnn_parametrization"] == "exp"
+    partial = type(state)((k, v) for k, v in state.items() if not k.endswith("_rho"))
+    partial._metadata = state._metadata
+    target = BayesLinear(3, 2)
+    target.load_state_dict(partial, strict=False)  # no rho loaded: no sigma to misread
+    torch.testing.assert_close(target.weight_mu, source.weight_mu, rtol=0, atol=0)

@@ -49,11 +49,7 @@ ARCH = "_generated:build_model"
 
 #: Known defects that break an invariant today, each marked ``xfail(strict=True)`` where it
 #: shows. The fix of one deletes its line here (its tests then must pass).
-OPEN_DEFECTS = {
-    "D7": "issue 14 item 7 (found here): with estimator flipout or lrt, a layer used twice in "
-    "one forward (shared, aliased, or a module call plus F.linear of its weight) gets "
-    "independent noise in each use although the report lists it as shared",
-}
+OPEN_DEFECTS: dict[str, str] = {}
 
 
 def _xfail(*defects: str | None) -> list[Any]:

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -86,7 +87,11 @@ def _describe(checkpoint: Checkpoint) -> dict[str, Any]:
         info["arch"] = metadata.get("arch")
         info["calls"] = metadata.get("calls", [])
         estimator = _estimator(metadata)
-        layers = [_layer(name, state, estimator) for name in metadata.get("converted", [])]
+        recorded = metadata.get("layers") or {}
+        layers = [
+            _layer(name, state, estimator, _parametrization(name, recorded))
+            for name in metadata.get("converted", [])
+        ]
         info["bayesian_layers"] = layers
         bayes = sum(layer["mean_elements"] for layer in layers)
         info["bayesian_mean_elements"] = bayes
@@ -123,7 +128,25 @@ def _estimator(metadata: dict[str, Any]) -> str:
     return ", ".join(sorted(chosen)) if chosen else "reparam"
 
 
-def _layer(name: str, state: dict[str, Tensor], estimator: str) -> dict[str, Any]:
+def _parametrization(name: str, recorded: dict[str, Any]) -> str:
+    """How layer ``name`` reads ``rho``: as recorded by ``save_bnn``; ``"softplus"`` for a
+    checkpoint written before parametrizations existed (which records none)."""
+    value = (recorded.get(name) or {}).get("parametrization", "softplus")
+    if value not in _SIGMA:
+        raise CheckpointError(
+            f"layer {name or '<root>'}: parametrization must be one of {sorted(_SIGMA)}, "
+            f"got {value!r}"
+        )
+    return str(value)
+
+
+#: sigma as a function of rho, per parametrization (see dnn2bnn.BayesConfig).
+_SIGMA = {"softplus": F.softplus, "exp": torch.exp}
+
+
+def _layer(
+    name: str, state: dict[str, Tensor], estimator: str, parametrization: str
+) -> dict[str, Any]:
     prefix = f"{name}." if name else ""
     mu, rho = state.get(prefix + "weight_mu"), state.get(prefix + "weight_rho")
     bias = state.get(prefix + "bias_mu")
@@ -140,8 +163,9 @@ def _layer(name: str, state: dict[str, Tensor], estimator: str) -> dict[str, Any
         "mean_elements": elements,
         "prior": prior or None,
         "posterior_sigma_mean": (
-            None if rho is None else float(F.softplus(rho.detach().float()).mean())
+            None if rho is None else float(_SIGMA[parametrization](rho.detach().float()).mean())
         ),
+        "parametrization": parametrization,
         "estimator": estimator,
     }
 

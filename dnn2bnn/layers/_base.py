@@ -41,6 +41,7 @@ from dnn2bnn.layers._guard import guard
 from dnn2bnn.layers._kl import PosteriorKL
 from dnn2bnn.layers._sampling import posterior_std, transforms_active
 from dnn2bnn.layers._sampling import sample as _sample
+from dnn2bnn.layers._state import check_parametrization, record_parametrization
 from dnn2bnn.priors import Prior
 
 __all__ = [
@@ -369,8 +370,22 @@ class BayesianLayer(PosteriorKL, nn.Module):
         finally:
             self._sample_cache = None
 
+    def _runs_reparam(self) -> bool:
+        """Whether this call uses the torch.nn forward on sampled (or mean) weights.
+
+        A shared layer (used more than once per call of the model) must give every use the
+        same weight sample; flipout/lrt draw fresh noise per use, so it runs "reparam"
+        whatever its estimator (conversion and :func:`~dnn2bnn.set_estimator` already set
+        it, with a warning; this guards a direct assignment of ``layer.estimator``).
+        """
+        return (
+            self.estimator is Estimator.REPARAM
+            or self.bayes_mode == BayesMode.MEAN
+            or self._share_samples
+        )
+
     def _estimated_forward(self, input: Tensor) -> Tensor:
-        if self.estimator is Estimator.REPARAM or self.bayes_mode == BayesMode.MEAN:
+        if self._runs_reparam():
             return super().forward(input)  # type: ignore[misc]
         if self.estimator is Estimator.FLIPOUT:
             return _estimators.flipout(self, input)
@@ -447,6 +462,33 @@ class BayesianLayer(PosteriorKL, nn.Module):
         state.setdefault("_exp", state["parametrization"] is Parametrization.EXP)
         state.setdefault("_replay", {})
         super().__setstate__(state)
+
+    # ------------------------------------------------------------------ state_dict
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        record_parametrization(destination, prefix, Parametrization(self.parametrization).value)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        check_parametrization(
+            state_dict=state_dict,
+            prefix=prefix,
+            local_metadata=local_metadata,
+            rho_names=[name + "_rho" for name in self.bayes_params],
+            parametrization=Parametrization(self.parametrization).value,
+            error_msgs=error_msgs,
+        )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # ------------------------------------------------------------------ pickling
     def __reduce_ex__(self, protocol: Any) -> Any:

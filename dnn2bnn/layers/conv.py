@@ -11,8 +11,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dnn2bnn.config import Estimator
-from dnn2bnn.layers._base import BayesianLayer, BayesMode
+from dnn2bnn.layers._base import BayesianLayer
 
 __all__ = [
     "BayesConv1d",
@@ -91,7 +90,7 @@ class _BayesConvTransposeNd(_BayesConvNd):
     def forward(  # type: ignore[override]
         self, input: Tensor, output_size: list[int] | None = None
     ) -> Tensor:
-        if self.estimator is Estimator.REPARAM or self.bayes_mode == BayesMode.MEAN:
+        if self._runs_reparam():
             return type(self).dnn_type.forward(self, input, output_size)
         me: Any = self
         kernel = me.kernel_size
