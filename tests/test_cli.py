@@ -402,3 +402,16 @@ def test_inspect_reports_sigma_under_the_recorded_parametrization(tmp_path, caps
         assert layers[name]["posterior_sigma_mean"] == pytest.approx(expected, rel=1e-6)
         assert layers[name]["parametrization"] == parametrization
     assert layers["0"]["posterior_sigma_mean"] == pytest.approx(0.5, rel=1e-6)
+
+
+def test_layers_conv1d_is_torch_conv1d_even_when_transformers_is_imported():
+    """Regression: with transformers imported, GPT-2's Conv1D took the name 'conv1d' from
+    nn.Conv1d in --layers (silently converting the wrong type) and in the help text."""
+    pytest.importorskip("transformers.pytorch_utils")
+    from transformers.pytorch_utils import Conv1D
+
+    from dnn2bnn.cli._convert import _layer_names, parse_layers
+
+    assert parse_layers("conv1d") == [torch.nn.Conv1d]
+    assert parse_layers("transformers.conv1d") == [Conv1D]
+    assert _layer_names().count("conv1d") == 1

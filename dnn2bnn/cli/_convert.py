@@ -310,7 +310,7 @@ def parse_layers(text: str | None) -> list[type[nn.Module]] | None:
     """``"linear,conv2d"`` -> ``[nn.Linear, nn.Conv2d]`` (names of the default mapping)."""
     if text is None:
         return None
-    known = {cls.__name__.lower(): cls for cls in default_mapping()}
+    known = {_layer_name(cls): cls for cls in default_mapping()}
     names = [part.strip().lower() for part in text.split(",") if part.strip()]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
@@ -321,8 +321,16 @@ def parse_layers(text: str | None) -> list[type[nn.Module]] | None:
     return [known[n] for n in names]
 
 
+def _layer_name(cls: type[nn.Module]) -> str:
+    """``conv1d`` for ``nn.Conv1d``; a layer of another library is qualified by it
+    (``transformers.conv1d`` for GPT-2's ``Conv1D``), so the two never share a name."""
+    name = cls.__name__.lower()
+    return name if cls.__module__.startswith("torch.") else f"{cls.__module__.split('.')[0]}.{name}"
+
+
 def _layer_names() -> list[str]:
-    return [cls.__name__.lower() for cls in default_mapping()]
+    """The torch.nn layer names of the default mapping (the same whatever is imported)."""
+    return [_layer_name(cls) for cls in default_mapping() if cls.__module__.startswith("torch.")]
 
 
 def _pickled_arch(
