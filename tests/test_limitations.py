@@ -439,18 +439,13 @@ def test_every_case_is_on_the_page() -> None:
     assert not missing, f"docs/limitations.md lacks the rows {missing}"
 
 
-# Known defects: silent wrong results the page lists. Strict xfails: a fix makes them pass, which
-# fails the suite until the row and the xfail are removed.
-@pytest.mark.xfail(strict=True, reason="known defect: an exp state_dict loads into a softplus model with no error")
+# Two silent wrong results found while writing the page, fixed since: their rows now say what
+# happens instead, and these are their regression tests.
 def test_exp_state_dict_into_softplus() -> None:
     exp = _bnn(nn.Linear(3, 3), parametrization="exp", posterior_sigma_init=0.5)
     softplus = _bnn(nn.Linear(3, 3), posterior_sigma_init=0.5)
-    try:
+    with pytest.raises(RuntimeError, match="parametrization='exp'"):
         softplus.load_state_dict(exp.state_dict())
-    except (RuntimeError, ValueError):
-        return  # refused: fixed
-    sigma = F.softplus(softplus.weight_rho)
-    torch.testing.assert_close(sigma, torch.full_like(sigma, 0.5))  # or converted: fixed
 
 
 class _WeightOtherOp(nn.Module):
@@ -462,13 +457,11 @@ class _WeightOtherOp(nn.Module):
         return self.fc(x) + self.fc.weight.sum()
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: predict vectorizes a weight read by another op as a constant")
 def test_predict_weight_other_op() -> None:
     torch.manual_seed(0)
     bnn = _bnn(_WeightOtherOp(), posterior_sigma_init=0.5)
     x = torch.randn(2, 3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PredictionWarning)  # a fix may fall back to the loop
+    with pytest.warns(PredictionWarning, match=r"fc\.weight_mu \(a Bayesian parameter\) is read outside"):
         auto = P(bnn, x, num_samples=400, task="regression").variance
     loop = P(bnn, x, num_samples=400, task="regression", method="loop").variance
     # the loop's variance is ~3.1 (9 weights of variance 0.25 in the sum, plus fc(x)); auto gave ~0.6

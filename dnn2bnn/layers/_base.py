@@ -545,6 +545,9 @@ def check_initialized(module: nn.Module, name: str) -> None:
 
 def _bayes_property(name: str) -> property:
     def getter(self: BayesianLayer) -> Tensor | None:
+        reads = self.__dict__.get("_fx_reads")
+        if reads is not None:  # predict's trace: a read outside the layer's own forward
+            reads.append(name)
         return self._draw(name)
 
     def setter(self: BayesianLayer, value: Any) -> None:

@@ -56,11 +56,27 @@ def means_for_tracing(model: nn.Module) -> Iterator[list[BayesianLayer]]:
     previous = [m.bayes_mode for m in layers]
     for m in layers:
         m.__dict__["bayes_mode"] = BayesMode.MEAN
+        # Bayesian layers are leaves of the trace, so every read of their ``weight``/``bias``
+        # while tracing is a read outside their forward (see :func:`weights_read_while_tracing`).
+        m.__dict__["_fx_reads"] = []
     try:
         yield [m for m, mode in zip(layers, previous) if mode != BayesMode.MEAN]
     finally:
         for m, mode in zip(layers, previous):
             m.__dict__["bayes_mode"] = mode
+            m.__dict__.pop("_fx_reads", None)
+
+
+def weights_read_while_tracing(model: nn.Module) -> list[str]:
+    """``fc.weight_mu``-style names of the Bayesian weights read during a trace under
+    :func:`means_for_tracing`: a read the graph may hold as a constant (``fc.weight.sum()``
+    runs eagerly on the tensor), so its samples would silently not vary."""
+    return [
+        f"{name}.{param}_mu"
+        for name, m in model.named_modules()
+        if isinstance(m, BayesianLayer)
+        for param in dict.fromkeys(m.__dict__.get("_fx_reads") or ())
+    ]
 
 
 @dataclass(frozen=True)
@@ -292,6 +308,12 @@ def plan_split(model: nn.Module, inputs: ModelInputs) -> SplitPlan | str:
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             kind = type(exc).__name__
             return f"torch.fx could not trace {type(model).__name__} ({kind}: {first})"
+        read = weights_read_while_tracing(model)
+    if read:
+        return (
+            f"{', '.join(read)} (a Bayesian parameter) is read outside its layer's forward; "
+            f"its samples cannot be batched"
+        )
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(binding.names):
         return (
