@@ -384,3 +384,16 @@ def test_pickled_timm_model_is_converted_with_its_registry_name(workdir, capsys)
     bnn = dnn2bnn.load_bnn("bnn.safetensors").eval()
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(_mean(bnn, x), model(x), rtol=0, atol=0)
+
+
+def test_to_dnn_of_a_state_dict_bnn_exports_for_inference(workdir, capsys):
+    """Regression: to-dnn exported the freshly rebuilt model in training mode, so the
+    archive's BatchNorm used batch statistics (a different answer for every batch)."""
+    assert main(["convert", "tiny.pt", "bnn.safetensors", *ARCH]) == 0
+    assert main(["to-dnn", "bnn.safetensors", "mean.pt2"]) == 1
+    assert "needs --input-shape" in capsys.readouterr().err
+    assert not Path("mean.pt2").exists()
+    assert main(["to-dnn", "bnn.safetensors", "mean.pt2", "--input-shape", "2,1,8,8"]) == 0
+    mean = torch.export.load("mean.pt2").module()  # exported for a batch of 2
+    torch.testing.assert_close(mean(X[:2]), trained_tiny()(X[:2]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(mean(X[2:]), trained_tiny()(X[2:]), rtol=0, atol=1e-6)
