@@ -679,3 +679,17 @@ def test_a_pt2_archive_that_load_bnn_cannot_rebuild_is_not_written(tmp_path):
     with pytest.raises(CheckpointError, match="could not be read back, so it was not written"):
         dnn2bnn.save_bnn(bnn, tmp_path / "bnn.pt2", example_inputs=torch.randn(2, 3))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_saving_a_torchvision_model_without_arch_names_the_torchvision_spec(tmp_path):
+    """Regression: the error told a torchvision user to pass 'package.module:callable'."""
+    import torchvision
+
+    bnn = dnn2bnn.transform_to_bnn_model(torchvision.models.mobilenet_v3_small(num_classes=3))
+    with pytest.raises(dnn2bnn.CheckpointError, match=r"arch='torchvision:NAME'"):
+        dnn2bnn.save_bnn(bnn, tmp_path / "b.pt")
+    assert not (tmp_path / "b.pt").exists()
+    dnn2bnn.save_bnn(bnn, tmp_path / "b.pt", arch="torchvision:mobilenet_v3_small", arch_kwargs={"num_classes": 3})
+    back = dnn2bnn.load_bnn(tmp_path / "b.pt").state_dict()
+    assert back.keys() == bnn.state_dict().keys()
+    assert all(torch.equal(v, back[k]) for k, v in bnn.state_dict().items())
