@@ -693,3 +693,20 @@ def test_saving_a_torchvision_model_without_arch_names_the_torchvision_spec(tmp_
     back = dnn2bnn.load_bnn(tmp_path / "b.pt").state_dict()
     assert back.keys() == bnn.state_dict().keys()
     assert all(torch.equal(v, back[k]) for k, v in bnn.state_dict().items())
+
+
+def test_pt2_of_a_model_in_training_mode_is_exported_for_inference(tmp_path):
+    """Regression: a BNN saved as .pt2 right after training (train mode) baked BatchNorm's
+    batch statistics into the archive, and the loaded module refuses eval()."""
+    torch.manual_seed(0)
+    dnn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with torch.no_grad():
+        dnn[1].running_mean.normal_()
+        dnn[1].running_var.uniform_(0.5, 2.0)
+    bnn = dnn2bnn.transform_to_bnn_model(dnn)
+    x = torch.randn(3, 4)
+    dnn2bnn.save_bnn(bnn, tmp_path / "b.pt2", example_inputs=x)
+    assert bnn.training and bnn[1].training  # the model's modes are restored
+    back = dnn2bnn.load_bnn(tmp_path / "b.pt2")
+    with torch.no_grad(), dnn2bnn.set_mode(back, "mean"):
+        torch.testing.assert_close(back(x), dnn.eval()(x), rtol=0, atol=1e-6)
