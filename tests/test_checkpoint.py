@@ -710,3 +710,25 @@ def test_pt2_of_a_model_in_training_mode_is_exported_for_inference(tmp_path):
     back = dnn2bnn.load_bnn(tmp_path / "b.pt2")
     with torch.no_grad(), dnn2bnn.set_mode(back, "mean"):
         torch.testing.assert_close(back(x), dnn.eval()(x), rtol=0, atol=1e-6)
+
+
+class _SharedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.fc(x)))
+
+
+def test_pt2_refusal_of_a_shared_layer_says_what_to_use_instead(tmp_path):
+    """A shared layer cannot be rebuilt from an archive's graph yet (A2-6): the refusal
+    names the formats that work, and nothing is written."""
+    bnn = dnn2bnn.transform_to_bnn_model(_SharedTwice())
+    arch = f"{__name__}:_SharedTwice"
+    with pytest.raises(CheckpointError, match=r"save it as \.safetensors or \.pt instead"):
+        dnn2bnn.save_bnn(bnn, tmp_path / "s.pt2", arch=arch, example_inputs=torch.randn(3, 4))
+    assert list(tmp_path.iterdir()) == []
+    dnn2bnn.save_bnn(bnn, tmp_path / "s.safetensors", arch=arch)
+    back = dnn2bnn.load_bnn(tmp_path / "s.safetensors")
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in bnn.state_dict().items())
