@@ -679,3 +679,56 @@ def test_a_pt2_archive_that_load_bnn_cannot_rebuild_is_not_written(tmp_path):
     with pytest.raises(CheckpointError, match="could not be read back, so it was not written"):
         dnn2bnn.save_bnn(bnn, tmp_path / "bnn.pt2", example_inputs=torch.randn(2, 3))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_saving_a_torchvision_model_without_arch_names_the_torchvision_spec(tmp_path):
+    """Regression: the error told a torchvision user to pass 'package.module:callable'."""
+    import torchvision
+
+    bnn = dnn2bnn.transform_to_bnn_model(torchvision.models.mobilenet_v3_small(num_classes=3))
+    with pytest.raises(dnn2bnn.CheckpointError, match=r"arch='torchvision:NAME'"):
+        dnn2bnn.save_bnn(bnn, tmp_path / "b.pt")
+    assert not (tmp_path / "b.pt").exists()
+    dnn2bnn.save_bnn(bnn, tmp_path / "b.pt", arch="torchvision:mobilenet_v3_small", arch_kwargs={"num_classes": 3})
+    back = dnn2bnn.load_bnn(tmp_path / "b.pt").state_dict()
+    assert back.keys() == bnn.state_dict().keys()
+    assert all(torch.equal(v, back[k]) for k, v in bnn.state_dict().items())
+
+
+def test_pt2_of_a_model_in_training_mode_is_exported_for_inference(tmp_path):
+    """Regression: a BNN saved as .pt2 right after training (train mode) baked BatchNorm's
+    batch statistics into the archive, and the loaded module refuses eval()."""
+    torch.manual_seed(0)
+    dnn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with torch.no_grad():
+        dnn[1].running_mean.normal_()
+        dnn[1].running_var.uniform_(0.5, 2.0)
+    bnn = dnn2bnn.transform_to_bnn_model(dnn)
+    x = torch.randn(3, 4)
+    dnn2bnn.save_bnn(bnn, tmp_path / "b.pt2", example_inputs=x)
+    assert bnn.training and bnn[1].training  # the model's modes are restored
+    back = dnn2bnn.load_bnn(tmp_path / "b.pt2")
+    with torch.no_grad(), dnn2bnn.set_mode(back, "mean"):
+        torch.testing.assert_close(back(x), dnn.eval()(x), rtol=0, atol=1e-6)
+
+
+class _SharedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.fc(x)))
+
+
+def test_pt2_refusal_of_a_shared_layer_says_what_to_use_instead(tmp_path):
+    """A shared layer cannot be rebuilt from an archive's graph yet (A2-6): the refusal
+    names the formats that work, and nothing is written."""
+    bnn = dnn2bnn.transform_to_bnn_model(_SharedTwice())
+    arch = f"{__name__}:_SharedTwice"
+    with pytest.raises(CheckpointError, match=r"save it as \.safetensors or \.pt instead"):
+        dnn2bnn.save_bnn(bnn, tmp_path / "s.pt2", arch=arch, example_inputs=torch.randn(3, 4))
+    assert list(tmp_path.iterdir()) == []
+    dnn2bnn.save_bnn(bnn, tmp_path / "s.safetensors", arch=arch)
+    back = dnn2bnn.load_bnn(tmp_path / "s.safetensors")
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in bnn.state_dict().items())

@@ -415,3 +415,16 @@ def test_layers_conv1d_is_torch_conv1d_even_when_transformers_is_imported():
     assert parse_layers("conv1d") == [torch.nn.Conv1d]
     assert parse_layers("transformers.conv1d") == [Conv1D]
     assert _layer_names().count("conv1d") == 1
+
+
+def test_to_dnn_of_a_state_dict_bnn_exports_for_inference(workdir, capsys):
+    """Regression: to-dnn exported the freshly rebuilt model in training mode, so the
+    archive's BatchNorm used batch statistics (a different answer for every batch)."""
+    assert main(["convert", "tiny.pt", "bnn.safetensors", *ARCH]) == 0
+    assert main(["to-dnn", "bnn.safetensors", "mean.pt2"]) == 1
+    assert "needs --input-shape" in capsys.readouterr().err
+    assert not Path("mean.pt2").exists()
+    assert main(["to-dnn", "bnn.safetensors", "mean.pt2", "--input-shape", "2,1,8,8"]) == 0
+    mean = torch.export.load("mean.pt2").module()  # exported for a batch of 2
+    torch.testing.assert_close(mean(X[:2]), trained_tiny()(X[:2]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(mean(X[2:]), trained_tiny()(X[2:]), rtol=0, atol=1e-6)

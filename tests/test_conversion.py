@@ -117,6 +117,71 @@ def test_shared_layer_is_one_bayesian_layer_with_one_sample_per_call():
     assert not torch.equal(bnn.fc(x), bnn.fc(x))  # called alone, each call samples
 
 
+class _SharedTwice(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x) - self.layer(x)
+
+
+class _SharedMixed(nn.Module):  # a module call plus a functional read of its weight
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.layer(x) - F.linear(x, self.layer.weight, self.layer.bias)
+
+
+class _SharedAlias(nn.Module):  # one module registered under two names
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+        self.alias = self.layer
+
+    def forward(self, x):
+        return self.layer(x) - self.alias(x)
+
+
+_SHARED = {
+    "linear": (lambda: _SharedTwice(nn.Linear(4, 4)), (3, 4)),
+    "conv2d": (lambda: _SharedTwice(nn.Conv2d(2, 2, 3, padding=1)), (2, 2, 5, 5)),
+    "mixed": (_SharedMixed, (3, 4)),
+    "alias": (_SharedAlias, (3, 4)),
+}
+
+
+@pytest.mark.parametrize("estimator", ["flipout", "lrt"])
+@pytest.mark.parametrize("family", sorted(_SHARED))
+def test_shared_layer_falls_back_to_reparam_under_flipout_or_lrt(family, estimator):
+    # flipout/lrt draw fresh noise at every use; a shared layer must give one sample per call
+    build, shape = _SHARED[family]
+    torch.manual_seed(0)
+    with pytest.warns(ConversionWarning, match=f"estimator '{estimator}'.*'reparam' instead"):
+        bnn = transform_to_bnn_model(build(), posterior_sigma_init=0.2, estimator=estimator)
+    report = bnn.conversion_report
+    assert report.shared == ["layer"]
+    assert any("shared" in n and "'reparam' instead" in n for n in report.notes)
+    assert bnn.layer.estimator is dnn2bnn.Estimator.REPARAM
+    assert torch.equal(bnn(torch.randn(*shape)), torch.zeros(shape))
+
+
+def test_shared_layer_reconfigured_to_flipout_keeps_reparam():
+    bnn = transform_to_bnn_model(_SharedTwice(nn.Linear(4, 4)), posterior_sigma_init=0.2)
+    with pytest.warns(ConversionWarning, match="'reparam' instead"):
+        again = transform_to_bnn_model(bnn, estimator="lrt")
+    assert again.layer.estimator is dnn2bnn.Estimator.REPARAM
+    assert torch.equal(again(torch.ones(2, 4)), torch.zeros(2, 4))
+
+
+def test_unshared_layers_keep_flipout():
+    bnn = transform_to_bnn_model(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), estimator="flipout")
+    assert bnn.conversion_report.shared == [] and not bnn.conversion_report.notes
+    assert all(layer.estimator is dnn2bnn.Estimator.FLIPOUT for layer in bnn)
+
+
 def test_same_module_under_two_names_is_converted_once():
     inner = nn.Linear(3, 3)
     dnn = nn.Sequential(inner, nn.ReLU(), inner)

@@ -204,3 +204,27 @@ def test_a_new_parametrization_keeps_sigma():
     )
     with torch.no_grad(), set_mode(again, "mean"):
         torch.testing.assert_close(again(x), before)
+
+
+class _OwnWeight(nn.Module):
+    """A model whose own parameter is a functional weight: it becomes a Bayesian root."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(4, 4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(torch.nn.functional.linear(x, self.W)))
+
+
+def test_reconverting_a_bayesian_root_traces_it():
+    # the root's forward(*args, **kwargs) wrapper once made torch.fx fail: a spurious
+    # "could not trace" ConversionWarning (an error under the test settings)
+    bnn = transform_to_bnn_model(_OwnWeight())
+    again = transform_to_bnn_model(bnn, prior_sigma=0.3)
+    report = again.conversion_report
+    assert report.method == "torch.fx" and report.fallback_reason is None
+    assert sorted(r.name for r in report.reconfigured) == ["", "head"]
+    assert sorted(n for n, _ in again.named_parameters()) == sorted(n for n, _ in bnn.named_parameters())
+    assert again.W_prior_sigma.max().item() == pytest.approx(0.3)

@@ -122,7 +122,10 @@ def _export_checked(
         rebuilt = load_bnn(tmp)
     except CheckpointError as exc:
         raise CheckpointError(
-            f"the exported archive could not be read back, so it was not written: {exc}"
+            f"the exported archive could not be read back, so it was not written: {exc}. "
+            "A .pt2 archive is rebuilt from its graph, which does not yet cover every model "
+            "(a layer used more than once per call, a model's own parameter used as a "
+            "weight); save it as .safetensors or .pt instead"
         ) from exc
     def posterior(m: nn.Module) -> dict[str, tuple[int, ...]]:
         return {

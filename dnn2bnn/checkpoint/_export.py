@@ -119,11 +119,12 @@ def export_module(
         )
     has_bayes = any(isinstance(m, BayesianLayer) for m in model.modules())
     try:
-        if has_bayes:
-            with set_mode(model, "sample"), _reparam_estimator(model):
+        with _eval_mode(model):
+            if has_bayes:
+                with set_mode(model, "sample"), _reparam_estimator(model):
+                    program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic)
+            else:
                 program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic)
-        else:
-            program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic)
     except Exception as exc:
         raise CheckpointError(f"torch.export failed on {type(model).__name__}: {exc}") from exc
     extra = {PT2_METADATA: json.dumps(metadata)} if metadata is not None else None
@@ -131,6 +132,23 @@ def export_module(
 
 
 # ------------------------------------------------------------------------- internals
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Export for inference: every module in eval mode (BatchNorm running statistics, no
+    dropout), the previous modes restored after. A module rebuilt from an archive keeps the
+    mode it was exported in (torch.export's modules refuse ``eval()``)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 @contextmanager
 def _reparam_estimator(model: nn.Module) -> Iterator[None]:
     """Export every layer with the reparameterization estimator (one weight sample per call).

@@ -170,6 +170,14 @@ def check_rebuild(model: nn.Module, metadata: dict[str, Any], *, where: str) -> 
         "pass arch='package.module:callable' (and arch_kwargs=) naming a class or function "
         "that builds this model's deterministic architecture"
     )
+    library = origin_class(model).__module__.partition(".")[0]
+    if library in ("torchvision", "timm"):  # the builder name is not recorded in the model
+        hint = (
+            f"pass arch='{library}:NAME' (and arch_kwargs=, e.g. {{'num_classes': 10}}) naming "
+            f"the {library} model it was built with, e.g. arch='"
+            + ("torchvision:resnet18" if library == "torchvision" else "timm:resnet18")
+            + "'"
+        )
     try:
         try:
             rebuilt = rebuild(metadata, where=where, device="meta")

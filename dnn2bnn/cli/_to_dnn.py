@@ -11,6 +11,7 @@ from dnn2bnn.conversion.deploy import to_dnn
 from dnn2bnn.checkpoint._export import export_module
 from dnn2bnn.checkpoint._files import WRITABLE_SUFFIXES, atomic_write, check_output, suffix_of
 from dnn2bnn.cli._common import emit, example_inputs, input_shape, params
+from dnn2bnn.errors import CheckpointError
 from dnn2bnn.layers import BayesianLayer
 
 __all__ = ["add_parser", "run"]
@@ -51,9 +52,19 @@ def run(args: argparse.Namespace) -> int:
     source, output = Path(args.input), Path(args.output)
     suffix = suffix_of(output, WRITABLE_SUFFIXES, "output")
     check_output(output, inputs=(source,), force=args.force)
+    from_program = source.suffix.lower() == ".pt2"
+    if suffix == ".pt2" and not from_program and args.input_shape is None:
+        raise CheckpointError(
+            f"writing a .pt2 OUTPUT from {source} (a state_dict BNN) needs --input-shape to "
+            "export the model with"
+        )
     bnn = load_bnn(source)
     layers = sum(isinstance(m, BayesianLayer) for m in bnn.modules())
     dnn = to_dnn(bnn)
+    if not from_program:
+        # a model rebuilt from a state_dict starts in training mode: export it for
+        # inference (BatchNorm with running statistics, no dropout), as `convert` does
+        dnn.eval()
     if suffix == ".pt2":
         inputs = example_inputs(args.input_shape)
         atomic_write(output, lambda tmp: export_module(dnn, tmp, None, inputs))

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from dnn2bnn.config import BayesConfig, BayesConfigMapping
+from dnn2bnn.config import BayesConfig, BayesConfigMapping, Estimator
 from dnn2bnn.conversion._candidates import (
     Action,
     Candidate,
@@ -56,6 +56,7 @@ def plan_conversion(model: nn.Module, request: Request, trace: TraceInfo) -> Con
         if candidate is not None:
             candidates.append(candidate)
     candidates += entries
+    _share_one_sample(candidates, trace)
     candidates += uninitialized(index, candidates)
     if not trace.ok:
         candidates += unknown_uses(index, candidates)
@@ -194,6 +195,33 @@ def _bayesian_candidate(
         candidate.notes.append(f"{names[0]}: {fallback}")
         candidate.config = dataclasses.replace(config, estimator="reparam")
     return candidate
+
+
+def _share_one_sample(candidates: list[Candidate], trace: TraceInfo) -> None:
+    """Give a layer used more than once per call the 'reparam' estimator.
+
+    A shared layer draws one weight sample per call of the model; 'flipout' and 'lrt'
+    draw fresh noise at every use instead (sign flips, pre-activation noise), so the uses
+    would not agree. Such layers fall back to 'reparam', with a note (warned and reported).
+    """
+    for candidate in candidates:
+        config = candidate.config
+        if candidate.action not in (Action.CONVERT, Action.RECONFIGURE) or config is None:
+            continue
+        if config.estimator is Estimator.REPARAM:
+            continue
+        uses = trace.uses.get(id(candidate.module), 0)
+        if uses <= 1 and len(candidate.names) <= 1:
+            continue
+        how = f"used {uses} times per forward call" if uses > 1 else (
+            f"reachable as {', '.join(n or '<root>' for n in candidate.names)}"
+        )
+        candidate.notes.append(
+            f"{candidate.name or '<root>'}: shared ({how}), so estimator "
+            f"{config.estimator.value!r} would draw independent noise at each use; it uses "
+            "'reparam' instead (one weight sample per forward call)"
+        )
+        candidate.config = dataclasses.replace(config, estimator=Estimator.REPARAM)
 
 
 def _tie_notes(plan: ConversionPlan, index: ModelIndex) -> list[str]:

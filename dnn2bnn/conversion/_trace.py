@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from dnn2bnn.layers.params import BayesianParameters
+
 __all__ = ["ParamUse", "TraceInfo", "analyse"]
 
 #: Functions taking ``(input, weight, bias, ...)``: a Bayesian layer's operation.
@@ -100,6 +102,15 @@ class _Tracer(fx.Tracer):
     def __init__(self, leaf_types: tuple[type, ...]) -> None:
         super().__init__()
         self._leaf_types = leaf_types
+
+    def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
+        # A Bayesian root with parameter-level weights (``BayesNet``) runs its class's own
+        # forward through a ``forward(*args, **kwargs)`` wrapper, which torch.fx cannot
+        # trace: trace the wrapped forward, whose signature is the user's.
+        root = getattr(self, "root", None)
+        if is_module and isinstance(root, BayesianParameters):
+            root_fn = type(root).dnn_type.forward
+        return super().create_args_for_root(root_fn, is_module, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self._leaf_types) or super().is_leaf_module(m, module_qualified_name)
