@@ -264,3 +264,24 @@ def test_separate_biases_of_a_converted_layer_weight_are_converted():
     x = torch.randn(2, 4)
     with torch.no_grad(), set_mode(bnn, "mean"):
         torch.testing.assert_close(bnn(x), dnn(x), rtol=0, atol=0)
+
+
+def test_a_functional_embedding_table_is_reported_and_convertible_by_name():
+    """Regression: a model's own table used by F.embedding was left deterministic without a
+    word (not in the report, also with strict=True); it is opt-in like nn.Embedding."""
+
+    class Lookup(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(10, 4))
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(F.embedding(ids, self.table))
+
+    bnn = dnn2bnn.transform_to_bnn_model(Lookup())
+    skipped = {s.name: s.reason for s in bnn.conversion_report.skipped}
+    assert "table of embedding()" in skipped["table"] and "params=" in skipped["table"]
+    assert not hasattr(bnn, "table_mu")
+    chosen = dnn2bnn.transform_to_bnn_model(Lookup(), params=["table"])
+    assert hasattr(chosen, "table_mu") and chosen(torch.tensor([[1, 2]])).shape == (1, 2, 2)

@@ -71,6 +71,10 @@ def functional_weights(
         if isinstance(value, nn.parameter.UninitializedParameter):
             entry(Action.REFUSE, f"{what}; uninitialized (lazy); run one forward pass before converting")
             continue
+        if main and all(u.slot == "table" for u in main):
+            # Like nn.Embedding, a lookup table is opt-in: reported, never silently left out.
+            entry(Action.SKIP, f"{what}; embedding tables are opt-in: name it in params= to make it Bayesian")
+            continue
         if main and (any(u.slot == "weight" for u in main) or value.dim() >= 2):
             weights[name] = what
         elif main:
@@ -107,7 +111,12 @@ def functional_weights(
 
 
 def _describe(uses: list[ParamUse]) -> str:
-    labels = {"weight": "the weight of", "operand": "an operand of", "bias": "the bias of"}
+    labels = {
+        "weight": "the weight of",
+        "operand": "an operand of",
+        "bias": "the bias of",
+        "table": "the table of",
+    }
     parts = list(dict.fromkeys(f"{labels[u.slot]} {u.function}()" for u in uses))
     return "used as " + " and ".join(parts)
 

@@ -46,6 +46,9 @@ _WEIGHT_FUNCTIONS: dict[Any, tuple[int, int]] = {
 }
 _WEIGHT_FUNCTIONS[F.bilinear] = (2, 3)
 
+#: Functions taking ``(input, table, ...)``: an embedding lookup, whose table is opt-in.
+_TABLE_FUNCTIONS = frozenset({F.embedding, F.embedding_bag, torch.embedding})
+
 #: Matrix products whose every tensor operand is weight-like (position 0 of the ``add*``
 #: forms is the added term, a bias).
 _PRODUCTS = frozenset(
@@ -72,8 +75,8 @@ class ParamUse:
     """One use of a raw parameter as (part of) a weight.
 
     ``slot`` is ``"weight"`` (the weight of ``F.linear``/``F.conv*``), ``"operand"`` (an
-    operand of a matrix product: ``@``, ``matmul``, ``einsum``, ``bmm``, ...) or ``"bias"``
-    (the bias of one of them); ``partners`` are the parameters feeding the weight or
+    operand of a matrix product: ``@``, ``matmul``, ``einsum``, ``bmm``, ...), ``"bias"``
+    (the bias of one of them) or ``"table"`` (the table of ``F.embedding``/``embedding_bag``); ``partners`` are the parameters feeding the weight or
     operands of the same call (the owner of a bias decides with them).
     """
 
@@ -237,6 +240,8 @@ def _slots(user: fx.Node, value: fx.Node) -> list[str]:
         if _at(args, kwargs, bias_at, "bias") is value:
             slots.append("bias")
         return slots
+    if user.op == "call_function" and user.target in _TABLE_FUNCTIONS:
+        return ["table"] if _at(args, kwargs, 1, "weight") is value else []
     if user.op == "call_function" and user.target in _PRODUCTS:
         return ["operand"] if _contains(args, value) or _contains(list(kwargs.values()), value) else []
     if user.op == "call_function" and user.target in _ADD_PRODUCTS:
