@@ -176,3 +176,21 @@ def test_assigning_a_parameter_to_weight_names_weight_mu():
         layer.weight = nn.Parameter(torch.zeros(2, 3))
     with pytest.raises(AttributeError, match="bias_mu"):
         layer.bias = nn.Parameter(torch.zeros(2))
+
+
+class DirectTwice(BayesLinear):
+    """A user's subclass of the Bayesian layer itself, reading ``self.weight`` twice."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight) - F.linear(x, self.weight)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
+def test_a_direct_subclass_of_a_bayesian_layer_gets_one_sample_per_call(grad):
+    layer = DirectTwice(4, 3, posterior_sigma_init=0.3)
+    with torch.set_grad_enabled(grad):
+        assert layer(torch.randn(2, 4)).abs().max() == 0
+    assert layer._sample_cache is None
+    assert not DirectTwice.supports_estimators
+    x = torch.randn(2, 4)
+    assert not torch.equal(F.linear(x, layer.weight), F.linear(x, layer.weight))  # outside a call

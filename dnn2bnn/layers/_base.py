@@ -122,6 +122,25 @@ class BayesianLayer(PosteriorKL, nn.Module):
     estimator: Estimator
     parametrization: Parametrization
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give a user subclass's own ``forward`` one sample per parameter for the whole call.
+
+        A subclass written outside dnn2bnn (``class Cosine(BayesLinear)`` whose ``forward``
+        reads ``self.weight`` twice) would otherwise draw a new sample on every read; wrapped
+        as the dynamic classes of :func:`bayesian_class` are, every read within one call sees
+        the same sample, and only "reparam" applies (the forward sees only ``weight``).
+        """
+        super().__init_subclass__(**kwargs)
+        forward = cls.__dict__.get("forward")
+        if (
+            forward is None
+            or hasattr(forward, "__bnn_scoped__")
+            or cls.__module__.split(".")[0] == __name__.split(".")[0]
+        ):
+            return
+        cls.forward = scoped_forward(forward)  # type: ignore[method-assign]
+        cls.supports_estimators = False
+
     def __init__(self, *args: Any, config: BayesConfig | None = None, **kwargs: Any) -> None:
         options = {k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs}
         config = _resolve(config, options)
