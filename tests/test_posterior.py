@@ -400,3 +400,23 @@ def test_non_finite_outputs_are_refused(curvature):
     x[3, 1] = float("nan")
     with pytest.raises(ValueError, match="holds 3 NaN or infinite value"):
         dnn2bnn.fit_posterior(bnn, (x, torch.zeros(10, dtype=torch.long)), progress=False, temperature=1.0, curvature=curvature)
+
+
+@pytest.mark.parametrize(
+    ("parametrization", "dtype"),
+    [("softplus", torch.float32), ("exp", torch.float32), ("softplus", torch.float64), ("exp", torch.float64)],
+)
+def test_sigma_equals_the_closed_form_under_every_parametrization(parametrization, dtype):
+    """rho was always softplus^-1(sigma): under parametrization="exp" every sigma came out as
+    exp(softplus^-1(sigma)) = e^sigma - 1 (5% too large at sigma 0.1), silently."""
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 3).to(dtype)
+    bnn = dnn2bnn.transform_to_bnn_model(nn.Sequential(linear), parametrization=parametrization)
+    x, y = torch.randn(300, 4, dtype=dtype), torch.randint(0, 3, (300,))
+    lam, temperature = 1.0, 0.5
+    dnn2bnn.fit_posterior(bnn, (x, y), progress=False, curvature="ggn", prior_precision=lam, temperature=temperature)
+    p = F.softmax(linear(x), 1).detach()
+    diag = (p * (1 - p)).T @ x.square() / len(x)  # softmax CE Hessian diagonal in the weights
+    expected = torch.sqrt(temperature / (len(x) * diag + lam))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(bnn[0].posterior_sigma("weight").to(dtype), expected, rtol=tol, atol=0)
