@@ -381,12 +381,12 @@ class BayesianLayer(PosteriorKL, nn.Module):
         return sigma
 
     def _step_sigma(self, name: str, rho: Tensor) -> Tensor:
-        """The sigma of this step's training draw if ``rho`` is unchanged since, else a fresh one."""
-        entry = self._sigma_cache.get(name)
-        if entry is not None and entry[0] == (id(rho), rho._version) and not (
-            torch.compiler.is_compiling() or transforms_active()
-        ):
-            return entry[1]
+        """``sigma(rho)`` for the closed-form KL, detached and computed now.
+
+        Never the sigma of this step's draw: a write through ``rho.data`` between the forward
+        and the KL does not bump ``rho``'s version, and a cached sigma then gave the old KL
+        (softplus) or a negative one (exp, where the KL reads ``log sigma`` as ``rho``).
+        """
         if torch.compiler.is_compiling() or transforms_active():
             return posterior_std(rho, self._exp).detach()
         with torch.no_grad():
