@@ -333,3 +333,24 @@ def test_a_state_dict_without_bayesian_keys_loads_whatever_was_recorded():
     target = BayesLinear(3, 2)
     target.load_state_dict(partial, strict=False)  # no rho loaded: no sigma to misread
     torch.testing.assert_close(target.weight_mu, source.weight_mu, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("parametrization", ["softplus", "exp"])
+def test_kl_after_a_data_write_to_rho_between_forward_and_kl(parametrization):
+    """``rho.data`` writes do not bump the version counter: the KL used the sigma of the
+    forward's draw (the old KL; a negative one under exp, which reads log sigma as rho)."""
+    torch.manual_seed(0)
+    layer = BayesLinear(5, 4, posterior_sigma_init=0.05, parametrization=parametrization)
+    layer.train()
+    layer(torch.randn(3, 5))
+    layer.weight_rho.data.fill_(0.5)
+    sigma = F.softplus if parametrization == "softplus" else torch.exp
+    expected = sum(
+        kl_divergence(
+            Normal(getattr(layer, f"{n}_mu"), sigma(getattr(layer, f"{n}_rho"))),
+            Normal(getattr(layer, f"{n}_prior_mu"), getattr(layer, f"{n}_prior_sigma")),
+        ).sum()
+        for n in ("weight", "bias")
+    )
+    torch.testing.assert_close(layer.kl(), expected)
+    torch.testing.assert_close(dnn2bnn.kl_divergence(nn.Sequential(layer)), expected)

@@ -385,6 +385,10 @@ CASES: list[tuple[str, Callable[[Path], Any], type, str]] = [
      TypeError, "num_train_examples must be an int"),
     ("num-train-examples-zero", lambda _: dnn2bnn.WithBNNLoss.elbo(_bnn(nn.Linear(3, 2)), nn.CrossEntropyLoss(), num_train_examples=0),
      ValueError, "num_train_examples must be >= 1, got 0"),
+    ("fit-posterior-regression-default", lambda _: dnn2bnn.fit_posterior(_bnn(nn.Linear(3, 1)), (torch.randn(8, 3), torch.randn(8, 1)), progress=False, temperature=1.0),
+     ValueError, "likelihood='classification' expects logits with at least 2 classes on dim 1"),
+    ("fit-posterior-nan-input", lambda _: dnn2bnn.fit_posterior(_bnn(nn.Linear(3, 2)), (torch.full((8, 3), float("nan")), torch.zeros(8, dtype=torch.long)), progress=False, temperature=1.0),
+     ValueError, "output at the posterior means holds 16 NaN or infinite value(s) of 16"),
     # integrations
     ("hf-no-record", _hf_no_record,
      CheckpointError, "has no dnn2bnn_config.json: it was not saved from a dnn2bnn-converted model"),

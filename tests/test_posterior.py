@@ -365,3 +365,58 @@ def test_linearized_equals_sampled_for_a_model_linear_in_its_weights():
     torch.testing.assert_close(lin.mean(0), mean, atol=0.1, rtol=0)
     torch.testing.assert_close(lin.var(0), var, rtol=0.1, atol=0)
     assert bnn.training and dnn2bnn.get_mode(bnn) == dnn2bnn.BayesMode.SAMPLE  # restored
+
+
+
+@pytest.mark.parametrize(
+    ("out", "target", "error", "match"),
+    [
+        (1, lambda n: torch.randn(n, 1), ValueError, "at least 2 classes on dim 1"),  # a regressor
+        (3, lambda n: torch.randint(0, 3, (n,)).float(), TypeError, "class indices"),
+        (2, lambda n: torch.randn(n, 2), TypeError, "likelihood='regression'"),  # regression targets
+        (3, lambda n: torch.randint(3, 6, (n,)), ValueError, r"in \[0, 2\]"),
+    ],
+    ids=["one-logit", "float-indices", "regression-targets", "out-of-range"],
+)
+def test_classification_likelihood_refuses_targets_it_cannot_score(out, target, error, match):
+    """A regression model fitted with the default likelihood got zero softmax curvature and
+    sigma = 1e4 for every weight, silently (cross_entropy reads float targets as probabilities)."""
+    torch.manual_seed(0)
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((4, 8, out)))
+    x = torch.randn(40, 4)
+    with pytest.raises(error, match=match):
+        dnn2bnn.fit_posterior(bnn, (x, target(40)), progress=False, temperature=1.0)
+    if out > 1:  # the validation data is checked too
+        good = torch.randint(0, out, (40,))
+        with pytest.raises(error, match=match):
+            dnn2bnn.fit_posterior(bnn, (x, good), val_data=(x, target(40)), progress=False)
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "fisher"])
+def test_non_finite_outputs_are_refused(curvature):
+    """NaN inputs gave NaN sigmas for every weight with curvature='ggn', silently."""
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((4, 8, 3)))
+    x = torch.randn(10, 4)
+    x[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="holds 3 NaN or infinite value"):
+        dnn2bnn.fit_posterior(bnn, (x, torch.zeros(10, dtype=torch.long)), progress=False, temperature=1.0, curvature=curvature)
+
+
+@pytest.mark.parametrize(
+    ("parametrization", "dtype"),
+    [("softplus", torch.float32), ("exp", torch.float32), ("softplus", torch.float64), ("exp", torch.float64)],
+)
+def test_sigma_equals_the_closed_form_under_every_parametrization(parametrization, dtype):
+    """rho was always softplus^-1(sigma): under parametrization="exp" every sigma came out as
+    exp(softplus^-1(sigma)) = e^sigma - 1 (5% too large at sigma 0.1), silently."""
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 3).to(dtype)
+    bnn = dnn2bnn.transform_to_bnn_model(nn.Sequential(linear), parametrization=parametrization)
+    x, y = torch.randn(300, 4, dtype=dtype), torch.randint(0, 3, (300,))
+    lam, temperature = 1.0, 0.5
+    dnn2bnn.fit_posterior(bnn, (x, y), progress=False, curvature="ggn", prior_precision=lam, temperature=temperature)
+    p = F.softmax(linear(x), 1).detach()
+    diag = (p * (1 - p)).T @ x.square() / len(x)  # softmax CE Hessian diagonal in the weights
+    expected = torch.sqrt(temperature / (len(x) * diag + lam))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(bnn[0].posterior_sigma("weight").to(dtype), expected, rtol=tol, atol=0)

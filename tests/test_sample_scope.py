@@ -176,3 +176,63 @@ def test_assigning_a_parameter_to_weight_names_weight_mu():
         layer.weight = nn.Parameter(torch.zeros(2, 3))
     with pytest.raises(AttributeError, match="bias_mu"):
         layer.bias = nn.Parameter(torch.zeros(2))
+
+
+class DirectTwice(BayesLinear):
+    """A user's subclass of the Bayesian layer itself, reading ``self.weight`` twice."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight) - F.linear(x, self.weight)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
+def test_a_direct_subclass_of_a_bayesian_layer_gets_one_sample_per_call(grad):
+    layer = DirectTwice(4, 3, posterior_sigma_init=0.3)
+    with torch.set_grad_enabled(grad):
+        assert layer(torch.randn(2, 4)).abs().max() == 0
+    assert layer._sample_cache is None
+    assert not DirectTwice.supports_estimators
+    x = torch.randn(2, 4)
+    assert not torch.equal(F.linear(x, layer.weight), F.linear(x, layer.weight))  # outside a call
+
+
+class InnerNet(nn.Module):
+    """The shared layer is used twice, both times inside the checkpointed block."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.block = Block()
+        self.head = nn.Linear(4, 2)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        h = torch.relu(self.pre(x))
+        if self.reentrant is None:
+            h = self.block(h)
+        else:
+            h = checkpoint(self.block, h, use_reentrant=self.reentrant)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["lazy", "batched"])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["nonreentrant", "reentrant"])
+def test_checkpoint_of_a_block_using_a_shared_layer_twice(reentrant, batched):
+    """The reentrant recomputation runs outside the model call's scope: it drew a second
+    sample for the second use, so gradients were silently wrong (output unchanged)."""
+    torch.manual_seed(0)
+    reference = InnerNet(None)
+    grads = []
+    for mode in (None, reentrant):
+        dnn = InnerNet(mode)
+        dnn.load_state_dict(reference.state_dict())
+        bnn = _sigma(dnn)
+        if batched:
+            dnn2bnn.layers.install_batched_sampling(bnn)
+        torch.manual_seed(1)
+        x = torch.randn(8, 4, requires_grad=True)
+        loss = bnn(x).pow(2).sum() + dnn2bnn.kl_divergence(bnn)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in bnn.named_parameters()} | {"x": x.grad})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)

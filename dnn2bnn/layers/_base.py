@@ -104,6 +104,7 @@ class BayesianLayer(PosteriorKL, nn.Module):
         "parametrization",
         "_exp",
         "_replay",
+        "_task_samples",
         "_sample_cache",
         "_share_samples",
         "_kl_samples",
@@ -121,6 +122,25 @@ class BayesianLayer(PosteriorKL, nn.Module):
     posterior_sigma_init: float
     estimator: Estimator
     parametrization: Parametrization
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give a user subclass's own ``forward`` one sample per parameter for the whole call.
+
+        A subclass written outside dnn2bnn (``class Cosine(BayesLinear)`` whose ``forward``
+        reads ``self.weight`` twice) would otherwise draw a new sample on every read; wrapped
+        as the dynamic classes of :func:`bayesian_class` are, every read within one call sees
+        the same sample, and only "reparam" applies (the forward sees only ``weight``).
+        """
+        super().__init_subclass__(**kwargs)
+        forward = cls.__dict__.get("forward")
+        if (
+            forward is None
+            or hasattr(forward, "__bnn_scoped__")
+            or cls.__module__.split(".")[0] == __name__.split(".")[0]
+        ):
+            return
+        cls.forward = scoped_forward(forward)  # type: ignore[method-assign]
+        cls.supports_estimators = False
 
     def __init__(self, *args: Any, config: BayesConfig | None = None, **kwargs: Any) -> None:
         options = {k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs}
@@ -149,6 +169,9 @@ class BayesianLayer(PosteriorKL, nn.Module):
         self._scalar_cache: dict[str, tuple[tuple[int, int], float]] = {}
         # name -> (last sample, RNG states before the recent draws), kept while checkpointing
         self._replay: dict[str, tuple[Tensor, collections.deque[Tensor]]] = {}
+        # (autograd graph task, name -> sample): a shared layer's draws in a reentrant
+        # checkpoint recomputation, which runs outside the model call's scope
+        self._task_samples: tuple[int, dict[str, Tensor]] | None = None
         for name in self.bayes_params:
             value = self._parameters.pop(name)
             if value is None:
@@ -267,6 +290,13 @@ class BayesianLayer(PosteriorKL, nn.Module):
                 return hit
         compiling = torch.compiler.is_compiling()
         backward = not compiling and _in_backward()
+        shared = backward and self._share_samples and name not in self._replay
+        if shared:
+            held = self._shared_in_backward(name)
+            if held is not None:
+                if cache is not None:
+                    cache[name] = held
+                return held
         if backward:  # a checkpoint recomputation: the forward's sample, or the same RNG
             replayed = self._replayed(name)
             if replayed is not None:
@@ -274,6 +304,8 @@ class BayesianLayer(PosteriorKL, nn.Module):
                     cache[name] = replayed
                 return replayed
         sample = self._new_sample(name, mu, params[name + "_rho"])
+        if shared:
+            self._hold_in_backward(name, sample)
         if cache is not None:
             cache[name] = sample
             return sample
@@ -301,6 +333,25 @@ class BayesianLayer(PosteriorKL, nn.Module):
         elif self._replay and not torch.compiler.is_compiling() and not _in_backward():
             self._replay.pop(name, None)
         return sample
+
+    def _shared_in_backward(self, name: str) -> Tensor | None:
+        """The sample this backward pass already drew for ``name`` (a shared layer).
+
+        ``torch.utils.checkpoint(use_reentrant=True)`` recomputes its block in the backward
+        pass, outside the model call that gave every use of a shared layer one sample; the
+        first use draws again from the restored RNG state, the later uses must reuse it.
+        """
+        held = self._task_samples
+        if held is None or held[0] != torch._C._current_graph_task_id():
+            return None
+        return held[1].get(name)
+
+    def _hold_in_backward(self, name: str, sample: Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        held = self._task_samples
+        if held is None or held[0] != task:
+            held = self._task_samples = (task, {})
+        held[1][name] = sample
 
     def _replayed(self, name: str) -> Tensor | None:
         """In a checkpoint recomputation: None if the RNG state is one the forward drew this
@@ -330,12 +381,12 @@ class BayesianLayer(PosteriorKL, nn.Module):
         return sigma
 
     def _step_sigma(self, name: str, rho: Tensor) -> Tensor:
-        """The sigma of this step's training draw if ``rho`` is unchanged since, else a fresh one."""
-        entry = self._sigma_cache.get(name)
-        if entry is not None and entry[0] == (id(rho), rho._version) and not (
-            torch.compiler.is_compiling() or transforms_active()
-        ):
-            return entry[1]
+        """``sigma(rho)`` for the closed-form KL, detached and computed now.
+
+        Never the sigma of this step's draw: a write through ``rho.data`` between the forward
+        and the KL does not bump ``rho``'s version, and a cached sigma then gave the old KL
+        (softplus) or a negative one (exp, where the KL reads ``log sigma`` as ``rho``).
+        """
         if torch.compiler.is_compiling() or transforms_active():
             return posterior_std(rho, self._exp).detach()
         with torch.no_grad():
@@ -449,6 +500,7 @@ class BayesianLayer(PosteriorKL, nn.Module):
         state["_sigma_cache"] = {}
         state["_scalar_cache"] = {}
         state["_replay"] = {}
+        state["_task_samples"] = None
         state["_sample_cache"] = None
         return state
 
@@ -461,6 +513,7 @@ class BayesianLayer(PosteriorKL, nn.Module):
         state.setdefault("parametrization", Parametrization.SOFTPLUS)
         state.setdefault("_exp", state["parametrization"] is Parametrization.EXP)
         state.setdefault("_replay", {})
+        state.setdefault("_task_samples", None)
         super().__setstate__(state)
 
     # ------------------------------------------------------------------ state_dict

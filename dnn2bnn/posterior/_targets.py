@@ -69,13 +69,16 @@ def rho_for(layer: BayesianLayer, name: str, sigma: Tensor) -> Tensor:
     """``rho`` giving ``sigma`` under the layer's parametrization.
 
     A layer that defines ``rho_from_sigma(name, sigma)`` is asked; otherwise ``sigma =
-    softplus(rho)`` is inverted (stably for small sigma).
+    exp(rho)`` (``parametrization="exp"``) or ``sigma = softplus(rho)`` is inverted (stably
+    for small sigma), in float64.
     """
     helper = getattr(layer, "rho_from_sigma", None)
     if callable(helper):
         return helper(name, sigma)
     sigma = sigma.double()
-    return (sigma + torch.log(-torch.expm1(-sigma))).float()
+    if getattr(layer, "_exp", False):
+        return torch.log(sigma)
+    return sigma + torch.log(-torch.expm1(-sigma))
 
 
 def set_posterior_(

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from dnn2bnn.posterior.curvature import Likelihood
+from dnn2bnn.posterior.curvature import Likelihood, check_class_targets
 
 __all__ = ["predictive_nll"]
 
@@ -61,6 +61,7 @@ def _log_likelihood(out: Tensor, target: Tensor, likelihood: Likelihood, noise_s
     """Per-example log-likelihood ``[B]`` of one network's outputs."""
     target = target.to(out.device)
     if likelihood is Likelihood.CLASSIFICATION:
+        check_class_targets(out, target, what="validation")
         per = -F.cross_entropy(out, target, reduction="none")
         return per.reshape(out.shape[0], -1).sum(1)
     z = (target.to(out.dtype).reshape(out.shape) - out) / noise_sigma

@@ -112,8 +112,8 @@ def diagonal_curvature(
         with torch.no_grad():
             out = functional_call(model, params, (x,), strict=False)
         out = _check_output(out, x)
-        vs, ws = _cotangents(out.detach(), likelihood, curvature, mc_samples, noise_sigma, generator)
         nll += float(_nll(out.detach(), y, likelihood, noise_sigma))
+        vs, ws = _cotangents(out.detach(), likelihood, curvature, mc_samples, noise_sigma, generator)
         chunk = max(1, memory_budget // max(1, vs.shape[1] * numel * itemsize * 2))
         for start in range(0, x.shape[0], chunk):
             part = slice(start, start + chunk)
@@ -135,6 +135,13 @@ def _check_output(out: Any, x: Tensor) -> Tensor:
         raise ValueError(
             f"fit_posterior: expected an output with the batch dimension {x.shape[0]} first, "
             f"got shape {tuple(out.shape)}"
+        )
+    if not bool(torch.isfinite(out).all()):
+        bad = int((~torch.isfinite(out)).sum())
+        raise ValueError(
+            f"fit_posterior: the model's output at the posterior means holds {bad} NaN or infinite "
+            f"value(s) of {out.numel()} for a batch of {x.shape[0]} inputs; expected finite outputs "
+            "(check the inputs for NaN/inf), else every sigma would be NaN"
         )
     return out
 
@@ -185,10 +192,38 @@ def _cotangents(
     return noise / noise_sigma, ws
 
 
+def check_class_targets(out: Tensor, target: Tensor, *, what: str = "data") -> None:
+    """Raise unless ``out`` holds logits of 2+ classes on dim 1 and ``target`` class indices.
+
+    Without this a regression model fitted with the default likelihood is silently wrong:
+    ``F.cross_entropy`` reads float targets as class probabilities, and a single logit has
+    zero softmax curvature, so every sigma becomes the prior's width.
+    """
+    if out.dim() < 2 or out.shape[1] < 2:
+        raise ValueError(
+            "fit_posterior: likelihood='classification' expects logits with at least 2 classes "
+            f"on dim 1, got output shape {tuple(out.shape)} (a single logit has no softmax "
+            "curvature); for a regression model pass likelihood='regression'"
+        )
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"fit_posterior: likelihood='classification' expects {what} targets of class indices "
+            f"(an integer tensor), got {target.dtype} targets of shape {tuple(target.shape)}; "
+            "for a regression model pass likelihood='regression'"
+        )
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= out.shape[1]):
+        raise ValueError(
+            f"fit_posterior: {what} targets must be class indices in [0, {out.shape[1] - 1}] "
+            f"(the model has {out.shape[1]} classes on dim 1), got values in "
+            f"[{int(target.min())}, {int(target.max())}]"
+        )
+
+
 def _nll(out: Tensor, target: Tensor, likelihood: Likelihood, noise_sigma: float) -> Tensor:
     """Summed negative log-likelihood of a batch."""
     out = out.float()
     if likelihood is Likelihood.CLASSIFICATION:
+        check_class_targets(out, target)
         return F.cross_entropy(out, target.to(out.device), reduction="sum")
     target = target.to(out.device, out.dtype).reshape(out.shape)
     z = (target - out) / noise_sigma
