@@ -81,8 +81,15 @@ def evaluate(
     model: nn.Module, x_test: Tensor, y_test: Tensor, oods: dict[str, Tensor], *, samples: int
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """The table row of ``model`` and the raw outputs (for the plots)."""
+    return _score(lambda x: predictive(model, x, samples), x_test, y_test, oods)
+
+
+def _score(
+    predict: Any, x_test: Tensor, y_test: Tensor, oods: dict[str, Tensor]
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The table row and raw outputs of ``predict(x) -> {"probs", "entropy", "mi"}``."""
     m = _metrics if _metrics is not None else _Fallback
-    inside = predictive(model, x_test, samples)
+    inside = predict(x_test)
     probs = inside["probs"]
     row = {
         "accuracy": 100.0 * m.accuracy(probs, y_test),
@@ -93,7 +100,7 @@ def evaluate(
     }
     raw: dict[str, Any] = {"probs": probs, "labels": y_test, "in": inside, "out": {}}
     for name, x_out in oods.items():
-        outside = predictive(model, x_out, samples)
+        outside = predict(x_out)
         raw["out"][name] = outside
         row[f"auroc_entropy_{name}"] = m.ood_auroc(inside["entropy"], outside["entropy"])
         row[f"auroc_mi_{name}"] = m.ood_auroc(inside["mi"], outside["mi"])
@@ -121,22 +128,7 @@ def row_from_samples(
     draw: Any, x_test: Tensor, y_test: Tensor, oods: dict[str, Tensor]
 ) -> dict[str, float]:
     """A table row from ``draw(x) -> [S, B, C]`` probabilities (e.g. laplace-torch's samples)."""
-    m = _metrics if _metrics is not None else _Fallback
-    inside = _from_probs(draw(x_test))
-    probs = inside["probs"]
-    row = {
-        "accuracy": 100.0 * m.accuracy(probs, y_test),
-        "nll": m.nll(probs, y_test),
-        "ece": m.ece(probs, y_test, num_bins=15),
-        "brier": m.brier_score(probs, y_test),
-        "mean_mi_test": inside["mi"].mean().item(),
-    }
-    for name, x_out in oods.items():
-        outside = _from_probs(draw(x_out))
-        row[f"auroc_entropy_{name}"] = m.ood_auroc(inside["entropy"], outside["entropy"])
-        row[f"auroc_mi_{name}"] = m.ood_auroc(inside["mi"], outside["mi"])
-        _mi_ratio(row, name, inside["mi"], outside["mi"])
-    return row
+    return _score(lambda x: _from_probs(draw(x)), x_test, y_test, oods)[0]
 
 
 def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
