@@ -26,6 +26,15 @@ from dnn2bnn.layers._base import is_bayesian_layer
 __all__ = ["functional_weights", "uninitialized", "unknown_uses"]
 
 
+def _parameter_entry(
+    owner: nn.Module, name: str, action: Action, reason: str, *, left_out: bool = False
+) -> Candidate:
+    """The plan entry of the raw parameter ``name`` (owned by ``owner``) left as it is."""
+    return Candidate(
+        owner, (name,), "nn.Parameter", action, reason, parameter=True, left_out=left_out
+    )
+
+
 def functional_weights(
     request: Request, trace: TraceInfo, index: ModelIndex
 ) -> tuple[dict[int, dict[str, str]], list[Candidate]]:
@@ -44,7 +53,7 @@ def functional_weights(
             continue
 
         def entry(action: Action, reason: str, owner: nn.Module = owner, name: str = name) -> None:
-            entries.append(Candidate(owner, (name,), "nn.Parameter", action, reason, parameter=True))
+            entries.append(_parameter_entry(owner, name, action, reason))
 
         main = [u for u in uses if u.slot != "bias"]
         what = _describe(main or uses)
@@ -62,9 +71,8 @@ def functional_weights(
         filtered = request.filtered_out(owner_names)
         if filtered is not None:
             entries.append(
-                Candidate(
-                    owner, (name,), "nn.Parameter", Action.SKIP, f"{what}; its owner is {filtered}",
-                    parameter=True, left_out=True,
+                _parameter_entry(
+                    owner, name, Action.SKIP, f"{what}; its owner is {filtered}", left_out=True
                 )
             )
             continue
@@ -94,14 +102,12 @@ def functional_weights(
         else:
             owner = index.param_owner[name][0]
             entries.append(
-                Candidate(
+                _parameter_entry(
                     owner,
-                    (name,),
-                    "nn.Parameter",
+                    name,
                     Action.REFUSE,
                     f"{what} whose weight stays deterministic; left deterministic "
                     "(name it in params= to make it Bayesian)",
-                    parameter=True,
                 )
             )
     for name, what in weights.items():
@@ -133,14 +139,12 @@ def uninitialized(index: ModelIndex, candidates: list[Candidate]) -> list[Candid
         if id(owner) in covered or name in covered_params:
             continue
         entries.append(
-            Candidate(
+            _parameter_entry(
                 owner,
-                (name,),
-                "nn.Parameter",
+                name,
                 Action.REFUSE,
                 f"uninitialized (a lazy {type(owner).__qualname__}); run one forward pass before "
                 "converting",
-                parameter=True,
             )
         )
     return entries
@@ -154,14 +158,12 @@ def unknown_uses(index: ModelIndex, candidates: list[Candidate]) -> list[Candida
         if id(owner) in covered or is_bayesian_layer(owner) or _is_torch_layer(owner):
             continue
         entries.append(
-            Candidate(
+            _parameter_entry(
                 owner,
-                (name,),
-                "nn.Parameter",
+                name,
                 Action.REFUSE,
                 "tracing failed, so how the forward uses it is unknown; left deterministic "
                 "(name it in params= to make it Bayesian)",
-                parameter=True,
             )
         )
     return entries
