@@ -119,6 +119,7 @@ def run_posthoc(
     results[f"{base} (defaults, no training)"] = _row(
         bnn, data, oods, args, fit_s=fit["seconds"], temperature=fit["temperature"],
         prior_precision=fit["prior_precision"], val_nll=fit["val_nll"], layers=fit["layers"],
+        choice=fit.get("choice", ""),
     )
     print(markdown_table({"posthoc": results[f"{base} (defaults, no training)"]}), flush=True)
     if args.linearized:
@@ -150,7 +151,7 @@ def run_posthoc(
         print(fit, flush=True)
         results[f"{base}: {label}"] = _row(
             bnn, data, oods, args, fit_s=fit.seconds, temperature=fit.temperature,
-            prior_precision=fit.prior_precision, val_nll=fit.val_nll,
+            prior_precision=fit.prior_precision, val_nll=fit.val_nll, choice=fit.choice,
         )
         print(markdown_table({"variant": results[f"{base}: {label}"]}), flush=True)
         if args.linearized:

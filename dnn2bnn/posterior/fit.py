@@ -54,6 +54,8 @@ class PosteriorFit:
         seconds: wall time of the fit.
         layers: per layer, statistics of the fitted sigma (``min``, ``median``, ``mean``,
             ``max``), the mean ``|mu|`` and ``prior_sigma``.
+        choice: how ``T`` (and lambda) were chosen: the best candidate's held-out NLL gain
+            over the means with its standard error and z-score, the threshold, and what won.
     """
 
     prior_precision: dict[str, float]
@@ -67,6 +69,7 @@ class PosteriorFit:
     val_nll: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     layers: dict[str, dict[str, float]] = field(default_factory=dict)
+    choice: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (what :func:`dnn2bnn.save_bnn` stores)."""
@@ -79,6 +82,8 @@ class PosteriorFit:
             f"temperature {self.temperature:g}, log evidence {self.log_evidence:.1f}"
             + (f", chosen on {self.num_val_examples} validation examples" if self.num_val_examples else ""),
         ]
+        if self.choice:
+            lines.append(f"choice: {self.choice}")
         width = max(len(n) for n in self.layers) if self.layers else 6
         for name, stats in self.layers.items():
             lines.append(
@@ -199,7 +204,7 @@ def fit_posterior(
                 "fit_posterior: choosing the temperature needs validation examples; pass val_data, "
                 "larger batches, or a fixed temperature=..."
             )
-    choice = Chooser(module, groups, means, curv, val_batches, settings)
+    choice = Chooser(module, groups, means, curv, val_batches, settings, int(n_train))
     lambdas, temperature = choice.run(prior_precision)
     nll_scaled = result.nll * scale
     evidence = -nll_scaled + sum(
@@ -218,6 +223,7 @@ def fit_posterior(
         num_curvature_examples=result.num_examples,
         num_val_examples=sum(int(x.shape[0]) for x, _ in val_batches),
         val_nll=choice.tried,
+        choice=choice.choice,
         seconds=time.perf_counter() - started,
         layers=_layer_stats(groups, sigmas, lambdas),
     )
