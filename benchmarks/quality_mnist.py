@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="posthoc: add laplace-torch rows on the same parent (needs .[bench])")
     parser.add_argument("--posthoc-variants", default="",
                         help="posthoc: comma list of non-default fit_posterior variants: t1, "
-                        "valdata, global, valprior, valdataprior")
+                        "valdata, global, valprior, valdataprior, conv1, conv1t3, conv1t10, conv12")
     parser.add_argument("--quick", action="store_true",
                         help="1+1 LeNet epochs, 2 MLP minutes, 8 samples")
     parser.add_argument("--parent-epochs", type=int, default=6)

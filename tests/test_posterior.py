@@ -11,7 +11,7 @@ from torch import nn
 
 import dnn2bnn
 from dnn2bnn.posterior import Curvature, Likelihood, diagonal_curvature, evidence_term, marglik_precision
-from dnn2bnn.posterior._choose import negligible_temperature
+from dnn2bnn.posterior._choose import NEGLIGIBLE_NLL, negligible_temperature
 from dnn2bnn.posterior._targets import at_means as _at_means
 from dnn2bnn.posterior._targets import find_targets
 from tests.conftest import mlp
@@ -177,6 +177,22 @@ def test_agrees_with_laplace_torch_diagonal_ggn():
 
 
 # ------------------------------------------------------------------------ the written posterior
+def test_temperature_per_layer_scales_each_layer_on_its_own():
+    x, y = torch.randn(60, 6), torch.randint(0, 4, (60,))
+    torch.manual_seed(0)
+    net = mlp((6, 8, 4))
+    one = dnn2bnn.transform_to_bnn_model(net)
+    dnn2bnn.fit_posterior(one, (x, y), prior_precision=1.0, temperature=1.0, progress=False)
+    bnn = dnn2bnn.transform_to_bnn_model(net)
+    fit = dnn2bnn.fit_posterior(bnn, (x, y), prior_precision=1.0, temperature={"0": 4.0, "2": 0.01}, progress=False)
+    assert fit.temperature == {"0": 4.0, "2": 0.01} and "T per layer" in fit.choice
+    assert "temperature 0=4, 2=0.01" in str(fit)
+    for layer, scale in (("0", 2.0), ("2", 0.1)):  # sigma scales as sqrt(T)
+        torch.testing.assert_close(
+            bnn.get_submodule(layer).posterior_sigma(), scale * one.get_submodule(layer).posterior_sigma(), rtol=1e-5, atol=0
+        )
+
+
 def test_sigma_and_prior_follow_the_formula_and_elbo_runs():
     bnn = dnn2bnn.transform_to_bnn_model(mlp((6, 8, 4)))
     x, y = torch.randn(50, 6), torch.randint(0, 4, (50,))
@@ -307,9 +323,10 @@ def test_negligible_temperature_is_the_second_order_nll_budget():
     bnn = dnn2bnn.transform_to_bnn_model(nn.Linear(3, 2))
     groups = find_targets(bnn)
     curv = {"weight_mu": torch.full((2, 3), 9.0), "bias_mu": torch.full((2,), 1.0)}
-    # P_eff = 6 * 9/10 + 2 * 1/2 = 6.4 with lambda = 1; T = 2 * 1e-6 * N / P_eff
+    # P_eff = 6 * 9/10 + 2 * 1/2 = 6.4 with lambda = 1; T = 2 * NEGLIGIBLE_NLL * N / P_eff
     t = negligible_temperature(curv, groups, {"": 1.0}, 640)
-    assert t == pytest.approx(2e-6 * 640 / 6.4)
+    assert t == pytest.approx(2 * NEGLIGIBLE_NLL * 640 / 6.4)
+    assert NEGLIGIBLE_NLL <= 1e-6
 
 
 def test_marglik_precision_is_the_maximum_of_the_evidence():
@@ -371,6 +388,10 @@ def test_errors_say_what_was_expected():
         dnn2bnn.fit_posterior(bnn, x, progress=False)
     with pytest.raises(ValueError, match="missing \\[\\], unknown \\['1'\\]"):
         dnn2bnn.fit_posterior(bnn, (x, y), prior_precision={"0": 1.0, "1": 2.0}, temperature=1.0, progress=False)
+    with pytest.raises(ValueError, match="temperature must name every Bayesian layer .* unknown \\['1'\\]"):
+        dnn2bnn.fit_posterior(bnn, (x, y), temperature={"0": 1.0, "1": 2.0}, progress=False)
+    with pytest.raises(ValueError, match="temperature values must be finite and > 0"):
+        dnn2bnn.fit_posterior(bnn, (x, y), temperature={"0": -1.0}, progress=False)
     mixture = dnn2bnn.transform_to_bnn_model(mlp((6, 4)), prior=dnn2bnn.ScaleMixturePrior())
     with pytest.raises(TypeError, match="layer '0' .* expected a dnn2bnn.NormalPrior"):
         dnn2bnn.fit_posterior(mixture, (x, y), progress=False)

@@ -33,7 +33,7 @@ VAL_PRECISIONS = tuple(10.0**e for e in range(-2, 7))
 SIGNIFICANCE = 0.05
 
 #: Expected NLL cost (nats per example) allowed for the posterior kept when no T is significant.
-NEGLIGIBLE_NLL = 1e-6
+NEGLIGIBLE_NLL = 1e-7
 
 
 class Chooser:
@@ -55,15 +55,26 @@ class Chooser:
         self.tried: dict[str, float] = {}
         self.choice = ""
 
-    def sigmas(self, lambdas: dict[str, float], temperature: float) -> dict[str, Tensor]:
+    def sigmas(self, lambdas: dict[str, float], temperature: float | Mapping[str, float]) -> dict[str, Tensor]:
+        """``sigma = sqrt(T / (H + lambda))``, with one ``T`` or one per layer."""
+        per_layer = temperature if isinstance(temperature, Mapping) else dict.fromkeys(self.groups, temperature)
         return {
-            t.key: (temperature / (self.curv[t.key] + lambdas[name])).sqrt()
+            t.key: (per_layer[name] / (self.curv[t.key] + lambdas[name])).sqrt()
             for name, group in self.groups.items()
             for t in group
         }
 
-    def run(self, prior_precision: float | Mapping[str, float] | str) -> tuple[dict[str, float], float]:
+    def run(
+        self, prior_precision: float | Mapping[str, float] | str
+    ) -> tuple[dict[str, float], float | dict[str, float]]:
         fixed_t = self.settings.temperature
+        if isinstance(fixed_t, Mapping):
+            if prior_precision == "val":
+                raise ValueError("fit_posterior: prior_precision='val' takes one temperature, not one per layer")
+            lambdas = self._lambdas(prior_precision)
+            per_layer = self._per_layer(fixed_t, "temperature")
+            self.choice = "T per layer (given)"
+            return lambdas, per_layer
         if prior_precision == "val":
             t = 1.0 if fixed_t == "auto" else float(fixed_t)
             scores = {lam: self._score({n: lam for n in self.groups}, t, f"lambda={lam:g}") for lam in VAL_PRECISIONS}
@@ -117,14 +128,7 @@ class Chooser:
                 f"mapping from layer name to number, got {prior_precision!r}"
             )
         if isinstance(prior_precision, Mapping):
-            missing = sorted(set(self.groups) - set(prior_precision))
-            extra = sorted(set(prior_precision) - set(self.groups))
-            if missing or extra:
-                raise ValueError(
-                    f"fit_posterior: prior_precision must name every Bayesian layer {sorted(self.groups)}; "
-                    f"missing {missing}, unknown {extra}"
-                )
-            values = {n: float(prior_precision[n]) for n in self.groups}
+            values = self._per_layer(prior_precision, "prior_precision")
         elif isinstance(prior_precision, (int, float)) and not isinstance(prior_precision, bool):
             values = {n: float(prior_precision) for n in self.groups}
         else:
@@ -133,6 +137,21 @@ class Chooser:
         if bad:
             raise ValueError(f"fit_posterior: prior precisions must be finite and > 0, got {bad}")
         return values
+
+    def _per_layer(self, values: Mapping[str, float], what: str) -> dict[str, float]:
+        """A number for every Bayesian layer, from a mapping that must name each exactly once."""
+        missing = sorted(set(self.groups) - set(values))
+        extra = sorted(set(values) - set(self.groups))
+        if missing or extra:
+            raise ValueError(
+                f"fit_posterior: {what} must name every Bayesian layer {sorted(self.groups)}; "
+                f"missing {missing}, unknown {extra}"
+            )
+        out = {n: float(values[n]) for n in self.groups}
+        bad = {n: v for n, v in out.items() if not (v > 0 and math.isfinite(v))}
+        if bad:
+            raise ValueError(f"fit_posterior: {what} values must be finite and > 0, got {bad}")
+        return out
 
     def _score(self, lambdas: dict[str, float], temperature: float, label: str) -> float:
         self.tried[label] = float(self._per_example(self.sigmas(lambdas, temperature)).mean())
