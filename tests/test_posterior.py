@@ -187,6 +187,7 @@ def test_temperature_per_layer_scales_each_layer_on_its_own():
     fit = dnn2bnn.fit_posterior(bnn, (x, y), prior_precision=1.0, temperature={"0": 4.0, "2": 0.01}, progress=False)
     assert fit.temperature == {"0": 4.0, "2": 0.01} and "T per layer" in fit.choice
     assert "temperature 0=4, 2=0.01" in str(fit)
+    assert "temperature 0=4, 2=0.01" in str(bnn.conversion_report)  # the record keeps the mapping
     for layer, scale in (("0", 2.0), ("2", 0.1)):  # sigma scales as sqrt(T)
         torch.testing.assert_close(
             bnn.get_submodule(layer).posterior_sigma(), scale * one.get_submodule(layer).posterior_sigma(), rtol=1e-5, atol=0
