@@ -393,6 +393,8 @@ def test_errors_say_what_was_expected():
         dnn2bnn.fit_posterior(bnn, (x, y), temperature={"0": 1.0, "1": 2.0}, progress=False)
     with pytest.raises(ValueError, match="temperature values must be finite and > 0"):
         dnn2bnn.fit_posterior(bnn, (x, y), temperature={"0": -1.0}, progress=False)
+    with pytest.raises(ValueError, match="prior_precision='val' takes one temperature"):
+        dnn2bnn.fit_posterior(bnn, (x, y), prior_precision="val", temperature={"0": 1.0}, progress=False)
     mixture = dnn2bnn.transform_to_bnn_model(mlp((6, 4)), prior=dnn2bnn.ScaleMixturePrior())
     with pytest.raises(TypeError, match="layer '0' .* expected a dnn2bnn.NormalPrior"):
         dnn2bnn.fit_posterior(mixture, (x, y), progress=False)

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from statistics import NormalDist
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from dnn2bnn.posterior._targets import BayesTarget, at_means
@@ -99,11 +98,13 @@ class Chooser:
             se = float(diff.std() / math.sqrt(diff.numel())) if diff.numel() > 1 else math.inf
             gains[t] = (float(diff.mean()), se)
         needed = NormalDist().inv_cdf(1.0 - SIGNIFICANCE / len(gains))
-        best = max(gains, key=lambda t: gains[t][0])
+        z = {t: _z(*g) for t, g in gains.items()}
+        significant = [t for t in gains if gains[t][0] > 0 and z[t] > needed]
+        # the largest gain among the significant candidates, else the largest gain (reported)
+        best = max(significant or gains, key=lambda t: gains[t][0])
         gain, se = gains[best]
-        z = gain / se if se > 0 else (math.inf if gain > 0 else 0.0)
-        found = f"best T={best:g}: held-out NLL gain over the means {gain:.3g} +- {se:.2g} (z={z:.2f}"
-        if gain > 0 and z > needed:
+        found = f"best T={best:g}: held-out NLL gain over the means {gain:.3g} +- {se:.2g} (z={z[best]:.2f}"
+        if significant:
             self.choice = f"{found} > {needed:.2f}): significant, T={best:g}"
             return best
         floor = min(negligible_temperature(self.curv, self.groups, lambdas, self.num_train_examples),
@@ -173,6 +174,13 @@ class Chooser:
 
 def sum_sq(group: list[BayesTarget]) -> float:
     return float(sum(t.mu.detach().double().square().sum() for t in group))
+
+
+def _z(gain: float, se: float) -> float:
+    """``gain / se``; a gain without spread is infinitely significant (or not at all)."""
+    if se > 0:
+        return gain / se
+    return math.inf if gain > 0 else 0.0
 
 
 def negligible_temperature(
