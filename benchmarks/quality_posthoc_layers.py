@@ -10,7 +10,9 @@ saved), the per-layer marginal-likelihood prior precision, then for every varian
 does not name gets T = 1e-8: the parent). Each posterior is scored as in ``quality_mnist.py``
 (10k test images, 20 sampled networks, OOD by predictive entropy) and by its NLL on the 10k
 MNIST validation images, the only data that could choose among them; OOD data chooses
-nothing. The table is in docs/posterior.md ("More OOD uncertainty without training").
+nothing. With ``--elbo-rho``, each posterior then gets one epoch of ELBO (the recipe of
+``quality_mnist.py``) on its ``rho`` only, the means frozen at the parent's, and is scored
+again. The tables are in docs/posterior.md ("More OOD uncertainty without training").
 """
 
 from __future__ import annotations
@@ -82,12 +84,26 @@ def curvature(path: Path, bnn: nn.Module, means: dict[str, Tensor], data: Any) -
     return result.diag
 
 
+def elbo_rho(bnn: nn.Module, data: Any, oods: dict[str, Tensor], args: argparse.Namespace) -> dict[str, Any]:
+    """One epoch of ELBO (recipe) on the ``rho`` of ``bnn`` (in place), then its table row."""
+    from _quality_posthoc import _finetune
+
+    for name, parameter in bnn.named_parameters():
+        parameter.requires_grad_(name.endswith("_rho"))
+    seconds = _finetune(bnn, data, argparse.Namespace(finetune_epochs=1, seed=0), plain=False)
+    torch.manual_seed(0)
+    row, _ = evaluate(bnn, data.x_test, data.y_test, oods, samples=args.samples)
+    return {**row, "train_s": seconds}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mnist", type=Path, required=True)
     parser.add_argument("--parent", type=Path, required=True, help="LeNet-5 state_dict (loaded or saved)")
     parser.add_argument("--curvature", type=Path, required=True, help="the curvature (loaded or saved)")
     parser.add_argument("--variants", default="", help=f"comma list of variant keys (default: all): {', '.join(VARIANTS)}")
+    parser.add_argument("--elbo-rho", action="store_true",
+                        help="also 1 epoch of ELBO on rho only (means frozen) from each posterior")
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/posthoc_layers.json"))
@@ -126,6 +142,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row, _ = evaluate(bnn, data.x_test, data.y_test, oods, samples=args.samples)
         results[name] = {**row, "val_nll": val_nll(sigmas), "temperature": temps, "eval_s": time.perf_counter() - start}
         print(markdown_table({name: results[name]}), f"MNIST-val NLL {results[name]['val_nll']:.4f}", flush=True)
+        if args.elbo_rho:
+            results[f"{name} + 1 ep. ELBO on rho only"] = elbo_rho(bnn, data, oods, args)
+            print(markdown_table({"elbo": results[f"{name} + 1 ep. ELBO on rho only"]}), flush=True)
     report = {"lambda": lambdas, "models": results, "command": " ".join(sys.argv)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
