@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from dnn2bnn import metrics
 from dnn2bnn.checkpoint._arch import _import
 from dnn2bnn.checkpoint._bnn import replay_calls
+from dnn2bnn.checkpoint._rebuild import restore_parametrizations_
 from dnn2bnn.checkpoint._read import match_state
 from dnn2bnn.errors import CheckpointError, ConversionWarning
 from dnn2bnn.integrations._hf_model import RECORD_NAME, config_dtype
@@ -482,6 +483,7 @@ def from_pretrained(directory: str | os.PathLike[str]) -> nn.Module:
             f"{directory}: replaying the recorded conversion gives Bayesian layers "
             f"{converted[:5]}..., the record lists {sorted(record.get('converted', []))[:5]}..."
         )
+    restore_parametrizations_(model, record.get("layers"), where=str(record_path))
     state = match_state(
         model, _read_weights(directory), source=str(directory),
         target=f"the converted {cls.__name__}",
