@@ -624,6 +624,27 @@ def test_parametrization_round_trips_and_old_checkpoints_read_as_softplus(tmp_pa
         dnn2bnn.load_bnn(tmp_path / "tampered.pt")
 
 
+def test_legacy_calls_make_the_old_default_explicit():
+    """A record without per-layer states meant softplus wherever a call set no parametrization."""
+    from dnn2bnn.checkpoint._codec import encode
+    from dnn2bnn.checkpoint._rebuild import legacy_calls
+
+    old_config = encode(dnn2bnn.BayesConfig(), "c")
+    del old_config["fields"]["parametrization"]  # a BayesConfig recorded before the field existed
+    calls = [
+        {"function": "transform_to_bnn_model", "options": {}},
+        {"function": "transform_to_bnn_model", "options": {"parametrization": "exp"}},
+        {"function": "transform_to_bnn_model", "options": {}, "config": old_config},
+        {"function": "transform_to_bnn_model", "options": {}, "config": encode(dnn2bnn.BayesConfig(), "c")},
+    ]
+    fixed = legacy_calls(calls)
+    assert fixed[0]["options"] == {"parametrization": "softplus"}
+    assert fixed[1]["options"] == {"parametrization": "exp"}
+    assert fixed[2]["config"]["fields"]["parametrization"] == "softplus" and fixed[2]["options"] == {}
+    assert fixed[3]["config"]["fields"]["parametrization"] == "exp"  # recorded: kept
+    assert "parametrization" not in calls[0]["options"] and "parametrization" not in old_config["fields"]
+
+
 def _arch_args() -> dict:
     return {"arch": ARCH["arch"], "arch_kwargs": ARCH["arch_kwargs"]}
 

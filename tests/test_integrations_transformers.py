@@ -133,6 +133,19 @@ def test_from_pretrained_restores_each_parametrization_and_reads_an_old_record_a
     torch.testing.assert_close(
         old.classifier.posterior_sigma(), torch.nn.functional.softplus(classifier.weight_rho.detach())
     )
+    # a record without them whose call chose exp explicitly (dnn2bnn before issue 17's default)
+    config = bnn.config
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dnn2bnn.ConversionWarning)
+        chosen = dnn2bnn.transform_to_bnn_model(
+            transformers.BertForSequenceClassification(config), parametrization="exp"
+        )
+    chosen.save_pretrained(tmp_path / "chosen")
+    record = json.loads((tmp_path / "chosen" / "dnn2bnn_config.json").read_text())
+    del record["layers"]
+    (tmp_path / "chosen" / "dnn2bnn_config.json").write_text(json.dumps(record))
+    assert hf.from_pretrained(tmp_path / "chosen").classifier.parametrization.value == "exp"
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])

@@ -29,7 +29,7 @@ from torch import Tensor, fx, nn
 
 from dnn2bnn.checkpoint._codec import decode
 from dnn2bnn.checkpoint._read import PT2_METADATA, match_state
-from dnn2bnn.checkpoint._rebuild import restore_parametrizations_
+from dnn2bnn.checkpoint._rebuild import legacy_calls, restore_parametrizations_
 from dnn2bnn.conversion import transform_to_bnn_model
 from dnn2bnn.errors import CheckpointError
 from dnn2bnn.layers import BayesianLayer
@@ -85,7 +85,10 @@ def rebuild_bnn(program: Any, metadata: dict[str, Any]) -> fx.GraphModule:
         gm, _ = lift_program(program, bnn=True)
     except RuntimeError as exc:  # e.g. graph.lint() on a graph we cannot take apart
         raise CheckpointError(f"cannot rebuild a BNN from this archive's graph: {exc}") from exc
-    for call in metadata.get("calls", []):
+    calls = metadata.get("calls", [])
+    if metadata.get("layers") is None:  # written before per-layer records: softplus meant
+        calls = legacy_calls(calls)
+    for call in calls:
         names = call.get("converted", [])
         if names:
             options = decode(call.get("options", {}))
@@ -101,7 +104,8 @@ def rebuild_bnn(program: Any, metadata: dict[str, Any]) -> fx.GraphModule:
             f"{sorted(metadata.get('converted', []))[:5]}"
         )
     # the archive's state records no parametrization: the metadata's layer records do
-    restore_parametrizations_(gm, metadata.get("layers"), where="the archive")
+    if metadata.get("layers") is not None:
+        restore_parametrizations_(gm, metadata["layers"], where="the archive")
     gm.load_state_dict(match_state(gm, state, source="the archive", target="the rebuilt BNN"))
     return gm
 
