@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="train the MLP deterministically this many epochs first, convert "
                         "it with dnn2bnn, then train the BNN for the rest of the time budget")
     parser.add_argument("--mlp-hidden", type=int, default=1200)
-    parser.add_argument("--parametrization", default="softplus", choices=["softplus", "exp"],
+    parser.add_argument("--parametrization", default="exp", choices=["softplus", "exp"],
                         help="how rho maps to sigma in every Bayesian layer (issue 17)")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the means")
     parser.add_argument("--samples", type=int, default=20,

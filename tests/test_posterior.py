@@ -443,17 +443,19 @@ def test_ddp_sums_the_curvature_across_ranks(tmp_path):
 
 
 # ------------------------------------------------------------------------ linearized predictive
-def test_linearized_equals_sampled_for_a_model_linear_in_its_weights():
+@pytest.mark.parametrize("parametrization", ["exp", "softplus"])
+def test_linearized_equals_sampled_for_a_model_linear_in_its_weights(parametrization):
     from dnn2bnn.posterior import linearized_samples
 
-    bnn = dnn2bnn.transform_to_bnn_model(nn.Linear(5, 3))
+    bnn = dnn2bnn.transform_to_bnn_model(nn.Linear(5, 3), parametrization=parametrization)
     with torch.no_grad():
         bnn.weight_rho.fill_(-1.0)
         bnn.bias_rho.fill_(-2.0)
     x = torch.randn(4, 5)
     lin = linearized_samples(bnn, x, 2000, generator=torch.Generator().manual_seed(0))
     mean = x @ bnn.weight_mu.detach().T + bnn.bias_mu.detach()
-    sw, sb = F.softplus(torch.tensor(-1.0)), F.softplus(torch.tensor(-2.0))
+    sigma_of = torch.exp if parametrization == "exp" else F.softplus
+    sw, sb = sigma_of(torch.tensor(-1.0)), sigma_of(torch.tensor(-2.0))
     var = (x.square().sum(1, keepdim=True) * sw**2 + sb**2).expand(4, 3)  # closed form
     torch.testing.assert_close(lin.mean(0), mean, atol=0.1, rtol=0)
     torch.testing.assert_close(lin.var(0), var, rtol=0.1, atol=0)
