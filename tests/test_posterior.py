@@ -470,8 +470,10 @@ def test_linearized_equals_sampled_for_a_model_linear_in_its_weights(parametriza
         (3, lambda n: torch.randint(0, 3, (n,)).float(), TypeError, "class indices"),
         (2, lambda n: torch.randn(n, 2), TypeError, "likelihood='regression'"),  # regression targets
         (3, lambda n: torch.randint(3, 6, (n,)), ValueError, r"in \[0, 2\]"),
+        (3, lambda n: torch.randint(0, 3, (n, 1)), ValueError, r"of shape \(\d+,\) .*got shape \(\d+, 1\)"),
+        (3, lambda n: F.one_hot(torch.randint(0, 3, (n,)), 3), ValueError, r"one-hot targets need target.argmax\(1\)"),
     ],
-    ids=["one-logit", "float-indices", "regression-targets", "out-of-range"],
+    ids=["one-logit", "float-indices", "regression-targets", "out-of-range", "column", "one-hot"],
 )
 def test_classification_likelihood_refuses_targets_it_cannot_score(out, target, error, match):
     """A regression model fitted with the default likelihood got zero softmax curvature and
@@ -485,6 +487,73 @@ def test_classification_likelihood_refuses_targets_it_cannot_score(out, target, 
         good = torch.randint(0, out, (40,))
         with pytest.raises(error, match=match):
             dnn2bnn.fit_posterior(bnn, (x, good), val_data=(x, target(40)), progress=False)
+
+
+def test_integer_targets_of_any_dtype_are_class_indices():
+    """int32 class indices raised cross_entropy's 'expected target dtype to be Long or Byte'."""
+    x, y = torch.randn(60, 4), torch.randint(0, 3, (60,))
+    sigmas = []
+    for target in (y, y.int()):
+        torch.manual_seed(0)
+        bnn = dnn2bnn.transform_to_bnn_model(mlp((4, 8, 3)))
+        dnn2bnn.fit_posterior(bnn, (x, target), val_data=(x, target), progress=False)
+        sigmas.append(bnn[0].posterior_sigma().detach())
+    torch.testing.assert_close(sigmas[0], sigmas[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("target", "match"),
+    [
+        (lambda y: y[:, :1], r"shaped like the model's output \(\d+, 2\), got shape \(\d+, 1\)"),
+        (lambda y: y[:, 0], r"shaped like the model's output \(\d+, 2\), got shape \(\d+,\)"),
+        (lambda y: torch.full_like(y, float("nan")), "targets hold .* NaN or infinite"),
+    ],
+    ids=["one-column", "flat", "nan"],
+)
+def test_regression_targets_must_fit_the_output(target, match):
+    """A (N, 1) target for a 2-output regressor raised "shape '[200, 2]' is invalid for input of
+    size 200"; NaN targets gave a NaN held-out gain, so the parent was kept silently."""
+    torch.manual_seed(0)
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((3, 8, 2)))
+    x, y = torch.randn(40, 3), torch.randn(40, 2)
+    with pytest.raises(ValueError, match=match):
+        dnn2bnn.fit_posterior(bnn, (x, target(y)), likelihood="regression", progress=False)
+    with pytest.raises(ValueError, match=match.replace("targets", "validation targets", 1) if "NaN" not in match else match):
+        dnn2bnn.fit_posterior(bnn, (x, y), val_data=(x, target(y)), likelihood="regression", progress=False)
+
+
+def test_regression_target_without_its_trailing_dim_is_reshaped():
+    """[N] targets for a [N, 1] output are read as [N, 1] (not broadcast to [N, N])."""
+    x, y, net = torch.randn(50, 3), torch.randn(50, 1), mlp((3, 8, 1))
+    fits = []
+    for target in (y, y[:, 0]):
+        bnn = dnn2bnn.transform_to_bnn_model(net)
+        fits.append(dnn2bnn.fit_posterior(bnn, (x, target), likelihood="regression", progress=False, temperature=1.0))
+    assert fits[0].log_evidence == fits[1].log_evidence
+
+
+def test_non_finite_validation_outputs_are_refused():
+    """NaN in val_data gave a held-out gain 'nan +- nan' and kept the parent silently."""
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((4, 8, 3)))
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    xv = x[:10].clone()
+    xv[2, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"holds 3 NaN or infinite value\(s\) .* held-out \(validation\) inputs"):
+        dnn2bnn.fit_posterior(bnn, (x, y), val_data=(xv, y[:10]), progress=False)
+
+
+def test_empty_val_data_and_malformed_batches_say_what_was_found():
+    """Empty val_data raised "cannot reshape tensor of 0 elements"; a dict-input batch was
+    refused as "must be a tuple ..., got tuple"."""
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((4, 8, 3)))
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    with pytest.raises(ValueError, match="val_data has no example"):
+        dnn2bnn.fit_posterior(bnn, (x, y), val_data=(x[:0], y[:0]), progress=False)
+    with pytest.raises(TypeError, match=r"dict inputs are not supported\), got a tuple of 2 \(dict, Tensor\)"):
+        dnn2bnn.fit_posterior(bnn, [({"x": x}, y)], progress=False, temperature=1.0)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=10)
+    with pytest.raises(TypeError, match=r"got a list of 1 \(Tensor\)"):
+        dnn2bnn.fit_posterior(bnn, loader, progress=False, temperature=1.0)
 
 
 @pytest.mark.parametrize("curvature", ["ggn", "fisher"])

@@ -25,6 +25,8 @@ def as_batches(data: Any, *, batch_size: int = DEFAULT_BATCH_SIZE, what: str = "
                 f"fit_posterior: {what} inputs and targets must have the same length, got "
                 f"{inputs.shape[0]} and {targets.shape[0]}"
             )
+        if inputs.shape[0] == 0:
+            return []
         return list(zip(inputs.split(batch_size), targets.split(batch_size)))
     if isinstance(data, Tensor) or not isinstance(data, Iterable):
         raise TypeError(
@@ -38,10 +40,20 @@ def _pairs(data: Iterable[Any], what: str) -> Iterator[tuple[Tensor, Tensor]]:
     for batch in data:
         if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], Tensor)):
             raise TypeError(
-                f"fit_posterior: each batch of {what} must be a tuple (input, target, ...) of "
-                f"tensors, got {type(batch).__name__}"
+                f"fit_posterior: each batch of {what} must be a tuple or list (input, target, ...) whose "
+                f"input is a tensor (dict inputs are not supported), got {_describe(batch)}"
             )
+        if batch[0].shape[0] == 0:
+            continue
         yield batch[0], torch.as_tensor(batch[1])
+
+
+def _describe(batch: Any) -> str:
+    """``Tensor``, or ``a tuple of 2 (dict, Tensor)`` for a sequence batch."""
+    if isinstance(batch, (tuple, list)):
+        kinds = ", ".join(type(b).__name__ for b in batch)
+        return f"a {type(batch).__name__} of {len(batch)} ({kinds})"
+    return type(batch).__name__
 
 
 def count_batches(data: Any) -> int | None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from dnn2bnn.posterior.curvature import Likelihood, check_class_targets
+from dnn2bnn.posterior.curvature import Likelihood, check_class_targets, check_regression_targets
 
 __all__ = ["predictive_nll", "predictive_nlls"]
 
@@ -71,6 +71,8 @@ def predictive_nlls(
                 }
             for i, (x, y) in enumerate(batches):
                 out = functional_call(model, params, (x,), strict=False).float()
+                if sigmas is None:
+                    _check_finite(out, x)
                 logs[i].append(_log_likelihood(out, y, likelihood, noise_sigma))
     per_batch = [
         -(torch.logsumexp(torch.stack(per_draw).double(), 0) - math.log(draws))  # [S, B] -> [B]
@@ -79,13 +81,25 @@ def predictive_nlls(
     return torch.cat(per_batch) if per_batch else torch.zeros(0, dtype=torch.float64)
 
 
+def _check_finite(out: Tensor, x: Tensor) -> None:
+    """Raise when the means' output on held-out examples is not finite (its NLL gain would be NaN)."""
+    if not bool(torch.isfinite(out).all()):
+        bad = int((~torch.isfinite(out)).sum())
+        raise ValueError(
+            f"fit_posterior: the model's output at the posterior means holds {bad} NaN or infinite "
+            f"value(s) of {out.numel()} for a batch of {x.shape[0]} held-out (validation) inputs; "
+            "expected finite outputs (check val_data, or data, for NaN/inf): a NaN NLL would make "
+            "the temperature rule keep the parent silently"
+        )
+
+
 def _log_likelihood(out: Tensor, target: Tensor, likelihood: Likelihood, noise_sigma: float) -> Tensor:
     """Per-example log-likelihood ``[B]`` of one network's outputs."""
     target = target.to(out.device)
     if likelihood is Likelihood.CLASSIFICATION:
-        check_class_targets(out, target, what="validation")
+        target = check_class_targets(out, target, what="validation")
         per = -F.cross_entropy(out, target, reduction="none")
         return per.reshape(out.shape[0], -1).sum(1)
-    z = (target.to(out.dtype).reshape(out.shape) - out) / noise_sigma
+    z = (check_regression_targets(out, target, what="validation") - out) / noise_sigma
     per = -0.5 * z.square() - math.log(noise_sigma) - 0.5 * math.log(2 * math.pi)
     return per.reshape(out.shape[0], -1).sum(1)

@@ -192,12 +192,13 @@ def _cotangents(
     return noise / noise_sigma, ws
 
 
-def check_class_targets(out: Tensor, target: Tensor, *, what: str = "data") -> None:
+def check_class_targets(out: Tensor, target: Tensor, *, what: str = "data") -> Tensor:
     """Raise unless ``out`` holds logits of 2+ classes on dim 1 and ``target`` class indices.
 
     Without this a regression model fitted with the default likelihood is silently wrong:
     ``F.cross_entropy`` reads float targets as class probabilities, and a single logit has
-    zero softmax curvature, so every sigma becomes the prior's width.
+    zero softmax curvature, so every sigma becomes the prior's width. Returns the targets as
+    ``int64`` (any integer dtype is accepted, as class indices).
     """
     if out.dim() < 2 or out.shape[1] < 2:
         raise ValueError(
@@ -211,21 +212,51 @@ def check_class_targets(out: Tensor, target: Tensor, *, what: str = "data") -> N
             f"(an integer tensor), got {target.dtype} targets of shape {tuple(target.shape)}; "
             "for a regression model pass likelihood='regression'"
         )
+    expected = (out.shape[0], *out.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"fit_posterior: {what} targets must be class indices of shape {expected} (the logits' "
+            f"shape {tuple(out.shape)} without the class dim 1), got shape {tuple(target.shape)}"
+            + ("; one-hot targets need target.argmax(1)" if tuple(target.shape) == tuple(out.shape) else "")
+        )
     if target.numel() and (int(target.min()) < 0 or int(target.max()) >= out.shape[1]):
         raise ValueError(
             f"fit_posterior: {what} targets must be class indices in [0, {out.shape[1] - 1}] "
             f"(the model has {out.shape[1]} classes on dim 1), got values in "
             f"[{int(target.min())}, {int(target.max())}]"
         )
+    return target.long()
+
+
+def check_regression_targets(out: Tensor, target: Tensor, *, what: str = "data") -> Tensor:
+    """``target`` as a finite float tensor shaped like ``out``; raise when it cannot be.
+
+    Targets with the output's number of elements per example are reshaped (``[N]`` for an
+    output ``[N, 1]``); NaN or infinite targets would make the held-out NLL NaN, and a NaN
+    gain is never significant, so the temperature rule would keep the parent silently.
+    """
+    if target.shape[:1] != out.shape[:1] or target.numel() != out.numel():
+        raise ValueError(
+            f"fit_posterior: likelihood='regression' expects {what} targets shaped like the model's "
+            f"output {tuple(out.shape)}, got shape {tuple(target.shape)}"
+        )
+    target = target.to(out.device, out.dtype).reshape(out.shape)
+    if not bool(torch.isfinite(target).all()):
+        bad = int((~torch.isfinite(target)).sum())
+        raise ValueError(
+            f"fit_posterior: {what} targets hold {bad} NaN or infinite value(s) of {target.numel()}; "
+            "expected finite regression targets"
+        )
+    return target
 
 
 def _nll(out: Tensor, target: Tensor, likelihood: Likelihood, noise_sigma: float) -> Tensor:
     """Summed negative log-likelihood of a batch."""
     out = out.float()
     if likelihood is Likelihood.CLASSIFICATION:
-        check_class_targets(out, target)
+        target = check_class_targets(out, target)
         return F.cross_entropy(out, target.to(out.device), reduction="sum")
-    target = target.to(out.device, out.dtype).reshape(out.shape)
+    target = check_regression_targets(out, target)
     z = (target - out) / noise_sigma
     return (0.5 * z.square()).sum() + out.numel() * (math.log(noise_sigma) + 0.5 * math.log(2 * math.pi))
 

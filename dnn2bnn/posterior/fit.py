@@ -206,6 +206,8 @@ def fit_posterior(
     val_batches: list[tuple[Tensor, Tensor]] = []
     if need_val:
         val_batches = holdout.batches() if holdout is not None else list(as_batches(val_data, batch_size=settings.batch_size, what="val_data"))
+        if not val_batches and val_data is not None:
+            raise ValueError("fit_posterior: val_data has no example; pass held-out examples or omit val_data")
         if not val_batches:
             raise ValueError(
                 "fit_posterior: choosing the temperature needs validation examples; pass val_data, "
