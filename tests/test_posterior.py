@@ -489,6 +489,32 @@ def test_classification_likelihood_refuses_targets_it_cannot_score(out, target, 
             dnn2bnn.fit_posterior(bnn, (x, good), val_data=(x, target(40)), progress=False)
 
 
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"temperature": float("inf")}, ValueError, "a finite number > 0"),
+        ({"temperatures": [float("nan"), 0.1]}, ValueError, "finite numbers > 0"),
+        ({"temperature": {"0": "a", "2": 1.0}}, TypeError, r"temperature\['0'\] must be a number, got 'a'"),
+    ],
+    ids=["inf", "nan-candidate", "str-per-layer"],
+)
+def test_temperature_options_must_be_finite_numbers(options, error, match):
+    """temperature=inf gave sigma = inf (NaN samples) and a NaN candidate 'best T=nan', silently."""
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((4, 8, 3)))
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    with pytest.raises(error, match=match):
+        dnn2bnn.fit_posterior(bnn, (x, y), progress=False, **options)
+
+
+def test_temperature_may_be_a_zero_dim_tensor():
+    x, y, net = torch.randn(40, 4), torch.randint(0, 3, (40,)), mlp((4, 8, 3))
+    fits = [
+        dnn2bnn.fit_posterior(dnn2bnn.transform_to_bnn_model(net), (x, y), progress=False, temperature=t)
+        for t in (0.5, torch.tensor(0.5))
+    ]
+    assert fits[1].temperature == 0.5 and fits[0].layers == fits[1].layers
+
+
 def test_integer_targets_of_any_dtype_are_class_indices():
     """int32 class indices raised cross_entropy's 'expected target dtype to be Long or Byte'."""
     x, y = torch.randn(60, 4), torch.randint(0, 3, (60,))

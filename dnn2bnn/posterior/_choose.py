@@ -148,7 +148,12 @@ class Chooser:
                 f"fit_posterior: {what} must name every Bayesian layer {sorted(self.groups)}; "
                 f"missing {missing}, unknown {extra}"
             )
-        out = {n: float(values[n]) for n in self.groups}
+        out: dict[str, float] = {}
+        for n in self.groups:
+            try:
+                out[n] = float(values[n])
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"fit_posterior: {what}[{n!r}] must be a number, got {values[n]!r}") from exc
         bad = {n: v for n, v in out.items() if not (v > 0 and math.isfinite(v))}
         if bad:
             raise ValueError(f"fit_posterior: {what} values must be finite and > 0, got {bad}")

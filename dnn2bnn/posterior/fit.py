@@ -275,11 +275,14 @@ class _Settings:
         t = values.get("temperature", "auto")
         if isinstance(t, Mapping):
             values["temperature"] = dict(t)  # checked against the layers by the chooser
-        elif t != "auto" and not (isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0):
-            raise ValueError(
-                f"fit_posterior: temperature must be 'auto', a number > 0 or a mapping from layer name "
-                f"to number, got {t!r}"
-            )
+        elif t != "auto":
+            if isinstance(t, Tensor) and t.numel() == 1 and t.is_floating_point():
+                t = values["temperature"] = float(t)
+            if not (isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 and math.isfinite(t)):
+                raise ValueError(
+                    f"fit_posterior: temperature must be 'auto', a finite number > 0 or a mapping from layer "
+                    f"name to number, got {t!r}"
+                )
         for name in ("mc_samples", "batch_size", "memory_budget", "val_samples", "max_val_examples"):
             v = values.get(name, 1)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -290,8 +293,10 @@ class _Settings:
             raise ValueError(f"fit_posterior: noise_sigma must be > 0, got {values['noise_sigma']!r}")
         if "temperatures" in values:
             values["temperatures"] = tuple(float(v) for v in values["temperatures"])
-            if not values["temperatures"] or min(values["temperatures"]) <= 0:
-                raise ValueError(f"fit_posterior: temperatures must be numbers > 0, got {options['temperatures']!r}")
+            if not values["temperatures"] or not all(v > 0 and math.isfinite(v) for v in values["temperatures"]):
+                raise ValueError(
+                    f"fit_posterior: temperatures must be finite numbers > 0, got {options['temperatures']!r}"
+                )
         return cls(**values)
 
 
