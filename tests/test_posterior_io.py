@@ -125,3 +125,20 @@ def test_quality_benchmark_posthoc_rows_on_synthetic_data(tmp_path):
     posthoc = first["models"][names[1]]
     assert posthoc["temperature"] <= max(dnn2bnn.posterior.DEFAULT_TEMPERATURES) and posthoc["choice"]
     assert second["models"][names[1]]["nll"] == posthoc["nll"]
+
+
+def test_cli_fit_options_may_set_progress(tmp_path, capsys):
+    """--fit-options '{"progress": false}' failed: "got multiple values for keyword argument 'progress'"."""
+    from dnn2bnn.cli import main
+
+    torch.save(trained_tiny().state_dict(), tmp_path / "tiny.pt")
+    x, y = _data()
+    torch.save({"input": x, "target": y}, tmp_path / "fit.pt")
+    code = main([
+        "convert", str(tmp_path / "tiny.pt"), str(tmp_path / "bnn.pt"), "--arch", "tests._models:TinyNet",
+        "--fit-data", str(tmp_path / "fit.pt"), "--fit-options", '{"progress": false, "temperature": 0.5}',
+    ])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "fit_posterior:" not in captured.err  # no progress bar
+    assert dnn2bnn.load_bnn(tmp_path / "bnn.pt").conversion_report.posterior_fit["temperature"] == 0.5

@@ -276,9 +276,8 @@ def _fit(bnn: nn.Module, args: argparse.Namespace) -> Any:
 
     try:
         data = load_fit_data(args.fit_data)
-        return fit_posterior(
-            bnn, data, progress=not getattr(args, "json", False), **(args.fit_options or {})
-        )
+        options = {"progress": not getattr(args, "json", False), **(args.fit_options or {})}
+        return fit_posterior(bnn, data, **options)
     except (TypeError, ValueError) as exc:
         raise ConversionError(f"--fit-data {args.fit_data}: {exc}") from exc
 
