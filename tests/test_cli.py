@@ -441,3 +441,17 @@ def test_to_dnn_of_a_state_dict_bnn_exports_for_inference(workdir, capsys):
     mean = torch.export.load("mean.pt2").module()  # exported for a batch of 2
     torch.testing.assert_close(mean(X[:2]), trained_tiny()(X[:2]), rtol=0, atol=1e-6)
     torch.testing.assert_close(mean(X[2:]), trained_tiny()(X[2:]), rtol=0, atol=1e-6)
+
+
+def test_inspect_of_a_bnn_state_dict_does_not_call_it_a_dnn(tmp_path, capsys):
+    """torch.save(bnn.state_dict()) was reported as a 'DNN checkpoint' to convert with --arch."""
+    nn = torch.nn
+    bnn = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    torch.save(bnn.state_dict(), tmp_path / "sd.pt")
+    assert main(["inspect", str(tmp_path / "sd.pt"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "BNN state_dict"
+    assert info["bayesian_parameters"] == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert main(["inspect", str(tmp_path / "sd.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "BNN state_dict checkpoint (torch)" in out and "convert it with" not in out

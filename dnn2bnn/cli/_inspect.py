@@ -112,6 +112,10 @@ def _describe(checkpoint: Checkpoint) -> dict[str, Any]:
     else:
         ranks = Counter(t.dim() for k, t in state.items() if k.endswith(".weight"))
         info["weights_by_rank"] = {str(rank): n for rank, n in sorted(ranks.items())}
+        bayesian = sorted(k[: -len("_rho")] for k in state if k.endswith("_rho") and k[:-4] + "_mu" in state)
+        if bayesian:  # model.state_dict() of a converted model: Bayesian, but nothing says how to rebuild it
+            info["kind"] = "BNN state_dict"
+            info["bayesian_parameters"] = bayesian
     return info
 
 
@@ -209,6 +213,18 @@ def _text(info: dict[str, Any]) -> list[str]:
         kinds = ", ".join(f"{n} {k}" for k, n in info["convertible_layers"].items()) or "none"
         lines.append(f"  exported graph; convertible layer calls: {kinds}")
         lines += [f"  note: {n}" for n in info["notes"]]
+    elif "bayesian_parameters" in info:
+        names = info["bayesian_parameters"]
+        shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+        lines.append(
+            f"  state_dict of a converted model without dnn2bnn metadata: Bayesian parameters "
+            f"(*_mu, *_rho) {shown}"
+        )
+        lines.append(
+            "  load it with model.load_state_dict(...) into a model converted the same way "
+            "(or save the BNN with dnn2bnn.save_bnn for a file that describes itself); "
+            "dnn2bnn convert expects a deterministic state_dict"
+        )
     else:
         ranks = ", ".join(f"{n} of rank {r}" for r, n in info["weights_by_rank"].items()) or "none"
         lines.append(
