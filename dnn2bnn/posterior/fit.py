@@ -54,6 +54,8 @@ class PosteriorFit:
         seconds: wall time of the fit.
         layers: per layer, statistics of the fitted sigma (``min``, ``median``, ``mean``,
             ``max``), the mean ``|mu|`` and ``prior_sigma``.
+        per_example: per layer, how its per-example gradients were computed: ``"hooks"``
+            (from one batched backward pass) or ``"vmap (reason)"`` (``torch.func`` per example).
     """
 
     prior_precision: dict[str, float]
@@ -67,6 +69,7 @@ class PosteriorFit:
     val_nll: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     layers: dict[str, dict[str, float]] = field(default_factory=dict)
+    per_example: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (what :func:`dnn2bnn.save_bnn` stores)."""
@@ -220,6 +223,7 @@ def fit_posterior(
         val_nll=choice.tried,
         seconds=time.perf_counter() - started,
         layers=_layer_stats(groups, sigmas, lambdas),
+        per_example=result.methods,
     )
     report = getattr(module, "conversion_report", None)
     if report is not None:
