@@ -13,9 +13,17 @@ products of output cotangents, ``H = sum_j w_j v_j v_j^T``, so that the GGN diag
 * Gaussian likelihood with noise ``sigma``: ``v_k = e_k / sigma`` for each output (exact)
   or ``v = z / sigma`` with ``z ~ N(0, I)`` (Fisher).
 
-The products run per example under ``torch.func.vmap`` at the posterior means (the model in
-"mean" and eval mode), in chunks whose per-example gradients fit ``memory_budget`` bytes.
-The per-example squares are summed at once: this is not the square of mini-batch gradients.
+The products run at the posterior means (the model in "mean" and eval mode), per layer:
+
+* Linear and convolution layers: from one batched forward pass and one backward pass per
+  cotangent, through forward and tensor hooks (:mod:`dnn2bnn.posterior._per_example`);
+  checked against ``torch.func`` on the first two examples of the data, a layer that
+  disagrees takes the path below for the whole fit;
+* every other layer: per example under ``torch.func.vmap`` (vjp), for its own parameters
+  only, in chunks whose per-example gradients fit ``memory_budget`` bytes.
+
+:attr:`CurvatureResult.methods` says which path each layer took. The per-example squares
+are summed at once: this is not the square of mini-batch gradients.
 """
 
 from __future__ import annotations
