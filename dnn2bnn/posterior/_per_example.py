@@ -72,8 +72,10 @@ def hook_reason(layer: nn.Module) -> str | None:
 class _Call:
     """One call of a hooked layer: its input and the gradients of its output."""
 
-    input: Tensor
+    input: Tensor  # detached
     version: int
+    #: whether the input was in the graph (else only the layer's own weights lead to its hooks)
+    connected: bool
     grads: list[Tensor] = field(default_factory=list)
 
 
@@ -121,7 +123,7 @@ class PerExampleSquares:
                 return
             if not (args and isinstance(args[0], Tensor) and isinstance(output, Tensor) and output.requires_grad):
                 raise _NotHookable(name, "its input or output is not a tensor in the graph")
-            call = _Call(args[0].detach(), args[0]._version)
+            call = _Call(args[0].detach(), args[0]._version, args[0].requires_grad)
             output.register_hook(call.grads.append)
             calls[name].append(call)
 
@@ -151,11 +153,12 @@ class PerExampleSquares:
             if not out.requires_grad:
                 raise _NotHookable(next(iter(self.layers)), "the output does not depend on the hooked weights")
             calls = self._calls
+            # The backward pass goes to the input (no weight gradients are computed), plus the
+            # weights of layers that the input does not reach: their hooks fire only then.
             inputs = [x_leaf] if floating else []
             for name, (_, keys) in self.layers.items():
-                if not floating or name in self.needs_leaf or any(not c.input.requires_grad for c in calls[name]):
+                if not floating or name in self.needs_leaf or any(not c.connected for c in calls[name]):
                     inputs += [leaves[k] for k in keys]
-            # a layer whose input does not require grad only depends on its own leaves
             for name, layer_calls in calls.items():
                 for c in layer_calls:
                     if c.input.shape[:1] != (batch,):
