@@ -100,7 +100,8 @@ def diagonal_curvature(
         curvature: see :class:`Curvature`.
         mc_samples: targets drawn per example for the Fisher.
         noise_sigma: standard deviation of the Gaussian likelihood (regression).
-        memory_budget: bytes of per-example gradients held at once (sets the chunk size).
+        memory_budget: bytes of per-example gradients held at once on the vmap path, and of
+            per-example products per layer on the hook path (sets the chunk sizes).
         generator: random generator for the Fisher's sampled targets.
 
     Returns:
@@ -113,7 +114,7 @@ def diagonal_curvature(
     count, nll = 0, 0.0
     probed = not hooks.layers
 
-    def cotangents(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def cotangents(out: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         nonlocal nll
         out = _check_output(out, x)
         nll += float(_nll(out.detach(), y, likelihood, noise_sigma))
@@ -126,11 +127,11 @@ def diagonal_curvature(
                 probed = True
             squares: dict[str, Tensor] = {}
             if hooks.layers:
-                squares, (vs, ws) = _hooked_squares(hooks, params, x, lambda out: cotangents(out, y), methods)
+                squares, (vs, ws) = _hooked_squares(hooks, params, x, lambda out: cotangents(out, x, y), methods)
             else:
                 with torch.no_grad():
                     out = functional_call(model, params, (x,), strict=False)
-                vs, ws = cotangents(out, y)
+                vs, ws = cotangents(out, x, y)
             hooked = set(hooks.keys)
             rest = [k for k in params if k not in hooked]
             if rest:
