@@ -221,6 +221,10 @@ def _probe(
     not touched). With 2+ examples this also catches networks that mix the examples of a batch.
     """
     part = x[: min(2, x.shape[0])]
+    with torch.no_grad():
+        out = functional_call(model, params, (part,), strict=False)
+    if not (isinstance(out, Tensor) and bool(torch.isfinite(out).all())):
+        return  # the batch's own output check names the problem
     local = torch.Generator(device=part.device).manual_seed(1234)
 
     def cotangents(out: Tensor) -> tuple[Tensor, Tensor]:
@@ -245,8 +249,6 @@ def _probe(
     if not hooks.layers:
         return
     local.manual_seed(1234)
-    with torch.no_grad():
-        out = functional_call(model, params, (part,), strict=False)
     vs, ws = cotangents(out)
     reference = _vmap_squares(model, params, hooks.keys, part, vs, ws, memory_budget)
     for name in list(hooks.layers):
