@@ -105,8 +105,10 @@ def fit_posterior(
 
     One pass over ``data`` computes the diagonal of the generalized Gauss-Newton matrix of
     the per-example negative log-likelihood at the posterior means (the trained weights),
-    exactly per example (``torch.func``), or its Fisher estimate with targets drawn from the
-    model (``curvature="fisher"``, the default: one backward pass per example). Every
+    exactly per example, or its Fisher estimate with targets drawn from the model
+    (``curvature="fisher"``, the default: one backward pass per batch). Linear and convolution
+    layers get their per-example squares from hooks on one batched pass, other layers from
+    ``torch.func`` (``PosteriorFit.per_example`` says which). Every
     Bayesian parameter then gets ``sigma^2 = T / (N * curvature + lambda)`` and its prior
     becomes ``N(0, 1/lambda)``, so that :meth:`dnn2bnn.WithBNNLoss.elbo` fine-tuning starts
     from a consistent posterior and prior.
