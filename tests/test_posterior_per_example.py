@@ -53,7 +53,8 @@ class _Wrap(nn.Module):
 
 _LAYERS = {
     "linear-2d": (lambda: nn.Linear(6, 5), (6,), 5),
-    "linear-3d": (lambda: nn.Linear(4, 5), (3, 4), 15),
+    "linear-3d": (lambda: nn.Linear(4, 5), (3, 4), 15),  # 3 positions: the (n, l, l') product
+    "linear-3d-long": (lambda: nn.Linear(4, 5), (8, 4), 40),  # 8 positions: per-example bmm
     "conv1d": (lambda: nn.Conv1d(2, 4, 3, stride=2, padding=2, dilation=2), (2, 9), 4 * 5),
     "conv2d-groups": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (4, 6, 5), 6 * 3 * 3),
     "conv2d-reflect-dilation": (lambda: nn.Conv2d(2, 3, 3, padding=2, dilation=2, padding_mode="reflect"), (2, 5, 5), 75),
@@ -68,9 +69,11 @@ def test_hooks_equal_brute_force_for_each_layer_type(kind):
     build, shape, features = _LAYERS[kind]
     bnn = dnn2bnn.transform_to_bnn_model(_Wrap(build(), features))
     x, y = torch.randn(7, *shape), torch.randint(0, 3, (7,))
-    result = _run(bnn, x, y)
-    assert result.methods == {"head": "hooks", "layer": "hooks"}
-    _assert_same(result, _brute_force_ggn(bnn, x))
+    expected = _brute_force_ggn(bnn, x)
+    for budget in (1, 2**20):  # one example per chunk, and all at once
+        result = _run(bnn, x, y, memory_budget=budget)
+        assert result.methods == {"head": "hooks", "layer": "hooks"}
+        _assert_same(result, expected)
 
 
 class _ResidualCNN(nn.Module):
