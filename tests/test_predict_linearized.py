@@ -9,6 +9,7 @@ from torch import nn
 
 import dnn2bnn
 from tests.conftest import mlp
+from tests.test_posterior import _Attention
 
 
 class _CNN(nn.Module):
@@ -22,13 +23,26 @@ class _CNN(nn.Module):
         return self.fc(F.relu(self.bn(self.conv(x))).flatten(1))
 
 
-@pytest.mark.parametrize("build, shape", [(lambda: mlp((6, 8, 3)), (6,)), (_CNN, (1, 6, 6))])
-def test_collapsed_posterior_is_the_dnn(build, shape):
+_ATTENTION_LAYERS = [nn.Linear, nn.MultiheadAttention, nn.LayerNorm]
+
+
+@pytest.mark.parametrize(
+    "build, shape, layer_types",
+    [
+        (lambda: mlp((6, 8, 3)), (6,), None),
+        (_CNN, (1, 6, 6), None),
+        # nn.MultiheadAttention's eval fast path has no forward-mode derivative: retried on the composite path
+        (_Attention, (5, 4), _ATTENTION_LAYERS),
+    ],
+)
+def test_collapsed_posterior_is_the_dnn(build, shape, layer_types):
     dnn = build().eval()
-    bnn = dnn2bnn.transform_to_bnn_model(dnn, posterior_sigma_init=1e-8)
+    options = {} if layer_types is None else {"layer_types": layer_types}
+    bnn = dnn2bnn.transform_to_bnn_model(dnn, posterior_sigma_init=1e-8, **options)
     x = torch.randn(5, *shape)
     result = dnn2bnn.predict(bnn, x, num_samples=3, method="linearized", return_samples=True)
     assert result.method == "linearized"
+    assert torch.backends.mha.get_fastpath_enabled()  # switched back on after the attention model's retry
     with torch.no_grad():
         expected = dnn(x).softmax(1)
     torch.testing.assert_close(result.probs, expected, rtol=1e-5, atol=1e-6)

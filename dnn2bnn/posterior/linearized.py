@@ -99,17 +99,42 @@ def linearized_draws(
     """``forward(means) + J delta`` for ``num_samples`` draws of ``delta``, stacked on dim 0.
 
     ``forward(params)`` runs the model with the given parameters (``functional_call``); it
-    runs in eval and "mean" mode (restored afterwards), without gradients.
+    runs in eval and "mean" mode (restored afterwards), without gradients. The fused eval
+    kernel of ``nn.MultiheadAttention`` has no forward-mode derivative: when it makes the
+    first try fail, the draws are redone with its fast path switched off
+    (``torch.backends.mha``, restored afterwards), which computes the same on the composite path.
     """
     from dnn2bnn.posterior._targets import at_means as _at_means
 
-    per_sample = []
+    state = generator.get_state() if generator is not None else None
     with _at_means(model), torch.no_grad():
-        for _ in range(num_samples):
-            delta = {
-                k: (sigmas[k] * torch.randn(mu.shape, generator=generator, device=mu.device)).to(mu.dtype)
-                for k, mu in means.items()
-            }
-            out, tangent = jvp(forward, (means,), (delta,))
-            per_sample.append(out + tangent)
+        try:
+            return _draws(forward, num_samples, means, sigmas, generator)
+        except NotImplementedError as exc:
+            if "forward AD" not in str(exc) or not torch.backends.mha.get_fastpath_enabled():
+                raise
+        if generator is not None and state is not None:
+            generator.set_state(state)
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return _draws(forward, num_samples, means, sigmas, generator)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+
+
+def _draws(
+    forward: Callable[[dict[str, Tensor]], Any],
+    num_samples: int,
+    means: dict[str, Tensor],
+    sigmas: dict[str, Tensor],
+    generator: torch.Generator | None,
+) -> Tensor:
+    per_sample = []
+    for _ in range(num_samples):
+        delta = {
+            k: (sigmas[k] * torch.randn(mu.shape, generator=generator, device=mu.device)).to(mu.dtype)
+            for k, mu in means.items()
+        }
+        out, tangent = jvp(forward, (means,), (delta,))
+        per_sample.append((out + tangent).detach())
     return torch.stack(per_sample)
