@@ -80,7 +80,8 @@ def train_step(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, kl_scale: float | None, *, fused: bool = False
 ) -> Callable[[], None]:
     """A closure doing one step: forward, cross-entropy (+ KL/N), backward, Adam (torch's
-    default multi-tensor implementation, or ``fused=True``: the single-kernel one)."""
+    default implementation, which is per tensor on the CPU and multi-tensor on CUDA, or
+    ``fused=True``: the single-kernel one)."""
     import dnn2bnn
 
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, **({"fused": True} if fused else {}))

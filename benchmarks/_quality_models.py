@@ -46,7 +46,7 @@ def mlp_prior_name(estimator: str = "reparam") -> str:
 
 def blundell_mlp(
     *, hidden: int = 1200, estimator: str = "reparam", bayesian: bool = True,
-    parametrization: str = "softplus",
+    parametrization: str = "exp",
 ) -> nn.Module:
     """784-hidden-hidden-10 MLP (Blundell et al. 2015), of Bayesian linear layers built from
     scratch, or of plain ``nn.Linear`` layers with ``bayesian=False``."""

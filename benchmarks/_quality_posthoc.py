@@ -110,6 +110,11 @@ def _default_fit(parent: nn.Module, data: Data, args: Any) -> tuple[nn.Module, d
     return bnn, record
 
 
+def _first_layer(t: float, *, layers: tuple[str, ...] = ("conv1",)) -> dict[str, float]:
+    """One temperature per LeNet-5 layer: ``t`` in ``layers``, 1e-8 (the parent) elsewhere."""
+    return {name: (t if name in layers else 1e-8) for name in ("conv1", "conv2", "fc1", "fc2", "fc3")}
+
+
 def run_posthoc(
     args: Any, data: Data, oods: dict[str, Tensor], results: dict[str, Any], parent: nn.Module
 ) -> None:
@@ -119,6 +124,7 @@ def run_posthoc(
     results[f"{base} (defaults, no training)"] = _row(
         bnn, data, oods, args, fit_s=fit["seconds"], temperature=fit["temperature"],
         prior_precision=fit["prior_precision"], val_nll=fit["val_nll"], layers=fit["layers"],
+        choice=fit.get("choice", ""),
     )
     print(markdown_table({"posthoc": results[f"{base} (defaults, no training)"]}), flush=True)
     if args.linearized:
@@ -139,6 +145,11 @@ def run_posthoc(
         "valprior": ("one lambda on validation NLL, T=1", {"prior_precision": "val"}),
         "valdataprior": ("one lambda on the MNIST validation split, T=1",
                          {"val_data": val, "prior_precision": "val"}),
+        # issue 15's research goal: uncertainty in the first layer separates OOD inputs
+        "conv1": ("T=1 in conv1 only", {"temperature": _first_layer(1.0)}),
+        "conv1t3": ("T=3 in conv1 only", {"temperature": _first_layer(3.0)}),
+        "conv1t10": ("T=10 in conv1 only", {"temperature": _first_layer(10.0)}),
+        "conv12": ("T=0.1 in conv1 and conv2", {"temperature": _first_layer(0.1, layers=("conv1", "conv2"))}),
     }
     chosen = [v.strip() for v in (args.posthoc_variants or "").split(",") if v.strip()]
     for key in chosen:
@@ -150,7 +161,7 @@ def run_posthoc(
         print(fit, flush=True)
         results[f"{base}: {label}"] = _row(
             bnn, data, oods, args, fit_s=fit.seconds, temperature=fit.temperature,
-            prior_precision=fit.prior_precision, val_nll=fit.val_nll,
+            prior_precision=fit.prior_precision, val_nll=fit.val_nll, choice=fit.choice,
         )
         print(markdown_table({"variant": results[f"{base}: {label}"]}), flush=True)
         if args.linearized:

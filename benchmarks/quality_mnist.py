@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="posthoc: add laplace-torch rows on the same parent (needs .[bench])")
     parser.add_argument("--posthoc-variants", default="",
                         help="posthoc: comma list of non-default fit_posterior variants: t1, "
-                        "valdata, global, valprior, valdataprior")
+                        "valdata, global, valprior, valdataprior, conv1, conv1t3, conv1t10, conv12")
     parser.add_argument("--quick", action="store_true",
                         help="1+1 LeNet epochs, 2 MLP minutes, 8 samples")
     parser.add_argument("--parent-epochs", type=int, default=6)
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="train the MLP deterministically this many epochs first, convert "
                         "it with dnn2bnn, then train the BNN for the rest of the time budget")
     parser.add_argument("--mlp-hidden", type=int, default=1200)
-    parser.add_argument("--parametrization", default="softplus", choices=["softplus", "exp"],
+    parser.add_argument("--parametrization", default="exp", choices=["softplus", "exp"],
                         help="how rho maps to sigma in every Bayesian layer (issue 17)")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the means")
     parser.add_argument("--samples", type=int, default=20,

@@ -44,10 +44,12 @@ class Estimator(str, Enum):
 class Parametrization(str, Enum):
     """How a Bayesian layer's ``<param>_rho`` maps to the posterior standard deviation.
 
-    * ``"softplus"``: ``sigma = log(1 + exp(rho))`` (the meaning of ``*_rho`` in every
-      checkpoint written before this option existed).
-    * ``"exp"``: ``sigma = exp(rho)`` (log-sigma): no softplus in the forward, no sigmoid in
-      the backward and no log in the KL; the same family of posteriors.
+    * ``"exp"`` (the default since issue 17): ``sigma = exp(rho)`` (log-sigma): no
+      softplus in the forward, no sigmoid in the backward and no log in the KL; the same
+      family of posteriors.
+    * ``"softplus"``: ``sigma = log(1 + exp(rho))``, the default before; the meaning of
+      ``*_rho`` in every checkpoint and state_dict that records no parametrization (they
+      still load as softplus).
     """
 
     SOFTPLUS = "softplus"
@@ -65,8 +67,9 @@ class BayesConfig:
         moped_delta: if set, MOPED initialisation ``sigma = moped_delta * |w|`` per weight
             (floored at 1e-8) instead of ``posterior_sigma_init``.
         estimator: ``"reparam"``, ``"flipout"`` or ``"lrt"`` (an :class:`Estimator`).
-        parametrization: ``"softplus"`` or ``"exp"`` (a :class:`Parametrization`): how
-            ``*_rho`` maps to sigma.
+        parametrization: ``"exp"`` (default, ``sigma = exp(rho)``) or ``"softplus"``
+            (``sigma = softplus(rho)``, the default before issue 17), a
+            :class:`Parametrization`: how ``*_rho`` maps to sigma.
 
     Example:
         >>> cfg = BayesConfig(estimator="flipout", prior=dnn2bnn.NormalPrior(0.0, 0.1))
@@ -78,7 +81,7 @@ class BayesConfig:
     posterior_sigma_init: float = 1e-3
     moped_delta: float | None = None
     estimator: Estimator = Estimator.REPARAM
-    parametrization: Parametrization = Parametrization.SOFTPLUS
+    parametrization: Parametrization = Parametrization.EXP
 
     def __post_init__(self) -> None:
         if not isinstance(self.prior, PRIOR_TYPES):

@@ -1,7 +1,7 @@
 """The recommended optimizer set-up for fine-tuning a converted network.
 
 Adam changes each parameter by about its learning rate per step, whatever the gradient's
-size. For ``rho`` (``sigma = softplus(rho)``, so ``rho ~ log(sigma)`` for small sigma) that
+size. For ``rho`` (``sigma = exp(rho)`` by default, so ``rho = log(sigma)``; about so with softplus for small sigma) that
 means the posterior width changes by a factor of about ``exp(lr)`` per step: with the usual
 ``lr = 1e-3``, two epochs of MNIST (~800 steps) can widen sigma at most ~2x, and a converted
 network stays a deterministic one with a negligible posterior. Giving ``rho`` its own, larger

@@ -86,7 +86,7 @@ def accuracy(model: nn.Module, data: TensorDataset, samples: int = 1) -> float:
 
 def train(model: nn.Module, criterion: nn.Module, train_set, val_set, epochs: int, lr: float, samples: int) -> None:
     if any(dnn2bnn.is_bayesian_layer(m) for m in model.modules()):
-        # rho (sigma = softplus(rho)) at 10x the means' rate, or the posterior cannot widen
+        # rho (sigma = exp(rho)) at 10x the means' rate, or the posterior cannot widen
         optimizer = torch.optim.Adam(dnn2bnn.bayes_param_groups(model, lr=lr))
     else:
         optimizer = torch.optim.Adam(criterion.parameters(), lr=lr)

@@ -112,16 +112,20 @@ def test_arch_defaults_to_the_model_class(tmp_path):
     torch.testing.assert_close(_mean_output(dnn2bnn.load_bnn(path).eval()), _mean_output(bnn))
 
 
-def test_pt2_round_trip_through_save_bnn(tmp_path):
+@pytest.mark.parametrize("parametrization", ["exp", "softplus"])
+def test_pt2_round_trip_through_save_bnn(tmp_path, parametrization):
     dnn = trained_tiny()
-    bnn = dnn2bnn.transform_to_bnn_model(dnn, prior_sigma=0.5)
+    bnn = dnn2bnn.transform_to_bnn_model(dnn, prior_sigma=0.5, parametrization=parametrization)
+    with torch.no_grad():
+        bnn.head.weight_rho.add_(2.0)  # sigmas where exp and softplus differ
     path = dnn2bnn.save_bnn(bnn, tmp_path / "bnn.pt2", example_inputs=X)
     program = torch.export.load(path)
     ops = {str(n.target) for n in program.graph.nodes}
-    assert "aten.randn_like.default" in ops and "aten.softplus.default" in ops
+    assert "aten.randn_like.default" in ops and f"aten.{parametrization}.default" in ops
     loaded = dnn2bnn.load_bnn(path)
     assert sorted(c.name for c in loaded.conversion_report.converted) == ["features.0", "head"]
-    assert loaded.head.prior.sigma == 0.5
+    assert loaded.head.prior.sigma == 0.5 and loaded.head.parametrization.value == parametrization
+    torch.testing.assert_close(loaded.head.posterior_sigma(), bnn.head.posterior_sigma())
     torch.testing.assert_close(_mean_output(loaded), dnn(X), rtol=0, atol=0)
     # and back to .pt2 without example inputs: the lifted module remembers them
     again = dnn2bnn.save_bnn(loaded, tmp_path / "again.pt2")
@@ -583,29 +587,62 @@ def test_hostile_pickles_are_refused(tmp_path):
 
 
 def test_parametrization_round_trips_and_old_checkpoints_read_as_softplus(tmp_path):
-    """Engineer B's parametrization option (softplus|exp): stored, checked, default softplus."""
-    from dnn2bnn.config import OPTION_NAMES
-
-    if "parametrization" not in OPTION_NAMES:
-        pytest.skip("this dnn2bnn has no parametrization option yet")
-    bnn = dnn2bnn.transform_to_bnn_model(trained_tiny(width=6), parametrization="exp")
+    """The parametrization (softplus|exp) is stored and restored; the default is exp (issue 17),
+    and a checkpoint that records none (written before parametrizations existed) is softplus."""
+    bnn = dnn2bnn.transform_to_bnn_model(trained_tiny(width=6))
+    with torch.no_grad():
+        bnn.head.weight_rho.add_(2.0)  # sigmas where exp and softplus differ
     path = dnn2bnn.save_bnn(bnn, tmp_path / "exp.safetensors", **ARCH)
     assert read_checkpoint(path).metadata["layers"]["head"]["parametrization"] == "exp"
     loaded = dnn2bnn.load_bnn(path)
     assert loaded.head.parametrization.value == "exp"
     torch.testing.assert_close(loaded.head.posterior_sigma(), bnn.head.posterior_sigma())
-    old = bnn_metadata(dnn2bnn.transform_to_bnn_model(trained_tiny(width=6)), **_arch_args())
+    softplus = dnn2bnn.transform_to_bnn_model(trained_tiny(width=6), parametrization="softplus")
+    with torch.no_grad():
+        softplus.head.weight_rho.add_(2.0)
+    old = bnn_metadata(softplus, **_arch_args())
     del old["layers"]  # written before parametrizations existed
     for call in old["calls"]:
         call["options"].pop("parametrization", None)
-    state = dnn2bnn.transform_to_bnn_model(trained_tiny(width=6)).state_dict()
-    write_state(tmp_path / "old.pt", state, old)
-    assert dnn2bnn.load_bnn(tmp_path / "old.pt").head.parametrization.value == "softplus"
+    write_state(tmp_path / "old.pt", softplus.state_dict(), old)
+    back = dnn2bnn.load_bnn(tmp_path / "old.pt")
+    assert back.head.parametrization.value == "softplus"
+    torch.testing.assert_close(back.head.posterior_sigma(), softplus.head.posterior_sigma())
+    torch.testing.assert_close(back.head.weight_rho, softplus.head.weight_rho)
+    # a model converted with the old default (softplus recorded, no option in the call)
+    recorded = bnn_metadata(softplus, **_arch_args())
+    for call in recorded["calls"]:
+        call["options"].pop("parametrization", None)
+    write_state(tmp_path / "recorded.pt", softplus.state_dict(), recorded)
+    back = dnn2bnn.load_bnn(tmp_path / "recorded.pt")
+    assert back.head.parametrization.value == "softplus" and back.features[0].parametrization.value == "softplus"
+    torch.testing.assert_close(back.head.posterior_sigma(), softplus.head.posterior_sigma())
     tampered = read_checkpoint(path).metadata
-    tampered["layers"]["head"]["parametrization"] = "softplus"
+    tampered["layers"]["head"]["parametrization"] = "log"
     write_state(tmp_path / "tampered.pt", bnn.state_dict(), tampered)
-    with pytest.raises(CheckpointError, match="head.parametrization is recorded as 'softplus'"):
+    with pytest.raises(CheckpointError, match=r"head.parametrization: expected one of \['softplus', 'exp'\], got 'log'"):
         dnn2bnn.load_bnn(tmp_path / "tampered.pt")
+
+
+def test_legacy_calls_make_the_old_default_explicit():
+    """A record without per-layer states meant softplus wherever a call set no parametrization."""
+    from dnn2bnn.checkpoint._codec import encode
+    from dnn2bnn.checkpoint._rebuild import legacy_calls
+
+    old_config = encode(dnn2bnn.BayesConfig(), "c")
+    del old_config["fields"]["parametrization"]  # a BayesConfig recorded before the field existed
+    calls = [
+        {"function": "transform_to_bnn_model", "options": {}},
+        {"function": "transform_to_bnn_model", "options": {"parametrization": "exp"}},
+        {"function": "transform_to_bnn_model", "options": {}, "config": old_config},
+        {"function": "transform_to_bnn_model", "options": {}, "config": encode(dnn2bnn.BayesConfig(), "c")},
+    ]
+    fixed = legacy_calls(calls)
+    assert fixed[0]["options"] == {"parametrization": "softplus"}
+    assert fixed[1]["options"] == {"parametrization": "exp"}
+    assert fixed[2]["config"]["fields"]["parametrization"] == "softplus" and fixed[2]["options"] == {}
+    assert fixed[3]["config"]["fields"]["parametrization"] == "exp"  # recorded: kept
+    assert "parametrization" not in calls[0]["options"] and "parametrization" not in old_config["fields"]
 
 
 def _arch_args() -> dict:

@@ -299,6 +299,19 @@ def test_estimator_flag_is_passed_through_only_when_supported(workdir, capsys):
         assert not Path("out.pt").exists()
 
 
+@pytest.mark.parametrize("flag", [[], ["--parametrization", "softplus"], ["--parametrization", "exp"]])
+def test_parametrization_flag_defaults_to_exp(workdir, flag):
+    """Issue 17: exp is the default; --parametrization softplus keeps the old meaning of rho."""
+    assert main(["convert", "tiny.pt", "out.pt", *ARCH, *flag]) == 0
+    expected = flag[1] if flag else "exp"
+    layers = dnn2bnn.checkpoint._read.read_checkpoint("out.pt").metadata["layers"]
+    assert {state["parametrization"] for state in layers.values()} == {expected}
+    bnn = dnn2bnn.load_bnn("out.pt")
+    sigma_of = torch.exp if expected == "exp" else torch.nn.functional.softplus
+    torch.testing.assert_close(bnn.head.posterior_sigma(), sigma_of(bnn.head.weight_rho.detach()))
+    torch.testing.assert_close(bnn.head.posterior_sigma(), torch.full_like(bnn.head.weight_mu, 1e-3))
+
+
 def test_trusted_pickle_and_force(workdir, capsys):
     assert main(["convert", "whole.pt", "out.pt", "--trust-pickle", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["arch"] == "_models:TinyNet"

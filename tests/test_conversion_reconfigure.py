@@ -189,7 +189,7 @@ def test_save_and_load_replay_the_reconfiguration(tmp_path):
 def test_a_new_parametrization_keeps_sigma():
     if "parametrization" not in {f.name for f in dataclasses.fields(BayesConfig)}:
         pytest.skip("BayesConfig has no parametrization option in this tree")
-    bnn = _trained(transform_to_bnn_model(mlp()))
+    bnn = _trained(transform_to_bnn_model(mlp(), parametrization="softplus"))
     sigmas = [layer.posterior_sigma().clone() for layer in _layers(bnn)]
     x = torch.randn(3, 20)
     with torch.no_grad(), set_mode(bnn, "mean"):

@@ -7,6 +7,7 @@ Tiny BERT and GPT-2 built from configs, synthetic data, CPU, no download.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import warnings
@@ -109,6 +110,44 @@ def test_save_pretrained_then_from_pretrained_restores_the_posterior(make, tmp_p
         assert torch.equal(again(ids).logits, bnn(ids).logits)
 
 
+def test_from_pretrained_restores_each_parametrization_and_reads_an_old_record_as_softplus(tmp_path):
+    """Issue 17: exp is the default now; a record without parametrizations (written when softplus
+    was the only one) must not be replayed under the new default."""
+    bnn = _bert()
+    classifier = bnn.classifier
+    with torch.no_grad():
+        classifier.weight_rho.add_(3.0)  # sigmas where exp and softplus differ
+    bnn.save_pretrained(tmp_path)
+    record_path = tmp_path / "dnn2bnn_config.json"
+    record = json.loads(record_path.read_text())
+    assert record["layers"]["classifier"] == {"parametrization": "exp"}
+    again = hf.from_pretrained(tmp_path)
+    assert again.classifier.parametrization.value == "exp"
+    torch.testing.assert_close(again.classifier.posterior_sigma(), classifier.posterior_sigma())
+    # the same weights under a record from before: their rho meant softplus(rho)
+    del record["layers"]
+    record_path.write_text(json.dumps(record))
+    old = hf.from_pretrained(tmp_path)
+    assert old.classifier.parametrization.value == "softplus"
+    torch.testing.assert_close(old.classifier.weight_rho, classifier.weight_rho)
+    torch.testing.assert_close(
+        old.classifier.posterior_sigma(), torch.nn.functional.softplus(classifier.weight_rho.detach())
+    )
+    # a record without them whose call chose exp explicitly (dnn2bnn before issue 17's default)
+    config = bnn.config
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dnn2bnn.ConversionWarning)
+        chosen = dnn2bnn.transform_to_bnn_model(
+            transformers.BertForSequenceClassification(config), parametrization="exp"
+        )
+    chosen.save_pretrained(tmp_path / "chosen")
+    record = json.loads((tmp_path / "chosen" / "dnn2bnn_config.json").read_text())
+    del record["layers"]
+    (tmp_path / "chosen" / "dnn2bnn_config.json").write_text(json.dumps(record))
+    assert hf.from_pretrained(tmp_path / "chosen").classifier.parametrization.value == "exp"
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 @pytest.mark.parametrize("make", [_bert, _gpt2], ids=["bert", "gpt2"])
 def test_save_bnn_of_a_converted_model_loads_without_arch(make, suffix, tmp_path):
@@ -194,7 +233,7 @@ def test_gpt2_resize_token_embeddings_keeps_the_head_bayesian(tmp_path):
     with torch.no_grad():
         head.weight_rho.add_(torch.randn_like(head.weight_rho))
     mu, rho = head.weight_mu.detach().clone(), head.weight_rho.detach().clone()
-    init_rho = rho.new_full((), dnn2bnn.layers._base.softplus_inverse(head.posterior_sigma_init))
+    init_rho = rho.new_full((), math.log(head.posterior_sigma_init))  # exp: the default
     bnn.resize_token_embeddings(120)
     new = bnn.lm_head
     assert isinstance(new, dnn2bnn.BayesLinear) and new.out_features == 120

@@ -111,9 +111,13 @@ def test_softplus_inverse():
         assert F.softplus(torch.tensor(softplus_inverse(value), dtype=torch.float64)).item() == pytest.approx(value, rel=1e-9)
 
 
+@pytest.mark.parametrize("parametrization", ["exp", "softplus"])
 @pytest.mark.parametrize("make, bayes_cls, shape", CASES[:3], ids=IDS[:3])
-def test_kl_matches_torch_distributions(make, bayes_cls, shape):
-    bnn = bayes_cls.from_dnn(make(), prior_mean=0.1, prior_sigma=0.3, posterior_sigma_init=0.05)
+def test_kl_matches_torch_distributions(make, bayes_cls, shape, parametrization):
+    bnn = bayes_cls.from_dnn(
+        make(), prior_mean=0.1, prior_sigma=0.3, posterior_sigma_init=0.05, parametrization=parametrization
+    )
+    sigma_of = torch.exp if parametrization == "exp" else F.softplus
     with torch.no_grad():
         bnn.weight_rho.add_(torch.randn_like(bnn.weight_rho))
     expected = 0
@@ -121,12 +125,12 @@ def test_kl_matches_torch_distributions(make, bayes_cls, shape):
         mu = getattr(bnn, f"{name}_mu")
         if mu is None:
             continue
-        q = Normal(mu, F.softplus(getattr(bnn, f"{name}_rho")))
+        q = Normal(mu, sigma_of(getattr(bnn, f"{name}_rho")))
         expected = expected + kl_divergence(q, Normal(torch.tensor(0.1), torch.tensor(0.3))).sum()
     torch.testing.assert_close(bnn.kl(), expected)
     # direction: KL(q||p), not KL(p||q)
     mu = bnn.weight_mu
-    reverse = kl_divergence(Normal(torch.tensor(0.1), torch.tensor(0.3)), Normal(mu, F.softplus(bnn.weight_rho))).sum()
+    reverse = kl_divergence(Normal(torch.tensor(0.1), torch.tensor(0.3)), Normal(mu, sigma_of(bnn.weight_rho))).sum()
     assert not torch.allclose(bnn.kl(), reverse)
 
 
@@ -257,8 +261,13 @@ def test_parametrization_sigma_samples_and_kl(parametrization):
         torch.testing.assert_close(g, w)
 
 
-def test_parametrization_is_checked_and_defaults_to_softplus():
-    assert BayesLinear(2, 2).parametrization.value == "softplus"
+def test_parametrization_is_checked_and_defaults_to_exp():
+    """Issue 17: exp is the default; rho starts at log(sigma init) (the exp inverse)."""
+    layer = BayesLinear(2, 2, posterior_sigma_init=0.3)
+    assert layer.parametrization.value == "exp" and dnn2bnn.BayesConfig().parametrization.value == "exp"
+    torch.testing.assert_close(layer.weight_rho, torch.full((2, 2), math.log(0.3)))
+    moped = BayesLinear.from_dnn(nn.Linear(3, 2), moped_delta=0.1)
+    torch.testing.assert_close(moped.posterior_sigma(), (0.1 * moped.weight_mu.abs()).clamp_min(1e-8))
     with pytest.raises(ValueError, match="parametrization must be one of"):
         BayesLinear(2, 2, parametrization="log")
 
@@ -285,13 +294,17 @@ def test_parametrization_round_trips_through_save_and_load(tmp_path, how):
 
 
 def test_a_layer_pickled_before_the_parametrization_option_loads_as_softplus():
-    layer = BayesLinear(3, 2, posterior_sigma_init=0.1)
+    layer = BayesLinear(3, 2, posterior_sigma_init=0.1, parametrization="softplus")
     state = layer.__getstate__()
     for key in ("parametrization", "_exp", "_replay"):
         del state[key]
+    # a BayesConfig pickled then has no parametrization field: the class default ("exp") shows
+    config = state["bayes_config"] = dnn2bnn.BayesConfig.__new__(dnn2bnn.BayesConfig)
+    vars(config).update({k: v for k, v in vars(layer.bayes_config).items() if k != "parametrization"})
+    assert config.parametrization.value == "exp"
     old = BayesLinear.__new__(BayesLinear)
     old.__setstate__(state)
-    assert old.parametrization.value == "softplus"
+    assert old.parametrization.value == "softplus" and old.bayes_config.parametrization.value == "softplus"
     torch.testing.assert_close(old.posterior_sigma(), torch.full((2, 3), 0.1))
     old(torch.ones(1, 3)).sum().backward()
 
@@ -322,6 +335,30 @@ def test_a_state_dict_of_another_parametrization_is_refused_after_torch_save(tmp
     # without the metadata (an old checkpoint, a plain dict): nothing says how rho was meant
     other.load_state_dict(dict(state))
     assert not torch.equal(other[0].weight_rho, before["0.weight_rho"])
+
+
+@pytest.mark.parametrize("target", ["exp", "softplus"])
+def test_a_torch_state_dict_written_before_the_record_loads_as_softplus(tmp_path, target):
+    """Issue 17: exp became the default; a state_dict torch.save'd by a dnn2bnn that recorded no
+    parametrization (softplus was the only one) keeps its sigmas in an exp model."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Conv1d(1, 2, 3))
+    source = dnn2bnn.transform_to_bnn_model(model, parametrization="softplus", posterior_sigma_init=0.1)
+    with torch.no_grad():
+        source[0].weight_rho.add_(torch.linspace(-40.0, 3.0, 12).view(4, 3))  # tiny to large sigmas
+    state = source.state_dict()
+    for entry in state._metadata.values():  # as the old dnn2bnn wrote it: torch's version only
+        entry.pop("dnn2bnn_parametrization", None)
+    torch.save(state, tmp_path / "old.pt")
+    old = torch.load(tmp_path / "old.pt", weights_only=True)
+    assert old._metadata["0"] == {"version": 1}
+    bnn = dnn2bnn.transform_to_bnn_model(model, parametrization=target)
+    bnn.load_state_dict(old)
+    for index in (0, 2):
+        for name in ("weight", "bias"):
+            torch.testing.assert_close(
+                bnn[index].posterior_sigma(name), source[index].posterior_sigma(name), rtol=1e-6, atol=0
+            )
+    assert torch.equal(old["0.weight_rho"], source[0].weight_rho)  # the caller's dict is not changed
 
 
 def test_a_state_dict_without_bayesian_keys_loads_whatever_was_recorded():

@@ -447,7 +447,7 @@ def test_every_case_is_on_the_page() -> None:
 # happens instead, and these are their regression tests.
 def test_exp_state_dict_into_softplus() -> None:
     exp = _bnn(nn.Linear(3, 3), parametrization="exp", posterior_sigma_init=0.5)
-    softplus = _bnn(nn.Linear(3, 3), posterior_sigma_init=0.5)
+    softplus = _bnn(nn.Linear(3, 3), parametrization="softplus", posterior_sigma_init=0.5)
     with pytest.raises(RuntimeError, match="parametrization='exp'"):
         softplus.load_state_dict(exp.state_dict())
 

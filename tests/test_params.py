@@ -98,9 +98,15 @@ def test_opt_in_layers_round_trips(make, inputs, count, tmp_path):
         torch.testing.assert_close(_run(fresh, x), expected, rtol=0, atol=1e-6)
 
 
-def test_kl_is_the_closed_form_over_the_chosen_parameters():
-    bnn = BayesianParameters.from_dnn(nn.LayerNorm(5), params=["weight"], prior_sigma=0.5, posterior_sigma_init=0.1)
-    q = Normal(bnn.weight_mu, F.softplus(bnn.weight_rho))
+@pytest.mark.parametrize("parametrization", ["exp", "softplus"])
+def test_kl_is_the_closed_form_over_the_chosen_parameters(parametrization):
+    bnn = BayesianParameters.from_dnn(
+        nn.LayerNorm(5), params=["weight"], prior_sigma=0.5, posterior_sigma_init=0.1, parametrization=parametrization
+    )
+    with torch.no_grad():
+        bnn.weight_rho.add_(torch.linspace(-1.0, 2.0, 5))
+    sigma_of = torch.exp if parametrization == "exp" else F.softplus
+    q = Normal(bnn.weight_mu, sigma_of(bnn.weight_rho))
     expected = kl_divergence(q, Normal(torch.tensor(0.0), torch.tensor(0.5))).sum()
     torch.testing.assert_close(bnn.kl(), expected)
     assert isinstance(bnn.bias, nn.Parameter)  # not chosen: still the plain parameter
@@ -255,7 +261,7 @@ def test_embedding_padding_row_is_deterministic_without_kl_or_gradient(make):
     assert bnn.weight_rho.grad[2].abs().max() == 0
     assert bnn.weight_mu.grad[2].abs().max() == 0
     keep = [0, 1, 3, 4, 5]
-    mu, sigma = bnn.weight_mu.detach()[keep], F.softplus(bnn.weight_rho.detach()[keep])
+    mu, sigma = bnn.weight_mu.detach()[keep], torch.exp(bnn.weight_rho.detach()[keep])  # exp: the default
     expected = kl_divergence(Normal(mu, sigma), Normal(torch.tensor(0.0), torch.tensor(0.5))).sum()
     torch.testing.assert_close(bnn.kl(), expected)
     with torch.no_grad():

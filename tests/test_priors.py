@@ -85,12 +85,15 @@ def test_scale_mixture_kl_uses_the_forward_sample_once():
     assert layer._kl_samples == {}  # nothing kept without autograd
 
 
+@pytest.mark.parametrize("parametrization", ["exp", "softplus"])
 @pytest.mark.parametrize("pi, sigma1, sigma2", [(0.5, 1.0, math.exp(-6)), (0.25, 0.1, 2.0)])
-def test_fused_scale_mixture_kl_equals_the_reference_in_value_and_gradient(pi, sigma1, sigma2):
+def test_fused_scale_mixture_kl_equals_the_reference_in_value_and_gradient(pi, sigma1, sigma2, parametrization):
     """The layer's fused Monte Carlo KL against ScaleMixturePrior.kl through autograd, at the
     same weight sample, for the value and every gradient (mu and rho, through the sample)."""
     prior = ScaleMixturePrior(pi, sigma1, sigma2)
-    layer = BayesLinear(30, 20, prior=prior, posterior_sigma_init=0.05, dtype=torch.float64)
+    layer = BayesLinear(
+        30, 20, prior=prior, posterior_sigma_init=0.05, dtype=torch.float64, parametrization=parametrization
+    )
     with torch.no_grad():
         layer.weight_rho.add_(torch.rand_like(layer.weight_rho))
         layer.weight_mu.mul_(50.0)  # weights far in both components' tails too
@@ -103,7 +106,7 @@ def test_fused_scale_mixture_kl_equals_the_reference_in_value_and_gradient(pi, s
     reference = 0.0
     for name in ("weight", "bias"):
         mu, rho = getattr(layer, name + "_mu"), getattr(layer, name + "_rho")
-        sigma = nn.functional.softplus(rho)
+        sigma = torch.exp(rho) if parametrization == "exp" else nn.functional.softplus(rho)
         # the same draw, as a function of mu and rho
         w = mu + sigma * ((samples[name] - mu) / sigma).detach()
         buffers = {k: getattr(layer, f"{name}_prior_{k}") for k in ("pi", "sigma1", "sigma2")}

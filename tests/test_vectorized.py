@@ -59,18 +59,24 @@ def test_predict_matches_the_loop_in_distribution_for_each_plan(plan, fold, monk
     assert a[:, 0].std(0).min() > 0
 
 
-def test_local_reparameterization_has_the_exact_moments_of_a_weight_draw():
+@pytest.mark.parametrize("parametrization", ["exp", "softplus"])
+def test_local_reparameterization_has_the_exact_moments_of_a_weight_draw(parametrization):
     """Closed form: out ~ N(x mu^T + b_mu, x^2 sigma^2^T + sigma_b^2) for each input row."""
     torch.manual_seed(0)
-    layer = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Linear(6, 4)), posterior_sigma_init=0.3)[0]
+    layer = dnn2bnn.transform_to_bnn_model(
+        nn.Sequential(nn.Linear(6, 4)), posterior_sigma_init=0.3, parametrization=parametrization
+    )[0]
+    with torch.no_grad():
+        layer.weight_rho.add_(torch.linspace(-0.5, 1.5, 24).view(4, 6))  # sigmas where the two differ
+    sigma_of = torch.exp if parametrization == "exp" else nn.functional.softplus
     x = torch.randn(3, 6)
     s = 4000
     draws = WeightDraws(s)
     draws.local = frozenset({id(layer)})
     with torch.no_grad():
         out = draws.apply(layer, x, repeated=True).reshape(3, s, 4)
-        sigma = nn.functional.softplus(layer.weight_rho)
-        sigma_b = nn.functional.softplus(layer.bias_rho)
+        sigma = sigma_of(layer.weight_rho)
+        sigma_b = sigma_of(layer.bias_rho)
         mean = x @ layer.weight_mu.T + layer.bias_mu
         std = (x.square() @ sigma.square().T + sigma_b.square()).sqrt()
     z = (out.mean(1) - mean) / (std / math.sqrt(s))

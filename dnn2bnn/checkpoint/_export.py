@@ -5,7 +5,7 @@ turn every ``aten.linear``/``aten.conv{1,2,3}d`` call whose weight is a paramete
 a call of an ``nn.Linear``/``nn.ConvNd`` submodule holding that parameter (named after the
 parameter's owner, so ``fc.weight`` stays ``fc.weight``), then convert the resulting
 ``GraphModule`` with :func:`dnn2bnn.transform_to_bnn_model` as usual. Exporting the BNN
-again writes its sampling ops (``softplus``, ``randn_like``, ``mul``, ``add``) into the
+again writes its sampling ops (``exp`` or ``softplus``, ``randn_like``, ``mul``, ``add``) into the
 graph, so the archive runs with plain ``torch.export.load(...).module()``.
 
 Reading such a BNN archive back undoes the sampling subgraph (each weight becomes its
@@ -29,6 +29,7 @@ from torch import Tensor, fx, nn
 
 from dnn2bnn.checkpoint._codec import decode
 from dnn2bnn.checkpoint._read import PT2_METADATA, match_state
+from dnn2bnn.checkpoint._rebuild import legacy_calls, restore_parametrizations_
 from dnn2bnn.conversion import transform_to_bnn_model
 from dnn2bnn.errors import CheckpointError
 from dnn2bnn.layers import BayesianLayer
@@ -84,7 +85,10 @@ def rebuild_bnn(program: Any, metadata: dict[str, Any]) -> fx.GraphModule:
         gm, _ = lift_program(program, bnn=True)
     except RuntimeError as exc:  # e.g. graph.lint() on a graph we cannot take apart
         raise CheckpointError(f"cannot rebuild a BNN from this archive's graph: {exc}") from exc
-    for call in metadata.get("calls", []):
+    calls = metadata.get("calls", [])
+    if metadata.get("layers") is None:  # written before per-layer records: softplus meant
+        calls = legacy_calls(calls)
+    for call in calls:
         names = call.get("converted", [])
         if names:
             options = decode(call.get("options", {}))
@@ -99,6 +103,9 @@ def rebuild_bnn(program: Any, metadata: dict[str, Any]) -> fx.GraphModule:
             f"the archive's graph yields Bayesian layers {converted[:5]}, its metadata lists "
             f"{sorted(metadata.get('converted', []))[:5]}"
         )
+    # the archive's state records no parametrization: the metadata's layer records do
+    if metadata.get("layers") is not None:
+        restore_parametrizations_(gm, metadata["layers"], where="the archive")
     gm.load_state_dict(match_state(gm, state, source="the archive", target="the rebuilt BNN"))
     return gm
 
@@ -214,7 +221,7 @@ def _export_args(program: Any) -> tuple[tuple[Any, ...], dict[str, Any], Any] | 
 def _collapse_sampling(gm: fx.GraphModule) -> None:
     """Feed each layer call its posterior mean instead of the weight sample built from it.
 
-    The sample of ``weight`` is whatever subgraph the layers export (``mu + softplus(rho) *
+    The sample of ``weight`` is whatever subgraph the layers export (``mu + sigma(rho) *
     eps``, an ``addcmul``, ...); it is recognised by reading exactly one ``<owner>.weight_mu``
     parameter (``bias_mu`` for the bias), and replaced by that parameter.
     """

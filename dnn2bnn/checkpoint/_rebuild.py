@@ -20,9 +20,12 @@ from torch import nn
 from dnn2bnn.checkpoint._arch import build_arch, module_class, origin_class, spec_of
 from dnn2bnn.checkpoint._codec import decode, encode, split_name
 from dnn2bnn.checkpoint._tree import TREE_SPEC, record_tree
+from dnn2bnn.config import Parametrization
 from dnn2bnn.conversion import transform_to_bnn_layer, transform_to_bnn_model
+from dnn2bnn.conversion._apply import reconfigure_
 from dnn2bnn.errors import CheckpointError, ConversionWarning
 from dnn2bnn.layers import BayesianLayer
+from dnn2bnn.layers._state import LEGACY_PARAMETRIZATION
 
 __all__ = [
     "LAYER_STATE",
@@ -31,15 +34,17 @@ __all__ = [
     "layer_states",
     "rebuild",
     "replay_calls",
+    "legacy_calls",
+    "restore_parametrizations_",
 ]
 
 #: Per-layer attributes stored in the checkpoint. ``estimator``, ``bayes_mode`` and
 #: ``prior`` can change after conversion (``set_estimator``, ``set_mode``, a posterior fit
-#: that writes its prior) and are restored; the others
-#: are set by the conversion options, which are replayed, and are only checked (a
-#: parametrization decides how ``rho`` is read: a mismatch would be silently wrong). A
-#: checkpoint without an attribute keeps what the replayed conversion gives (``softplus``
-#: for a checkpoint written before parametrizations existed).
+#: that writes its prior) and are restored; a checkpoint without one of them keeps what the
+#: replayed conversion gives. The ``parametrization`` decides how ``rho`` is read (a mismatch
+#: would be silently wrong) and its default changed (``"exp"`` since issue 17), so the
+#: replayed conversion cannot give it: it is restored from the record, and a layer recorded
+#: without one (a checkpoint written before parametrizations existed) is ``"softplus"``.
 LAYER_STATE = ("estimator", "bayes_mode", "prior", "parametrization")
 _RESTORED = ("estimator", "bayes_mode", "prior")
 _SHOWN = 5
@@ -140,7 +145,8 @@ def rebuild(metadata: dict[str, Any], *, where: str, device: str | None = None) 
                     model = build_arch(arch["spec"], kwargs)
             if arch.get("dtype") is not None:
                 model = model.to(_dtype(arch["dtype"]))
-            model = replay_calls(model, calls)
+            layers = metadata.get("layers")
+            model = replay_calls(model, calls if layers is not None else legacy_calls(calls))
     except CheckpointError:
         raise
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
@@ -154,8 +160,84 @@ def rebuild(metadata: dict[str, Any], *, where: str, device: str | None = None) 
             f"{where}: the rebuilt model's Bayesian layers differ from the recorded ones "
             f"(not recorded: {extra[:_SHOWN]}, not rebuilt: {lost[:_SHOWN]})"
         )
+    if metadata.get("layers") is not None:
+        restore_parametrizations_(model, metadata["layers"], where=where)
     _restore_layer_states(model, metadata.get("layers") or {}, where)
     return model
+
+
+def legacy_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``calls`` of a record without per-layer states, with ``"softplus"`` made explicit.
+
+    Such a record was written before the parametrization was recorded per layer: a call
+    that set none (no option, or a recorded ``BayesConfig`` without the field) meant the
+    default of its time, softplus, not today's default.
+    """
+    fixed = []
+    for call in calls:
+        call = dict(call)
+        options = dict(call.get("options") or {})
+        if "parametrization" not in options and _takes_bayes_options(call):
+            if call.get("config") is None:
+                options["parametrization"] = LEGACY_PARAMETRIZATION
+            else:
+                call["config"] = _with_legacy_parametrization(call["config"])
+        call["options"] = options
+        fixed.append(call)
+    return fixed
+
+
+def _takes_bayes_options(call: dict[str, Any]) -> bool:
+    """Whether the recorded call builds dnn2bnn's own layers (a user's layer class that is no
+    :class:`BayesianLayer` may not know the parametrization option)."""
+    if call.get("function") != "transform_to_bnn_layer":
+        return True
+    try:
+        cls = module_class(*split_name(call["bnn_layer_type"]))
+    except (CheckpointError, KeyError, TypeError, ValueError, ImportError, AttributeError):
+        # not resolvable: the replay itself reports it
+        return False
+    return isinstance(cls, type) and issubclass(cls, BayesianLayer)
+
+
+def _with_legacy_parametrization(encoded: Any) -> Any:
+    """An encoded config (a ``BayesConfig`` or a mapping of them) whose BayesConfigs without
+    a parametrization field get ``"softplus"``."""
+    if isinstance(encoded, list):
+        return [_with_legacy_parametrization(v) for v in encoded]
+    if not isinstance(encoded, dict):
+        return encoded
+    out = {k: _with_legacy_parametrization(v) for k, v in encoded.items()}
+    if str(out.get("__dataclass__", "")).endswith(":BayesConfig") and isinstance(out.get("fields"), dict):
+        out["fields"] = {"parametrization": LEGACY_PARAMETRIZATION, **out["fields"]}
+    return out
+
+
+def restore_parametrizations_(model: nn.Module, states: Any, *, where: str) -> None:
+    """Give each Bayesian layer of ``model`` its recorded parametrization, in place.
+
+    ``states`` maps layer names to their recorded :data:`LAYER_STATE`. A layer whose record
+    has no parametrization was written when ``"softplus"`` was the only one (a record without
+    any layer states replays :func:`legacy_calls` instead). The layer's sigmas are kept (its ``rho`` is re-expressed), so this
+    may run before or after its state_dict is loaded.
+    """
+    if states is not None and not isinstance(states, dict):
+        raise CheckpointError(f"{where}: the recorded layer states are not a JSON object")
+    for name, layer in model.named_modules():
+        if not isinstance(layer, BayesianLayer) or "parametrization" not in layer.__dict__:
+            continue
+        state = (states or {}).get(name)
+        value = state.get("parametrization") if isinstance(state, dict) else None
+        try:
+            target = Parametrization(LEGACY_PARAMETRIZATION if value is None else value)
+        except ValueError as exc:
+            raise CheckpointError(
+                f"{where}: {name or '<root>'}.parametrization: expected one of "
+                f"{[p.value for p in Parametrization]}, got {value!r}"
+            ) from exc
+        if layer.parametrization is not target:
+            config = dataclasses.replace(layer.bayes_config, parametrization=target)
+            reconfigure_(layer, config, reset_sigma=False)
 
 
 def check_rebuild(model: nn.Module, metadata: dict[str, Any], *, where: str) -> None:

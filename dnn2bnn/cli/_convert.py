@@ -115,6 +115,12 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     conv.add_argument(
         "--estimator", choices=ESTIMATORS, help="gradient estimator of the Bayesian layers"
     )
+    conv.add_argument(
+        "--parametrization",
+        choices=("exp", "softplus"),
+        help="how rho maps to the posterior sigma: exp (default, sigma = exp(rho)) or softplus "
+        "(sigma = log(1 + exp(rho)), the default before dnn2bnn issue 17)",
+    )
     fit = parser.add_argument_group("posterior (no training)")
     fit.add_argument(
         "--fit-data",
@@ -280,7 +286,7 @@ def _fit(bnn: nn.Module, args: argparse.Namespace) -> Any:
 def bayes_options(args: argparse.Namespace) -> dict[str, Any]:
     """The ``**bayes_options`` of transform_to_bnn_model given on the command line."""
     options: dict[str, Any] = {}
-    for key in ("prior_mean", "prior_sigma", "posterior_sigma_init"):
+    for key in ("prior_mean", "prior_sigma", "posterior_sigma_init", "parametrization"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     if args.estimator is not None:

@@ -24,7 +24,7 @@ def to_dnn(model: nn.Module, mode: str = "mean") -> nn.Module:
     ``mode="mean"`` keeps the posterior means: the result computes exactly what ``model``
     computes in "mean" mode (:func:`dnn2bnn.set_mode`), with plain ``nn.Linear``/``nn.Conv*``
     layers (or your subclasses of them) and no dnn2bnn hooks, ready to export.
-    ``mode="sample"`` draws one network from the posterior (``mu + softplus(rho) * eps``
+    ``mode="sample"`` draws one network from the posterior (``mu + sigma(rho) * eps``
     for every weight and bias), e.g. to build a deep ensemble from ``S`` draws. ``model``
     itself is not modified; a layer used at several places stays one shared module.
 

@@ -138,10 +138,12 @@ class ConversionReport:
             )
         lines.extend(f"note: {n}" for n in self.notes)
         if self.posterior_fit is not None:
+            from dnn2bnn.posterior.fit import format_temperature  # the posterior package imports this one
+
             fit = self.posterior_fit
             lines.append(
                 f"posterior fitted by fit_posterior: {fit['curvature']} curvature, "
-                f"temperature {fit['temperature']:g}, {len(fit['prior_precision'])} layer prior(s)"
+                f"temperature {format_temperature(fit['temperature'])}, {len(fit['prior_precision'])} layer prior(s)"
             )
         return "\n".join(lines)
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from dnn2bnn._version import __version__
 from dnn2bnn.checkpoint._bnn import bnn_metadata
+from dnn2bnn.checkpoint._rebuild import layer_states
 from dnn2bnn.layers._base import BayesianLayer, is_bayesian_layer
 
 __all__ = [
@@ -253,6 +254,12 @@ def write_record(model: nn.Module, directory: Path) -> None:
         "model_class": f"{base.__module__}:{base.__qualname__}",
         **{k: v for k, v in bnn_metadata(model, arch=None, arch_kwargs=None).items()
            if k in ("calls", "converted")},
+        # how each layer reads rho (the default changed in issue 17; none recorded: softplus)
+        "layers": {
+            name: {"parametrization": state["parametrization"]}
+            for name, state in layer_states(model).items()
+            if "parametrization" in state
+        },
     }
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

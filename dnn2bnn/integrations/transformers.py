@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from dnn2bnn import metrics
 from dnn2bnn.checkpoint._arch import _import
 from dnn2bnn.checkpoint._bnn import replay_calls
+from dnn2bnn.checkpoint._rebuild import legacy_calls, restore_parametrizations_
 from dnn2bnn.checkpoint._read import match_state
 from dnn2bnn.errors import CheckpointError, ConversionWarning
 from dnn2bnn.integrations._hf_model import RECORD_NAME, config_dtype
@@ -475,13 +476,17 @@ def from_pretrained(directory: str | os.PathLike[str]) -> nn.Module:
         model = model.to(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConversionWarning)  # shown when it was converted
-        model = replay_calls(model, record.get("calls", []))
+        calls = record.get("calls", [])
+        # a record without per-layer parametrizations: its calls meant softplus by default
+        model = replay_calls(model, calls if "layers" in record else legacy_calls(calls))
     converted = sorted(n for n, m in model.named_modules() if isinstance(m, BayesianLayer))
     if converted != sorted(record.get("converted", [])):
         raise CheckpointError(
             f"{directory}: replaying the recorded conversion gives Bayesian layers "
             f"{converted[:5]}..., the record lists {sorted(record.get('converted', []))[:5]}..."
         )
+    if "layers" in record:
+        restore_parametrizations_(model, record["layers"], where=str(record_path))
     state = match_state(
         model, _read_weights(directory), source=str(directory),
         target=f"the converted {cls.__name__}",

@@ -508,7 +508,8 @@ class BayesianLayer(PosteriorKL, nn.Module):
         # A layer pickled before the parametrization option existed: its rho is softplus's.
         state = dict(state)
         config = state.get("bayes_config")
-        if config is not None and not hasattr(config, "parametrization"):
+        # (``hasattr`` would find the dataclass default, "exp" since issue 17, on the class)
+        if config is not None and "parametrization" not in vars(config):
             object.__setattr__(config, "parametrization", Parametrization.SOFTPLUS)
         state.setdefault("parametrization", Parametrization.SOFTPLUS)
         state.setdefault("_exp", state["parametrization"] is Parametrization.EXP)

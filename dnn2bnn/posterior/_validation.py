@@ -16,7 +16,7 @@ from torch.func import functional_call
 
 from dnn2bnn.posterior.curvature import Likelihood, check_class_targets
 
-__all__ = ["predictive_nll"]
+__all__ = ["predictive_nll", "predictive_nlls"]
 
 
 def predictive_nll(
@@ -34,8 +34,30 @@ def predictive_nll(
 
     The model must be in eval mode with its Bayesian layers in "mean" mode.
     """
+    per = predictive_nlls(
+        model, means, sigmas, batches, likelihood=likelihood, num_samples=num_samples,
+        noise_sigma=noise_sigma, seed=seed,
+    )
+    return float(per.mean()) if per.numel() else 0.0
+
+
+def predictive_nlls(
+    model: nn.Module,
+    means: dict[str, Tensor],
+    sigmas: dict[str, Tensor] | None,
+    batches: list[tuple[Tensor, Tensor]],
+    *,
+    likelihood: Likelihood,
+    num_samples: int,
+    noise_sigma: float,
+    seed: int,
+) -> Tensor:
+    """The NLL of each example ``[N]`` (float64) under the Monte Carlo predictive.
+
+    Examples come in the order of ``batches``, so that two candidates can be compared
+    example by example (paired differences).
+    """
     draws = 1 if sigmas is None else num_samples
-    total, count = 0.0, 0
     generator = torch.Generator(device=next(iter(means.values())).device)
     logs: list[list[Tensor]] = [[] for _ in batches]
     with torch.no_grad():
@@ -50,11 +72,11 @@ def predictive_nll(
             for i, (x, y) in enumerate(batches):
                 out = functional_call(model, params, (x,), strict=False).float()
                 logs[i].append(_log_likelihood(out, y, likelihood, noise_sigma))
-    for per_draw in logs:
-        stacked = torch.stack(per_draw)  # [S, B]
-        total += float(-(torch.logsumexp(stacked, 0) - math.log(draws)).sum())
-        count += stacked.shape[1]
-    return total / max(count, 1)
+    per_batch = [
+        -(torch.logsumexp(torch.stack(per_draw).double(), 0) - math.log(draws))  # [S, B] -> [B]
+        for per_draw in logs
+    ]
+    return torch.cat(per_batch) if per_batch else torch.zeros(0, dtype=torch.float64)
 
 
 def _log_likelihood(out: Tensor, target: Tensor, likelihood: Likelihood, noise_sigma: float) -> Tensor:

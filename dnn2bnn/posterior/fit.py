@@ -1,8 +1,9 @@
 """``fit_posterior``: a Laplace posterior for a converted network, from its curvature at the trained weights.
 
 Find the Bayesian parameters -> one pass over the data for the diagonal curvature ->
-choose the prior precision (marginal likelihood) -> choose the temperature (validation
-NLL of the sampled-network predictive) -> write sigma and the prior -> report.
+choose the prior precision (marginal likelihood) -> choose the temperature (a significant
+gain in held-out NLL of the sampled-network predictive over the parent, else the parent)
+-> write sigma and the prior -> report.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dnn2bnn.posterior.curvature import (
 )
 from dnn2bnn.posterior.prior import evidence_term
 
-__all__ = ["DEFAULT_TEMPERATURES", "PosteriorFit", "fit_posterior"]
+__all__ = ["DEFAULT_TEMPERATURES", "PosteriorFit", "fit_posterior", "format_temperature"]
 
 #: Temperatures tried when ``temperature="auto"`` (the smallest is almost the parent network).
 DEFAULT_TEMPERATURES = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
@@ -41,7 +42,8 @@ class PosteriorFit:
     Attributes:
         prior_precision: lambda of each Bayesian layer (qualified name -> lambda); the prior
             of its weights is ``N(0, 1/lambda)``.
-        temperature: ``T`` in ``sigma^2 = T / (N * curvature + lambda)``.
+        temperature: ``T`` in ``sigma^2 = T / (N * curvature + lambda)`` (one number, or one
+            per layer when ``temperature={layer: T}`` was given).
         log_evidence: Laplace estimate of the log marginal likelihood at the chosen lambdas
             (``T = 1``), up to a constant that does not depend on lambda.
         likelihood: ``"classification"`` or ``"regression"``.
@@ -54,12 +56,14 @@ class PosteriorFit:
         seconds: wall time of the fit.
         layers: per layer, statistics of the fitted sigma (``min``, ``median``, ``mean``,
             ``max``), the mean ``|mu|`` and ``prior_sigma``.
+        choice: how ``T`` (and lambda) were chosen: the best candidate's held-out NLL gain
+            over the means with its standard error and z-score, the threshold, and what won.
         per_example: per layer, how its per-example gradients were computed: ``"hooks"``
             (from one batched backward pass) or ``"vmap (reason)"`` (``torch.func`` per example).
     """
 
     prior_precision: dict[str, float]
-    temperature: float
+    temperature: float | dict[str, float]
     log_evidence: float
     likelihood: str
     curvature: str
@@ -69,6 +73,7 @@ class PosteriorFit:
     val_nll: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     layers: dict[str, dict[str, float]] = field(default_factory=dict)
+    choice: str = ""
     per_example: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,9 +84,11 @@ class PosteriorFit:
         lines = [
             f"Laplace posterior ({self.curvature}, {self.likelihood}) fitted on "
             f"{self.num_curvature_examples} examples (N={self.num_train_examples}) in {self.seconds:.1f} s",
-            f"temperature {self.temperature:g}, log evidence {self.log_evidence:.1f}"
+            f"temperature {format_temperature(self.temperature)}, log evidence {self.log_evidence:.1f}"
             + (f", chosen on {self.num_val_examples} validation examples" if self.num_val_examples else ""),
         ]
+        if self.choice:
+            lines.append(f"choice: {self.choice}")
         width = max(len(n) for n in self.layers) if self.layers else 6
         for name, stats in self.layers.items():
             lines.append(
@@ -116,9 +123,13 @@ def fit_posterior(
     The prior precision ``lambda`` of each layer maximises the Laplace marginal likelihood.
     That alone makes sampled networks collapse (weights with little curvature get the
     prior's width), so the temperature ``T`` is chosen on held-out data by the NLL of the
-    sampled-network predictive, among :data:`DEFAULT_TEMPERATURES`. Without ``val_data``,
-    10% of each batch of ``data`` (at most 2000 examples in all) is held out for this and
-    left out of the curvature. See ``docs/posterior.md``.
+    sampled-network predictive, with the parent as the null hypothesis: a candidate of
+    :data:`DEFAULT_TEMPERATURES` is taken only when it beats the posterior means
+    significantly (paired z-test, Bonferroni over the candidates); otherwise ``T`` is the
+    largest temperature with a negligible expected NLL cost (1e-7 nats per example), and
+    the predictions stay the parent's. Without ``val_data``, 10% of each batch of ``data``
+    (at most 2000 examples in all) is held out for this and left out of the curvature.
+    ``PosteriorFit.choice`` records the comparison. See ``docs/posterior.md``.
 
     Args:
         model: a converted model (any of dnn2bnn's Bayesian layers; last-layer-only too).
@@ -136,7 +147,8 @@ def fit_posterior(
             lambda for all layers by marginal likelihood), ``"val"`` (one lambda chosen on
             validation NLL with ``T = 1``), a number, or a mapping from layer name to number.
         progress: show a tqdm progress bar.
-        **options: ``temperature`` (``"auto"`` or a number; default ``"auto"``),
+        **options: ``temperature`` (``"auto"``, a number, or a mapping from every Bayesian
+            layer's name to its own number; default ``"auto"``),
             ``likelihood`` (``"classification"``/``"regression"``), ``curvature``
             (``"fisher"``/``"ggn"``), ``mc_samples`` (Fisher targets per example, 1),
             ``noise_sigma`` (Gaussian likelihood, 1.0), ``batch_size`` (for tensor data,
@@ -204,7 +216,7 @@ def fit_posterior(
                 "fit_posterior: choosing the temperature needs validation examples; pass val_data, "
                 "larger batches, or a fixed temperature=..."
             )
-    choice = Chooser(module, groups, means, curv, val_batches, settings)
+    choice = Chooser(module, groups, means, curv, val_batches, settings, int(n_train))
     lambdas, temperature = choice.run(prior_precision)
     nll_scaled = result.nll * scale
     evidence = -nll_scaled + sum(
@@ -223,6 +235,7 @@ def fit_posterior(
         num_curvature_examples=result.num_examples,
         num_val_examples=sum(int(x.shape[0]) for x, _ in val_batches),
         val_nll=choice.tried,
+        choice=choice.choice,
         seconds=time.perf_counter() - started,
         layers=_layer_stats(groups, sigmas, lambdas),
         per_example=result.methods,
@@ -235,7 +248,7 @@ def fit_posterior(
 
 @dataclass(frozen=True)
 class _Settings:
-    temperature: float | str = "auto"
+    temperature: float | str | dict[str, float] = "auto"
     likelihood: Likelihood = Likelihood.CLASSIFICATION
     curvature: Curvature = Curvature.FISHER
     mc_samples: int = 1
@@ -264,8 +277,13 @@ class _Settings:
                         f"fit_posterior: {name} must be one of {[m.value for m in enum]}, got {values[name]!r}"
                     ) from exc
         t = values.get("temperature", "auto")
-        if t != "auto" and not (isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0):
-            raise ValueError(f"fit_posterior: temperature must be 'auto' or a number > 0, got {t!r}")
+        if isinstance(t, Mapping):
+            values["temperature"] = dict(t)  # checked against the layers by the chooser
+        elif t != "auto" and not (isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0):
+            raise ValueError(
+                f"fit_posterior: temperature must be 'auto', a number > 0 or a mapping from layer name "
+                f"to number, got {t!r}"
+            )
         for name in ("mc_samples", "batch_size", "memory_budget", "val_samples", "max_val_examples"):
             v = values.get(name, 1)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -279,6 +297,18 @@ class _Settings:
             if not values["temperatures"] or min(values["temperatures"]) <= 0:
                 raise ValueError(f"fit_posterior: temperatures must be numbers > 0, got {options['temperatures']!r}")
         return cls(**values)
+
+
+def format_temperature(temperature: float | Mapping[str, float]) -> str:
+    """``0.1``, or ``conv1=3, fc1=1e-05`` for one temperature per layer.
+
+    Example:
+        >>> format_temperature({"conv1": 3.0, "fc": 1e-5})
+        'conv1=3, fc=1e-05'
+    """
+    if isinstance(temperature, Mapping):
+        return ", ".join(f"{name or '<root>'}={t:.3g}" for name, t in temperature.items())
+    return f"{temperature:.3g}"
 
 
 def _layer_stats(

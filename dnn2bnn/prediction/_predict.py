@@ -92,7 +92,7 @@ def predict(
     Sampling is vectorized: torch.fx finds the part of the network upstream of the first
     Bayesian layer, which runs once; the rest runs on a batch of ``B * num_samples`` rows
     where each Bayesian linear/convolution layer applies all its weight draws in one batched
-    call (softplus(rho) is computed once per call of ``predict``). The split is traced once
+    call (sigma(rho) is computed once per call of ``predict``). The split is traced once
     per model and input signature and reused until a submodule, a layer's mode or a hook
     changes (after changing an attribute that ``forward``'s Python control flow reads, call
     :func:`dnn2bnn.prediction.clear_plan_cache`). Folding the samples into the batch needs
@@ -276,7 +276,7 @@ class _Sampler:
         #: the class name of the Hugging Face ModelOutput whose logits are the prediction
         self.model_output: str | None = None
         self.fell_back = method is Method.LOOP
-        #: softplus(rho) per layer, computed once per predict call, shared by every draw set
+        #: sigma(rho) per layer, computed once per predict call, shared by every draw set
         self.sigmas: dict[int, dict[str, Tensor]] = {}
         self.used: set[str] = set()
 

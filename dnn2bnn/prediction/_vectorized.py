@@ -173,14 +173,14 @@ def linear_plan(
 class WeightDraws:
     """``S`` weight draws per Bayesian layer for one forward pass over a folded batch.
 
-    ``softplus(rho)`` is computed once per layer for the lifetime of this object (one
+    ``sigma(rho)`` is computed once per layer for the lifetime of this object (one
     :func:`dnn2bnn.predict` call); the ``S`` draws of a layer come from one ``randn`` call and
     are shared by every use of the layer within a pass (:meth:`new_pass` starts a new one).
     """
 
     def __init__(self, num_samples: int, sigmas: dict[int, dict[str, Tensor]] | None = None) -> None:
         self.num_samples = num_samples
-        #: softplus(rho) per layer; pass the dict of another WeightDraws to share it.
+        #: sigma(rho) per layer; pass the dict of another WeightDraws to share it.
         self._sigmas: dict[int, dict[str, Tensor]] = {} if sigmas is None else sigmas
         self._draws: dict[int, dict[str, Tensor | None]] = {}
         self._caches: dict[int, list[dict[str, Tensor]]] = {}
