@@ -13,16 +13,24 @@ products of output cotangents, ``H = sum_j w_j v_j v_j^T``, so that the GGN diag
 * Gaussian likelihood with noise ``sigma``: ``v_k = e_k / sigma`` for each output (exact)
   or ``v = z / sigma`` with ``z ~ N(0, I)`` (Fisher).
 
-The products run per example under ``torch.func.vmap`` at the posterior means (the model in
-"mean" and eval mode), in chunks whose per-example gradients fit ``memory_budget`` bytes.
-The per-example squares are summed at once: this is not the square of mini-batch gradients.
+The products run at the posterior means (the model in "mean" and eval mode), per layer:
+
+* Linear and convolution layers: from one batched forward pass and one backward pass per
+  cotangent, through forward and tensor hooks (:mod:`dnn2bnn.posterior._per_example`);
+  checked against ``torch.func`` on the first two examples of the data, a layer that
+  disagrees takes the path below for the whole fit;
+* every other layer: per example under ``torch.func.vmap`` (vjp), for its own parameters
+  only, in chunks whose per-example gradients fit ``memory_budget`` bytes.
+
+:attr:`CurvatureResult.methods` says which path each layer took. The per-example squares
+are summed at once: this is not the square of mini-batch gradients.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -30,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
+
+from dnn2bnn.posterior._per_example import PerExampleSquares, _NotHookable, hook_reason
 
 __all__ = ["Curvature", "CurvatureResult", "Likelihood", "diagonal_curvature"]
 
@@ -60,6 +70,9 @@ class CurvatureResult:
     num_examples: int
     #: Summed negative log-likelihood of the examples at the posterior means.
     nll: float
+    #: Per Bayesian layer (qualified name): ``"hooks"`` (per-example squares from one batched
+    #: backward pass) or ``"vmap (reason)"`` (``torch.func`` per example).
+    methods: dict[str, str] = field(default_factory=dict)
 
 
 def diagonal_curvature(
@@ -87,42 +100,203 @@ def diagonal_curvature(
         curvature: see :class:`Curvature`.
         mc_samples: targets drawn per example for the Fisher.
         noise_sigma: standard deviation of the Gaussian likelihood (regression).
-        memory_budget: bytes of per-example gradients held at once (sets the chunk size).
+        memory_budget: bytes of per-example gradients held at once on the vmap path, and of
+            per-example products per layer on the hook path (sets the chunk sizes).
         generator: random generator for the Fisher's sampled targets.
 
     Returns:
         A :class:`CurvatureResult`.
     """
     params = {k: v.detach() for k, v in means.items()}
-    numel = sum(v.numel() for v in params.values())
-    itemsize = max(v.element_size() for v in params.values())
     diag = {k: torch.zeros_like(v, dtype=torch.promote_types(v.dtype, torch.float32)) for k, v in params.items()}
+    methods: dict[str, str] = {}
+    hooks = PerExampleSquares(model, _hookable_layers(model, params, methods), memory_budget=memory_budget)
     count, nll = 0, 0.0
+    probed = not hooks.layers
 
-    def single(p: dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(model, p, (x.unsqueeze(0),), strict=False).squeeze(0)
-
-    def per_example(x: Tensor, vs: Tensor, ws: Tensor) -> dict[str, Tensor]:
-        _, pullback = vjp(lambda p: single(p, x), params)
-        (grads,) = vmap(pullback)(vs)
-        return {k: torch.tensordot(ws, g.to(ws.dtype).square(), dims=1) for k, g in grads.items()}
-
-    batched = vmap(per_example)
-    for x, y in batches:
-        with torch.no_grad():
-            out = functional_call(model, params, (x,), strict=False)
+    def cotangents(out: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        nonlocal nll
         out = _check_output(out, x)
         nll += float(_nll(out.detach(), y, likelihood, noise_sigma))
-        vs, ws = _cotangents(out.detach(), likelihood, curvature, mc_samples, noise_sigma, generator)
-        chunk = max(1, memory_budget // max(1, vs.shape[1] * numel * itemsize * 2))
-        for start in range(0, x.shape[0], chunk):
-            part = slice(start, start + chunk)
-            with torch.no_grad():  # torch.func's vjp still runs; no graph for other parameters
-                squares = batched(x[part], vs[part], ws[part])
+        return _cotangents(out.detach(), likelihood, curvature, mc_samples, noise_sigma, generator)
+
+    with hooks.hooked():
+        for x, y in batches:
+            if not probed:
+                _probe(model, params, hooks, x, methods, memory_budget)
+                probed = True
+            squares: dict[str, Tensor] = {}
+            if hooks.layers:
+                squares, (vs, ws) = _hooked_squares(hooks, params, x, lambda out: cotangents(out, x, y), methods)
+            else:
+                with torch.no_grad():
+                    out = functional_call(model, params, (x,), strict=False)
+                vs, ws = cotangents(out, x, y)
+            hooked = set(hooks.keys)
+            rest = [k for k in params if k not in hooked]
+            if rest:
+                squares.update(_vmap_squares(model, params, rest, x, vs, ws, memory_budget))
             for k, value in squares.items():
-                diag[k] += value.sum(0)
-        count += x.shape[0]
-    return _all_reduce(CurvatureResult(diag=diag, num_examples=count, nll=nll))
+                diag[k] += value
+            count += x.shape[0]
+    for name in {k.rsplit(".", 1)[0] if "." in k else "" for k in params}:
+        methods.setdefault(name, "vmap")
+    result = CurvatureResult(diag=diag, num_examples=count, nll=nll, methods=dict(sorted(methods.items())))
+    return _all_reduce(result)
+
+
+def _hookable_layers(
+    model: nn.Module, params: dict[str, Tensor], methods: dict[str, str]
+) -> dict[str, tuple[nn.Module, list[str]]]:
+    """The layers whose keys in ``params`` the hooks can compute; ``methods`` gets the others' reasons."""
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    layers = {}
+    for name, layer in model.named_modules():
+        prefix = f"{name}." if name else ""
+        keys = [f"{prefix}{p}_mu" for p in getattr(layer, "bayes_params", ()) if f"{prefix}{p}_mu" in params]
+        if not keys:
+            continue
+        reason = hook_reason(layer)
+        if reason is None and any(counts.get(id(layer._parameters[k[len(prefix):]]), 0) > 1 for k in keys):
+            reason = "its posterior mean is shared with another module"
+        if reason is None:
+            layers[name] = (layer, keys)
+        else:
+            methods[name] = f"vmap ({reason})"
+    return layers
+
+
+def _hooked_squares(
+    hooks: PerExampleSquares,
+    params: dict[str, Tensor],
+    x: Tensor,
+    cotangents: Callable[[Tensor], tuple[Tensor, Tensor]],
+    methods: dict[str, str],
+) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
+    """Hooked squares of one batch and its cotangents.
+
+    A layer found unfit for hooks here goes to vmap and the batch reruns (with the same
+    cotangents: ``cotangents`` is called once, so the sampled targets and the NLL count once).
+    """
+    cached: list[tuple[Tensor, Tensor]] = []
+
+    def once(out: Tensor) -> tuple[Tensor, Tensor]:
+        if not cached:
+            cached.append(cotangents(out))
+        return cached[0]
+
+    while True:
+        try:
+            _, squares, silent = hooks.run(params, x, once)
+        except _NotHookable as exc:
+            hooks.drop(exc.name)
+            methods[exc.name] = f"vmap ({exc.reason})"
+            if not hooks.layers:
+                if not cached:
+                    with torch.no_grad():
+                        once(functional_call(hooks.model, params, (x,), strict=False))
+                return {}, cached[0]
+            continue
+        if silent:
+            raise RuntimeError(
+                f"fit_posterior: the gradient hooks of layer(s) {sorted(silent)} did not fire on this batch "
+                "although they did on the first one; expected the same graph for every batch"
+            )
+        return squares, cached[0]
+
+
+def _probe(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    hooks: PerExampleSquares,
+    x: Tensor,
+    methods: dict[str, str],
+    memory_budget: int,
+) -> None:
+    """Check the hooks against ``torch.func`` on the first examples; layers that disagree go to vmap.
+
+    The cotangent is a fixed random one (its own generator: the caller's sampled targets are
+    not touched). With 2+ examples this also catches networks that mix the examples of a batch.
+    """
+    part = x[: min(2, x.shape[0])]
+    with torch.no_grad():
+        out = functional_call(model, params, (part,), strict=False)
+    if not (isinstance(out, Tensor) and bool(torch.isfinite(out).all())):
+        return  # the batch's own output check names the problem
+    local = torch.Generator(device=part.device).manual_seed(1234)
+
+    def cotangents(out: Tensor) -> tuple[Tensor, Tensor]:
+        noise = torch.randn(out.shape, generator=local, dtype=torch.float32, device=out.device).to(out.dtype)
+        return noise.unsqueeze(1), torch.ones(out.shape[0], 1, dtype=out.dtype, device=out.device)
+
+    while hooks.layers:
+        local.manual_seed(1234)
+        try:
+            _, squares, silent = hooks.run(params, part, cotangents)
+        except _NotHookable as exc:
+            hooks.drop(exc.name)
+            methods[exc.name] = f"vmap ({exc.reason})"
+            continue
+        if silent - hooks.needs_leaf:
+            hooks.needs_leaf |= silent
+            continue
+        for name in silent:
+            hooks.drop(name)
+            methods[name] = "vmap (its gradient hooks did not fire)"
+        break
+    if not hooks.layers:
+        return
+    local.manual_seed(1234)
+    vs, ws = cotangents(out)
+    reference = _vmap_squares(model, params, hooks.keys, part, vs, ws, memory_budget)
+    for name in list(hooks.layers):
+        keys = hooks.layers[name][1]
+        if all(_close(squares[k], reference[k]) for k in keys):
+            methods[name] = "hooks"
+        else:
+            hooks.drop(name)
+            methods[name] = "vmap (hooks disagreed with torch.func on the first examples)"
+
+
+def _close(value: Tensor, reference: Tensor) -> bool:
+    scale = float(reference.abs().max()) if reference.numel() else 0.0
+    return bool(torch.allclose(value.to(reference.dtype), reference, rtol=1e-3, atol=1e-5 * scale + 1e-30))
+
+
+def _vmap_squares(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    keys: list[str],
+    x: Tensor,
+    vs: Tensor,
+    ws: Tensor,
+    memory_budget: int,
+) -> dict[str, Tensor]:
+    """``sum_n sum_j w_j (grad_n^T v_j)^2`` of ``keys`` by ``torch.func`` (vmap over examples of vjp)."""
+    wrt = {k: params[k] for k in keys}
+    numel = sum(v.numel() for v in wrt.values())
+    itemsize = max(v.element_size() for v in wrt.values())
+
+    def single(p: dict[str, Tensor], xn: Tensor) -> Tensor:
+        return functional_call(model, {**params, **p}, (xn.unsqueeze(0),), strict=False).squeeze(0)
+
+    def per_example(xn: Tensor, v: Tensor, w: Tensor) -> dict[str, Tensor]:
+        _, pullback = vjp(lambda p: single(p, xn), wrt)
+        (grads,) = vmap(pullback)(v)
+        return {k: torch.tensordot(w, g.to(w.dtype).square(), dims=1) for k, g in grads.items()}
+
+    batched = vmap(per_example)
+    chunk = max(1, memory_budget // max(1, vs.shape[1] * numel * itemsize * 2))
+    totals: dict[str, Tensor] = {}
+    for start in range(0, x.shape[0], chunk):
+        part = slice(start, start + chunk)
+        with torch.no_grad():  # torch.func's vjp still runs; no graph for other parameters
+            squares = batched(x[part], vs[part], ws[part])
+        for k, value in squares.items():
+            totals[k] = totals[k] + value.sum(0) if k in totals else value.sum(0)
+    return totals
 
 
 def _check_output(out: Any, x: Tensor) -> Tensor:
@@ -271,7 +445,9 @@ def _all_reduce(result: CurvatureResult) -> CurvatureResult:
     first = next(iter(result.diag.values()))
     totals = torch.tensor([float(result.num_examples), result.nll], dtype=torch.float64, device=first.device)
     dist.all_reduce(totals)
-    return CurvatureResult(diag=result.diag, num_examples=int(totals[0]), nll=float(totals[1]))
+    return CurvatureResult(
+        diag=result.diag, num_examples=int(totals[0]), nll=float(totals[1]), methods=result.methods
+    )
 
 
 def progress_bar(

@@ -58,6 +58,8 @@ class PosteriorFit:
             ``max``), the mean ``|mu|`` and ``prior_sigma``.
         choice: how ``T`` (and lambda) were chosen: the best candidate's held-out NLL gain
             over the means with its standard error and z-score, the threshold, and what won.
+        per_example: per layer, how its per-example gradients were computed: ``"hooks"``
+            (from one batched backward pass) or ``"vmap (reason)"`` (``torch.func`` per example).
     """
 
     prior_precision: dict[str, float]
@@ -72,6 +74,7 @@ class PosteriorFit:
     seconds: float = 0.0
     layers: dict[str, dict[str, float]] = field(default_factory=dict)
     choice: str = ""
+    per_example: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (what :func:`dnn2bnn.save_bnn` stores)."""
@@ -109,8 +112,10 @@ def fit_posterior(
 
     One pass over ``data`` computes the diagonal of the generalized Gauss-Newton matrix of
     the per-example negative log-likelihood at the posterior means (the trained weights),
-    exactly per example (``torch.func``), or its Fisher estimate with targets drawn from the
-    model (``curvature="fisher"``, the default: one backward pass per example). Every
+    exactly per example, or its Fisher estimate with targets drawn from the model
+    (``curvature="fisher"``, the default: one backward pass per batch). Linear and convolution
+    layers get their per-example squares from hooks on one batched pass, other layers from
+    ``torch.func`` (``PosteriorFit.per_example`` says which). Every
     Bayesian parameter then gets ``sigma^2 = T / (N * curvature + lambda)`` and its prior
     becomes ``N(0, 1/lambda)``, so that :meth:`dnn2bnn.WithBNNLoss.elbo` fine-tuning starts
     from a consistent posterior and prior.
@@ -235,6 +240,7 @@ def fit_posterior(
         choice=choice.choice,
         seconds=time.perf_counter() - started,
         layers=_layer_stats(groups, sigmas, lambdas),
+        per_example=result.methods,
     )
     report = getattr(module, "conversion_report", None)
     if report is not None:

@@ -8,7 +8,7 @@ its Bayesian weights both are the same.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -47,32 +47,94 @@ def linearized_samples(
         >>> linearized_samples(bnn, torch.ones(4, 3), 5).shape
         torch.Size([5, 4, 2])
     """
-    from dnn2bnn.posterior._targets import at_means as _at_means
-
-    means, sigmas = {}, {}
-    for layer_name, layer in model.named_modules():
-        if isinstance(layer, BayesianLayer):
-            for name in layer.bayes_params:
-                mu = layer._parameters.get(name + "_mu")
-                if mu is not None:
-                    key = f"{layer_name}.{name}_mu" if layer_name else f"{name}_mu"
-                    means[key] = mu.detach()
-                    sigmas[key] = layer.posterior_sigma(name).detach()  # type: ignore[union-attr]
+    means, sigmas = posterior_moments(model)
     if not means:
         raise ValueError(
             f"linearized_samples: expected a model with Bayesian layers, found none in {type(model).__name__}"
         )
     batches = [inputs] if isinstance(inputs, Tensor) else [b[0] if isinstance(b, (tuple, list)) else b for b in inputs]
     outputs = []
-    with _at_means(model), torch.no_grad():
-        for x in batches:
-            per_sample = []
-            for _ in range(num_samples):
-                delta = {
-                    k: (sigmas[k] * torch.randn(mu.shape, generator=generator, device=mu.device)).to(mu.dtype)
-                    for k, mu in means.items()
-                }
-                out, tangent = jvp(lambda p: functional_call(model, p, (x,), strict=False), (means,), (delta,))
-                per_sample.append(out + tangent)
-            outputs.append(torch.stack(per_sample))
+    for x in batches:
+        outputs.append(
+            linearized_draws(
+                model,
+                lambda p, x=x: functional_call(model, p, (x,), strict=False),
+                num_samples,
+                means=means,
+                sigmas=sigmas,
+                generator=generator,
+            )
+        )
     return torch.cat(outputs, 1)
+
+
+def posterior_moments(
+    model: nn.Module, *, only: Callable[[nn.Module], bool] | None = None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Posterior means and sigmas of the Bayesian parameters, by qualified name of the mean.
+
+    ``only(layer)`` keeps the layers it accepts (default: every Bayesian layer).
+    """
+    means, sigmas = {}, {}
+    for layer_name, layer in model.named_modules():
+        if isinstance(layer, BayesianLayer) and (only is None or only(layer)):
+            for name in layer.bayes_params:
+                mu = layer._parameters.get(name + "_mu")
+                if mu is not None:
+                    key = f"{layer_name}.{name}_mu" if layer_name else f"{name}_mu"
+                    means[key] = mu.detach()
+                    sigmas[key] = layer.posterior_sigma(name).detach()  # type: ignore[union-attr]
+    return means, sigmas
+
+
+def linearized_draws(
+    model: nn.Module,
+    forward: Callable[[dict[str, Tensor]], Any],
+    num_samples: int,
+    *,
+    means: dict[str, Tensor],
+    sigmas: dict[str, Tensor],
+    generator: torch.Generator | None = None,
+) -> Any:
+    """``forward(means) + J delta`` for ``num_samples`` draws of ``delta``, stacked on dim 0.
+
+    ``forward(params)`` runs the model with the given parameters (``functional_call``); it
+    runs in eval and "mean" mode (restored afterwards), without gradients. The fused eval
+    kernel of ``nn.MultiheadAttention`` has no forward-mode derivative: when it makes the
+    first try fail, the draws are redone with its fast path switched off
+    (``torch.backends.mha``, restored afterwards), which computes the same on the composite path.
+    """
+    from dnn2bnn.posterior._targets import at_means as _at_means
+
+    state = generator.get_state() if generator is not None else None
+    with _at_means(model), torch.no_grad():
+        try:
+            return _draws(forward, num_samples, means, sigmas, generator)
+        except NotImplementedError as exc:
+            if "forward AD" not in str(exc) or not torch.backends.mha.get_fastpath_enabled():
+                raise
+        if generator is not None and state is not None:
+            generator.set_state(state)
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return _draws(forward, num_samples, means, sigmas, generator)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+
+
+def _draws(
+    forward: Callable[[dict[str, Tensor]], Any],
+    num_samples: int,
+    means: dict[str, Tensor],
+    sigmas: dict[str, Tensor],
+    generator: torch.Generator | None,
+) -> Tensor:
+    per_sample = []
+    for _ in range(num_samples):
+        delta = {
+            k: (sigmas[k] * torch.randn(mu.shape, generator=generator, device=mu.device)).to(mu.dtype)
+            for k, mu in means.items()
+        }
+        out, tangent = jvp(forward, (means,), (delta,))
+        per_sample.append((out + tangent).detach())
+    return torch.stack(per_sample)

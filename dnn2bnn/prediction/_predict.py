@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from dnn2bnn.prediction._collect import concat_draws, stack_draws
 from dnn2bnn.prediction._io import ModelInputs, is_model_output, prediction_of
+from dnn2bnn.prediction._linearized import LinearizedSampler
 from dnn2bnn.prediction._split import Chunk, SplitPlan, cached_plan
 from dnn2bnn.prediction._vectorized import WeightDraws, is_stochastic
 from dnn2bnn.prediction.results import ClassificationPrediction, RegressionPrediction
@@ -44,6 +45,7 @@ class Method(str, Enum):
     AUTO = "auto"
     VECTORIZED = "vectorized"
     LOOP = "loop"
+    LINEARIZED = "linearized"
 
 
 class PredictionWarning(UserWarning):
@@ -119,7 +121,13 @@ def predict(
             one batch). The stochastic part runs on ``batch_size * num_samples`` rows at a time.
         return_samples: keep the per-sample outputs in ``result.samples``.
         method: ``"auto"`` (vectorized, else the loop with a warning), ``"vectorized"``
-            (an error instead of the fallback) or ``"loop"`` (the plain reference loop).
+            (an error instead of the fallback), ``"loop"`` (the plain reference loop), or
+            ``"linearized"``: not sampled networks but the linearized (GLM) predictive
+            ``f(x; mu) + J(x) delta``, ``delta ~ N(0, sigma^2)``, one ``torch.func.jvp`` per
+            sample (the network stays at its posterior means; it does not collapse under the
+            wide posterior of ``fit_posterior(..., temperature=1.0)``). It needs a model whose
+            prediction is one floating-point tensor (logits or a regression mean) and that
+            ``torch.func`` can run (see ``docs/posterior.md``).
         progress: a tqdm progress bar over batches; ``None`` shows one for iterables of at
             least 20 batches when stderr is a terminal.
 
@@ -158,7 +166,11 @@ def predict(
     batches = _batches(inputs, batch_size)
     parts: list[Prediction] = []
     with torch.no_grad(), _eval_mode(model):
-        sampler = _Sampler(model, num_samples, chosen, output_fn)
+        sampler: Any = (
+            LinearizedSampler(model, num_samples, output_fn)
+            if chosen is Method.LINEARIZED
+            else _Sampler(model, num_samples, chosen, output_fn)
+        )
         for batch in _progress(batches, inputs, progress):
             if any(t.shape[0] == 0 for t in batch.tensors()):
                 raise ValueError(

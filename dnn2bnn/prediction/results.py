@@ -45,7 +45,7 @@ class ClassificationPrediction:
         variance: ``[N, C]`` variance of each class probability over the samples (unbiased).
         samples: ``[S, N, C]`` the per-sample probabilities ``p_s`` if asked for, else ``None``.
         num_samples: ``S``.
-        method: how the samples were computed: ``"vectorized"`` or ``"loop"``.
+        method: how the samples were computed: ``"vectorized"``, ``"loop"`` or ``"linearized"``.
         class_dim: the class dim of :attr:`probs` and :attr:`variance` (``1`` for ``[N, C]``;
             in :attr:`samples` it is one further right).
     """
@@ -211,7 +211,7 @@ class RegressionPrediction:
         variance: ``[N, ...]`` total predictive variance, epistemic plus aleatoric.
         samples: ``[S, N, ...]`` the per-sample means ``m_s`` if asked for, else ``None``.
         num_samples: ``S``.
-        method: ``"vectorized"`` or ``"loop"``.
+        method: ``"vectorized"``, ``"loop"`` or ``"linearized"``.
     """
 
     mean: Tensor
