@@ -89,3 +89,50 @@ def test_outputs_it_cannot_linearize_are_refused():
     bnn = dnn2bnn.transform_to_bnn_model(_TwoOutputs())
     with pytest.raises(TypeError, match=r"method='linearized'.*one floating-point tensor.*got tuple"):
         dnn2bnn.predict(bnn, torch.randn(2, 3), task="regression", method="linearized")
+
+
+def test_an_input_the_model_rejects_raises_the_model_error():
+    """A wrong input shape was reported as 'torch.func.jvp could not run ...; use method='auto'',
+    where method='auto' fails the same way."""
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((10, 8, 3)))
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        dnn2bnn.predict(bnn, torch.randn(4, 7), num_samples=2, method="linearized")
+
+
+def test_a_dict_output_is_refused_naming_output_fn():
+    class DictOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return {"logits": self.fc(x)}
+
+    bnn = dnn2bnn.transform_to_bnn_model(DictOut())
+    with pytest.raises(TypeError, match="pass output_fn= to pick the logits"):
+        dnn2bnn.predict(bnn, torch.randn(2, 4), num_samples=2, method="linearized")
+    result = dnn2bnn.predict(bnn, torch.randn(2, 4), num_samples=2, method="linearized", output_fn=lambda o: o["logits"])
+    assert result.probs.shape == (2, 3)
+
+
+def test_a_model_jvp_cannot_run_still_names_method_auto():
+    class Double(torch.autograd.Function):  # no setup_context: torch.func cannot transform it
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return Double.apply(self.fc(x))
+
+    bnn = dnn2bnn.transform_to_bnn_model(Net())
+    with pytest.raises(ValueError, match=r"torch.func.jvp could not run .*Net.*use method='auto'"):
+        dnn2bnn.predict(bnn, torch.randn(2, 3), num_samples=2, method="linearized")

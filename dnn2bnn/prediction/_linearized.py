@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from dnn2bnn.posterior._targets import at_means
 from dnn2bnn.posterior.linearized import linearized_draws, posterior_moments
 from dnn2bnn.prediction._io import ModelInputs, is_model_output, prediction_of
 from dnn2bnn.prediction._vectorized import is_stochastic
@@ -43,7 +44,8 @@ class LinearizedSampler:
             raise TypeError(
                 f"predict(method='linearized'): {self.where} must give one floating-point tensor "
                 f"(logits or a regression mean) to linearize, got {_describe(prediction)}; "
-                "use method='auto' for (mean, log_variance) or distribution outputs"
+                "pass output_fn= to pick the logits from a dict or tuple output, or use "
+                "method='auto' for (mean, log_variance) or distribution outputs"
             )
         return prediction
 
@@ -52,8 +54,6 @@ class LinearizedSampler:
             return self.select(functional_call(self.model, params, inputs.args, inputs.kwargs, strict=False))
 
         if not self.means:  # nothing samples (predict warned): S copies of the network's output
-            from dnn2bnn.posterior._targets import at_means
-
             with at_means(self.model):
                 out = forward({})
             return out.unsqueeze(0).expand(self.num_samples, *out.shape).clone()
@@ -64,6 +64,10 @@ class LinearizedSampler:
         except TypeError:
             raise
         except RuntimeError as exc:
+            # An input the model itself rejects (wrong shape) is its own error, not jvp's:
+            # method='auto' would fail the same way.
+            with torch.no_grad(), at_means(self.model):
+                forward({})
             first = (str(exc).strip().splitlines() or [""])[0]
             raise ValueError(
                 f"predict(method='linearized'): torch.func.jvp could not run {self.where} "
