@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from dnn2bnn.posterior._data import HoldOut, as_batches, count_batches
+from dnn2bnn.posterior._independence import check_first_batch
 from dnn2bnn.posterior._choose import Chooser, sum_sq
 from dnn2bnn.posterior._targets import BayesTarget, at_means, find_targets, set_posterior_
 from dnn2bnn.posterior.curvature import (
@@ -185,6 +186,7 @@ def fit_posterior(
     if holdout is not None:
         batches = holdout(batches)
     batches = progress_bar(batches, total=count_batches(data), enabled=progress, desc="fit_posterior")
+    batches = check_first_batch(module, batches)  # runs inside at_means below
 
     generator = torch.Generator(device=next(iter(means.values())).device).manual_seed(settings.seed)
     with at_means(module):
