@@ -182,3 +182,16 @@ def test_fit_posterior_reports_the_method_of_each_layer():
     assert fit.per_example["head"] == "hooks"
     assert fit.per_example["deconv"] == "vmap (transposed convolution)"
     assert fit.to_dict()["per_example"] == fit.per_example
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_keep_the_hooks(dtype):
+    """The first-examples check compared float32 hook sums with torch.func's bfloat16/float16
+    ones at rtol 1e-3: every layer of a half-precision model fell back to vmap ("hooks
+    disagreed")."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 16), nn.ReLU(), nn.Linear(16, 3))
+    bnn = dnn2bnn.transform_to_bnn_model(net.to(dtype))
+    x, y = torch.randn(32, 1, 8, 8).to(dtype), torch.randint(0, 3, (32,))
+    fit = dnn2bnn.fit_posterior(bnn, (x, y), progress=False, temperature=1.0)
+    assert fit.per_example == {"0": "hooks", "3": "hooks", "5": "hooks"}
