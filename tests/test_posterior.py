@@ -515,6 +515,23 @@ def test_temperature_may_be_a_zero_dim_tensor():
     assert fits[1].temperature == 0.5 and fits[0].layers == fits[1].layers
 
 
+def test_classes_last_logits_are_told_to_move_the_class_dim():
+    """[N, T, C] logits with [N, T] targets failed inside F.cross_entropy."""
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(10, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.emb(x))
+
+    bnn = dnn2bnn.transform_to_bnn_model(Tokens())
+    data = (torch.randint(0, 10, (20, 5)), torch.randint(0, 4, (20, 5)))
+    with pytest.raises(ValueError, match=r"classes are read on dim 1 .* logits.movedim\(-1, 1\)"):
+        dnn2bnn.fit_posterior(bnn, data, progress=False, temperature=1.0)
+
+
 def test_integer_targets_of_any_dtype_are_class_indices():
     """int32 class indices raised cross_entropy's 'expected target dtype to be Long or Byte'."""
     x, y = torch.randn(60, 4), torch.randint(0, 3, (60,))

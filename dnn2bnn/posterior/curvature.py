@@ -397,6 +397,12 @@ def check_class_targets(out: Tensor, target: Tensor, *, what: str = "data") -> T
             f"fit_posterior: {what} targets must be class indices of shape {expected} (the logits' "
             f"shape {tuple(out.shape)} without the class dim 1), got shape {tuple(target.shape)}"
             + ("; one-hot targets need target.argmax(1)" if tuple(target.shape) == tuple(out.shape) else "")
+            + (
+                "; the classes are read on dim 1 (as F.cross_entropy): for logits with the classes "
+                "last ([N, T, C]) fit a wrapper whose forward returns logits.movedim(-1, 1)"
+                if out.dim() > 2 and tuple(target.shape) == tuple(out.shape[:-1])
+                else ""
+            )
         )
     if target.numel() and (int(target.min()) < 0 or int(target.max()) >= out.shape[1]):
         raise ValueError(
