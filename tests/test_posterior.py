@@ -532,6 +532,18 @@ def test_classes_last_logits_are_told_to_move_the_class_dim():
         dnn2bnn.fit_posterior(bnn, data, progress=False, temperature=1.0)
 
 
+def test_num_train_examples_is_checked_as_for_the_elbo():
+    """num_train_examples=5.0 was accepted (WithBNNLoss.elbo refuses it); numpy ints work in both."""
+    import numpy as np
+
+    bnn = dnn2bnn.transform_to_bnn_model(mlp((4, 8, 3)))
+    data = (torch.randn(20, 4), torch.randint(0, 3, (20,)))
+    with pytest.raises(TypeError, match="fit_posterior: num_train_examples must be an int .* got float 5.0"):
+        dnn2bnn.fit_posterior(bnn, data, num_train_examples=5.0, progress=False, temperature=1.0)
+    fit = dnn2bnn.fit_posterior(bnn, data, num_train_examples=np.int64(50), progress=False, temperature=1.0)
+    assert fit.num_train_examples == 50 and type(fit.num_train_examples) is int
+
+
 def test_integer_targets_of_any_dtype_are_class_indices():
     """int32 class indices raised cross_entropy's 'expected target dtype to be Long or Byte'."""
     x, y = torch.randn(60, 4), torch.randint(0, 3, (60,))

@@ -175,6 +175,13 @@ def fit_posterior(
     """
     started = time.perf_counter()
     settings = _Settings.from_options(options)
+    if num_train_examples is not None:
+        from dnn2bnn.loss import check_num_train_examples
+
+        try:
+            num_train_examples = check_num_train_examples(num_train_examples)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"fit_posterior: {exc}") from exc
     module = _unwrap(model)
     groups = find_targets(module)
     targets = [t for group in groups.values() for t in group]
