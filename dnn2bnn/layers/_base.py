@@ -322,7 +322,12 @@ class BayesianLayer(PosteriorKL, nn.Module):
         state = _rng_state(mu.device) if record else None
         sigma = self._sigma(name, rho)
         fused = self._sample_with_kl(name, mu, rho, sigma)
-        sample = fused if fused is not None else _sample(mu, rho, sigma, self._exp).to(mu.dtype)
+        if fused is not None:
+            sample = fused
+        else:
+            sample = _sample(mu, rho, sigma, self._exp)
+            if sample.dtype != mu.dtype:  # a float16/bfloat16 mean, sampled in float32
+                sample = sample.to(mu.dtype)
         sample = self._fix_rows(name, mu, sample)
         self._keep_for_kl(name, sample)
         if state is not None:
@@ -367,18 +372,13 @@ class BayesianLayer(PosteriorKL, nn.Module):
         return sample
 
     def _sigma(self, name: str, rho: Tensor) -> Tensor:
-        """``sigma(rho)``, detached and computed now. A training draw leaves it for the KL of
-        the same step (dropped by that KL's backward, or when ``rho`` changes version)."""
+        """``sigma(rho)``, detached and computed now; used by this draw only (the KL computes
+        its own, so a write through ``rho.data`` after the forward is seen)."""
         if torch.compiler.is_compiling() or transforms_active():
             # detach, not no_grad: torch.export turns a no_grad block into a submodule call
             return posterior_std(rho, self._exp).detach()
         with torch.no_grad():
-            sigma = posterior_std(rho, self._exp)
-        if torch.is_grad_enabled() and rho.requires_grad:
-            self._sigma_cache[name] = ((id(rho), rho._version), sigma)
-        elif self._sigma_cache:
-            self._sigma_cache.pop(name, None)
-        return sigma
+            return posterior_std(rho, self._exp)
 
     def _step_sigma(self, name: str, rho: Tensor) -> Tensor:
         """``sigma(rho)`` for the closed-form KL, detached and computed now.

@@ -55,9 +55,13 @@ def softplus32(rho: Tensor) -> Tensor:
 
 def posterior_std(rho: Tensor, exp: bool) -> Tensor:
     """``sigma`` of ``rho`` in float32 (or wider): ``exp(rho)`` if ``exp`` else ``softplus(rho)``."""
-    if exp:
-        return torch.exp(rho.to(torch.promote_types(rho.dtype, torch.float32)))
-    return softplus32(rho)
+    if rho.dtype not in _WIDE:  # float16/bfloat16: computed in float32
+        rho = rho.to(torch.promote_types(rho.dtype, torch.float32))
+    return torch.exp(rho) if exp else F.softplus(rho)
+
+
+#: dtypes in which sigma is computed as they are (no ``promote_types``/``to`` dispatch per call)
+_WIDE = frozenset({torch.float32, torch.float64})
 
 
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
