@@ -342,7 +342,8 @@ class MultiNormalKL(torch.autograd.Function):
     ) -> Tensor:
         n = len(prior_sigmas)
         mus, rhos, sigmas = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
-        diffs = _diffs(mus, prior_means)
+        # a zero prior mean (the default prior) needs no difference: no copy of the means
+        diffs = mus if _zero_means(prior_means) else _diffs(mus, prior_means)
         inv_var = [1.0 / ps**2 for ps in prior_sigmas]
         squares = torch.stack(torch._foreach_norm(sigmas)).square_() + torch.stack(
             torch._foreach_norm(diffs)
@@ -360,24 +361,41 @@ class MultiNormalKL(torch.autograd.Function):
         tensors = ctx.saved_tensors
         n = len(ctx.inv_var)
         mus, rhos, sigmas = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
+        # On the CPU the incoming scalar is folded into the per-tensor scalars (one pass
+        # fewer per tensor); elsewhere it stays a tensor (no device synchronisation).
+        g = grad.item() if grad.device.type == "cpu" and not grad.requires_grad else None
+        scaled = ctx.inv_var if g is None else [iv * g for iv in ctx.inv_var]
         grad_mu = grad_rho = [None] * n
         if any(ctx.needs_input_grad[4 : 4 + n]):
-            grad_mu = _diffs(mus, ctx.prior_means)  # (mu - prior_mu) / prior_sigma^2
-            torch._foreach_mul_(grad_mu, ctx.inv_var)
-            torch._foreach_mul_(grad_mu, grad)
+            # (mu - prior_mu) / prior_sigma^2, times the incoming gradient
+            if _zero_means(ctx.prior_means):
+                grad_mu = list(torch._foreach_mul(mus, scaled))
+            else:
+                grad_mu = _diffs(mus, ctx.prior_means)
+                torch._foreach_mul_(grad_mu, scaled)
+            if g is None:
+                torch._foreach_mul_(grad_mu, grad)
         if any(ctx.needs_input_grad[4 + n : 4 + 2 * n]):
-            if ctx.exp:  # sigma^2 / prior_sigma^2 - 1
+            if ctx.exp:  # sigma^2 / prior_sigma^2 - 1, times the incoming gradient
                 grad_rho = torch._foreach_mul(sigmas, sigmas)
-                torch._foreach_mul_(grad_rho, ctx.inv_var)
-                torch._foreach_sub_(grad_rho, 1.0)
+                torch._foreach_mul_(grad_rho, scaled)
+                if g is None:
+                    torch._foreach_sub_(grad_rho, 1.0)
+                    torch._foreach_mul_(grad_rho, grad)
+                else:
+                    torch._foreach_sub_(grad_rho, g)
             else:  # (sigma / prior_sigma^2 - 1 / sigma) * sigmoid(rho)
                 grad_rho = torch._foreach_mul(sigmas, ctx.inv_var)
                 torch._foreach_sub_(grad_rho, torch._foreach_reciprocal(sigmas))
                 torch._foreach_mul_(grad_rho, torch._foreach_sigmoid(rhos))
-            torch._foreach_mul_(grad_rho, grad)
+                torch._foreach_mul_(grad_rho, grad)
         for release in ctx.releases:
             release()  # rho changes at the next optimizer step: do not hold sigma meanwhile
         return None, None, None, None, *grad_mu, *grad_rho, *([None] * n)
+
+
+def _zero_means(prior_means: list[float | Tensor]) -> bool:
+    return all(isinstance(p, float) and p == 0.0 for p in prior_means)
 
 
 def _diffs(mus: tuple[Tensor, ...], prior_means: list[float | Tensor]) -> list[Tensor]:
