@@ -345,13 +345,18 @@ class MultiNormalKL(torch.autograd.Function):
         # a zero prior mean (the default prior) needs no difference: no copy of the means
         diffs = mus if _zero_means(prior_means) else _diffs(mus, prior_means)
         inv_var = [1.0 / ps**2 for ps in prior_sigmas]
-        squares = torch.stack(torch._foreach_norm(sigmas)).square_() + torch.stack(
-            torch._foreach_norm(diffs)
-        ).square_()
-        logs = torch.stack([r.sum() if exp else torch.log(s).sum() for r, s in zip(rhos, sigmas)])
+        # one vector [|sigma_i|, |mu_i - prior_mu_i|, sum(log sigma_i)] and one dot product
+        parts = torch.stack([
+            *torch._foreach_norm(sigmas),
+            *torch._foreach_norm(diffs),
+            *[r.sum() if exp else torch.log(s).sum() for r, s in zip(rhos, sigmas)],
+        ])
+        parts[: 2 * n].square_()
         const = sum(m.numel() * (math.log(ps) - 0.5) for m, ps in zip(mus, prior_sigmas))
-        weights = torch.tensor(inv_var, dtype=squares.dtype, device=squares.device)
-        kl = torch.dot(squares, weights) * 0.5 - logs.sum() + const
+        weights = torch.tensor(
+            [0.5 * iv for iv in inv_var] * 2 + [-1.0] * n, dtype=parts.dtype, device=parts.device
+        )
+        kl = torch.dot(parts, weights) + const
         ctx.save_for_backward(*tensors)
         ctx.prior_means, ctx.inv_var, ctx.releases, ctx.exp = prior_means, inv_var, releases, exp
         return kl
@@ -364,7 +369,9 @@ class MultiNormalKL(torch.autograd.Function):
         # On the CPU the incoming scalar is folded into the per-tensor scalars (one pass
         # fewer per tensor); elsewhere it stays a tensor (no device synchronisation).
         g = grad.item() if grad.device.type == "cpu" and not grad.requires_grad else None
-        scaled = ctx.inv_var if g is None else [iv * g for iv in ctx.inv_var]
+        scaled: list[float] | float = ctx.inv_var if g is None else [iv * g for iv in ctx.inv_var]
+        if all(v == scaled[0] for v in scaled):  # one prior sigma: a scalar, not a list
+            scaled = scaled[0]
         grad_mu = grad_rho = [None] * n
         if any(ctx.needs_input_grad[4 : 4 + n]):
             # (mu - prior_mu) / prior_sigma^2, times the incoming gradient
