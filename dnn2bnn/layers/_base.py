@@ -377,8 +377,12 @@ class BayesianLayer(PosteriorKL, nn.Module):
         if torch.compiler.is_compiling() or transforms_active():
             # detach, not no_grad: torch.export turns a no_grad block into a submodule call
             return posterior_std(rho, self._exp).detach()
-        with torch.no_grad():
+        enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # torch.no_grad() without its Python objects (1.5 us)
+        try:
             return posterior_std(rho, self._exp)
+        finally:
+            torch._C._set_grad_enabled(enabled)
 
     def _step_sigma(self, name: str, rho: Tensor) -> Tensor:
         """``sigma(rho)`` for the closed-form KL, detached and computed now.

@@ -115,7 +115,7 @@ class PosteriorKL:
         """``float(buffer)``: read every time on the CPU; on an accelerator read again only
         when the buffer changed version or storage (no device sync per step; a write through
         ``.data`` to a prior buffer on an accelerator is not seen)."""
-        if buffer.device.type == "cpu" or buffer.is_meta:
+        if buffer.is_cpu or buffer.is_meta:  # (is_cpu: no torch.device object per read)
             return float(buffer)
         stamp = (buffer._version, buffer.data_ptr())
         cached = self._scalar_cache.get(key)
