@@ -698,4 +698,6 @@ def is_bayesian_layer(module: nn.Module) -> bool:
     """Whether ``module`` follows the Bayesian layer protocol (built-in or user-written)."""
     if isinstance(module, BayesianLayer):
         return True
-    return callable(getattr(module, "kl", None)) and callable(getattr(type(module), "from_dnn", None))
+    # the class attribute first: for a plain module it is one dict lookup per class in the MRO,
+    # where ``getattr(module, "kl")`` goes through nn.Module.__getattr__ and an AttributeError
+    return callable(getattr(type(module), "from_dnn", None)) and callable(getattr(module, "kl", None))
