@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from dnn2bnn.distributed import _gather_kl
 from dnn2bnn.layers._base import BayesianLayer, is_bayesian_layer
 from dnn2bnn.layers import _kl
-from dnn2bnn.layers._sampling import MultiNormalKL
 from dnn2bnn.prediction._io import prediction_of
 
 __all__ = ["WithBNNLoss", "elbo", "kl_divergence"]
@@ -34,7 +33,7 @@ def kl_divergence(model: nn.Module) -> Tensor:
         True
     """
     terms: list[Tensor] = []
-    small: list[tuple[Any, ...]] = []  # NormalKL arguments of small float32 parameters
+    small: list[tuple[Any, ...]] = []  # (layer, name, mu, rho, prior_mu, prior_sigma)
     for m in model.modules():
         if not is_bayesian_layer(m):
             continue
@@ -47,34 +46,28 @@ def kl_divergence(model: nn.Module) -> Tensor:
             if mu is None:
                 continue
             found = True
-            pending = m._take_pending_kl(name)  # computed with this step's sample
-            if pending is not None:
-                terms.append(pending)
-                continue
-            args = None
+            if m._pending_kl:
+                pending = m._take_pending_kl(name)  # computed with this step's sample
+                if pending is not None:
+                    terms.append(pending)
+                    continue
+            parts = None
             if mu.numel() <= _kl.SMALL_KL_NUMEL and mu.dtype == torch.float32:
-                args = m._normal_kl_args(name)
-            if args is None:
+                parts = m._normal_kl_parts(name)
+            if parts is None or parts[1].dtype != torch.float32:
                 terms.append(_gather_kl(m._kl_term(name)))
             else:
-                prior_mean = args[3]
-                if prior_mean.numel() == 1:
-                    prior_mean = m._prior_scalar(name + "_prior_mu", prior_mean)
-                small.append((*args[:3], prior_mean, *args[4:]))
+                small.append((m, name, *parts))
         if not found:
             m.kl()  # raises: a Bayesian layer without any Bayesian parameter
-    for exp in (False, True):  # one multi-tensor node per parametrization
-        group = [args for args in small if args[6] is exp]
-        if group:
-            columns = list(zip(*group))
-            terms.append(MultiNormalKL.apply(
-                list(columns[3]), list(columns[4]), list(columns[5]), exp,
-                *columns[0], *columns[1], *columns[2],
-            ))
+    if small:
+        terms.extend(_kl.small_normal_kls(small))
     if not terms:
         param = next(model.parameters(), None)
         device = param.device if param is not None else None
         return torch.zeros((), device=device)
+    if len(terms) == 1:  # (one multi-tensor node: the common case of a small model)
+        return terms[0].reshape(())
     return torch.stack([t.reshape(()) for t in terms]).sum()
 
 

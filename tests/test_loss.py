@@ -119,6 +119,51 @@ def test_kl_divergence_batches_small_parameters_without_changing_the_result(monk
         torch.testing.assert_close(got, p.grad, msg=name)
 
 
+@pytest.mark.parametrize("parametrization", ["softplus", "exp"])
+def test_kl_divergence_small_parameters_match_torch_distributions_under_a_scaled_loss(parametrization):
+    """Issue 17: the multi-tensor KL node with the default zero prior mean (no difference
+    tensor) and a KL scaled by a factor (folded into its per-tensor scalars on the CPU): value
+    and gradients equal autograd of the torch.distributions formula."""
+    torch.manual_seed(0)
+    bnn = transform_to_bnn_model(
+        nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3)), prior_sigma=0.7,
+        posterior_sigma_init=0.05, parametrization=parametrization,
+    )
+    with torch.no_grad():
+        for name, p in bnn.named_parameters():
+            p.add_(torch.rand_like(p) * (0.5 if name.endswith("_rho") else 0.2))
+    (0.37 * kl_divergence(bnn)).backward()
+    got = {n: p.grad.clone() for n, p in bnn.named_parameters()}
+    bnn.zero_grad()
+    sigma = torch.exp if parametrization == "exp" else nn.functional.softplus
+    reference = 0.37 * sum(
+        torch.distributions.kl_divergence(
+            torch.distributions.Normal(getattr(m, n + "_mu"), sigma(getattr(m, n + "_rho"))),
+            torch.distributions.Normal(0.0, 0.7),
+        ).sum()
+        for m in bnn for n in ("weight", "bias")
+    )
+    reference.backward()
+    for name, p in bnn.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, msg=name)
+
+
+def test_kl_divergence_sees_data_writes_to_prior_buffers_of_small_parameters():
+    """The scalar prior buffers of the multi-tensor node are read each call (in one transfer)."""
+    bnn = transform_to_bnn_model(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)))
+    before = kl_divergence(bnn).item()
+    bnn[1].weight_prior_sigma.data.fill_(0.1)
+    bnn[0].bias_prior_mu.data.fill_(2.0)
+    expected = sum(m.kl() for m in bnn)
+    assert kl_divergence(bnn).item() != before
+    torch.testing.assert_close(kl_divergence(bnn), expected)
+    mu, sigma = bnn[0].bias_mu, bnn[0].posterior_sigma("bias")
+    own = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mu, sigma), torch.distributions.Normal(2.0, 1.0)
+    ).sum()
+    torch.testing.assert_close(bnn[0]._kl_term("bias"), own)
+
+
 # ---------------------------------------------------------------- num_train_examples (issue 14 item 13)
 @pytest.mark.parametrize(
     "value", [np.int64(50_000), np.int32(50_000), torch.tensor(50_000), 50_000], ids=repr

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from dnn2bnn.layers._sampling import (
     GaussianSampleKL,
     MixtureKL,
+    MultiNormalKL,
     NormalKL,
     posterior_std,
     transforms_active,
@@ -34,7 +35,7 @@ from dnn2bnn.layers._sampling import (
 if TYPE_CHECKING:
     from dnn2bnn.priors import Prior
 
-__all__ = ["SMALL_KL_NUMEL", "PosteriorKL"]
+__all__ = ["SMALL_KL_NUMEL", "PosteriorKL", "small_normal_kls"]
 
 #: Parameters up to this many elements are dispatch-bound, not bandwidth-bound: their
 #: closed-form KLs are computed together by one multi-tensor node in
@@ -114,7 +115,7 @@ class PosteriorKL:
         """``float(buffer)``: read every time on the CPU; on an accelerator read again only
         when the buffer changed version or storage (no device sync per step; a write through
         ``.data`` to a prior buffer on an accelerator is not seen)."""
-        if buffer.device.type == "cpu" or buffer.is_meta:
+        if buffer.is_cpu or buffer.is_meta:  # (is_cpu: no torch.device object per read)
             return float(buffer)
         stamp = (buffer._version, buffer.data_ptr())
         cached = self._scalar_cache.get(key)
@@ -148,24 +149,34 @@ class PosteriorKL:
             torch.compiler.is_compiling() or mu.is_meta
         )
 
-    def _normal_kl_args(self, name: str, sigma: Tensor | None = None) -> tuple[Any, ...] | None:
-        """``(mu, rho, sigma, prior_mu, prior_sigma, release, exp)`` for :class:`NormalKL`
-        when the closed form applies with a scalar prior sigma on plain tensors, else None.
-        ``sigma``: the one just drawn with (default: this step's, or a fresh one)."""
+    def _normal_kl_parts(self, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """``(mu, rho, prior_mu, prior_sigma)`` (the prior's buffers, not read) when the
+        closed form applies with a scalar prior sigma on plain tensors, else None."""
         mu = self._parameters[name + "_mu"]
         if mu is None or self.prior.needs_sample or not self._fusable(mu):
             return None
         if self._fixed_row(name) is not None:
             return None  # the padding row has no KL: see _kl_term
-        buffers = self._prior_buffers(name)
-        if buffers["sigma"].numel() != 1:
+        buffers = self._buffers
+        prior_sigma = buffers.get(name + "_prior_sigma")
+        prior_mu = buffers.get(name + "_prior_mu")
+        if prior_sigma is None or prior_mu is None or prior_sigma.numel() != 1:
             return None
-        rho = self._parameters[name + "_rho"]
+        return mu, self._parameters[name + "_rho"], prior_mu, prior_sigma  # type: ignore[return-value]
+
+    def _normal_kl_args(self, name: str, sigma: Tensor | None = None) -> tuple[Any, ...] | None:
+        """``(mu, rho, sigma, prior_mu, prior_sigma, release, exp)`` for :class:`NormalKL`
+        when the closed form applies with a scalar prior sigma on plain tensors, else None.
+        ``sigma``: the one just drawn with (default: computed now)."""
+        parts = self._normal_kl_parts(name)
+        if parts is None:
+            return None
+        mu, rho, prior_mu, prior_sigma = parts
         if sigma is None:
             sigma = self._step_sigma(name, rho)
         release = functools.partial(_release, self, name)
-        prior_sigma = self._prior_scalar(name + "_prior_sigma", buffers["sigma"])
-        return mu, rho, sigma, buffers["mu"], prior_sigma, release, self._exp
+        prior_sigma_value = self._prior_scalar(name + "_prior_sigma", prior_sigma)
+        return mu, rho, sigma, prior_mu, prior_sigma_value, release, self._exp
 
     def _kl_term(self, name: str) -> Tensor:
         """The KL of one Bayesian parameter (see :meth:`kl`)."""
@@ -197,6 +208,54 @@ class PosteriorKL:
         if mixture is not None:
             return MixtureKL.apply(sample, mu, sigma, *mixture)
         return self.prior.kl(mu, sigma, buffers, sample)
+
+
+def small_normal_kls(entries: list[tuple[Any, ...]]) -> list[Tensor]:
+    """The closed-form KLs of many small float32 parameters: one :class:`MultiNormalKL`
+    node per parametrization.
+
+    ``entries`` holds ``(layer, name, mu, rho, prior_mu, prior_sigma)`` with the prior's
+    buffers. Everything is computed now, so a write through ``.data`` (to ``rho`` or to a prior
+    buffer) after the forward pass is seen; the sigmas of the exp parametrization come from
+    one ``torch._foreach_exp``.
+    """
+    priors = _prior_values(entries)
+    transformed = transforms_active()
+    with torch.no_grad():
+        exp_rhos = [e[3] for e in entries if e[0]._exp]
+        exp_sigmas = iter(torch._foreach_exp(exp_rhos) if exp_rhos and not transformed else [])
+        sigmas = [
+            e[0]._step_sigma(e[1], e[3]) if transformed or not e[0]._exp else next(exp_sigmas)
+            for e in entries
+        ]
+    terms = []
+    for exp in (False, True):  # one multi-tensor node per parametrization
+        group = [i for i, e in enumerate(entries) if e[0]._exp is exp]
+        if not group:
+            continue
+        terms.append(MultiNormalKL.apply(
+            [priors[i][0] for i in group],
+            [priors[i][1] for i in group],
+            [functools.partial(_release, entries[i][0], entries[i][1]) for i in group],
+            exp,
+            *[entries[i][2] for i in group],
+            *[entries[i][3] for i in group],
+            *[sigmas[i] for i in group],
+        ))
+    return terms
+
+
+def _prior_values(entries: list[tuple[Any, ...]]) -> list[tuple[float | Tensor, float]]:
+    """``(prior mean, prior sigma)`` of each entry as floats, read now (a non-scalar prior
+    mean stays a tensor). One ``float()`` per scalar: on the CPU that is cheaper than one
+    ``stack(...).tolist()`` for all of them (measured: 4.3 against 6.7 us for 20 scalars)."""
+    return [
+        (
+            layer._prior_scalar(name + "_prior_mu", prior_mu) if prior_mu.numel() == 1 else prior_mu,
+            layer._prior_scalar(name + "_prior_sigma", prior_sigma),
+        )
+        for layer, name, _, _, prior_mu, prior_sigma in entries
+    ]
 
 
 def _release(layer: PosteriorKL, name: str) -> None:

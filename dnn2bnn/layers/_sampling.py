@@ -55,9 +55,13 @@ def softplus32(rho: Tensor) -> Tensor:
 
 def posterior_std(rho: Tensor, exp: bool) -> Tensor:
     """``sigma`` of ``rho`` in float32 (or wider): ``exp(rho)`` if ``exp`` else ``softplus(rho)``."""
-    if exp:
-        return torch.exp(rho.to(torch.promote_types(rho.dtype, torch.float32)))
-    return softplus32(rho)
+    if rho.dtype not in _WIDE:  # float16/bfloat16: computed in float32
+        rho = rho.to(torch.promote_types(rho.dtype, torch.float32))
+    return torch.exp(rho) if exp else F.softplus(rho)
+
+
+#: dtypes in which sigma is computed as they are (no ``promote_types``/``to`` dispatch per call)
+_WIDE = frozenset({torch.float32, torch.float64})
 
 
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
@@ -338,15 +342,21 @@ class MultiNormalKL(torch.autograd.Function):
     ) -> Tensor:
         n = len(prior_sigmas)
         mus, rhos, sigmas = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
-        diffs = _diffs(mus, prior_means)
+        # a zero prior mean (the default prior) needs no difference: no copy of the means
+        diffs = mus if _zero_means(prior_means) else _diffs(mus, prior_means)
         inv_var = [1.0 / ps**2 for ps in prior_sigmas]
-        squares = torch.stack(torch._foreach_norm(sigmas)).square_() + torch.stack(
-            torch._foreach_norm(diffs)
-        ).square_()
-        logs = torch.stack([r.sum() if exp else torch.log(s).sum() for r, s in zip(rhos, sigmas)])
+        # one vector [|sigma_i|, |mu_i - prior_mu_i|, sum(log sigma_i)] and one dot product
+        parts = torch.stack([
+            *torch._foreach_norm(sigmas),
+            *torch._foreach_norm(diffs),
+            *[r.sum() if exp else torch.log(s).sum() for r, s in zip(rhos, sigmas)],
+        ])
+        parts[: 2 * n].square_()
         const = sum(m.numel() * (math.log(ps) - 0.5) for m, ps in zip(mus, prior_sigmas))
-        weights = torch.tensor(inv_var, dtype=squares.dtype, device=squares.device)
-        kl = torch.dot(squares, weights) * 0.5 - logs.sum() + const
+        weights = torch.tensor(
+            [0.5 * iv for iv in inv_var] * 2 + [-1.0] * n, dtype=parts.dtype, device=parts.device
+        )
+        kl = torch.dot(parts, weights) + const
         ctx.save_for_backward(*tensors)
         ctx.prior_means, ctx.inv_var, ctx.releases, ctx.exp = prior_means, inv_var, releases, exp
         return kl
@@ -356,24 +366,43 @@ class MultiNormalKL(torch.autograd.Function):
         tensors = ctx.saved_tensors
         n = len(ctx.inv_var)
         mus, rhos, sigmas = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
+        # On the CPU the incoming scalar is folded into the per-tensor scalars (one pass
+        # fewer per tensor); elsewhere it stays a tensor (no device synchronisation).
+        g = grad.item() if grad.device.type == "cpu" and not grad.requires_grad else None
+        scaled: list[float] | float = ctx.inv_var if g is None else [iv * g for iv in ctx.inv_var]
+        if all(v == scaled[0] for v in scaled):  # one prior sigma: a scalar, not a list
+            scaled = scaled[0]
         grad_mu = grad_rho = [None] * n
         if any(ctx.needs_input_grad[4 : 4 + n]):
-            grad_mu = _diffs(mus, ctx.prior_means)  # (mu - prior_mu) / prior_sigma^2
-            torch._foreach_mul_(grad_mu, ctx.inv_var)
-            torch._foreach_mul_(grad_mu, grad)
+            # (mu - prior_mu) / prior_sigma^2, times the incoming gradient
+            if _zero_means(ctx.prior_means):
+                grad_mu = list(torch._foreach_mul(mus, scaled))
+            else:
+                grad_mu = _diffs(mus, ctx.prior_means)
+                torch._foreach_mul_(grad_mu, scaled)
+            if g is None:
+                torch._foreach_mul_(grad_mu, grad)
         if any(ctx.needs_input_grad[4 + n : 4 + 2 * n]):
-            if ctx.exp:  # sigma^2 / prior_sigma^2 - 1
+            if ctx.exp:  # sigma^2 / prior_sigma^2 - 1, times the incoming gradient
                 grad_rho = torch._foreach_mul(sigmas, sigmas)
-                torch._foreach_mul_(grad_rho, ctx.inv_var)
-                torch._foreach_sub_(grad_rho, 1.0)
+                torch._foreach_mul_(grad_rho, scaled)
+                if g is None:
+                    torch._foreach_sub_(grad_rho, 1.0)
+                    torch._foreach_mul_(grad_rho, grad)
+                else:
+                    torch._foreach_sub_(grad_rho, g)
             else:  # (sigma / prior_sigma^2 - 1 / sigma) * sigmoid(rho)
                 grad_rho = torch._foreach_mul(sigmas, ctx.inv_var)
                 torch._foreach_sub_(grad_rho, torch._foreach_reciprocal(sigmas))
                 torch._foreach_mul_(grad_rho, torch._foreach_sigmoid(rhos))
-            torch._foreach_mul_(grad_rho, grad)
+                torch._foreach_mul_(grad_rho, grad)
         for release in ctx.releases:
             release()  # rho changes at the next optimizer step: do not hold sigma meanwhile
         return None, None, None, None, *grad_mu, *grad_rho, *([None] * n)
+
+
+def _zero_means(prior_means: list[float | Tensor]) -> bool:
+    return all(isinstance(p, float) and p == 0.0 for p in prior_means)
 
 
 def _diffs(mus: tuple[Tensor, ...], prior_means: list[float | Tensor]) -> list[Tensor]:
