@@ -37,7 +37,7 @@ from _quality_models import LeNet5  # noqa: E402
 from _quality_posthoc import _validation_split  # noqa: E402
 from dnn2bnn.posterior._choose import sum_sq  # noqa: E402
 from dnn2bnn.posterior._targets import at_means, find_targets, set_posterior_  # noqa: E402
-from dnn2bnn.posterior._validation import predictive_nll  # noqa: E402
+from dnn2bnn.posterior._validation import predictive_nlls  # noqa: E402
 from dnn2bnn.posterior.curvature import Curvature, Likelihood, diagonal_curvature  # noqa: E402
 from dnn2bnn.posterior.prior import marglik_precision  # noqa: E402
 
@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def val_nll(sigmas: dict[str, Tensor] | None) -> float:
         with at_means(reference):
-            return predictive_nll(reference, means, sigmas, val_batches, likelihood=Likelihood.CLASSIFICATION,
+            per = predictive_nlls(reference, means, sigmas, val_batches, likelihood=Likelihood.CLASSIFICATION,
                                   num_samples=8, noise_sigma=1.0, seed=0)
+            return float(per.mean())
 
     results: dict[str, Any] = {}
     row, _ = evaluate(parent, data.x_test, data.y_test, oods, samples=1)

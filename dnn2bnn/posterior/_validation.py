@@ -16,29 +16,7 @@ from torch.func import functional_call
 
 from dnn2bnn.posterior.curvature import Likelihood, check_class_targets, check_regression_targets
 
-__all__ = ["predictive_nll", "predictive_nlls"]
-
-
-def predictive_nll(
-    model: nn.Module,
-    means: dict[str, Tensor],
-    sigmas: dict[str, Tensor] | None,
-    batches: list[tuple[Tensor, Tensor]],
-    *,
-    likelihood: Likelihood,
-    num_samples: int,
-    noise_sigma: float,
-    seed: int,
-) -> float:
-    """Mean NLL per example of the Monte Carlo predictive (``sigmas=None``: the means only).
-
-    The model must be in eval mode with its Bayesian layers in "mean" mode.
-    """
-    per = predictive_nlls(
-        model, means, sigmas, batches, likelihood=likelihood, num_samples=num_samples,
-        noise_sigma=noise_sigma, seed=seed,
-    )
-    return float(per.mean()) if per.numel() else 0.0
+__all__ = ["predictive_nlls"]
 
 
 def predictive_nlls(
