@@ -424,3 +424,22 @@ def test_assigning_a_prior_changes_the_kl():
     torch.testing.assert_close(layer.kl(), expected)
     with pytest.raises(TypeError, match="BayesLinear.prior must be a dnn2bnn prior"):
         layer.prior = 0.1
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "flipout", "lrt"])
+def test_a_plain_string_estimator_runs_that_estimator(monkeypatch, estimator):
+    # `layer.estimator = "reparam"` (a plain string; options accept strings everywhere else)
+    # failed the forward's `is Estimator.REPARAM` test and silently ran local reparameterization (R3).
+    from dnn2bnn.layers import _estimators
+
+    layer = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Linear(4, 3)))[0]
+    ran = []
+    for name, key in (("flipout", "flipout"), ("local_reparam", "lrt")):
+        original = getattr(_estimators, name)
+        monkeypatch.setattr(_estimators, name, lambda *a, _o=original, _k=key: (ran.append(_k), _o(*a))[1])
+    layer.estimator = estimator
+    layer(torch.randn(2, 4))
+    assert layer.estimator is dnn2bnn.Estimator(estimator)
+    assert ran == ([] if estimator == "reparam" else [estimator])
+    with pytest.raises(ValueError, match="BayesLinear.estimator must be one of"):
+        layer.estimator = "mc"

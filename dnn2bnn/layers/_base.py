@@ -408,7 +408,8 @@ class BayesianLayer(PosteriorKL, nn.Module):
         return sample.index_copy(0, index, mu.index_select(0, index).to(sample.dtype))
 
     def __setattr__(self, name: str, value: Any) -> None:
-        """``layer.parametrization = ...`` and ``layer.prior = ...`` take effect.
+        """``layer.parametrization = ...`` and ``layer.prior = ...`` take effect; a plain-string
+        ``layer.estimator`` becomes the :class:`~dnn2bnn.Estimator` the forward compares with.
 
         Sampling and the KL read ``_exp`` and the prior buffers, not these attributes, so a
         bare assignment changed what the layer reports and ``save_bnn`` records (a softplus
@@ -420,6 +421,14 @@ class BayesianLayer(PosteriorKL, nn.Module):
         if name in ("parametrization", "prior") and "_exp" in self.__dict__:
             self._assign_option(name, value)
             return
+        if name == "estimator" and not isinstance(value, Estimator):
+            try:  # the forward compares with the enum: a plain "reparam" ran "lrt"
+                value = Estimator(value)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{type(self).__name__}.estimator must be one of "
+                    f"{[e.value for e in Estimator]}, got {value!r}"
+                ) from exc
         super().__setattr__(name, value)
 
     def _assign_option(self, name: str, value: Any) -> None:
