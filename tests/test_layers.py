@@ -443,3 +443,14 @@ def test_a_plain_string_estimator_runs_that_estimator(monkeypatch, estimator):
     assert ran == ([] if estimator == "reparam" else [estimator])
     with pytest.raises(ValueError, match="BayesLinear.estimator must be one of"):
         layer.estimator = "mc"
+
+
+def test_assigning_a_bayes_config_applies_its_prior_and_parametrization():
+    # `layer.bayes_config = BayesConfig(...)` changed the record only (R3).
+    layer = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Linear(4, 3)), posterior_sigma_init=0.3)[0]
+    layer.bayes_config = dnn2bnn.BayesConfig(prior=dnn2bnn.NormalPrior(0.0, 0.1), parametrization="softplus")
+    assert layer.prior == dnn2bnn.NormalPrior(0.0, 0.1) and float(layer.weight_prior_sigma) == pytest.approx(0.1)
+    assert layer.parametrization is dnn2bnn.Parametrization.SOFTPLUS and not layer._exp
+    torch.testing.assert_close(layer.posterior_sigma().detach(), torch.full((3, 4), 0.3))
+    with pytest.raises(TypeError, match="BayesLinear.bayes_config must be a dnn2bnn.BayesConfig"):
+        layer.bayes_config = {"prior": None}

@@ -408,7 +408,8 @@ class BayesianLayer(PosteriorKL, nn.Module):
         return sample.index_copy(0, index, mu.index_select(0, index).to(sample.dtype))
 
     def __setattr__(self, name: str, value: Any) -> None:
-        """``layer.parametrization = ...`` and ``layer.prior = ...`` take effect; a plain-string
+        """``layer.parametrization``, ``layer.prior`` and ``layer.bayes_config`` assignments take
+        effect (sigma kept; a new ``posterior_sigma_init`` is recorded, not applied); a plain-string
         ``layer.estimator`` becomes the :class:`~dnn2bnn.Estimator` the forward compares with.
 
         Sampling and the KL read ``_exp`` and the prior buffers, not these attributes, so a
@@ -420,6 +421,16 @@ class BayesianLayer(PosteriorKL, nn.Module):
         """
         if name in ("parametrization", "prior") and "_exp" in self.__dict__:
             self._assign_option(name, value)
+            return
+        if name == "bayes_config" and "_exp" in self.__dict__:
+            from dnn2bnn.conversion._apply import reconfigure_
+
+            if not isinstance(value, BayesConfig):
+                raise TypeError(
+                    f"{type(self).__name__}.bayes_config must be a dnn2bnn.BayesConfig, "
+                    f"got {type(value).__name__}"
+                )
+            reconfigure_(self, value, reset_sigma=False)
             return
         if name == "estimator" and not isinstance(value, Estimator):
             try:  # the forward compares with the enum: a plain "reparam" ran "lrt"
