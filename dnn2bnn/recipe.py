@@ -33,14 +33,19 @@ def bayes_param_groups(
     The first group holds every trainable parameter that is not a posterior ``*_rho`` of a
     Bayesian layer (the posterior means and any deterministic parameters) with ``lr``; the
     second holds the ``*_rho`` parameters with ``rho_lr`` (default
-    ``DEFAULT_RHO_LR_FACTOR * lr``). Parameters are listed once even if shared; frozen ones
-    (``requires_grad=False``) are left out.
+    ``DEFAULT_RHO_LR_FACTOR * lr``) and ``weight_decay=0.0``: weight decay pulls ``rho`` to 0,
+    i.e. every sigma towards ``exp(0) = 1`` (``softplus(0) = log 2`` with
+    ``parametrization="softplus"``), whatever the data and the prior say; with ``AdamW``'s
+    default decay that silently widened the posterior step after step (as
+    ``BayesTrainer`` does, the ``rho`` group never decays). Parameters are listed once even
+    if shared; frozen ones (``requires_grad=False``) are left out.
 
     Args:
         model: a network with Bayesian layers (e.g. from :func:`dnn2bnn.transform_to_bnn_model`).
         lr: learning rate of the means and deterministic parameters.
         rho_lr: learning rate of the ``rho`` parameters; ``None`` for ``10 * lr``.
-        **group_options: other per-group options (``weight_decay=0.0``, ...) for both groups.
+        **group_options: other per-group options (``betas``, ...) for both groups;
+            ``weight_decay`` applies to the means' group only.
 
     Returns:
         A list of two parameter-group dicts (``"name"`` is ``"means"`` or ``"rho"``), to pass
@@ -52,6 +57,9 @@ def bayes_param_groups(
         >>> optimizer = torch.optim.Adam(groups)
         >>> [(g["name"], g["lr"], len(g["params"])) for g in optimizer.param_groups]
         [('means', 0.001, 2), ('rho', 0.01, 2)]
+        >>> adamw = torch.optim.AdamW(dnn2bnn.bayes_param_groups(bnn, lr=1e-3))
+        >>> [g["weight_decay"] for g in adamw.param_groups]
+        [0.01, 0.0]
     """
     lr = _check_rate("lr", lr)
     rho_lr = DEFAULT_RHO_LR_FACTOR * lr if rho_lr is None else _check_rate("rho_lr", rho_lr)
@@ -77,7 +85,7 @@ def bayes_param_groups(
             (rhos if id(param) in rho_ids else means).append(param)
     return [
         {"params": means, "lr": lr, "name": "means", **group_options},
-        {"params": rhos, "lr": rho_lr, "name": "rho", **group_options},
+        {"params": rhos, "lr": rho_lr, "name": "rho", **group_options, "weight_decay": 0.0},
     ]
 
 

@@ -391,3 +391,66 @@ def test_kl_after_a_data_write_to_rho_between_forward_and_kl(parametrization):
     )
     torch.testing.assert_close(layer.kl(), expected)
     torch.testing.assert_close(dnn2bnn.kl_divergence(nn.Sequential(layer)), expected)
+
+
+@pytest.mark.parametrize(("start", "assigned"), [("exp", "softplus"), ("softplus", "exp")])
+def test_assigning_the_parametrization_keeps_sigma_and_what_is_saved(tmp_path, start, assigned):
+    # A bare `layer.parametrization = ...` changed the attribute (and what save_bnn/state_dict
+    # record) but not the layer's _exp: sampling kept the old meaning of rho and a reload read
+    # the exp rho values as softplus ones, silently other sigmas (R3).
+    bnn = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Linear(4, 3)), parametrization=start,
+                                         posterior_sigma_init=0.3)
+    sigma = bnn[0].posterior_sigma().detach().clone()
+    bnn[0].parametrization = assigned
+    assert bnn[0].parametrization is dnn2bnn.Parametrization(assigned)
+    torch.testing.assert_close(bnn[0].posterior_sigma().detach(), sigma)
+    loaded = dnn2bnn.load_bnn(dnn2bnn.save_bnn(bnn, tmp_path / "bnn.safetensors"))
+    torch.testing.assert_close(loaded[0].posterior_sigma().detach(), sigma)
+    with pytest.raises(ValueError, match="BayesLinear.parametrization must be one of"):
+        bnn[0].parametrization = "log"
+
+
+def test_assigning_a_prior_changes_the_kl():
+    # `layer.prior = NormalPrior(0, 0.1)` was recorded but the KL kept the old prior's buffers (R3).
+    layer = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Linear(4, 3)), posterior_sigma_init=0.3)[0]
+    layer.prior = dnn2bnn.NormalPrior(0.5, 0.1)
+    expected = sum(
+        torch.distributions.kl_divergence(
+            torch.distributions.Normal(getattr(layer, n + "_mu"), layer.posterior_sigma(n)),
+            torch.distributions.Normal(0.5, 0.1),
+        ).sum()
+        for n in ("weight", "bias")
+    )
+    torch.testing.assert_close(layer.kl(), expected)
+    with pytest.raises(TypeError, match="BayesLinear.prior must be a dnn2bnn prior"):
+        layer.prior = 0.1
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "flipout", "lrt"])
+def test_a_plain_string_estimator_runs_that_estimator(monkeypatch, estimator):
+    # `layer.estimator = "reparam"` (a plain string; options accept strings everywhere else)
+    # failed the forward's `is Estimator.REPARAM` test and silently ran local reparameterization (R3).
+    from dnn2bnn.layers import _estimators
+
+    layer = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Linear(4, 3)))[0]
+    ran = []
+    for name, key in (("flipout", "flipout"), ("local_reparam", "lrt")):
+        original = getattr(_estimators, name)
+        monkeypatch.setattr(_estimators, name, lambda *a, _o=original, _k=key: (ran.append(_k), _o(*a))[1])
+    layer.estimator = estimator
+    layer(torch.randn(2, 4))
+    assert layer.estimator is dnn2bnn.Estimator(estimator)
+    assert ran == ([] if estimator == "reparam" else [estimator])
+    with pytest.raises(ValueError, match="BayesLinear.estimator must be one of"):
+        layer.estimator = "mc"
+
+
+def test_assigning_a_bayes_config_applies_its_prior_and_parametrization():
+    # `layer.bayes_config = BayesConfig(...)` changed the record only (R3).
+    layer = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Linear(4, 3)), posterior_sigma_init=0.3)[0]
+    layer.bayes_config = dnn2bnn.BayesConfig(prior=dnn2bnn.NormalPrior(0.0, 0.1), parametrization="softplus")
+    assert layer.prior == dnn2bnn.NormalPrior(0.0, 0.1) and float(layer.weight_prior_sigma) == pytest.approx(0.1)
+    assert layer.parametrization is dnn2bnn.Parametrization.SOFTPLUS and not layer._exp
+    torch.testing.assert_close(layer.posterior_sigma().detach(), torch.full((3, 4), 0.3))
+    with pytest.raises(TypeError, match="BayesLinear.bayes_config must be a dnn2bnn.BayesConfig"):
+        layer.bayes_config = {"prior": None}

@@ -80,3 +80,21 @@ def test_numpy_and_0d_tensor_rates_are_accepted():
     assert [(g["lr"], type(g["lr"])) for g in groups] == [(0.5, float), (2.0, float)]
     with pytest.raises(TypeError, match="lr must be a real number"):
         bayes_param_groups(transform_to_bnn_model(mlp()), lr=True)
+
+
+@pytest.mark.parametrize("options", [{}, {"weight_decay": 0.1}])
+def test_rho_group_never_decays(options):
+    # AdamW's default weight_decay=0.01 on the rho group pulled every rho towards 0 (sigma
+    # towards 1) at each step, whatever the gradient: R3 found it through the docs' AdamW.
+    torch.manual_seed(0)
+    bnn = transform_to_bnn_model(mlp((4, 3, 2)))
+    groups = bayes_param_groups(bnn, lr=1e-2, **options)
+    optimizer = torch.optim.AdamW(groups)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [options.get("weight_decay", 0.01), 0.0]
+    rho_before = [p.detach().clone() for p in groups[1]["params"]]
+    mu_before = bnn[0].weight_mu.detach().clone()
+    for p in bnn.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient: only weight decay can move a parameter
+    optimizer.step()
+    assert all(torch.equal(a, p) for a, p in zip(rho_before, groups[1]["params"]))
+    assert not torch.equal(mu_before, bnn[0].weight_mu)  # the means still decay

@@ -314,7 +314,10 @@ def _restore_layer_states(model: nn.Module, states: Any, where: str) -> None:
                     f"{where}: {name or '<root>'}.{attr} is recorded as {recorded!r:.40} but "
                     f"the replayed conversion gives {replayed!r:.40}"
                 )
-            setattr(layer, attr, value)
+            if attr == "prior":  # a record: the state_dict's prior buffers carry its numbers
+                layer.__dict__[attr] = value
+            else:
+                setattr(layer, attr, value)
 
 
 def _difference(model: nn.Module, rebuilt: nn.Module) -> str:

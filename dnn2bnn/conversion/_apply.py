@@ -87,7 +87,7 @@ def reconfigure_(layer: BayesianLayer, config: BayesConfig, *, reset_sigma: bool
         changes.append(f"sigma re-initialised ({init})")
     if config.estimator != old.estimator:
         changes.append(f"estimator {old.estimator.value!r} -> {config.estimator.value!r}")
-    layer.bayes_config = config
+    layer.__dict__["bayes_config"] = config  # (a layer routes a bare assignment here)
     for option in dataclasses.fields(config):  # prior, estimator, ... mirrored as attributes
         if option.name in layer.__dict__:
             layer.__dict__[option.name] = getattr(config, option.name)

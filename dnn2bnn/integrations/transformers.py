@@ -83,7 +83,7 @@ class BayesTrainerMixin:
             tokens is the matching choice.
         rho_lr: learning rate of the ``*_rho`` parameters; default
             ``DEFAULT_RHO_LR_FACTOR * args.learning_rate``. They get no weight decay (it
-            would pull ``rho`` to 0, i.e. ``sigma`` to ``log 2``).
+            would pull ``rho`` to 0, i.e. ``sigma`` to 1; ``log 2`` under softplus).
         mc_samples: forward passes averaged per evaluation batch (``0``: the ``Trainer``'s
             own single-pass evaluation).
         **kwargs: the ``Trainer``'s arguments. Without ``compute_metrics``,

@@ -407,6 +407,82 @@ class BayesianLayer(PosteriorKL, nn.Module):
         index = torch.tensor([row], device=mu.device)
         return sample.index_copy(0, index, mu.index_select(0, index).to(sample.dtype))
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``layer.parametrization``, ``layer.prior`` and ``layer.bayes_config`` assignments take
+        effect (sigma kept; a new ``posterior_sigma_init`` is recorded, not applied); a plain-string
+        ``layer.estimator`` becomes the :class:`~dnn2bnn.Estimator` the forward compares with.
+
+        Sampling and the KL read ``_exp`` and the prior buffers, not these attributes, so a
+        bare assignment changed what the layer reports and ``save_bnn`` records (a softplus
+        record over exp ``rho`` values: other sigmas after loading) but not what it computes.
+        After construction they go through the same re-configuration as converting the
+        model again: ``rho`` is re-expressed with the same sigmas, the prior buffers rebuilt
+        (kept when they already hold the new prior's numbers, as after a posterior fit).
+        """
+        if name in ("parametrization", "prior") and "_exp" in self.__dict__:
+            self._assign_option(name, value)
+            return
+        if name == "bayes_config" and "_exp" in self.__dict__:
+            from dnn2bnn.conversion._apply import reconfigure_
+
+            if not isinstance(value, BayesConfig):
+                raise TypeError(
+                    f"{type(self).__name__}.bayes_config must be a dnn2bnn.BayesConfig, "
+                    f"got {type(value).__name__}"
+                )
+            reconfigure_(self, value, reset_sigma=False)
+            return
+        if name == "estimator" and not isinstance(value, Estimator):
+            try:  # the forward compares with the enum: a plain "reparam" ran "lrt"
+                value = Estimator(value)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{type(self).__name__}.estimator must be one of "
+                    f"{[e.value for e in Estimator]}, got {value!r}"
+                ) from exc
+        super().__setattr__(name, value)
+
+    def _assign_option(self, name: str, value: Any) -> None:
+        from dnn2bnn.conversion._apply import reconfigure_  # (conversion imports the layers)
+
+        if name == "parametrization":
+            try:
+                value = Parametrization(value)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{type(self).__name__}.parametrization must be one of "
+                    f"{[p.value for p in Parametrization]}, got {value!r}"
+                ) from exc
+            if value is not self.parametrization:
+                config = dataclasses.replace(self.bayes_config, parametrization=value)
+                reconfigure_(self, config, reset_sigma=False)
+            return
+        if not isinstance(value, Prior):
+            raise TypeError(
+                f"{type(self).__name__}.prior must be a dnn2bnn prior (NormalPrior, "
+                f"ScaleMixturePrior, EmpiricalPrior, ...), got {type(value).__name__}"
+            )
+        if self._holds_prior(value):  # the buffers already hold it: only the record changes
+            self.__dict__["prior"] = value
+            return
+        reconfigure_(self, dataclasses.replace(self.bayes_config, prior=value), reset_sigma=False)
+
+    def _holds_prior(self, prior: Prior) -> bool:
+        """Whether every Bayesian parameter's prior buffers are ``prior``'s, same keys and values."""
+        for name in self.bayes_params:
+            mu = self._parameters.get(name + "_mu")
+            if mu is None:
+                continue
+            held = self._prior_buffers(name)
+            wanted = prior.make_buffers(mu.detach())
+            if set(held) != set(wanted):
+                return False
+            for key, tensor in wanted.items():
+                have = held[key]
+                if have.is_meta or have.shape != tensor.shape or not torch.equal(have, tensor.to(have)):
+                    return False
+        return True
+
     def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
         if name in type(self).bayes_params and name + "_mu" in self.__dict__.get("_parameters", {}):
             raise AttributeError(

@@ -92,7 +92,7 @@ def set_posterior_(
         rho.copy_(rho_for(layer, name, sigma).to(rho.dtype))
         layer._buffers[f"{name}_prior_mu"].fill_(0.0)  # type: ignore[union-attr]
         layer._buffers[f"{name}_prior_sigma"].fill_(prior_sigma)  # type: ignore[union-attr]
-    layer.prior = NormalPrior(0.0, prior_sigma)
+    layer.__dict__["prior"] = NormalPrior(0.0, prior_sigma)  # a label: the buffers are written above
     # sigma caches are keyed on rho's version counter, which copy_ bumped
     layer._sigma_cache.clear()
     layer._scalar_cache.clear()
