@@ -119,7 +119,7 @@ class TransformToBNN:
         old = self._dnn_optimizer
         assert old is not None
         new_params = dict(backbone.named_parameters())
-        groups, moves = [], []
+        groups, moves, decayed = [], [], []
         for group in old.param_groups:
             params, names = [], []
             for param in group["params"]:
@@ -144,6 +144,10 @@ class TransformToBNN:
             if "param_names" in group:  # built from named_parameters()
                 new_group["param_names"] = names
             groups.append({**new_group, "params": params})
+            if new_group.get("weight_decay"):
+                decayed += [(n, float(new_group["weight_decay"])) for n in names if n.endswith("_rho")]
+        if decayed:
+            _warn_decayed_rho(type(old).__name__, decayed)
         new = rebuild_optimizer(old, groups)
         if not isinstance(old, torch.optim.LBFGS):  # its one state is for all params at once
             for old_param, new_param in moves:
@@ -196,3 +200,17 @@ def rebuild_optimizer(
 
 def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in state.items()}
+
+
+def _warn_decayed_rho(optimizer: str, decayed: list[tuple[str, float]]) -> None:
+    """Warn that weight decay reaches ``*_rho`` (it pulls every sigma towards 1 at each step)."""
+    names = [name for name, _ in decayed]
+    shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+    warnings.warn(
+        f"TransformToBNN: the rebuilt {optimizer} keeps each weight's rho in its original param "
+        f"group, so weight_decay={max(d for _, d in decayed):g} applies to {shown}, pulling every "
+        "sigma towards exp(0) = 1 (softplus: log 2) at each step whatever the data say; give the "
+        "original optimizer weight_decay=0, or build the BNN's optimizer from "
+        "dnn2bnn.bayes_param_groups(bnn, lr=..., weight_decay=...) (its rho group never decays)",
+        stacklevel=5,  # the user's transform_to_bnn_* call
+    )

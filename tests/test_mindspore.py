@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -166,3 +168,16 @@ def test_an_attached_lr_scheduler_is_warned_about():
         transform.optimizer, step_size=2, last_epoch=scheduler.last_epoch
     )
     assert rebuilt.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_weight_decay_reaching_rho_is_warned():
+    """Regression (R3): AdamW's default weight decay silently pulled every rho of the rebuilt optimizer towards 0."""
+    net = nn.Sequential(nn.Linear(4, 3))
+    t = TransformToBNN(net, optimizer=torch.optim.AdamW(net.parameters(), lr=1e-2))
+    with pytest.warns(UserWarning, match=r"weight_decay=0.01 applies to 0.weight_rho, 0.bias_rho"):
+        t.transform_to_bnn_model()
+    t = TransformToBNN(net, optimizer=torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t.transform_to_bnn_model()
+    assert all(g["weight_decay"] == 0.0 for g in t.optimizer.param_groups)
