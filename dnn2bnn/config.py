@@ -19,7 +19,22 @@ from torch import nn
 
 from dnn2bnn.priors import PRIOR_TYPES, NormalPrior, Prior, _check_finite, _check_positive
 
-__all__ = ["BayesConfig", "BayesConfigMapping", "Estimator", "OPTION_NAMES", "Parametrization"]
+__all__ = [
+    "BayesConfig",
+    "BayesConfigMapping",
+    "Estimator",
+    "OPTION_NAMES",
+    "Parametrization",
+    "enum_value",
+]
+
+
+def enum_value(cls: type[Enum], value: Any, name: str) -> Any:
+    """``cls(value)``, or a ``ValueError`` naming ``name``, the allowed values and ``value``."""
+    try:
+        return cls(value)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be one of {[m.value for m in cls]}, got {value!r}") from exc
 
 
 class Estimator(str, Enum):
@@ -96,21 +111,10 @@ class BayesConfig:
             delta = _real("moped_delta", self.moped_delta)
             _check_positive("moped_delta", delta)
             object.__setattr__(self, "moped_delta", delta)
-        try:
-            estimator = Estimator(self.estimator)
-        except ValueError as exc:
-            raise ValueError(
-                f"estimator must be one of {[e.value for e in Estimator]}, got {self.estimator!r}"
-            ) from exc
-        object.__setattr__(self, "estimator", estimator)
-        try:
-            parametrization = Parametrization(self.parametrization)
-        except ValueError as exc:
-            raise ValueError(
-                "parametrization must be one of "
-                f"{[p.value for p in Parametrization]}, got {self.parametrization!r}"
-            ) from exc
-        object.__setattr__(self, "parametrization", parametrization)
+        object.__setattr__(self, "estimator", enum_value(Estimator, self.estimator, "estimator"))
+        object.__setattr__(
+            self, "parametrization", enum_value(Parametrization, self.parametrization, "parametrization")
+        )
 
     @classmethod
     def from_options(cls, base: BayesConfig | None = None, **options: Any) -> BayesConfig:

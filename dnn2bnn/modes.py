@@ -7,7 +7,7 @@ from types import TracebackType
 
 from torch import nn
 
-from dnn2bnn.config import Estimator
+from dnn2bnn.config import Estimator, enum_value
 from dnn2bnn.layers._base import BayesianLayer, BayesMode
 
 __all__ = ["get_mode", "set_estimator", "set_mode"]
@@ -65,13 +65,7 @@ def set_mode(model: nn.Module, mode: BayesMode | str) -> _ModeSwitch:
         >>> with dnn2bnn.set_mode(bnn, "mean"):
         ...     y = bnn(torch.ones(1, 3))  # deterministic
     """
-    try:
-        mode = BayesMode(mode)
-    except ValueError as exc:
-        raise ValueError(
-            f"mode must be one of {[m.value for m in BayesMode]}, got {mode!r}"
-        ) from exc
-    return _ModeSwitch(model, mode)
+    return _ModeSwitch(model, enum_value(BayesMode, mode, "mode"))
 
 
 def get_mode(model: nn.Module) -> BayesMode | None:
@@ -96,12 +90,7 @@ def set_estimator(model: nn.Module, estimator: Estimator | str) -> None:
         >>> bnn.estimator.value
         'lrt'
     """
-    try:
-        estimator = Estimator(estimator)
-    except ValueError as exc:
-        raise ValueError(
-            f"estimator must be one of {[e.value for e in Estimator]}, got {estimator!r}"
-        ) from exc
+    estimator = enum_value(Estimator, estimator, "estimator")
     refused, shared = [], []
     for name, layer in model.named_modules():
         if not isinstance(layer, BayesianLayer):

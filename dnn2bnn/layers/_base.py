@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from dnn2bnn.config import OPTION_NAMES, BayesConfig, Estimator, Parametrization
+from dnn2bnn.config import OPTION_NAMES, BayesConfig, Estimator, Parametrization, enum_value
 from dnn2bnn.errors import ConversionWarning
 from dnn2bnn.layers import _estimators
 from dnn2bnn.layers._guard import guard
@@ -419,53 +419,41 @@ class BayesianLayer(PosteriorKL, nn.Module):
         model again: ``rho`` is re-expressed with the same sigmas, the prior buffers rebuilt
         (kept when they already hold the new prior's numbers, as after a posterior fit).
         """
-        if name in ("parametrization", "prior") and "_exp" in self.__dict__:
+        if name in ("parametrization", "prior", "bayes_config") and "_exp" in self.__dict__:
             self._assign_option(name, value)
             return
-        if name == "bayes_config" and "_exp" in self.__dict__:
-            from dnn2bnn.conversion._apply import reconfigure_
+        if name == "estimator" and not isinstance(value, Estimator):
+            # the forward compares with the enum: a plain "reparam" ran "lrt"
+            value = enum_value(Estimator, value, f"{type(self).__name__}.estimator")
+        super().__setattr__(name, value)
 
+    def _assign_option(self, name: str, value: Any) -> None:
+        """Re-configure the layer for a new parametrization, prior or whole config (sigma kept)."""
+        from dnn2bnn.conversion._apply import reconfigure_  # (conversion imports the layers)
+
+        if name == "bayes_config":
             if not isinstance(value, BayesConfig):
                 raise TypeError(
                     f"{type(self).__name__}.bayes_config must be a dnn2bnn.BayesConfig, "
                     f"got {type(value).__name__}"
                 )
-            reconfigure_(self, value, reset_sigma=False)
-            return
-        if name == "estimator" and not isinstance(value, Estimator):
-            try:  # the forward compares with the enum: a plain "reparam" ran "lrt"
-                value = Estimator(value)
-            except ValueError as exc:
-                raise ValueError(
-                    f"{type(self).__name__}.estimator must be one of "
-                    f"{[e.value for e in Estimator]}, got {value!r}"
-                ) from exc
-        super().__setattr__(name, value)
-
-    def _assign_option(self, name: str, value: Any) -> None:
-        from dnn2bnn.conversion._apply import reconfigure_  # (conversion imports the layers)
-
-        if name == "parametrization":
-            try:
-                value = Parametrization(value)
-            except ValueError as exc:
-                raise ValueError(
-                    f"{type(self).__name__}.parametrization must be one of "
-                    f"{[p.value for p in Parametrization]}, got {value!r}"
-                ) from exc
-            if value is not self.parametrization:
-                config = dataclasses.replace(self.bayes_config, parametrization=value)
-                reconfigure_(self, config, reset_sigma=False)
-            return
-        if not isinstance(value, Prior):
-            raise TypeError(
-                f"{type(self).__name__}.prior must be a dnn2bnn prior (NormalPrior, "
-                f"ScaleMixturePrior, EmpiricalPrior, ...), got {type(value).__name__}"
-            )
-        if self._holds_prior(value):  # the buffers already hold it: only the record changes
-            self.__dict__["prior"] = value
-            return
-        reconfigure_(self, dataclasses.replace(self.bayes_config, prior=value), reset_sigma=False)
+            config = value
+        elif name == "parametrization":
+            value = enum_value(Parametrization, value, f"{type(self).__name__}.parametrization")
+            if value is self.parametrization:
+                return
+            config = dataclasses.replace(self.bayes_config, parametrization=value)
+        else:
+            if not isinstance(value, Prior):
+                raise TypeError(
+                    f"{type(self).__name__}.prior must be a dnn2bnn prior (NormalPrior, "
+                    f"ScaleMixturePrior, EmpiricalPrior, ...), got {type(value).__name__}"
+                )
+            if self._holds_prior(value):  # the buffers already hold it: only the record changes
+                self.__dict__["prior"] = value
+                return
+            config = dataclasses.replace(self.bayes_config, prior=value)
+        reconfigure_(self, config, reset_sigma=False)
 
     def _holds_prior(self, prior: Prior) -> bool:
         """Whether every Bayesian parameter's prior buffers are ``prior``'s, same keys and values."""

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dnn2bnn.config import enum_value
 from dnn2bnn.prediction._collect import concat_draws, stack_draws
 from dnn2bnn.prediction._io import ModelInputs, is_model_output, prediction_of
 from dnn2bnn.prediction._linearized import LinearizedSampler
@@ -145,8 +146,8 @@ def predict(
         >>> dnn2bnn.predict(dnn2bnn.transform_to_bnn_model(binary), torch.randn(5, 4), task="binary").probs.shape
         torch.Size([5, 2])
     """
-    task = _enum(Task, task, "task")
-    chosen = _enum(Method, method, "method")
+    task = enum_value(Task, task, "task")
+    chosen = enum_value(Method, method, "method")
     num_samples = _positive_int("num_samples", num_samples)
     if batch_size is not None:
         batch_size = _positive_int("batch_size", batch_size)
@@ -368,13 +369,6 @@ def _positive_int(name: str, value: Any) -> int:
     if value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
-
-
-def _enum(cls: type[Enum], value: Any, name: str) -> Any:
-    try:
-        return cls(value)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be one of {[m.value for m in cls]}, got {value!r}") from exc
 
 
 def _batches(inputs: Any, batch_size: int | None) -> Iterable[ModelInputs]:
