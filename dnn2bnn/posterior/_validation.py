@@ -10,11 +10,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from dnn2bnn.posterior.curvature import Likelihood, check_class_targets, check_regression_targets
+from dnn2bnn.posterior.curvature import Likelihood, log_likelihood
 
 __all__ = ["predictive_nlls"]
 
@@ -51,7 +50,7 @@ def predictive_nlls(
                 out = functional_call(model, params, (x,), strict=False).float()
                 if sigmas is None:
                     _check_finite(out, x)
-                logs[i].append(_log_likelihood(out, y, likelihood, noise_sigma))
+                logs[i].append(log_likelihood(out, y, likelihood, noise_sigma, what="validation"))
     per_batch = [
         -(torch.logsumexp(torch.stack(per_draw).double(), 0) - math.log(draws))  # [S, B] -> [B]
         for per_draw in logs
@@ -69,15 +68,3 @@ def _check_finite(out: Tensor, x: Tensor) -> None:
             "expected finite outputs (check val_data, or data, for NaN/inf): a NaN NLL would make "
             "the temperature rule keep the parent silently"
         )
-
-
-def _log_likelihood(out: Tensor, target: Tensor, likelihood: Likelihood, noise_sigma: float) -> Tensor:
-    """Per-example log-likelihood ``[B]`` of one network's outputs."""
-    target = target.to(out.device)
-    if likelihood is Likelihood.CLASSIFICATION:
-        target = check_class_targets(out, target, what="validation")
-        per = -F.cross_entropy(out, target, reduction="none")
-        return per.reshape(out.shape[0], -1).sum(1)
-    z = (check_regression_targets(out, target, what="validation") - out) / noise_sigma
-    per = -0.5 * z.square() - math.log(noise_sigma) - 0.5 * math.log(2 * math.pi)
-    return per.reshape(out.shape[0], -1).sum(1)

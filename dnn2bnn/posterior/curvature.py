@@ -437,13 +437,21 @@ def check_regression_targets(out: Tensor, target: Tensor, *, what: str = "data")
 
 def _nll(out: Tensor, target: Tensor, likelihood: Likelihood, noise_sigma: float) -> Tensor:
     """Summed negative log-likelihood of a batch."""
-    out = out.float()
+    return -log_likelihood(out.float(), target, likelihood, noise_sigma).sum()
+
+
+def log_likelihood(
+    out: Tensor, target: Tensor, likelihood: Likelihood, noise_sigma: float, *, what: str = "data"
+) -> Tensor:
+    """Per-example log-likelihood ``[B]`` of one network's outputs (targets checked first)."""
+    target = target.to(out.device)
     if likelihood is Likelihood.CLASSIFICATION:
-        target = check_class_targets(out, target)
-        return F.cross_entropy(out, target.to(out.device), reduction="sum")
-    target = check_regression_targets(out, target)
-    z = (target - out) / noise_sigma
-    return (0.5 * z.square()).sum() + out.numel() * (math.log(noise_sigma) + 0.5 * math.log(2 * math.pi))
+        target = check_class_targets(out, target, what=what)
+        per = -F.cross_entropy(out, target, reduction="none")
+        return per.reshape(out.shape[0], -1).sum(1)
+    z = (check_regression_targets(out, target, what=what) - out) / noise_sigma
+    per = -0.5 * z.square() - math.log(noise_sigma) - 0.5 * math.log(2 * math.pi)
+    return per.reshape(out.shape[0], -1).sum(1)
 
 
 def _all_reduce(result: CurvatureResult) -> CurvatureResult:
