@@ -191,8 +191,7 @@ def _hooked_squares(
         try:
             _, squares, silent = hooks.run(params, x, once)
         except _NotHookable as exc:
-            hooks.drop(exc.name)
-            methods[exc.name] = f"vmap ({exc.reason})"
+            _to_vmap(hooks, methods, exc.name, exc.reason)
             if not hooks.layers:
                 if not cached:
                     with torch.no_grad():
@@ -236,15 +235,13 @@ def _probe(
         try:
             _, squares, silent = hooks.run(params, part, cotangents)
         except _NotHookable as exc:
-            hooks.drop(exc.name)
-            methods[exc.name] = f"vmap ({exc.reason})"
+            _to_vmap(hooks, methods, exc.name, exc.reason)
             continue
         if silent - hooks.needs_leaf:
             hooks.needs_leaf |= silent
             continue
         for name in silent:
-            hooks.drop(name)
-            methods[name] = "vmap (its gradient hooks did not fire)"
+            _to_vmap(hooks, methods, name, "its gradient hooks did not fire")
         break
     if not hooks.layers:
         return
@@ -256,8 +253,13 @@ def _probe(
         if all(_close(squares[k], reference[k]) for k in keys):
             methods[name] = "hooks"
         else:
-            hooks.drop(name)
-            methods[name] = "vmap (hooks disagreed with torch.func on the first examples)"
+            _to_vmap(hooks, methods, name, "hooks disagreed with torch.func on the first examples")
+
+
+def _to_vmap(hooks: PerExampleSquares, methods: dict[str, str], name: str, reason: str) -> None:
+    """Take layer ``name`` off the hooks for the rest of the fit and record why."""
+    hooks.drop(name)
+    methods[name] = f"vmap ({reason})"
 
 
 def _close(value: Tensor, reference: Tensor) -> bool:
