@@ -97,7 +97,7 @@ def test_sigma_follows_optimizer_steps_and_data_writes():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        assert not layer._sigma_cache  # the KL's backward dropped this step's sigma
+        assert not layer._pending_kl  # the KL's backward dropped this step's KL
     layer.weight_rho.data.fill_(0.0)  # sigma = exp(0) = 1, invisible to versions
     with torch.no_grad():
         draws = torch.stack([layer.weight - layer.weight_mu for _ in range(200)])

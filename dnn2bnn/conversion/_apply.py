@@ -106,7 +106,7 @@ def reconfigure_(layer: BayesianLayer, config: BayesConfig, *, reset_sigma: bool
             f"parametrization {getattr(old_form, 'value', old_form)!r} -> "
             f"{getattr(new_form, 'value', new_form)!r}{kept}"
         )
-    for attr in ("_sigma_cache", "_scalar_cache", "_pending_kl", "_kl_samples", "_replay"):
+    for attr in ("_scalar_cache", "_pending_kl", "_kl_samples", "_replay"):
         if isinstance(layer.__dict__.get(attr), dict):
             layer.__dict__[attr] = {}  # computed from the old rho or prior
     return tuple(changes)

@@ -109,7 +109,6 @@ class BayesianLayer(PosteriorKL, nn.Module):
         "_share_samples",
         "_kl_samples",
         "_pending_kl",
-        "_sigma_cache",
         "_scalar_cache",
     )
     #: Whether the flipout/lrt estimators can run this class (False for a user subclass
@@ -165,7 +164,6 @@ class BayesianLayer(PosteriorKL, nn.Module):
         # name -> (KL computed with the last training sample, the versions it is valid for)
         self._pending_kl: dict[str, tuple[Tensor, tuple[int, ...]]] = {}
         # name -> (versions, sigma of the last training draw), for the KL of the same step
-        self._sigma_cache: dict[str, tuple[tuple[int, ...], Tensor]] = {}
         self._scalar_cache: dict[str, tuple[tuple[int, int], float]] = {}
         # name -> (last sample, RNG states before the recent draws), kept while checkpointing
         self._replay: dict[str, tuple[Tensor, collections.deque[Tensor]]] = {}
@@ -566,7 +564,6 @@ class BayesianLayer(PosteriorKL, nn.Module):
         state = dict(state)
         state["_kl_samples"] = {}
         state["_pending_kl"] = {}
-        state["_sigma_cache"] = {}
         state["_scalar_cache"] = {}
         state["_replay"] = {}
         state["_task_samples"] = None

@@ -147,8 +147,6 @@ def _draw_all(model: nn.Module, args: Any) -> None:
         rhos = [e[3] for e in entries]
         with torch.no_grad():
             sigmas = torch._foreach_exp(rhos) if exp else [softplus32(r) for r in rhos]
-        for (layer, name, _, rho), sigma in zip(entries, sigmas):
-            layer._sigma_cache[name] = ((id(rho), rho._version), sigma)  # for this step's KL
         samples = MultiGaussianSample.apply(
             exp, len(entries), *(e[2] for e in entries), *(e[3] for e in entries), *sigmas
         )

@@ -56,7 +56,6 @@ class PosteriorKL:
     prior: Prior
     _kl_samples: dict[str, Tensor]
     _pending_kl: dict[str, tuple[Tensor, tuple[int, ...]]]
-    _sigma_cache: dict[str, tuple[tuple[int, ...], Tensor]]
     _scalar_cache: dict[str, tuple[tuple[int, int], float]]
     _exp: bool
 
@@ -259,8 +258,7 @@ def _prior_values(entries: list[tuple[Any, ...]]) -> list[tuple[float | Tensor, 
 
 
 def _release(layer: PosteriorKL, name: str) -> None:
-    """After the KL's backward: drop this step's sigma and KL (rho changes at the next step)."""
-    layer._sigma_cache.pop(name, None)
+    """After the KL's backward: drop this step's KL (rho changes at the next step)."""
     layer._pending_kl.pop(name, None)
 
 

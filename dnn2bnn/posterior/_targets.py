@@ -93,8 +93,7 @@ def set_posterior_(
         layer._buffers[f"{name}_prior_mu"].fill_(0.0)  # type: ignore[union-attr]
         layer._buffers[f"{name}_prior_sigma"].fill_(prior_sigma)  # type: ignore[union-attr]
     layer.__dict__["prior"] = NormalPrior(0.0, prior_sigma)  # a label: the buffers are written above
-    # sigma caches are keyed on rho's version counter, which copy_ bumped
-    layer._sigma_cache.clear()
+    # the prior scalars are cached on the buffers' version counters, which fill_ bumped
     layer._scalar_cache.clear()
 
 
