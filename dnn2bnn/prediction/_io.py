@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["LABEL_KEYS", "ModelInputs", "is_model_output", "prediction_of"]
+__all__ = ["LABEL_KEYS", "ModelInputs", "OutputSelector", "is_model_output", "prediction_of"]
 
 #: Keys of a mapping batch that hold labels: left out of the forward of ``predict``.
 LABEL_KEYS: tuple[str, ...] = ("labels",)
@@ -137,3 +137,24 @@ def prediction_of(output: Any, output_fn: Callable[[Any], Any] | None, *, where:
             )
         return logits
     return output
+
+
+class OutputSelector:
+    """Picks the prediction out of each output of ``model`` (the samplers of ``predict``).
+
+    Records in :attr:`model_output` the class name of the Hugging Face ``ModelOutput`` whose
+    logits were taken, for the result to report.
+    """
+
+    def __init__(self, model: nn.Module, output_fn: Callable[[Any], Any] | None) -> None:
+        self.model = model
+        self.output_fn = output_fn
+        self.where = f"{type(model).__module__}.{type(model).__qualname__}"
+        #: the class name of the Hugging Face ModelOutput whose logits are the prediction
+        self.model_output: str | None = None
+
+    def select(self, output: Any) -> Any:
+        """The prediction in one model output (see :func:`prediction_of`)."""
+        if self.output_fn is None and is_model_output(output):
+            self.model_output = type(output).__name__
+        return prediction_of(output, self.output_fn, where=f"predict ({self.where})")

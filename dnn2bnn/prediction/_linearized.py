@@ -17,29 +17,25 @@ from torch.func import functional_call
 
 from dnn2bnn.posterior._targets import at_means
 from dnn2bnn.posterior.linearized import linearized_draws, posterior_moments
-from dnn2bnn.prediction._io import ModelInputs, is_model_output, prediction_of
+from dnn2bnn.prediction._io import ModelInputs, OutputSelector
 from dnn2bnn.prediction._vectorized import is_stochastic
 
 __all__ = ["LinearizedSampler"]
 
 
-class LinearizedSampler:
+class LinearizedSampler(OutputSelector):
     """``num_samples`` linearized predictions per batch (see the module docstring)."""
 
     method_used = "linearized"
 
     def __init__(self, model: nn.Module, num_samples: int, output_fn: Callable[[Any], Any] | None) -> None:
-        self.model = model
+        super().__init__(model, output_fn)
         self.num_samples = num_samples
-        self.output_fn = output_fn
-        self.where = f"{type(model).__module__}.{type(model).__qualname__}"
-        self.model_output: str | None = None
         self.means, self.sigmas = posterior_moments(model, only=is_stochastic)
 
     def select(self, output: Any) -> Any:
-        if self.output_fn is None and is_model_output(output):
-            self.model_output = type(output).__name__
-        prediction = prediction_of(output, self.output_fn, where=f"predict ({self.where})")
+        """The prediction of one output, which must be one floating-point tensor."""
+        prediction = super().select(output)
         if not isinstance(prediction, Tensor) or not prediction.is_floating_point():
             raise TypeError(
                 f"predict(method='linearized'): {self.where} must give one floating-point tensor "

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from dnn2bnn.config import enum_value
 from dnn2bnn.prediction._collect import concat_draws, stack_draws
-from dnn2bnn.prediction._io import ModelInputs, is_model_output, prediction_of
+from dnn2bnn.prediction._io import ModelInputs, OutputSelector
 from dnn2bnn.prediction._linearized import LinearizedSampler
 from dnn2bnn.prediction._split import Chunk, SplitPlan, cached_plan
 from dnn2bnn.prediction._vectorized import WeightDraws, is_stochastic
@@ -256,7 +256,7 @@ def _default_class_dim(model_output: str | None, shape: tuple[int, ...]) -> int:
     )
 
 
-class _Sampler:
+class _Sampler(OutputSelector):
     """Returns ``S`` predictions per batch (``[S, B, ...]``), vectorized when possible."""
 
     def __init__(
@@ -266,16 +266,12 @@ class _Sampler:
         method: Method,
         output_fn: Callable[[Any], Any] | None,
     ) -> None:
-        self.model = model
+        super().__init__(model, output_fn)
         #: what the vectorized path traces: the module inside torch.compile/DataParallel/DDP
         #: (the folded pass runs the traced graph in an fx interpreter; the loop calls ``model``)
         self.traced = _unwrapped(model)
         self.num_samples = num_samples
         self.method = method
-        self.output_fn = output_fn
-        self.where = f"{type(model).__module__}.{type(model).__qualname__}"
-        #: the class name of the Hugging Face ModelOutput whose logits are the prediction
-        self.model_output: str | None = None
         self.fell_back = method is Method.LOOP
         #: sigma(rho) per layer, computed once per predict call, shared by every draw set
         self.sigmas: dict[int, dict[str, Tensor]] = {}
@@ -284,12 +280,6 @@ class _Sampler:
     @property
     def method_used(self) -> str:
         return "loop" if "loop" in self.used or not self.used else "vectorized"
-
-    def select(self, output: Any) -> Any:
-        """The prediction in one model output (see :func:`prediction_of`)."""
-        if self.output_fn is None and is_model_output(output):
-            self.model_output = type(output).__name__
-        return prediction_of(output, self.output_fn, where=f"predict ({self.where})")
 
     def _fall_back(self, reason: str) -> None:
         if self.method is Method.VECTORIZED:
