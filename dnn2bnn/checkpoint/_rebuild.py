@@ -22,7 +22,6 @@ from dnn2bnn.checkpoint._codec import decode, encode, split_name
 from dnn2bnn.checkpoint._tree import TREE_SPEC, record_tree
 from dnn2bnn.config import Parametrization
 from dnn2bnn.conversion import transform_to_bnn_layer, transform_to_bnn_model
-from dnn2bnn.conversion._apply import reconfigure_
 from dnn2bnn.errors import CheckpointError, ConversionWarning
 from dnn2bnn.layers import BayesianLayer
 from dnn2bnn.layers._state import LEGACY_PARAMETRIZATION
@@ -235,9 +234,7 @@ def restore_parametrizations_(model: nn.Module, states: Any, *, where: str) -> N
                 f"{where}: {name or '<root>'}.parametrization: expected one of "
                 f"{[p.value for p in Parametrization]}, got {value!r}"
             ) from exc
-        if layer.parametrization is not target:
-            config = dataclasses.replace(layer.bayes_config, parametrization=target)
-            reconfigure_(layer, config, reset_sigma=False)
+        layer.parametrization = target  # re-configures the layer, sigmas kept (a no-op if equal)
 
 
 def check_rebuild(model: nn.Module, metadata: dict[str, Any], *, where: str) -> None:
