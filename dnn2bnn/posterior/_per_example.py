@@ -174,17 +174,15 @@ class PerExampleSquares:
                     layer, keys = self.layers[name]
                     if not layer_calls or any(len(c.grads) != 1 for c in layer_calls):
                         silent.add(name)
+                    else:
                         for c in layer_calls:
-                            c.grads.clear()
-                        continue
-                    for c in layer_calls:
-                        if c.input._version != c.version:
-                            raise _NotHookable(name, "its input was modified in place after the call")
-                    result = layer_squares(layer, layer_calls, memory_budget=self.memory_budget)
-                    for key in keys:
-                        value = result[key.rsplit(".", 1)[-1][: -len("_mu")]]
-                        squares[key] = squares[key] + value if key in squares else value
-                    for c in layer_calls:
+                            if c.input._version != c.version:
+                                raise _NotHookable(name, "its input was modified in place after the call")
+                        result = layer_squares(layer, layer_calls, memory_budget=self.memory_budget)
+                        for key in keys:
+                            value = result[key.rsplit(".", 1)[-1][: -len("_mu")]]
+                            squares[key] = squares[key] + value if key in squares else value
+                    for c in layer_calls:  # the next cotangent's gradients
                         c.grads.clear()
             for name in silent:
                 for key in self.layers[name][1]:
