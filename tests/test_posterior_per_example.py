@@ -182,6 +182,9 @@ def test_fit_posterior_reports_the_method_of_each_layer():
     assert fit.per_example["head"] == "hooks"
     assert fit.per_example["deconv"] == "vmap (transposed convolution)"
     assert fit.to_dict()["per_example"] == fit.per_example
+    # the fall-back to torch.func is said in the summary too, with its reason; hooked layers are not listed
+    line = next(line for line in str(fit).splitlines() if line.startswith("per-example gradients by torch.func"))
+    assert "deconv (transposed convolution)" in line and "head" not in line
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

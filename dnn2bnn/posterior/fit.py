@@ -90,6 +90,11 @@ class PosteriorFit:
         ]
         if self.choice:
             lines.append(f"choice: {self.choice}")
+        slow = {n: m for n, m in self.per_example.items() if m != "hooks"}
+        if slow:  # layers not on the batched hooks (slower, as exact): say which and why
+            lines.append("per-example gradients by torch.func for " + ", ".join(
+                f"{n or '<root>'} ({m.removeprefix('vmap (').removesuffix(')') or 'vmap'})" for n, m in slow.items()
+            ))
         width = max(len(n) for n in self.layers) if self.layers else 6
         for name, stats in self.layers.items():
             lines.append(
