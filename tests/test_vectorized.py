@@ -166,3 +166,32 @@ def test_draws_follow_the_layers_parametrization(plan, parametrization, monkeypa
     assert pred.method == "vectorized"
     assert abs(pred.samples.std().item() - bnn[0].posterior_sigma().item()) < 0.05
     assert abs(bnn[0].posterior_sigma().item() - 1.0) < 1e-6
+
+
+@pytest.mark.parametrize("fold", ["at once", "in chunks"])
+def test_large_weight_draws_written_into_reused_buffers_have_the_closed_form_moments(fold, monkeypatch):
+    """A convolution of at least ``SLICED_DRAW_NUMEL`` weights draws one draw at a time into
+    buffers that every chunk of draws reuses (no fresh allocation per chunk): each output is
+    N(conv(x, mu) + b_mu, sum x^2 sigma^2 + sigma_b^2), and no two draws repeat a chunk's."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 256, 8)
+    assert conv.weight.numel() >= _vectorized.SLICED_DRAW_NUMEL
+    bnn = dnn2bnn.transform_to_bnn_model(nn.Sequential(conv, nn.Flatten()), posterior_sigma_init=0.05)
+    if fold == "in chunks":  # chunks of one draw: every chunk reuses the same buffers
+        monkeypatch.setattr(_predict, "CPU_FOLD_BYTES", 1)
+    x = torch.randn(2, 4, 8, 8)
+    s = 400
+    pred = dnn2bnn.predict(bnn, x, s, task="regression", return_samples=True)
+    assert pred.method == "vectorized"
+    out = pred.samples  # [S, 2, 256]
+    layer = bnn[0]
+    with torch.no_grad():
+        mean = nn.functional.conv2d(x, layer.weight_mu, layer.bias_mu).flatten(1)
+        var = nn.functional.conv2d(x.square(), layer.posterior_sigma("weight").square(),
+                                   layer.posterior_sigma("bias").square()).flatten(1)
+    z = (out.mean(0) - mean) / (var / s).sqrt()
+    assert z.abs().max() < 5.0, z.abs().max()
+    ratio = out.std(0) / var.sqrt()
+    assert (ratio - 1).abs().max() < 6 * math.sqrt(1 / (2 * s)), (ratio - 1).abs().max()
+    # consecutive draws are not copies of each other (a buffer read after it was overwritten)
+    assert (out[1:] - out[:-1]).abs().amax(dim=(1, 2)).min() > 0
