@@ -209,6 +209,21 @@ class GaussianSampleKL(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         mu, rho, sigma, eps, prior_mu = ctx.saved_tensors
         grad_mu = grad_rho = None
+        c = _cpu_scalar(grad_kl)
+        if c is not None and grad is not None and ctx.exp and mu.dtype in _WIDE:
+            # both gradients, exp parametrization, incoming KL scale known on the host: the
+            # same sums in fewer passes over the weights (2 + 4 instead of 2 + 6, one
+            # allocation each instead of two)
+            k = c / ctx.prior_sigma**2
+            if ctx.needs_input_grad[0]:  # g + k (mu - prior_mu)
+                grad_mu = torch.add(grad, mu, alpha=k)
+                if prior_mu is not None:
+                    grad_mu.sub_(prior_mu, alpha=k)
+            if ctx.needs_input_grad[1]:  # g eps sigma + c (sigma^2 / ps^2 - 1) = sigma (g eps + k sigma) - c
+                grad_rho = torch.mul(eps, grad).add_(sigma, alpha=k).mul_(sigma).sub_(c)
+            if ctx.release is not None:
+                ctx.release()
+            return grad_mu, grad_rho, None, None, None, None, None
         if ctx.needs_input_grad[0]:
             if grad_kl is None:
                 grad_mu = grad if grad is not None else torch.zeros_like(mu)
@@ -229,6 +244,14 @@ class GaussianSampleKL(torch.autograd.Function):
         if ctx.release is not None:
             ctx.release()  # rho changes at the next optimizer step: do not hold sigma meanwhile
         return grad_mu, grad_rho, None, None, None, None, None
+
+
+def _cpu_scalar(value: Tensor | None) -> float | None:
+    """``value`` as a float if it is a CPU scalar outside autograd (reading it costs no device
+    synchronisation), else ``None``."""
+    if value is None or value.device.type != "cpu" or value.requires_grad or value.numel() != 1:
+        return None
+    return value.item()
 
 
 class NormalKL(torch.autograd.Function):
