@@ -151,10 +151,19 @@ def small_cnn():
     )
 
 
+def cnn_one_position():
+    """The last convolution has one output position (6x6 input, 6x6 kernel): ``predict``
+    samples its outputs by local reparameterization, exact there."""
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 6), nn.ReLU(), nn.Flatten(), nn.Linear(6, 3),
+    )
+
+
 CASES = {
     "mlp": (lambda: mlp((10, 16, 16, 3)), {}, lambda: torch.randn(6, 10)),
     "last-layer": (lambda: mlp((10, 16, 16, 3)), {"include": "4"}, lambda: torch.randn(6, 10)),
     "cnn": (small_cnn, {}, lambda: torch.randn(4, 1, 8, 8)),
+    "cnn-one-position": (cnn_one_position, {}, lambda: torch.randn(4, 1, 8, 8)),
     "residual": (Residual, {"exclude": "stem"}, lambda: torch.randn(6, 10)),
     "shared": (Shared, {}, lambda: torch.randn(6, 8)),
     "own-forward": (CustomLayer, {}, lambda: torch.randn(6, 8)),

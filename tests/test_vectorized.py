@@ -195,3 +195,57 @@ def test_large_weight_draws_written_into_reused_buffers_have_the_closed_form_mom
     assert (ratio - 1).abs().max() < 6 * math.sqrt(1 / (2 * s)), (ratio - 1).abs().max()
     # consecutive draws are not copies of each other (a buffer read after it was overwritten)
     assert (out[1:] - out[:-1]).abs().amax(dim=(1, 2)).min() > 0
+
+
+@pytest.mark.parametrize(
+    "conv, size",
+    [
+        (nn.Conv2d(3, 5, 4), 4),  # valid: 4x4 -> 1x1
+        (nn.Conv2d(3, 6, 3, stride=2, padding=1, groups=3), 2),  # 2x2 -> 1x1, grouped
+        (nn.Conv2d(3, 5, 3, padding=1, padding_mode="replicate"), 1),  # 1x1 -> 1x1
+        (nn.Conv1d(3, 5, 3, padding="same"), 1),
+    ],
+)
+def test_a_convolution_with_one_output_position_samples_the_exact_moments(conv, size, monkeypatch):
+    """Closed form: each output channel ~ N(conv(x, mu) + b_mu, conv(x^2, sigma^2) + sigma_b^2),
+    exact when every output channel reads each of its own weights once (one position)."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(_vectorized, "linear_plan", lambda **kw: "local")
+    layer = dnn2bnn.transform_to_bnn_model(nn.Sequential(conv), posterior_sigma_init=0.2)[0]
+    with torch.no_grad():
+        layer.weight_rho.add_(torch.linspace(-0.5, 1.0, layer.weight_rho.numel()).view_as(layer.weight_rho))
+    x = torch.randn(3, 3, *([size] * (conv.weight.dim() - 2)))
+    assert _vectorized._one_position(layer, x)
+    s = 4000
+    draws = WeightDraws(s)
+    draws.local = frozenset({id(layer)})
+    called = []
+    monkeypatch.setattr(WeightDraws, "draws", lambda self, layer: called.append(layer))  # no weight draws
+    with torch.no_grad():
+        out = draws.apply(layer, x, repeated=True)
+        out = out.reshape(3, s, *out.shape[1:])
+        plain = layer.to_dnn()
+        mean = plain(x)
+        plain.weight.copy_(layer.posterior_sigma("weight").square())
+        plain.bias.copy_(layer.posterior_sigma("bias").square())
+        std = plain(x.square()).sqrt()
+    assert called == [] and mean.shape == out.shape[:1] + out.shape[2:]
+    z = (out.mean(1) - mean) / (std / math.sqrt(s))
+    assert z.abs().max() < 5.0, z.abs().max()
+    ratio = out.std(1) / std
+    assert (ratio - 1).abs().max() < 5 * math.sqrt(1 / (2 * s)), (ratio - 1).abs().max()
+
+
+def test_a_convolution_with_several_output_positions_draws_weights(monkeypatch):
+    """Outputs at two positions share weights: sampling them independently would change their
+    joint distribution, so such a convolution draws whole weights whatever the cost model says."""
+    monkeypatch.setattr(_vectorized, "linear_plan", lambda **kw: "local")
+    layer = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Conv2d(2, 3, 3)), posterior_sigma_init=0.2)[0]
+    x = torch.randn(2, 2, 4, 4)  # 2x2 output positions
+    assert not _vectorized._one_position(layer, x)
+    draws = WeightDraws(5)
+    draws.local = frozenset({id(layer)})
+    monkeypatch.setattr(WeightDraws, "_local", lambda *a, **k: pytest.fail("local reparameterization"))
+    with torch.no_grad():
+        out = draws.apply(layer, x, repeated=True)
+    assert out.shape == (10, 3, 2, 2)

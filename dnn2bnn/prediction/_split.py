@@ -164,7 +164,8 @@ class SplitPlan:
     vectorized: list[str]
     #: Qualified names of stochastic modules called once per draw (not batchable).
     per_draw: list[str]
-    #: ids of vectorizable Linear layers called once per forward (local reparameterization).
+    #: ids of vectorizable Linear and Conv layers called once per forward (local
+    #: reparameterization where exact: 2-d Linear inputs, one output position of a Conv).
     single_use: frozenset[int] = frozenset()
     #: Deterministic nodes read by stochastic ones: all that a chunk after the first needs.
     frontier: frozenset[fx.Node] = frozenset()
@@ -354,7 +355,7 @@ def plan_split(model: nn.Module, inputs: ModelInputs) -> SplitPlan | str:
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     single_use = frozenset(
         id(m) for name, m in modules.items()
-        if calls[name] == 1 and vectorizable(m) and isinstance(m, nn.Linear)
+        if calls[name] == 1 and vectorizable(m) and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
         and sum(1 for other in modules.values() if other is m) == 1
     )
     frontier = frozenset(

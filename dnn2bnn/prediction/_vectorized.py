@@ -184,8 +184,9 @@ class WeightDraws:
         self._sigmas: dict[int, dict[str, Tensor]] = {} if sigmas is None else sigmas
         self._draws: dict[int, dict[str, Tensor | None]] = {}
         self._caches: dict[int, list[dict[str, Tensor]]] = {}
-        #: ids of Linear layers called once per pass: local reparameterization is exact for
-        #: them and used where :func:`linear_plan` finds it cheaper.
+        #: ids of Linear and Conv layers called once per pass: local reparameterization is
+        #: exact for a Linear on 2-d input and a Conv with one output position per example,
+        #: and used there where :func:`linear_plan` finds it cheaper.
         self.local: frozenset[int] = frozenset()
 
     def new_pass(self) -> None:
@@ -241,7 +242,16 @@ class WeightDraws:
                 out_features=layer._parameters["weight_mu"].shape[0], device=x.device.type,
             )
             if plan == "local":
-                return self._linear_local(layer, x, repeated)
+                return self._local(layer, x, repeated, F.linear)
+        elif base in _CONV_FUNCTIONS and id(layer) in self.local and _one_position(layer, x):
+            weight_mu = layer._parameters["weight_mu"]
+            rows = x.shape[0] * (s if repeated else 1)
+            plan = linear_plan(
+                rows=rows, input_rows=x.shape[0], samples=s, in_features=weight_mu[0].numel(),
+                out_features=weight_mu.shape[0], device=x.device.type,
+            )
+            if plan == "local":
+                return self._local(layer, x, repeated, _conv_function(layer, base))
         draws = self.draws(layer)
         weight, bias = draws["weight"], draws.get("bias")
         if weight is None:
@@ -250,17 +260,22 @@ class WeightDraws:
             return _linear(_repeat(x, s) if repeated else x, weight, bias, s)
         return _conv(layer, _CONV_FUNCTIONS[base], x, weight, bias, s, repeated)  # type: ignore[index]
 
-    def _linear_local(self, layer: BayesianLayer, x: Tensor, repeated: bool) -> Tensor:
-        """Local reparameterization: each output unit ``N(x mu^T, x^2 (sigma^2)^T)``.
+    def _local(
+        self, layer: BayesianLayer, x: Tensor, repeated: bool,
+        op: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    ) -> Tensor:
+        """Local reparameterization: each output unit ``N(op(x, mu), op(x^2, sigma^2))``.
 
-        For a 2-d input this is the exact distribution of each row's output under a weight
-        draw of its own (the output units of one row are independent under a mean-field
-        posterior, so their joint distribution is exact too), at the cost of two matrix
-        products and one normal per output instead of ``S`` weight draws. Rows of the same
-        draw ``s`` then no longer share one weight sample: every per-input predictive
-        statistic is unchanged, joint statistics across inputs are not. With ``repeated``
-        the two products run on the ``B`` unrepeated rows (once per :func:`dnn2bnn.predict`
-        call and input: later chunks of draws reuse them).
+        For a Linear layer on 2-d input, and for a convolution with ONE output position per
+        example (:func:`_one_position`), this is the exact distribution of each row's output
+        under a weight draw of its own: every output unit of a row reads weights of its own
+        (no weight is shared between two outputs of one row), so under a mean-field posterior
+        the units are independent and their joint distribution is exact too. It costs two
+        products (``op``) and one normal per output instead of ``S`` weight draws. Rows of
+        the same draw ``s`` then no longer share one weight sample: every per-input
+        predictive statistic is unchanged, joint statistics across inputs are not. With
+        ``repeated`` the two products run on the ``B`` unrepeated rows (once per
+        :func:`dnn2bnn.predict` call and input: later chunks of draws reuse them).
         """
         sigmas = self._sigmas.setdefault(id(layer), {})
         if repeated and sigmas.get("local_input") is x:
@@ -277,16 +292,16 @@ class WeightDraws:
                 if name + "^2" not in sigmas:  # once per predict call, as the sigmas
                     sigmas[name + "^2"] = sigmas[name].square().to(x.dtype)
                 squares[name] = sigmas[name + "^2"]
-            mean = F.linear(x, layer._parameters["weight_mu"], layer._parameters.get("bias_mu"))
-            var = F.linear(x.square(), squares["weight"], squares["bias"])  # type: ignore[arg-type]
+            mean = op(x, layer._parameters["weight_mu"], layer._parameters.get("bias_mu"))
+            var = op(x.square(), squares["weight"], squares["bias"])  # type: ignore[arg-type]
             std = var.clamp_min_(0).sqrt_()
             if repeated:  # keyed on the input tensor itself (held, so its id is not reused)
                 sigmas.update(local_input=x, local_mean=mean, local_std=std)
         if not repeated:
             return torch.randn_like(mean).mul_(std).add_(mean)
         s = self.num_samples
-        eps = torch.randn(mean.shape[0], s, mean.shape[1], dtype=mean.dtype, device=mean.device)
-        return eps.mul_(std.unsqueeze(1)).add_(mean.unsqueeze(1)).reshape(-1, mean.shape[1])
+        eps = torch.randn(mean.shape[0], s, *mean.shape[1:], dtype=mean.dtype, device=mean.device)
+        return eps.mul_(std.unsqueeze(1)).add_(mean.unsqueeze(1)).reshape(-1, *mean.shape[1:])
 
     def sample_caches(self, layer: BayesianLayer) -> list[dict[str, Tensor]]:
         """One ``_sample_cache`` per draw, so a layer used twice in a pass reuses its sample."""
@@ -331,6 +346,37 @@ def _draw(mu: Tensor, sigma: Tensor, s: int, out: Tensor | None = None) -> Tenso
     for draw in out:
         torch.addcmul(mu, sigma, draw.normal_(), out=draw)
     return out.to(mu.dtype)
+
+
+def _one_position(layer: nn.Module, x: Tensor) -> bool:
+    """Whether the convolution ``layer`` gives ONE output position per example of ``x``
+    (``[N, C, *spatial]``): each output channel then reads every weight of its own once."""
+    spatial = x.shape[2:]
+    if len(spatial) != len(layer.kernel_size):
+        return False
+    padding = layer.padding
+    if isinstance(padding, str):  # "same" keeps the input's size, "valid" pads nothing
+        if padding == "same":
+            return all(n == 1 for n in spatial)
+        padding = (0,) * len(spatial)
+    for n, k, st, p, d in zip(spatial, layer.kernel_size, layer.stride, padding, layer.dilation):
+        if (n + 2 * p - d * (k - 1) - 1) // st + 1 != 1:
+            return False
+    return True
+
+
+def _conv_function(layer: nn.Module, base: type[nn.Module]) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+    """``(x, weight, bias) -> layer's convolution`` with its stride, padding and groups."""
+    conv = _CONV_FUNCTIONS[base]
+
+    def op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        padding: Any = layer.padding
+        if layer.padding_mode != "zeros":
+            x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+            padding = 0
+        return conv(x, weight, bias, layer.stride, padding, layer.dilation, layer.groups)
+
+    return op
 
 
 def _repeat(x: Tensor, s: int) -> Tensor:
