@@ -28,6 +28,10 @@ the deterministic baseline and deflates every ratio):
    over them (``sigma = exp(rho)``; its derivative is sigma itself and the KL's log sigma is
    rho, so no other transcendental pass is needed). The three passes of the softplus
    parametrization (``softplus``, ``sigmoid``, ``log``) are timed too, for reference.
+``--keep-freed-memory`` tells glibc (Linux) to keep freed memory instead of returning it to the
+system after every step (``mallopt``: no trimming, no ``mmap`` for large blocks), for every
+library and the DNN alike: by default each step page-faults its large temporaries back in,
+which costs a BNN (more large temporaries per weight) more than the DNN.
 ``--profile`` adds a torch.profiler table (sorted by self CPU time) of one training step of
 each library, and the number of aten operations per training step (and per forward +
 backward, without the optimizer) for the deterministic model and each BNN, also for MLPs of
@@ -219,6 +223,17 @@ def bayesian_counts(model: nn.Module) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if name.endswith("_mu"))
 
 
+def keep_freed_memory() -> None:
+    """glibc: keep freed memory in the heap (no trimming, no ``mmap`` for large blocks), so a
+    step does not page-fault the temporaries that the previous one freed. Process-wide."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1)):
+        raise RuntimeError("bench_speed.py --keep-freed-memory: mallopt refused the settings (not glibc?)")
+
+
 def noise(model: nn.Module, draws: int = 1) -> Callable[[], None]:
     """``torch.randn`` over as many numbers as ``model`` has Bayesian weights, ``draws`` times,
     one call per Bayesian tensor (as any layer-wise implementation draws them)."""
@@ -379,8 +394,12 @@ def main() -> None:
                         help="no last-layer and ResNet-50 conversion measurements")
     parser.add_argument("--profile", action="store_true",
                         help="profiler tables and aten ops per step (adds ~1 min)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc keeps freed memory (mallopt): no page faults for the large temporaries of each step")
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        keep_freed_memory()
     flushed = torch.set_flush_denormal(args.flush) and args.flush
     if args._memory:
         torch.set_flush_denormal(args.flush)
@@ -399,9 +418,9 @@ def main() -> None:
     peers = [p for p in PEERS if available[p] and not cuda]
     tools = ["dnn2bnn", *peers]
     results: dict = {"rounds": rounds, "reps": reps, "samples": SAMPLES, "targets": TARGETS,
-                     "flush_denormal": flushed, "tools": tools,
+                     "flush_denormal": flushed, "keep_freed_memory": args.keep_freed_memory, "tools": tools,
                      "device": torch.cuda.get_device_name() if cuda else "cpu"}
-    print(f"{device}, {torch.get_num_threads()} thread, flush denormal {flushed}, "
+    print(f"{device}, {torch.get_num_threads()} thread, flush denormal {flushed}, keep freed memory {args.keep_freed_memory}, "
           f"{rounds} rounds x {reps}, tools: {', '.join(tools)}", file=sys.stderr, flush=True)
     rows, peer_rows = [], []
     for workload in workloads:
