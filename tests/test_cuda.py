@@ -123,9 +123,16 @@ def test_training_steps_reduce_the_loss_in_bf16_autocast():
     assert losses[-1] < losses[0] - 0.5
 
 
-def test_vectorized_prediction_agrees_with_the_loop():
+def _one_position_cnn():
+    """Its second convolution has one output position: local reparameterization in predict."""
+    return nn.Sequential(nn.Conv2d(1, 8, 5), nn.ReLU(), nn.MaxPool2d(4), nn.Conv2d(8, 16, 6),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(16, 10))
+
+
+@pytest.mark.parametrize("build", [LeNet5, _one_position_cnn])
+def test_vectorized_prediction_agrees_with_the_loop(build):
     torch.manual_seed(0)
-    bnn = dnn2bnn.transform_to_bnn_model(LeNet5(), posterior_sigma_init=0.05).to(DEVICE)
+    bnn = dnn2bnn.transform_to_bnn_model(build(), posterior_sigma_init=0.05).to(DEVICE)
     x = torch.randn(8, 1, 28, 28, device=DEVICE)
     fast = dnn2bnn.predict(bnn, x, 400)
     slow = dnn2bnn.predict(bnn, x, 400, method="loop")
