@@ -33,50 +33,15 @@ from torch import Tensor, nn
 
 from dnn2bnn.config import Estimator
 from dnn2bnn.layers._base import BayesianLayer, BayesMode
-from dnn2bnn.layers._kl import SMALL_KL_NUMEL, _FSDPModule
-from dnn2bnn.layers._sampling import softplus32, transforms_active
+from dnn2bnn.layers._flat import FlatGaussianSampleKL, FlatKL, FlatSpec, prior_constant
+from dnn2bnn.layers._kl import _FSDPModule
+from dnn2bnn.layers._sampling import transforms_active
 
-__all__ = ["MultiGaussianSample", "install_batched_sampling"]
+__all__ = ["FLAT_MAX_NUMEL", "install_batched_sampling"]
 
-
-class MultiGaussianSample(torch.autograd.Function):
-    """``mu_i + sigma_i * eps_i`` for many parameters; ``sigma_i`` given (detached).
-
-    Inputs ``(exp, n, *mus, *rhos, *sigmas)``; outputs the ``n`` samples. Backward:
-    ``grad_mu_i = g_i``, ``grad_rho_i = g_i * eps_i * dsigma_i/drho_i`` with multi-tensor ops;
-    an unused sample gives zero gradients.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, exp: bool, n: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        mus, rhos, sigmas = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
-        # one randn per parameter, in order: the same random stream as drawing lazily
-        eps = [torch.randn_like(m) for m in mus]
-        samples = torch._foreach_addcmul(list(mus), list(sigmas), eps)
-        ctx.save_for_backward(*rhos, *sigmas, *eps)
-        ctx.exp, ctx.n = exp, n
-        ctx.set_materialize_grads(False)
-        return tuple(samples)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        n = ctx.n
-        saved = ctx.saved_tensors
-        rhos, sigmas, eps = saved[:n], saved[n : 2 * n], saved[2 * n :]
-        used = [i for i in range(n) if grads[i] is not None]
-        grad_mu: list[Tensor | None] = [None] * n
-        grad_rho: list[Tensor | None] = [None] * n
-        if used:
-            g = [grads[i] for i in used]
-            rho_grads = torch._foreach_mul([eps[i] for i in used], g)
-            if ctx.exp:
-                torch._foreach_mul_(rho_grads, [sigmas[i] for i in used])
-            else:
-                torch._foreach_mul_(rho_grads, torch._foreach_sigmoid([rhos[i] for i in used]))
-            for k, i in enumerate(used):
-                grad_mu[i] = g[k] if ctx.needs_input_grad[2 + i] else None
-                grad_rho[i] = rho_grads[k] if ctx.needs_input_grad[2 + n + i] else None
-        return None, None, *grad_mu, *grad_rho, *([None] * n)
+#: Parameters above this many elements keep their lazy draw (None: no limit).
+FLAT_MAX_NUMEL: int | None = None
+_FLAT_DTYPES = (torch.float32, torch.float64)
 
 
 def install_batched_sampling(model: nn.Module) -> None:
@@ -108,52 +73,96 @@ def _eligible(layer: nn.Module) -> bool:
     )
 
 
+#: (layer, name, mu, rho, prior_mu buffer, prior_sigma buffer)
+_Entry = tuple[BayesianLayer, str, Tensor, Tensor, Tensor, Tensor]
+
+
+def _flat_entry(layer: BayesianLayer, name: str) -> _Entry | None:
+    """The parameter ``name`` of ``layer`` if the flat node can draw it, else None (lazy)."""
+    mu = layer._parameters[name + "_mu"]
+    if mu is None or type(mu) is not nn.Parameter:
+        return None
+    rho = layer._parameters[name + "_rho"]
+    if (
+        type(rho) is not nn.Parameter
+        or mu.dtype not in _FLAT_DTYPES
+        or rho.dtype != mu.dtype
+        or rho.device != mu.device
+        or not (mu.requires_grad or rho.requires_grad)
+        or (FLAT_MAX_NUMEL is not None and mu.numel() > FLAT_MAX_NUMEL)
+        or layer._fixed_row(name) is not None
+    ):
+        return None
+    prior_mu = layer._buffers.get(name + "_prior_mu")
+    prior_sigma = layer._buffers.get(name + "_prior_sigma")
+    if (
+        prior_mu is None
+        or prior_sigma is None
+        or prior_sigma.numel() != 1
+        or not (prior_mu.numel() == 1 or prior_mu.shape == mu.shape)
+        or type(prior_mu) is not Tensor
+        or type(prior_sigma) is not Tensor
+    ):
+        return None
+    return layer, name, mu, rho, prior_mu, prior_sigma
+
+
 def _draw_all(model: nn.Module, args: Any) -> None:
     if not torch.is_grad_enabled() or torch.compiler.is_compiling() or transforms_active():
         return
-    groups: dict[tuple[Any, ...], list[tuple[BayesianLayer, str, Tensor, Tensor]]] = {}
-    layers = []
+    groups: dict[tuple[Any, ...], list[_Entry]] = {}
     for layer in model.modules():
         if not _eligible(layer):
             continue
-        entries = []
         for name in layer.bayes_params:
-            mu = layer._parameters[name + "_mu"]
-            if mu is None:
-                continue
-            rho = layer._parameters[name + "_rho"]
-            if mu is not None and mu.numel() > SMALL_KL_NUMEL:
-                continue  # bandwidth-bound: drawn lazily, with its KL in the same node
-            if (
-                type(mu) is not nn.Parameter
-                or type(rho) is not nn.Parameter
-                or mu.dtype != torch.float32
-                or not (mu.requires_grad or rho.requires_grad)
-                or layer._fixed_row(name) is not None
-            ):
-                entries = None
-                break
-            entries.append((layer, name, mu, rho))
-        if not entries:
-            continue
-        layers.append(layer)
-        for entry in entries:
-            groups.setdefault((layer._exp, entry[2].device), []).append(entry)
-    if not groups:
-        return
-    for layer in layers:
-        layer._sample_cache = {}
-    for (exp, _), entries in groups.items():
-        rhos = [e[3] for e in entries]
+            entry = _flat_entry(layer, name)
+            if entry is not None:
+                groups.setdefault((layer._exp, entry[2].device, entry[2].dtype), []).append(entry)
+    for (exp, _, _), entries in groups.items():
+        _draw_group(exp, entries)
+
+
+def _draw_group(exp: bool, entries: list[_Entry]) -> None:
+    """One flat node for ``entries``; every layer finds its sample in its call cache."""
+    sizes = [e[2].numel() for e in entries]
+    spec = _spec(exp, sizes, entries)
+    flat, kl = FlatGaussianSampleKL.apply(spec, *(e[2] for e in entries), *(e[3] for e in entries))
+    samples = flat.split(sizes) if len(entries) > 1 else (flat,)
+    marker = FlatKL(kl, spec, len(entries))
+    for (layer, name, mu, rho, _, _), piece in zip(entries, samples):
+        sample = piece.view(mu.shape)
+        if layer._sample_cache is None:
+            layer._sample_cache = {}
+        layer._sample_cache[name] = sample
+        # a checkpoint recomputation takes this sample again (no draw of its own to replay)
+        layer._replay[name] = (sample, collections.deque(maxlen=1))
+        layer._pending_kl[name] = (marker, layer._kl_stamp(name, mu, rho))  # type: ignore[assignment]
+
+
+def _spec(exp: bool, sizes: list[int], entries: list[_Entry]) -> FlatSpec:
+    """The prior's numbers of ``entries``, read now in one operation (a write through
+    ``.data`` to a prior buffer is seen), as scalars where all entries agree."""
+    full = any(e[4].numel() != 1 for e in entries)
+    scalars = [e[5].reshape(1) for e in entries] + [e[4].reshape(1) for e in entries if e[4].numel() == 1]
+    with torch.no_grad():
+        values = torch.cat(scalars).tolist()
+    n = len(entries)
+    prior_sigmas, scalar_means = values[:n], values[n:]
+    inv_var: float | Tensor = 1.0 / prior_sigmas[0] ** 2
+    first = entries[0][2]
+    if any(s != prior_sigmas[0] for s in prior_sigmas):
+        per = torch.tensor([1.0 / s**2 for s in prior_sigmas], dtype=first.dtype, device=first.device)
+        inv_var = per.repeat_interleave(torch.tensor(sizes, device=first.device), output_size=sum(sizes))
+    prior_mean: float | Tensor
+    if not full and all(m == scalar_means[0] for m in scalar_means):
+        prior_mean = scalar_means[0]
+    else:
         with torch.no_grad():
-            sigmas = torch._foreach_exp(rhos) if exp else [softplus32(r) for r in rhos]
-        samples = MultiGaussianSample.apply(
-            exp, len(entries), *(e[2] for e in entries), *(e[3] for e in entries), *sigmas
-        )
-        for (layer, name, _, _), sample in zip(entries, samples):
-            layer._sample_cache[name] = sample
-            # a checkpoint recomputation takes this sample again (no draw of its own to replay)
-            layer._replay[name] = (sample, collections.deque(maxlen=1))
+            prior_mean = torch.cat([
+                e[4].reshape(-1) if e[4].numel() == e[2].numel() else e[4].reshape(1).expand(e[2].numel())
+                for e in entries
+            ]).to(first.dtype)
+    return FlatSpec(exp, sizes, inv_var, prior_mean, prior_constant(sizes, prior_sigmas))
 
 
 def _drop_all(model: nn.Module, args: Any, output: Any) -> None:
