@@ -21,11 +21,15 @@ def _sigma(rho, exp):
     return torch.exp(rho) if exp else F.softplus(rho)
 
 
+@pytest.mark.parametrize("fold", [True, False], ids=["float-kl-grad", "tensor-kl-grad"])
 @pytest.mark.parametrize("exp", [False, True], ids=["softplus", "exp"])
 @pytest.mark.parametrize("prior", ["zero", "scalars", "tensor"])
-def test_flat_node_equals_autograd_of_the_formulas(exp, prior):
+def test_flat_node_equals_autograd_of_the_formulas(exp, prior, fold, monkeypatch):
     """Sample, KL and both gradients of the flat node against autograd in float64, with
     a parameter whose rho is frozen, one whose mu is frozen, and one sample unused."""
+    from dnn2bnn.layers import _flat
+
+    monkeypatch.setattr(_flat, "_FOLD_ON_CPU", fold)  # (off: the accelerators' branch)
     torch.manual_seed(0)
     shapes = [(5, 4), (4,), (3, 2, 2)]
     sizes = [math.prod(s) for s in shapes]

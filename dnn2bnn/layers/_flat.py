@@ -29,6 +29,11 @@ from torch import Tensor
 __all__ = ["FlatGaussianSampleKL", "FlatKL", "FlatSpec", "prior_constant"]
 
 
+#: Read the KL's incoming gradient as a Python float on the CPU (no device synchronisation
+#: there); elsewhere it stays a tensor. (A switch so that tests cover both branches.)
+_FOLD_ON_CPU = True
+
+
 @dataclasses.dataclass
 class FlatSpec:
     """What :class:`FlatGaussianSampleKL` needs besides the parameters.
@@ -94,16 +99,20 @@ class FlatGaussianSampleKL(torch.autograd.Function):
         c: float | Tensor | None = None
         if grad_kl is not None:
             # on the CPU the scalar folds into the scalars of the flat operations
-            fold = grad_kl.device.type == "cpu" and not grad_kl.requires_grad
+            fold = _FOLD_ON_CPU and grad_kl.device.type == "cpu" and not grad_kl.requires_grad
             c = grad_kl.item() if fold else grad_kl.to(sigma.dtype)
         grad_mu = grad_rho = None
         if any(needs[:n]):
             if c is None:
                 grad_mu = grad if grad is not None else torch.zeros_like(diff)
             else:
-                grad_mu = torch.mul(diff, _times(spec.inv_var, c))
-                if grad is not None:
-                    grad_mu.add_(grad)
+                civ = _times(spec.inv_var, c)
+                if grad is not None and isinstance(civ, float):
+                    grad_mu = torch.add(grad, diff, alpha=civ)  # one pass
+                else:
+                    grad_mu = torch.mul(diff, civ)
+                    if grad is not None:
+                        grad_mu.add_(grad)
         if any(needs[n:]):
             grad_rho = _grad_rho(grad, c, rho, sigma, eps, spec)
         mus = _pieces(grad_mu, spec.sizes, ctx.shapes, needs[:n])
