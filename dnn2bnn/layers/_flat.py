@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._utils import _unflatten_dense_tensors as _unflatten
 
 __all__ = ["FlatGaussianSampleKL", "FlatKL", "FlatSpec", "prior_constant"]
 
@@ -85,7 +86,7 @@ class FlatGaussianSampleKL(torch.autograd.Function):
         logs = rho.sum() if spec.exp else torch.log(sigma).sum()
         kl = quad - logs + spec.const
         ctx.save_for_backward(diff, rho, sigma, eps)
-        ctx.spec, ctx.shapes = spec, [t.shape for t in tensors[:n]]
+        ctx.spec, ctx.like = spec, tensors[:n]  # (the means: shapes for the gradients' views)
         ctx.set_materialize_grads(False)
         return sample, kl
 
@@ -115,8 +116,8 @@ class FlatGaussianSampleKL(torch.autograd.Function):
                         grad_mu.add_(grad)
         if any(needs[n:]):
             grad_rho = _grad_rho(grad, c, rho, sigma, eps, spec)
-        mus = _pieces(grad_mu, spec.sizes, ctx.shapes, needs[:n])
-        rhos = _pieces(grad_rho, spec.sizes, ctx.shapes, needs[n:])
+        mus = _pieces(grad_mu, ctx.like, needs[:n])
+        rhos = _pieces(grad_rho, ctx.like, needs[n:])
         return None, *mus, *rhos
 
 
@@ -159,13 +160,16 @@ def _grad_rho(
 
 
 def _pieces(
-    flat: Tensor | None, sizes: list[int], shapes: list[torch.Size], needs: tuple[bool, ...]
+    flat: Tensor | None, like: tuple[Tensor, ...], needs: tuple[bool, ...]
 ) -> list[Tensor | None]:
-    """``flat`` split into the parameters' shapes (views), None where no gradient is needed."""
+    """``flat`` as views in the shapes of ``like``, None where no gradient is needed.
+
+    One C++ call (``unflatten_dense_tensors``, as DDP uses): the views one by one from
+    Python cost about 4 us each, 160 us per step for LeNet-5's 20 parameters."""
     if flat is None:
-        return [None] * len(sizes)
-    parts = flat.split(sizes) if len(sizes) > 1 else (flat,)
-    return [p.view(shapes[i]) if needs[i] else None for i, p in enumerate(parts)]
+        return [None] * len(like)
+    parts = _unflatten(flat, like) if len(like) > 1 else (flat.view(like[0].shape),)
+    return [p if need else None for p, need in zip(parts, needs)]
 
 
 def prior_constant(sizes: list[int], prior_sigmas: list[float]) -> float:
