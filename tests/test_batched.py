@@ -47,8 +47,8 @@ def test_flat_node_equals_autograd_of_the_formulas(exp, prior, fold, monkeypatch
         0.3 if prior == "scalars" else torch.cat([m.reshape(-1) for m in means]))
     spec = FlatSpec(exp, sizes, inv_var, prior_mean, prior_constant(sizes, prior_sigmas))
     torch.manual_seed(7)
-    flat, kl = FlatGaussianSampleKL.apply(spec, *mus, *rhos)
-    samples = [p.view(s) for p, s in zip(flat.split(sizes), shapes)]
+    *samples, kl = FlatGaussianSampleKL.apply(spec, *mus, *rhos)
+    assert [s.shape for s in samples] == [torch.Size(s) for s in shapes]
     torch.manual_seed(7)
     eps = [e.view(s) for e, s in zip(torch.randn(sum(sizes), dtype=torch.float64).split(sizes), shapes)]
     reference = [m + _sigma(r, exp) * e for m, r, e in zip(mus, rhos, eps)]

@@ -138,11 +138,11 @@ def _draw_group(exp: bool, entries: list[_Entry]) -> None:
     """One flat node for ``entries``; every layer finds its sample in its call cache."""
     sizes = [e[2].numel() for e in entries]
     spec = _spec(exp, sizes, entries)
-    flat, kl = FlatGaussianSampleKL.apply(spec, *(e[2] for e in entries), *(e[3] for e in entries))
-    samples = flat.split(sizes) if len(entries) > 1 else (flat,)
+    *samples, kl = FlatGaussianSampleKL.apply(
+        spec, *(e[2] for e in entries), *(e[3] for e in entries)
+    )
     marker = FlatKL(kl, spec, len(entries))
-    for (layer, name, mu, rho, _, _), piece in zip(entries, samples):
-        sample = piece.view(mu.shape)
+    for (layer, name, mu, rho, _, _), sample in zip(entries, samples):
         if layer._sample_cache is None:
             layer._sample_cache = {}
         layer._sample_cache[name] = sample

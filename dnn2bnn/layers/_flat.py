@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._utils import _flatten_dense_tensors as _flatten
 from torch._utils import _unflatten_dense_tensors as _unflatten
 
 __all__ = ["FlatGaussianSampleKL", "FlatKL", "FlatSpec", "prior_constant"]
@@ -57,11 +58,12 @@ class FlatSpec:
 
 
 class FlatGaussianSampleKL(torch.autograd.Function):
-    """``(flat sample, summed KL)`` of ``n`` parameters ``(*mus, *rhos)`` (see the module doc).
+    """``(*samples, summed KL)`` of ``n`` parameters ``(*mus, *rhos)`` (see the module doc).
 
-    Outputs a flat sample ``cat(mu) + sigma * eps`` (split into per-parameter views by the
-    caller) and ``KL(N(mu, sigma^2) || N(prior_mean, prior_sigma^2))`` summed over all
-    elements. Backward, with ``g`` the flat sample gradient and ``c`` the KL's::
+    Outputs the samples ``mu + sigma * eps`` (views, shaped as the means, of one flat sample)
+    and ``KL(N(mu, sigma^2) || N(prior_mean, prior_sigma^2))`` summed over all elements.
+    Backward, with ``g`` the samples' gradients gathered into one flat tensor and ``c`` the
+    KL's::
 
         grad_mu  = g + c (mu - prior_mean) / prior_sigma^2
         grad_rho = g eps dsigma/drho + c dKL/drho
@@ -70,7 +72,7 @@ class FlatGaussianSampleKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, spec: FlatSpec, *tensors: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(ctx: Any, spec: FlatSpec, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         n = len(spec.sizes)
         mu = _flat(tensors[:n])
         rho = _flat(tensors[n:])
@@ -88,14 +90,17 @@ class FlatGaussianSampleKL(torch.autograd.Function):
         ctx.save_for_backward(diff, rho, sigma, eps)
         ctx.spec, ctx.like = spec, tensors[:n]  # (the means: shapes for the gradients' views)
         ctx.set_materialize_grads(False)
-        return sample, kl
+        like = tensors[:n]
+        samples = _unflatten(sample, like) if n > 1 else (sample.view(like[0].shape),)
+        return *samples, kl
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor | None, grad_kl: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         spec: FlatSpec = ctx.spec
         spec.spent = True
         diff, rho, sigma, eps = ctx.saved_tensors
         n = len(spec.sizes)
+        grad, grad_kl = _gather(grads[:n], ctx.like), grads[n]
         needs = ctx.needs_input_grad[1:]
         c: float | Tensor | None = None
         if grad_kl is not None:
@@ -122,9 +127,19 @@ class FlatGaussianSampleKL(torch.autograd.Function):
 
 
 def _flat(tensors: tuple[Tensor, ...]) -> Tensor:
+    """The tensors concatenated, flat: one C++ call (a Python ``reshape`` each costs more)."""
     if len(tensors) == 1:
         return tensors[0].reshape(-1)
-    return torch.cat([t.reshape(-1) for t in tensors])
+    return _flatten(tensors)
+
+
+def _gather(grads: tuple[Tensor | None, ...], like: tuple[Tensor, ...]) -> Tensor | None:
+    """The samples' gradients as one flat tensor (zeros for an unused sample); None if none."""
+    if all(g is None for g in grads):
+        return None
+    if any(g is None for g in grads):
+        grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, like))
+    return _flat(grads)  # type: ignore[arg-type]
 
 
 def _times(inv_var: float | Tensor, c: float | Tensor) -> float | Tensor:
