@@ -435,3 +435,16 @@ def test_a_kl_taken_for_part_of_a_group_is_computed_afresh():
         logged = dnn2bnn.kl_divergence(bnn)
     assert not logged.requires_grad
     torch.testing.assert_close(dnn2bnn.kl_divergence(bnn), logged)
+
+
+def test_the_call_caches_close_after_a_failing_forward_and_a_nested_call():
+    bnn = dnn2bnn.transform_to_bnn_model(MLP(), posterior_sigma_init=0.1)
+    install_batched_sampling(bnn)
+    with pytest.raises(RuntimeError):
+        bnn(torch.randn(2, 7))  # wrong width: fc1 raises after the flat draw
+    assert bnn.fc1._sample_cache is None and bnn.fc2._sample_cache is None
+    assert "_dnn2bnn_flat_opened" not in bnn.__dict__
+    outer = nn.Sequential(bnn)
+    install_batched_sampling(outer)  # the inner model's hook draws nothing: caches are open
+    outer(torch.randn(2, 6)).sum().backward()
+    assert bnn.fc1._sample_cache is None and bnn.fc1.weight_rho.grad is not None

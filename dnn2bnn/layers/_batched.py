@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors
 
 from dnn2bnn.config import Estimator
 from dnn2bnn.layers._base import BayesianLayer, BayesMode
@@ -119,22 +120,33 @@ def _flat_entry(layer: BayesianLayer, name: str) -> _Entry | None:
     return layer, name, mu, rho, prior_mu, prior_sigma
 
 
+#: ``model.__dict__`` key: a stack (one entry per open call of the model) of the layers whose
+#: call cache :func:`_draw_all` opened, for :func:`_drop_all` to close (no second traversal).
+_OPENED = "_dnn2bnn_flat_opened"
+
+
 def _draw_all(model: nn.Module, args: Any) -> None:
+    opened: list[BayesianLayer] = []
+    model.__dict__.setdefault(_OPENED, []).append(opened)
     if not torch.is_grad_enabled() or torch.compiler.is_compiling() or transforms_active():
         return
-    groups: dict[tuple[Any, ...], list[_Entry]] = {}
-    for layer in model.modules():
-        if not _eligible(layer):
-            continue
-        for name in layer.bayes_params:
-            entry = _flat_entry(layer, name)
-            if entry is not None:
-                groups.setdefault((layer._exp, entry[2].device, entry[2].dtype), []).append(entry)
-    for (exp, _, _), entries in groups.items():
-        _draw_group(exp, entries)
+    try:
+        groups: dict[tuple[Any, ...], list[_Entry]] = {}
+        for layer in model.modules():
+            if not _eligible(layer):
+                continue
+            for name in layer.bayes_params:
+                entry = _flat_entry(layer, name)
+                if entry is not None:
+                    groups.setdefault((layer._exp, entry[2].device, entry[2].dtype), []).append(entry)
+        for (exp, _, _), entries in groups.items():
+            _draw_group(exp, entries, opened)
+    except BaseException:
+        _drop_all(model, args, None)  # the forward hook does not run after a failed pre-hook
+        raise
 
 
-def _draw_group(exp: bool, entries: list[_Entry]) -> None:
+def _draw_group(exp: bool, entries: list[_Entry], opened: list[BayesianLayer]) -> None:
     """One flat node for ``entries``; every layer finds its sample in its call cache."""
     sizes = [e[2].numel() for e in entries]
     spec = _spec(exp, sizes, entries)
@@ -143,9 +155,12 @@ def _draw_group(exp: bool, entries: list[_Entry]) -> None:
     )
     marker = FlatKL(kl, spec, len(entries))
     for (layer, name, mu, rho, _, _), sample in zip(entries, samples):
-        if layer._sample_cache is None:
-            layer._sample_cache = {}
-        layer._sample_cache[name] = sample
+        state = layer.__dict__  # not nn.Module.__setattr__ (3 us per call)
+        cache = state["_sample_cache"]
+        if cache is None:
+            cache = state["_sample_cache"] = {}
+            opened.append(layer)
+        cache[name] = sample
         # a checkpoint recomputation takes this sample again (no draw of its own to replay)
         layer._replay[name] = (sample, collections.deque(maxlen=1))
         layer._pending_kl[name] = (marker, layer._kl_stamp(name, mu, rho))  # type: ignore[assignment]
@@ -155,9 +170,9 @@ def _spec(exp: bool, sizes: list[int], entries: list[_Entry]) -> FlatSpec:
     """The prior's numbers of ``entries``, read now in one operation (a write through
     ``.data`` to a prior buffer is seen), as scalars where all entries agree."""
     full = any(e[4].numel() != 1 for e in entries)
-    scalars = [e[5].reshape(1) for e in entries] + [e[4].reshape(1) for e in entries if e[4].numel() == 1]
-    with torch.no_grad():
-        values = torch.cat(scalars).tolist()
+    scalars = [e[5] for e in entries] + [e[4] for e in entries if e[4].numel() == 1]
+    with torch.no_grad():  # one C++ concatenation of the 0-d (or 1-element) buffers
+        values = _flatten_dense_tensors(scalars).tolist()
     n = len(entries)
     prior_sigmas, scalar_means = values[:n], values[n:]
     inv_var: float | Tensor = 1.0 / prior_sigmas[0] ** 2
@@ -178,6 +193,10 @@ def _spec(exp: bool, sizes: list[int], entries: list[_Entry]) -> FlatSpec:
 
 
 def _drop_all(model: nn.Module, args: Any, output: Any) -> None:
-    for layer in model.modules():
-        if isinstance(layer, BayesianLayer):
-            layer._sample_cache = None
+    stack = model.__dict__.get(_OPENED)
+    if not stack:
+        return
+    for layer in stack.pop():
+        layer.__dict__["_sample_cache"] = None
+    if not stack:
+        del model.__dict__[_OPENED]
