@@ -9,11 +9,12 @@ and the number of operations of a training step grows with the number of Bayesia
 :class:`FlatGaussianSampleKL` works on one flat buffer per group of parameters instead: the
 means and ``rho`` of all of them are concatenated (one ``cat`` each), then one ``exp`` (or
 ``softplus``), one ``randn``, one ``addcmul`` give the flat sample, of which every layer's
-weight is a view; the closed-form KL of the whole group comes from the same node (three
-reductions). In the backward, autograd gathers the per-layer weight gradients into one flat
-tensor (the backward of the views: one ``cat``), and ``grad_mu``/``grad_rho`` (sample + KL)
-are a handful of flat operations, handed back to each parameter as views. The number of
-operations is the same for 2 or 200 tensors.
+weight is a view (made in one C++ call, ``unflatten_dense_tensors``); the closed-form KL of
+the whole group comes from the same node (three reductions). Its backward gathers the
+per-layer weight gradients into one flat tensor (one C++ ``flatten_dense_tensors``), and
+``grad_mu``/``grad_rho`` (sample + KL) are a handful of flat operations, handed back to each
+parameter as views. The number of non-view operations is the same for 2 or 200 tensors, and
+no Python code runs per tensor in the node (a Python ``view`` call costs about 4 us).
 """
 
 from __future__ import annotations
