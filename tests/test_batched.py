@@ -448,3 +448,18 @@ def test_the_call_caches_close_after_a_failing_forward_and_a_nested_call():
     install_batched_sampling(outer)  # the inner model's hook draws nothing: caches are open
     outer(torch.randn(2, 6)).sum().backward()
     assert bnn.fc1._sample_cache is None and bnn.fc1.weight_rho.grad is not None
+
+
+def test_a_model_with_flat_sampling_compiles_and_draws_lazily_there():
+    torch.manual_seed(0)
+    bnn = dnn2bnn.transform_to_bnn_model(MLP(), posterior_sigma_init=0.1)
+    install_batched_sampling(bnn)
+    compiled = torch.compile(bnn, backend="eager", fullgraph=True)
+    x = torch.randn(3, 6)
+    first, second = compiled(x), compiled(x)
+    assert not torch.allclose(first, second)
+    (first.sum() + dnn2bnn.kl_divergence(bnn)).backward()
+    assert bnn.fc1.weight_rho.grad is not None
+    assert bnn.fc1._sample_cache is None and "_dnn2bnn_flat_opened" not in bnn.__dict__
+    bnn(x).sum().backward()  # eager again: the flat node
+    assert "_dnn2bnn_flat_opened" not in bnn.__dict__

@@ -126,9 +126,11 @@ _OPENED = "_dnn2bnn_flat_opened"
 
 
 def _draw_all(model: nn.Module, args: Any) -> None:
+    if torch.compiler.is_compiling():  # compiled: lazy draws, nothing to trace here
+        return
     opened: list[BayesianLayer] = []
     model.__dict__.setdefault(_OPENED, []).append(opened)
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or transforms_active():
+    if not torch.is_grad_enabled() or transforms_active():
         return
     try:
         groups: dict[tuple[Any, ...], list[_Entry]] = {}
@@ -193,6 +195,8 @@ def _spec(exp: bool, sizes: list[int], entries: list[_Entry]) -> FlatSpec:
 
 
 def _drop_all(model: nn.Module, args: Any, output: Any) -> None:
+    if torch.compiler.is_compiling():
+        return
     stack = model.__dict__.get(_OPENED)
     if not stack:
         return
