@@ -4,6 +4,8 @@
     python benchmarks/bench_speed.py --quick          # 3 rounds x 1 repetition
     python benchmarks/bench_speed.py --quick --workloads mlp --skip-memory   # one workload, fast
     python benchmarks/bench_speed.py --profile        # + profiler tables and aten ops per step
+    python benchmarks/bench_speed.py --batched --workloads lenet --skip-memory --skip-extra
+                                                      # + install_batched_sampling (flat node)
 
 Measures, on CPU with one thread (interleaved rounds, median of per-round ratios), with
 ``torch.set_flush_denormal(True)`` unless ``--no-flush-denormal`` (denormal arithmetic slows
@@ -36,6 +38,9 @@ which costs a BNN (more large temporaries per weight) more than the DNN.
 each library, and the number of aten operations per training step (and per forward +
 backward, without the optimizer) for the deterministic model and each BNN, also for MLPs of
 increasing depth to show how the count grows with the number of Bayesian layers.
+``--batched`` adds the BNN with ``dnn2bnn.layers.install_batched_sampling`` (the small
+parameters' samples and KL from one flat node) as a column of the train step, the profiler
+tables and the aten counts (issue 17), and counts non-view operations and fused-Adam steps too.
 ``--device cuda`` runs everything on the GPU (timings synchronised; no peer columns).
 Prints tables; writes benchmarks/results/bench_speed.json.
 """
@@ -75,6 +80,14 @@ TARGETS = {  # issue 17 (train, MC) and issue 8 (last layer, conversion, memory)
     "memory": 2.5,
 }
 PEERS = ("torchbnn", "bayesian-torch")
+BATCHED = "dnn2bnn (batched)"
+#: aten operations that only make views or metadata (not counted in the "non-view" column)
+VIEW_OPS = frozenset({
+    "view", "reshape", "_reshape_alias", "as_strided", "slice", "narrow", "split",
+    "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes", "t", "transpose", "unsqueeze",
+    "squeeze", "expand", "expand_as", "detach", "alias", "empty", "empty_like", "empty_strided",
+    "select", "_unsafe_view", "permute", "view_as", "flatten", "unflatten", "lift_fresh",
+})
 
 try:  # optional comparison, never required
     from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn, get_kl_loss
@@ -100,6 +113,10 @@ def peer_model(tool: str, dnn: nn.Module) -> nn.Module | None:
     """The BNN of ``tool`` built from a copy of ``dnn``; ``None`` if the peer is not installed."""
     if tool == "dnn2bnn":
         return dnn2bnn.transform_to_bnn_model(dnn)
+    if tool == BATCHED:
+        bnn = dnn2bnn.transform_to_bnn_model(dnn)
+        dnn2bnn.layers.install_batched_sampling(bnn)
+        return bnn
     if tool == "torchbnn":
         return torchbnn_model(dnn)
     if tool == "bayesian-torch":
@@ -114,7 +131,7 @@ def loss_fn(tool: str) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torc
     ce = nn.functional.cross_entropy
     if tool == "deterministic":
         return lambda model, x, y: ce(model(x), y)
-    if tool == "dnn2bnn":
+    if tool in ("dnn2bnn", BATCHED):
         return lambda model, x, y: ce(model(x), y) + KL_SCALE * dnn2bnn.kl_divergence(model)
     if tool == "torchbnn":
         return lambda model, x, y: ce(model(x), y) + KL_SCALE * torchbnn_kl(model)
@@ -124,7 +141,7 @@ def loss_fn(tool: str) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torc
 def step_of(tool: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
             optimizer: bool = True, fused: bool = False) -> Callable[[], None]:
     """One training step of ``tool``'s ``model`` (``optimizer=False``: forward + backward only)."""
-    if tool in ("deterministic", "dnn2bnn") and optimizer:
+    if tool in ("deterministic", "dnn2bnn", BATCHED) and optimizer:
         return train_step(model, x, y, None if tool == "deterministic" else KL_SCALE, fused=fused)
     loss = loss_fn(tool)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, **({"fused": True} if fused else {}))
@@ -313,16 +330,20 @@ def deep_mlp(depth: int, width: int = 256) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(previous, 10))
 
 
-def aten_ops(fn: Callable[[], None], steps: int = 2) -> float:
+def aten_ops(fn: Callable[[], None], steps: int = 2, *, non_view: bool = False) -> float:
     """aten operations per call of ``fn`` (every ``aten::`` event recorded by torch.profiler,
-    nested calls included: ``aten::linear`` and the ``aten::addmm`` it calls count twice)."""
+    nested calls included: ``aten::linear`` and the ``aten::addmm`` it calls count twice);
+    ``non_view``: without the view and metadata operations of ``VIEW_OPS``."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             fn()
-    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / steps
+    return sum(
+        e.count for e in prof.key_averages()
+        if e.key.startswith("aten::") and not (non_view and e.key[6:] in VIEW_OPS)
+    ) / steps
 
 
 def profile_tables(workload: Workload, tools: list[str], device: str, rows: int = 15) -> None:
@@ -359,23 +380,32 @@ def op_counts(workloads: list[Workload], tools: list[str], device: str) -> dict[
             counts[name][tool] = {
                 "step": aten_ops(step_of(tool, model, x, y)),
                 "forward_backward": aten_ops(step_of(tool, model, x, y, optimizer=False)),
+                "step_fused": aten_ops(step_of(tool, model, x, y, fused=True)),
+            }
+            counts[name][tool]["non_view"] = {
+                "step": aten_ops(step_of(tool, model, x, y), non_view=True),
+                "forward_backward": aten_ops(step_of(tool, model, x, y, optimizer=False), non_view=True),
+                "step_fused": aten_ops(step_of(tool, model, x, y, fused=True), non_view=True),
             }
     return counts
 
 
 def print_op_counts(counts: dict[str, dict], tools: list[str]) -> None:
     header = ["model", "DNN step (fwd+bwd)"] + [f"{t} step (fwd+bwd)" for t in tools]
-    body = []
-    for name, entry in counts.items():
-        det = entry["deterministic"]
-        cells = [f"{det['step']:.0f} ({det['forward_backward']:.0f})"]
-        for tool in tools:
-            c = entry[tool]
-            cells.append(f"{c['step']:.0f} ({c['forward_backward']:.0f}); "
-                         f"+{c['step'] - det['step']:.0f} (+{c['forward_backward'] - det['forward_backward']:.0f})")
-        body.append([name, *cells])
-    print("\naten operations per training step (forward + backward only), BNN: +extra over the DNN\n")
-    print(table(header, body))
+    for title, get in (("", lambda c: c), (", non-view", lambda c: c["non_view"])):
+        for key, label in (("step", "Adam"), ("step_fused", "Adam(fused=True)")):
+            body = []
+            for name, entry in counts.items():
+                det = get(entry["deterministic"])
+                cells = [f"{det[key]:.0f} ({det['forward_backward']:.0f})"]
+                for tool in tools:
+                    c = get(entry[tool])
+                    cells.append(f"{c[key]:.0f} ({c['forward_backward']:.0f}); "
+                                 f"+{c[key] - det[key]:.0f} (+{c['forward_backward'] - det['forward_backward']:.0f})")
+                body.append([name, *cells])
+            print(f"\naten operations{title} per training step with {label} (forward + backward "
+                  "only), BNN: +extra over the DNN\n")
+            print(table(header, body))
 
 
 # ---------------------------------------------------------------- main
@@ -396,6 +426,8 @@ def main() -> None:
                         help="profiler tables and aten ops per step (adds ~1 min)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc keeps freed memory (mallopt): no page faults for the large temporaries of each step")
+    parser.add_argument("--batched", action="store_true",
+                        help="add the BNN with install_batched_sampling (train step, op counts)")
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.keep_freed_memory:
@@ -433,6 +465,8 @@ def main() -> None:
         bnn_f = dnn2bnn.transform_to_bnn_model(dnn_f)
         train = {"deterministic": step_of("deterministic", dnn, x, y)}
         train |= {tool: step_of(tool, models[tool], x, y) for tool in tools}
+        if args.batched:
+            train[BATCHED] = step_of(BATCHED, peer_model(BATCHED, dnn), x, y)
         train |= {
             "deterministic (fused Adam)": train_step(dnn_f, x, y, None, fused=True),
             "dnn2bnn (fused Adam)": train_step(bnn_f, x, y, KL_SCALE, fused=True),
@@ -454,7 +488,7 @@ def main() -> None:
 
         noise_r, adam_r = ratio(train_times, "noise"), ratio(train_times, "rho Adam")
         entry = {
-            "train": {k: ratio(train_times, k) for k in tools},
+            "train": {k: ratio(train_times, k) for k in tools + ([BATCHED] if args.batched else [])},
             "train_fused_adam": ratio(train_times, "dnn2bnn (fused Adam)", "deterministic (fused Adam)"),
             "train_noise_floor": 1 + noise_r,
             # noise + the optimizer over the extra (rho) parameters: paid by any implementation
@@ -502,6 +536,10 @@ def main() -> None:
             *(best_mark(mc_cells, t) for t in tools),
             *(fmt(entry.get("memory", {}).get(t)) for t in tools),
         ])
+        if args.batched:
+            print(f"{workload.name}: train step {entry['train']['dnn2bnn']:.3f}x the DNN, "
+                  f"with install_batched_sampling {entry['train'][BATCHED]:.3f}x; batched/lazy "
+                  f"{ratio(train_times, BATCHED, 'dnn2bnn'):.3f}", flush=True)
         print(f"done: {workload.name}", file=sys.stderr, flush=True)
 
     if not args.skip_extra:
@@ -542,10 +580,11 @@ def main() -> None:
         ]))
         print(f"\nResNet-50 conversion: {results['resnet50_conversion_s']:.3f} s (target < 1 s)")
     if args.profile:
+        profiled = tools + ([BATCHED] if args.batched else [])
         for workload in workloads:
-            profile_tables(workload, tools, device)
-        results["aten_ops"] = op_counts(workloads, tools, device)
-        print_op_counts(results["aten_ops"], tools)
+            profile_tables(workload, profiled, device)
+        results["aten_ops"] = op_counts(workloads, profiled, device)
+        print_op_counts(results["aten_ops"], profiled)
     path = write_json("bench_speed" + ("_cuda" if cuda else ""), results)
     print(f"JSON: {path}")
 

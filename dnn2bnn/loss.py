@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from dnn2bnn.distributed import _gather_kl
 from dnn2bnn.layers._base import BayesianLayer, is_bayesian_layer
 from dnn2bnn.layers import _kl
+from dnn2bnn.layers._flat import FlatKL
 from dnn2bnn.prediction._io import prediction_of
 
 __all__ = ["WithBNNLoss", "elbo", "kl_divergence"]
@@ -34,6 +35,7 @@ def kl_divergence(model: nn.Module) -> Tensor:
     """
     terms: list[Tensor] = []
     small: list[tuple[Any, ...]] = []  # (layer, name, mu, rho, prior_mu, prior_sigma)
+    flat: dict[FlatKL, list[tuple[Any, str]]] = {}  # flat group -> its (layer, name) taken here
     for m in model.modules():
         if not is_bayesian_layer(m):
             continue
@@ -47,6 +49,8 @@ def kl_divergence(model: nn.Module) -> Tensor:
                 continue
             found = True
             if m._pending_kl:
+                if _take_flat(m, name, flat):  # in the KL of its flat group (see below)
+                    continue
                 pending = m._take_pending_kl(name)  # computed with this step's sample
                 if pending is not None:
                     terms.append(pending)
@@ -60,6 +64,13 @@ def kl_divergence(model: nn.Module) -> Tensor:
                 small.append((m, name, *parts))
         if not found:
             m.kl()  # raises: a Bayesian layer without any Bayesian parameter
+    for group, members in flat.items():
+        if len(members) == group.members and not group.spec.spent:
+            terms.append(group.kl if torch.is_grad_enabled() else group.kl.detach())
+            continue
+        for m, name in members:  # part of a group only (or spent): each KL computed afresh
+            m._pending_kl.pop(name, None)
+            terms.append(_gather_kl(m._kl_term(name)))
     if small:
         terms.extend(_kl.small_normal_kls(small))
     if not terms:
@@ -69,6 +80,23 @@ def kl_divergence(model: nn.Module) -> Tensor:
     if len(terms) == 1:  # (one multi-tensor node: the common case of a small model)
         return terms[0].reshape(())
     return torch.stack([t.reshape(()) for t in terms]).sum()
+
+
+def _take_flat(layer: BayesianLayer, name: str, flat: dict[FlatKL, list[tuple[Any, str]]]) -> bool:
+    """Collect ``name`` of ``layer`` into ``flat`` if its pending KL is a flat group's and the
+    parameters and prior buffers are unchanged since the draw (else it is dropped: False)."""
+    entry = layer._pending_kl.get(name)
+    if entry is None or isinstance(entry[0], Tensor):
+        return False
+    group, stamp = entry
+    mu, rho = layer._parameters[name + "_mu"], layer._parameters[name + "_rho"]
+    if mu is None or rho is None or stamp != layer._kl_stamp(name, mu, rho):
+        del layer._pending_kl[name]
+        return False
+    if torch.is_grad_enabled():  # handed out once; under no_grad (logging) it stays
+        del layer._pending_kl[name]
+    flat.setdefault(group, []).append((layer, name))
+    return True
 
 
 def _own_kl(module: nn.Module) -> bool:

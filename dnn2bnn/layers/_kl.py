@@ -101,6 +101,9 @@ class PosteriorKL:
         if entry is None:
             return None
         kl, stamp = entry
+        if not isinstance(kl, Tensor):  # a flat group's KL (kl_divergence takes it whole)
+            del self._pending_kl[name]
+            return None
         mu, rho = self._parameters[name + "_mu"], self._parameters[name + "_rho"]
         if mu is None or rho is None or stamp != self._kl_stamp(name, mu, rho):
             del self._pending_kl[name]
