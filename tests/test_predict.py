@@ -976,3 +976,35 @@ def test_dataloader_batches_with_several_positional_inputs():
         torch.testing.assert_close(
             dnn2bnn.predict(bnn, {"x1": x1, "x2": x2}, 2).probs, bnn(x1, x2).softmax(1)
         )
+
+
+@pytest.mark.parametrize(
+    "net, shape",
+    [
+        (lambda: nn.Sequential(nn.Linear(6, 5)), (4, 6)),
+        (lambda: nn.Sequential(nn.Conv2d(3, 5, 4), nn.Flatten()), (4, 3, 4, 4)),  # one position
+    ],
+    ids=["linear", "conv-one-position"],
+)
+def test_a_loader_that_refills_one_input_tensor_gets_each_batchs_own_prediction(net, shape, monkeypatch):
+    """Local reparameterization's moments of an input from the deterministic part are reused by
+    the chunks of draws of ONE batch; a loader that copies each batch into the same tensor must
+    not get the previous batch's moments back (they were keyed on the tensor's identity)."""
+    from dnn2bnn.prediction import _vectorized
+
+    monkeypatch.setattr(_vectorized, "linear_plan", lambda **kw: "local")
+    torch.manual_seed(0)
+    dnn = net()
+    bnn = dnn2bnn.transform_to_bnn_model(dnn, posterior_sigma_init=1e-5)
+    data = [torch.randn(shape) for _ in range(3)]
+
+    def refilled():
+        buffer = torch.empty(shape)
+        for batch in data:
+            buffer.copy_(batch)
+            yield buffer
+
+    pred = dnn2bnn.predict(bnn, refilled(), 4, task="regression", method="vectorized")
+    with torch.no_grad():
+        expected = torch.cat([dnn(batch) for batch in data])
+    torch.testing.assert_close(pred.mean, expected, atol=1e-3, rtol=0)

@@ -325,13 +325,18 @@ class _Sampler(OutputSelector):
         if device.type != "cpu" or s == 1:
             return plan.run(inputs, WeightDraws(s, self.sigmas), select=self.select)
         chunk = Chunk(frontier={})
-        parts = [plan.run(inputs, WeightDraws(1, self.sigmas), chunk, select=self.select)]
+        # local reparameterization's moments: shared by this batch's chunks, never by two
+        # batches (a loader may refill the same input tensor with the next batch)
+        moments: dict[int, Any] = {}
+        parts = [plan.run(inputs, WeightDraws(1, self.sigmas, moments), chunk, select=self.select)]
         done = 1
         batch = inputs.batch_size
         while done < s:
             rows = max(1, CPU_FOLD_BYTES // max(1, chunk.row_bytes))
             k = min(s - done, max(1, rows // max(1, batch)))
-            parts.append(plan.run(inputs, WeightDraws(k, self.sigmas), chunk, select=self.select))
+            parts.append(
+                plan.run(inputs, WeightDraws(k, self.sigmas, moments), chunk, select=self.select)
+            )
             done += k
         return concat_draws(parts)
 
