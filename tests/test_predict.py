@@ -1008,3 +1008,12 @@ def test_a_loader_that_refills_one_input_tensor_gets_each_batchs_own_prediction(
     with torch.no_grad():
         expected = torch.cat([dnn(batch) for batch in data])
     torch.testing.assert_close(pred.mean, expected, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["auto", "vectorized"])
+def test_inputs_the_model_rejects_raise_the_models_own_error_whatever_the_method(method):
+    """A wrong input shape is the user's mistake, not a limit of vectorization: with
+    ``method="vectorized"`` it was reported as "cannot vectorize ... the folded batch failed"."""
+    bnn = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Conv2d(3, 4, 4), nn.Flatten(), nn.Linear(4, 3)))
+    with pytest.raises(RuntimeError, match="expected input.*to have 3 channels, but got 5"):
+        dnn2bnn.predict(bnn, torch.randn(2, 5, 4, 4), 3, method=method)

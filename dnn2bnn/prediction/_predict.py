@@ -307,11 +307,12 @@ class _Sampler(OutputSelector):
                 else:
                     self.used.add("vectorized")
                     return out
+        # The first pass runs before the warning (or the error of method="vectorized"):
+        # inputs the model itself rejects (a wrong shape or dtype) raise the model's own
+        # error, not a warning or an error about vectorizing.
+        first = self.select(inputs(self.model))
         if reason is not None and self.method is Method.VECTORIZED:
             self._fall_back(reason)  # raises
-        # The first pass runs before the warning: inputs the model itself rejects (a wrong
-        # shape or dtype) raise the model's own error, not a warning about vectorizing.
-        first = self.select(inputs(self.model))
         if reason is not None:
             self._fall_back(reason)
         self.used.add("loop")
