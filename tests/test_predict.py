@@ -1017,3 +1017,63 @@ def test_inputs_the_model_rejects_raise_the_models_own_error_whatever_the_method
     bnn = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Conv2d(3, 4, 4), nn.Flatten(), nn.Linear(4, 3)))
     with pytest.raises(RuntimeError, match="expected input.*to have 3 channels, but got 5"):
         dnn2bnn.predict(bnn, torch.randn(2, 5, 4, 4), 3, method=method)
+
+
+def _temperature(module, args, output):
+    return output / 100.0
+
+
+def _zero_first_linear(module, args, output):
+    return output * 0 if isinstance(module, nn.Linear) and output.shape[-1] == 6 else None
+
+
+@pytest.mark.parametrize("where", ["model", "global"])
+def test_forward_hooks_the_trace_would_skip_send_predict_to_the_loop(where):
+    """torch.fx traces the model's forward, not its __call__: a hook on the model itself (a
+    temperature-scaling hook) was skipped by the vectorized path, and global module hooks were
+    skipped for the batched Bayesian layers; both silently. Now predict warns and loops."""
+    torch.manual_seed(0)
+    bnn = dnn2bnn.transform_to_bnn_model(
+        nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), posterior_sigma_init=1e-4
+    )
+    x = torch.randn(3, 4)
+    if where == "model":
+        handle = bnn.register_forward_hook(_temperature)
+    else:
+        handle = torch.nn.modules.module.register_module_forward_hook(_zero_first_linear)
+    try:
+        with torch.no_grad():
+            with dnn2bnn.set_mode(bnn, "mean"):
+                expected = bnn(x)  # the hooks run in an ordinary call
+        with pytest.warns(PredictionWarning, match="hooks"):
+            pred = dnn2bnn.predict(bnn, x, 4, task="regression")
+        assert pred.method == "loop"
+        torch.testing.assert_close(pred.mean, expected, atol=1e-3, rtol=0)
+        with pytest.raises(ValueError, match="cannot vectorize.*hooks"):
+            dnn2bnn.predict(bnn, x, 4, task="regression", method="vectorized")
+    finally:
+        handle.remove()
+    assert dnn2bnn.predict(bnn, x, 4, task="regression").method == "vectorized"
+
+
+def test_hooks_on_submodules_are_traced_and_keep_the_vectorized_path():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Sequential(nn.Linear(4, 6), nn.ReLU()), nn.Linear(6, 3))
+    bnn = dnn2bnn.transform_to_bnn_model(net, posterior_sigma_init=1e-4)
+    bnn[0].register_forward_hook(_temperature)  # a non-leaf block: inlined in the trace
+    x = torch.randn(3, 4)
+    with torch.no_grad(), dnn2bnn.set_mode(bnn, "mean"):
+        expected = bnn(x)
+    pred = dnn2bnn.predict(bnn, x, 4, task="regression")
+    assert pred.method == "vectorized"
+    torch.testing.assert_close(pred.mean, expected, atol=1e-3, rtol=0)
+
+
+def test_dnn2bnns_own_hooks_on_the_model_keep_the_vectorized_path():
+    """The sample-scope hooks of shared layers and the batched training draws are known: the
+    vectorized path shares draws per pass itself, and the batched draws do nothing without
+    gradients."""
+    bnn = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)))
+    dnn2bnn.layers.install_batched_sampling(bnn)
+    assert bnn._forward_hooks and bnn._forward_pre_hooks
+    assert dnn2bnn.predict(bnn, torch.randn(3, 4), 4).method == "vectorized"

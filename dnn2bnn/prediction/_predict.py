@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from dnn2bnn.config import enum_value
 from dnn2bnn.prediction._collect import concat_draws, stack_draws
+from dnn2bnn.prediction._hooks import untraced_hooks
 from dnn2bnn.prediction._io import ModelInputs, OutputSelector
 from dnn2bnn.prediction._linearized import LinearizedSampler
 from dnn2bnn.prediction._split import Chunk, SplitPlan, cached_plan
@@ -101,7 +102,8 @@ def predict(
     each row from its own input: a probe run of the traced graph on 3 and 2 rows checks this
     (it finds sequence-first ``[T, B, D]`` layouts, pooling or attention over dim 0,
     ``view(-1)``). Where the model cannot be vectorized (the probe fails, tracing fails, a
-    Bayesian weight is read outside its layer, the batch size is used as a number, ...), a
+    Bayesian weight is read outside its layer, the batch size is used as a number, forward
+    hooks on the model itself or global module hooks, which a trace would skip, ...), a
     :class:`PredictionWarning` says why and the samples run as ``num_samples`` ordinary
     forward passes; ``result.method`` says which path ran.
 
@@ -295,7 +297,7 @@ class _Sampler(OutputSelector):
     def __call__(self, inputs: ModelInputs) -> Any:
         reason = None
         if not self.fell_back:
-            plan = cached_plan(self.traced, inputs)
+            plan = untraced_hooks(self.model, self.traced) or cached_plan(self.traced, inputs)
             if isinstance(plan, str):
                 reason = plan
             else:
