@@ -1077,3 +1077,22 @@ def test_dnn2bnns_own_hooks_on_the_model_keep_the_vectorized_path():
     dnn2bnn.layers.install_batched_sampling(bnn)
     assert bnn._forward_hooks and bnn._forward_pre_hooks
     assert dnn2bnn.predict(bnn, torch.randn(3, 4), 4).method == "vectorized"
+
+
+def test_a_model_class_overriding_call_sends_predict_to_the_loop():
+    """fx traces ``forward``: work done in an overridden ``__call__`` of the model's class was
+    skipped by the vectorized path (outputs 100x off here), silently."""
+
+    class Scaled(nn.Sequential):
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs) / 100.0
+
+    torch.manual_seed(0)
+    bnn = dnn2bnn.transform_to_bnn_model(Scaled(nn.Linear(4, 3)), posterior_sigma_init=1e-4)
+    x = torch.randn(2, 4)
+    with pytest.warns(PredictionWarning, match="overrides __call__"):
+        pred = dnn2bnn.predict(bnn, x, 4, task="regression")
+    with torch.no_grad(), dnn2bnn.set_mode(bnn, "mean"):
+        expected = bnn(x)
+    assert pred.method == "loop"
+    torch.testing.assert_close(pred.mean, expected, atol=1e-3, rtol=0)
