@@ -278,3 +278,20 @@ def test_local_reparameterization_of_a_float16_layer_keeps_a_small_sigma(net, sh
         exact = plain(x.float().square()).flatten(1).sqrt()
     ratio = pred.samples.float().std(0) / exact
     assert (ratio - 1).abs().max() < 0.1, ratio
+
+
+def test_local_reparameterization_under_float16_autocast_keeps_a_small_sigma(monkeypatch):
+    """Under ``torch.autocast(dtype=float16)`` the variance product ran in float16 and sigma^2
+    = 1e-8 became 0: no spread at all, where the loop and the weight draws give the right one."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(_vectorized, "linear_plan", lambda **kw: "local")
+    bnn = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Linear(64, 8)), posterior_sigma_init=1e-4)
+    with torch.no_grad():
+        bnn[0].weight_mu.zero_()
+        bnn[0].bias_mu.zero_()
+        x = torch.randn(3, 64)
+        exact = (x.square() @ bnn[0].posterior_sigma().square().T + bnn[0].posterior_sigma("bias").square()).sqrt()
+    with torch.autocast("cpu", dtype=torch.float16):
+        pred = dnn2bnn.predict(bnn, x, 2000, task="regression", method="vectorized", return_samples=True)
+    ratio = pred.samples.float().std(0) / exact
+    assert (ratio - 1).abs().max() < 0.1, ratio

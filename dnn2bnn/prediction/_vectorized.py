@@ -291,8 +291,8 @@ class WeightDraws:
         if held is not None and held[0] is x:
             mean, std = held[1], held[2]
         else:
-            # The variance in float32 or wider, as the layer's own sampling: sigma^2 of a
-            # float16 layer underflows (1e-4 squared is 0 in float16: no spread at all).
+            # The variance in float32 or wider, as the layer's own sampling, also under
+            # autocast: sigma^2 underflows in float16 (1e-4 squared is 0: no spread at all).
             wide = torch.promote_types(x.dtype, torch.float32)
             squares: dict[str, Tensor | None] = {}
             for name in ("weight", "bias"):
@@ -306,7 +306,8 @@ class WeightDraws:
                     sigmas[name + "^2"] = sigmas[name].square().to(wide)
                 squares[name] = sigmas[name + "^2"]
             mean = op(x, layer._parameters["weight_mu"], layer._parameters.get("bias_mu"))
-            var = op(x.to(wide).square(), squares["weight"], squares["bias"])  # type: ignore[arg-type]
+            with torch.autocast(x.device.type, enabled=False):  # not recast to float16
+                var = op(x.to(wide).square(), squares["weight"], squares["bias"])  # type: ignore[arg-type]
             std = var.clamp_min_(0).sqrt_().to(x.dtype)
             if repeated:  # keyed on the input tensor itself (held, so its id is not reused)
                 self._moments[id(layer)] = (x, mean, std)
