@@ -628,6 +628,8 @@ def test_regression_with_log_variance_head():
         ({"method": "fast"}, ValueError, "method must be one of"),
         ({"batch_size": 0}, ValueError, "batch_size"),
         ({"inputs": 3}, TypeError, "a mapping of keyword inputs or an iterable of batches"),
+        # R4: a whole array was iterated row by row and blamed as "each batch ... got ndarray"
+        ({"inputs": np.zeros((2, 20), np.float32)}, TypeError, r"got a numpy ndarray: convert it with torch.from_numpy"),
         ({"inputs": [{"x": torch.ones(1, 20)}]}, TypeError, "do not match Sequential.forward"),
         ({"inputs": [[3]]}, TypeError, "each batch must be a tensor, a mapping"),
         ({"inputs": {"input": torch.ones(2, 20), "x": torch.ones(3, 1)}}, TypeError, "do not match"),

@@ -373,6 +373,11 @@ def _batches(inputs: Any, batch_size: int | None) -> Iterable[ModelInputs]:
     if isinstance(inputs, (Tensor, Mapping)):
         whole = ModelInputs.of(inputs)
         return whole.split(batch_size) if batch_size else (whole,)
+    if type(inputs).__module__ == "numpy":  # iterable, but its rows are not batches
+        raise TypeError(
+            f"inputs must be a tensor, a mapping of keyword inputs or an iterable of batches, got "
+            f"a numpy {type(inputs).__name__}: convert it with torch.from_numpy(...)"
+        )
     if batch_size is not None:
         raise ValueError("batch_size applies to a tensor or mapping input; a DataLoader has its own")
     if not isinstance(inputs, Iterable):
