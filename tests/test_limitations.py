@@ -361,6 +361,8 @@ CASES: list[tuple[str, Callable[[Path], Any], type, str]] = [
      PredictionWarning, "torch.fx could not trace _Branchy"),
     ("predict-functional-weight", lambda _: P(_bnn(_FunctionalWeight()), X, num_samples=2, task="regression"),
      PredictionWarning, "fc.weight_mu (a Bayesian parameter) is read outside its layer's forward"),
+    ("predict-model-hook", lambda _: P(_hooked(_bnn(nn.Linear(3, 2))), X, num_samples=2, task="regression"),
+     PredictionWarning, "Sequential has forward hooks on the model itself, which a torch.fx trace of its forward does not run"),
     ("predict-hf-kwargs", lambda _: P(_gpt2_bnn(), {"input_ids": torch.randint(0, 20, (2, 5))}, num_samples=2, class_dim=-1),
      PredictionWarning, "GPT2LMHeadModel.forward takes *args/**kwargs (kwargs), which torch.fx cannot trace"),
     ("predict-label-key", lambda _: P(_bnn(nn.Linear(3, 2)), [{"x": X, "label": torch.tensor([0, 1, 0, 1])}], num_samples=2),
@@ -415,6 +417,13 @@ def _local_model() -> nn.Module:
             return self.fc(x)
 
     return Local()
+
+
+def _hooked(model: nn.Module) -> nn.Module:
+    """``model`` in a container with an output-scaling forward hook (temperature scaling)."""
+    container = nn.Sequential(model)
+    container.register_forward_hook(lambda module, args, output: output / 2.0)
+    return container
 
 
 def _quiet(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

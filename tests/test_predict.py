@@ -628,6 +628,8 @@ def test_regression_with_log_variance_head():
         ({"method": "fast"}, ValueError, "method must be one of"),
         ({"batch_size": 0}, ValueError, "batch_size"),
         ({"inputs": 3}, TypeError, "a mapping of keyword inputs or an iterable of batches"),
+        # R4: a whole array was iterated row by row and blamed as "each batch ... got ndarray"
+        ({"inputs": np.zeros((2, 20), np.float32)}, TypeError, r"got a numpy ndarray: convert it with torch.from_numpy"),
         ({"inputs": [{"x": torch.ones(1, 20)}]}, TypeError, "do not match Sequential.forward"),
         ({"inputs": [[3]]}, TypeError, "each batch must be a tensor, a mapping"),
         ({"inputs": {"input": torch.ones(2, 20), "x": torch.ones(3, 1)}}, TypeError, "do not match"),
@@ -976,3 +978,123 @@ def test_dataloader_batches_with_several_positional_inputs():
         torch.testing.assert_close(
             dnn2bnn.predict(bnn, {"x1": x1, "x2": x2}, 2).probs, bnn(x1, x2).softmax(1)
         )
+
+
+@pytest.mark.parametrize(
+    "net, shape",
+    [
+        (lambda: nn.Sequential(nn.Linear(6, 5)), (4, 6)),
+        (lambda: nn.Sequential(nn.Conv2d(3, 5, 4), nn.Flatten()), (4, 3, 4, 4)),  # one position
+    ],
+    ids=["linear", "conv-one-position"],
+)
+def test_a_loader_that_refills_one_input_tensor_gets_each_batchs_own_prediction(net, shape, monkeypatch):
+    """Local reparameterization's moments of an input from the deterministic part are reused by
+    the chunks of draws of ONE batch; a loader that copies each batch into the same tensor must
+    not get the previous batch's moments back (they were keyed on the tensor's identity)."""
+    from dnn2bnn.prediction import _vectorized
+
+    monkeypatch.setattr(_vectorized, "linear_plan", lambda **kw: "local")
+    torch.manual_seed(0)
+    dnn = net()
+    bnn = dnn2bnn.transform_to_bnn_model(dnn, posterior_sigma_init=1e-5)
+    data = [torch.randn(shape) for _ in range(3)]
+
+    def refilled():
+        buffer = torch.empty(shape)
+        for batch in data:
+            buffer.copy_(batch)
+            yield buffer
+
+    pred = dnn2bnn.predict(bnn, refilled(), 4, task="regression", method="vectorized")
+    with torch.no_grad():
+        expected = torch.cat([dnn(batch) for batch in data])
+    torch.testing.assert_close(pred.mean, expected, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["auto", "vectorized"])
+def test_inputs_the_model_rejects_raise_the_models_own_error_whatever_the_method(method):
+    """A wrong input shape is the user's mistake, not a limit of vectorization: with
+    ``method="vectorized"`` it was reported as "cannot vectorize ... the folded batch failed"."""
+    bnn = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Conv2d(3, 4, 4), nn.Flatten(), nn.Linear(4, 3)))
+    with pytest.raises(RuntimeError, match="expected input.*to have 3 channels, but got 5"):
+        dnn2bnn.predict(bnn, torch.randn(2, 5, 4, 4), 3, method=method)
+
+
+def _temperature(module, args, output):
+    return output / 100.0
+
+
+def _zero_first_linear(module, args, output):
+    return output * 0 if isinstance(module, nn.Linear) and output.shape[-1] == 6 else None
+
+
+@pytest.mark.parametrize("where", ["model", "global"])
+def test_forward_hooks_the_trace_would_skip_send_predict_to_the_loop(where):
+    """torch.fx traces the model's forward, not its __call__: a hook on the model itself (a
+    temperature-scaling hook) was skipped by the vectorized path, and global module hooks were
+    skipped for the batched Bayesian layers; both silently. Now predict warns and loops."""
+    torch.manual_seed(0)
+    bnn = dnn2bnn.transform_to_bnn_model(
+        nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), posterior_sigma_init=1e-4
+    )
+    x = torch.randn(3, 4)
+    if where == "model":
+        handle = bnn.register_forward_hook(_temperature)
+    else:
+        handle = torch.nn.modules.module.register_module_forward_hook(_zero_first_linear)
+    try:
+        with torch.no_grad():
+            with dnn2bnn.set_mode(bnn, "mean"):
+                expected = bnn(x)  # the hooks run in an ordinary call
+        with pytest.warns(PredictionWarning, match="hooks"):
+            pred = dnn2bnn.predict(bnn, x, 4, task="regression")
+        assert pred.method == "loop"
+        torch.testing.assert_close(pred.mean, expected, atol=1e-3, rtol=0)
+        with pytest.raises(ValueError, match="cannot vectorize.*hooks"):
+            dnn2bnn.predict(bnn, x, 4, task="regression", method="vectorized")
+    finally:
+        handle.remove()
+    assert dnn2bnn.predict(bnn, x, 4, task="regression").method == "vectorized"
+
+
+def test_hooks_on_submodules_are_traced_and_keep_the_vectorized_path():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Sequential(nn.Linear(4, 6), nn.ReLU()), nn.Linear(6, 3))
+    bnn = dnn2bnn.transform_to_bnn_model(net, posterior_sigma_init=1e-4)
+    bnn[0].register_forward_hook(_temperature)  # a non-leaf block: inlined in the trace
+    x = torch.randn(3, 4)
+    with torch.no_grad(), dnn2bnn.set_mode(bnn, "mean"):
+        expected = bnn(x)
+    pred = dnn2bnn.predict(bnn, x, 4, task="regression")
+    assert pred.method == "vectorized"
+    torch.testing.assert_close(pred.mean, expected, atol=1e-3, rtol=0)
+
+
+def test_dnn2bnns_own_hooks_on_the_model_keep_the_vectorized_path():
+    """The sample-scope hooks of shared layers and the batched training draws are known: the
+    vectorized path shares draws per pass itself, and the batched draws do nothing without
+    gradients."""
+    bnn = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)))
+    dnn2bnn.layers.install_batched_sampling(bnn)
+    assert bnn._forward_hooks and bnn._forward_pre_hooks
+    assert dnn2bnn.predict(bnn, torch.randn(3, 4), 4).method == "vectorized"
+
+
+def test_a_model_class_overriding_call_sends_predict_to_the_loop():
+    """fx traces ``forward``: work done in an overridden ``__call__`` of the model's class was
+    skipped by the vectorized path (outputs 100x off here), silently."""
+
+    class Scaled(nn.Sequential):
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs) / 100.0
+
+    torch.manual_seed(0)
+    bnn = dnn2bnn.transform_to_bnn_model(Scaled(nn.Linear(4, 3)), posterior_sigma_init=1e-4)
+    x = torch.randn(2, 4)
+    with pytest.warns(PredictionWarning, match="overrides __call__"):
+        pred = dnn2bnn.predict(bnn, x, 4, task="regression")
+    with torch.no_grad(), dnn2bnn.set_mode(bnn, "mean"):
+        expected = bnn(x)
+    assert pred.method == "loop"
+    torch.testing.assert_close(pred.mean, expected, atol=1e-3, rtol=0)

@@ -249,3 +249,49 @@ def test_a_convolution_with_several_output_positions_draws_weights(monkeypatch):
     with torch.no_grad():
         out = draws.apply(layer, x, repeated=True)
     assert out.shape == (10, 3, 2, 2)
+
+
+@pytest.mark.parametrize(
+    "net, shape",
+    [(lambda: nn.Linear(64, 8), (3, 64)), (lambda: nn.Conv2d(4, 8, 4), (3, 4, 4, 4))],
+    ids=["linear", "conv-one-position"],
+)
+def test_local_reparameterization_of_a_float16_layer_keeps_a_small_sigma(net, shape, monkeypatch):
+    """sigma^2 was cast to the input's dtype: 1e-4 squared is 0 in float16, so every sample
+    of a float16 model came out equal to the mean (no uncertainty at all), silently. The
+    variance is now computed in float32, as the layer's own sampling does."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(_vectorized, "linear_plan", lambda **kw: "local")
+    bnn = dnn2bnn.transform_to_bnn_model(nn.Sequential(net(), nn.Flatten()), posterior_sigma_init=1e-4)
+    with torch.no_grad():  # outputs near 0, where float16 resolves a spread of 1e-3
+        bnn[0].weight_mu.zero_()
+        bnn[0].bias_mu.zero_()
+    bnn = bnn.to(torch.float16)
+    x = torch.randn(shape).to(torch.float16)
+    s = 2000
+    pred = dnn2bnn.predict(bnn, x, s, task="regression", method="vectorized", return_samples=True)
+    layer = bnn[0]
+    with torch.no_grad():
+        plain = layer.to_dnn().float()
+        plain.weight.copy_(layer.posterior_sigma("weight").float().square())
+        plain.bias.copy_(layer.posterior_sigma("bias").float().square())
+        exact = plain(x.float().square()).flatten(1).sqrt()
+    ratio = pred.samples.float().std(0) / exact
+    assert (ratio - 1).abs().max() < 0.1, ratio
+
+
+def test_local_reparameterization_under_float16_autocast_keeps_a_small_sigma(monkeypatch):
+    """Under ``torch.autocast(dtype=float16)`` the variance product ran in float16 and sigma^2
+    = 1e-8 became 0: no spread at all, where the loop and the weight draws give the right one."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(_vectorized, "linear_plan", lambda **kw: "local")
+    bnn = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Linear(64, 8)), posterior_sigma_init=1e-4)
+    with torch.no_grad():
+        bnn[0].weight_mu.zero_()
+        bnn[0].bias_mu.zero_()
+        x = torch.randn(3, 64)
+        exact = (x.square() @ bnn[0].posterior_sigma().square().T + bnn[0].posterior_sigma("bias").square()).sqrt()
+    with torch.autocast("cpu", dtype=torch.float16):
+        pred = dnn2bnn.predict(bnn, x, 2000, task="regression", method="vectorized", return_samples=True)
+    ratio = pred.samples.float().std(0) / exact
+    assert (ratio - 1).abs().max() < 0.1, ratio

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from dnn2bnn.config import enum_value
 from dnn2bnn.prediction._collect import concat_draws, stack_draws
+from dnn2bnn.prediction._hooks import untraced_hooks
 from dnn2bnn.prediction._io import ModelInputs, OutputSelector
 from dnn2bnn.prediction._linearized import LinearizedSampler
 from dnn2bnn.prediction._split import Chunk, SplitPlan, cached_plan
@@ -101,7 +102,8 @@ def predict(
     each row from its own input: a probe run of the traced graph on 3 and 2 rows checks this
     (it finds sequence-first ``[T, B, D]`` layouts, pooling or attention over dim 0,
     ``view(-1)``). Where the model cannot be vectorized (the probe fails, tracing fails, a
-    Bayesian weight is read outside its layer, the batch size is used as a number, ...), a
+    Bayesian weight is read outside its layer, the batch size is used as a number, forward
+    hooks on the model itself or global module hooks, which a trace would skip, ...), a
     :class:`PredictionWarning` says why and the samples run as ``num_samples`` ordinary
     forward passes; ``result.method`` says which path ran.
 
@@ -295,7 +297,7 @@ class _Sampler(OutputSelector):
     def __call__(self, inputs: ModelInputs) -> Any:
         reason = None
         if not self.fell_back:
-            plan = cached_plan(self.traced, inputs)
+            plan = untraced_hooks(self.model, self.traced) or cached_plan(self.traced, inputs)
             if isinstance(plan, str):
                 reason = plan
             else:
@@ -307,11 +309,12 @@ class _Sampler(OutputSelector):
                 else:
                     self.used.add("vectorized")
                     return out
+        # The first pass runs before the warning (or the error of method="vectorized"):
+        # inputs the model itself rejects (a wrong shape or dtype) raise the model's own
+        # error, not a warning or an error about vectorizing.
+        first = self.select(inputs(self.model))
         if reason is not None and self.method is Method.VECTORIZED:
             self._fall_back(reason)  # raises
-        # The first pass runs before the warning: inputs the model itself rejects (a wrong
-        # shape or dtype) raise the model's own error, not a warning about vectorizing.
-        first = self.select(inputs(self.model))
         if reason is not None:
             self._fall_back(reason)
         self.used.add("loop")
@@ -325,13 +328,18 @@ class _Sampler(OutputSelector):
         if device.type != "cpu" or s == 1:
             return plan.run(inputs, WeightDraws(s, self.sigmas), select=self.select)
         chunk = Chunk(frontier={})
-        parts = [plan.run(inputs, WeightDraws(1, self.sigmas), chunk, select=self.select)]
+        # local reparameterization's moments: shared by this batch's chunks, never by two
+        # batches (a loader may refill the same input tensor with the next batch)
+        moments: dict[int, Any] = {}
+        parts = [plan.run(inputs, WeightDraws(1, self.sigmas, moments), chunk, select=self.select)]
         done = 1
         batch = inputs.batch_size
         while done < s:
             rows = max(1, CPU_FOLD_BYTES // max(1, chunk.row_bytes))
             k = min(s - done, max(1, rows // max(1, batch)))
-            parts.append(plan.run(inputs, WeightDraws(k, self.sigmas), chunk, select=self.select))
+            parts.append(
+                plan.run(inputs, WeightDraws(k, self.sigmas, moments), chunk, select=self.select)
+            )
             done += k
         return concat_draws(parts)
 
@@ -365,6 +373,11 @@ def _batches(inputs: Any, batch_size: int | None) -> Iterable[ModelInputs]:
     if isinstance(inputs, (Tensor, Mapping)):
         whole = ModelInputs.of(inputs)
         return whole.split(batch_size) if batch_size else (whole,)
+    if type(inputs).__module__ == "numpy":  # iterable, but its rows are not batches
+        raise TypeError(
+            f"inputs must be a tensor, a mapping of keyword inputs or an iterable of batches, got "
+            f"a numpy {type(inputs).__name__}: convert it with torch.from_numpy(...)"
+        )
     if batch_size is not None:
         raise ValueError("batch_size applies to a tensor or mapping input; a DataLoader has its own")
     if not isinstance(inputs, Iterable):

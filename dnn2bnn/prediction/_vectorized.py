@@ -178,10 +178,19 @@ class WeightDraws:
     are shared by every use of the layer within a pass (:meth:`new_pass` starts a new one).
     """
 
-    def __init__(self, num_samples: int, sigmas: dict[int, dict[str, Tensor]] | None = None) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        sigmas: dict[int, dict[str, Tensor]] | None = None,
+        moments: dict[int, tuple[Tensor, Tensor, Tensor]] | None = None,
+    ) -> None:
         self.num_samples = num_samples
         #: sigma(rho) per layer; pass the dict of another WeightDraws to share it.
         self._sigmas: dict[int, dict[str, Tensor]] = {} if sigmas is None else sigmas
+        #: per layer, (input, mean, std) of local reparameterization on an unrepeated input;
+        #: share it only between the chunks of draws of ONE batch: it is keyed on the input
+        #: tensor's identity, which a loader that refills one buffer keeps for new values.
+        self._moments: dict[int, tuple[Tensor, Tensor, Tensor]] = {} if moments is None else moments
         self._draws: dict[int, dict[str, Tensor | None]] = {}
         self._caches: dict[int, list[dict[str, Tensor]]] = {}
         #: ids of Linear and Conv layers called once per pass: local reparameterization is
@@ -274,13 +283,17 @@ class WeightDraws:
         products (``op``) and one normal per output instead of ``S`` weight draws. Rows of
         the same draw ``s`` then no longer share one weight sample: every per-input
         predictive statistic is unchanged, joint statistics across inputs are not. With
-        ``repeated`` the two products run on the ``B`` unrepeated rows (once per
-        :func:`dnn2bnn.predict` call and input: later chunks of draws reuse them).
+        ``repeated`` the two products run on the ``B`` unrepeated rows (once per batch:
+        later chunks of draws of the same batch reuse them).
         """
         sigmas = self._sigmas.setdefault(id(layer), {})
-        if repeated and sigmas.get("local_input") is x:
-            mean, std = sigmas["local_mean"], sigmas["local_std"]
+        held = self._moments.get(id(layer)) if repeated else None
+        if held is not None and held[0] is x:
+            mean, std = held[1], held[2]
         else:
+            # The variance in float32 or wider, as the layer's own sampling, also under
+            # autocast: sigma^2 underflows in float16 (1e-4 squared is 0: no spread at all).
+            wide = torch.promote_types(x.dtype, torch.float32)
             squares: dict[str, Tensor | None] = {}
             for name in ("weight", "bias"):
                 mu = layer._parameters.get(name + "_mu")
@@ -290,13 +303,14 @@ class WeightDraws:
                 if name not in sigmas:
                     sigmas[name] = _layer_sigma(layer, name)
                 if name + "^2" not in sigmas:  # once per predict call, as the sigmas
-                    sigmas[name + "^2"] = sigmas[name].square().to(x.dtype)
+                    sigmas[name + "^2"] = sigmas[name].square().to(wide)
                 squares[name] = sigmas[name + "^2"]
             mean = op(x, layer._parameters["weight_mu"], layer._parameters.get("bias_mu"))
-            var = op(x.square(), squares["weight"], squares["bias"])  # type: ignore[arg-type]
-            std = var.clamp_min_(0).sqrt_()
+            with torch.autocast(x.device.type, enabled=False):  # not recast to float16
+                var = op(x.to(wide).square(), squares["weight"], squares["bias"])  # type: ignore[arg-type]
+            std = var.clamp_min_(0).sqrt_().to(x.dtype)
             if repeated:  # keyed on the input tensor itself (held, so its id is not reused)
-                sigmas.update(local_input=x, local_mean=mean, local_std=std)
+                self._moments[id(layer)] = (x, mean, std)
         if not repeated:
             return torch.randn_like(mean).mul_(std).add_(mean)
         s = self.num_samples
