@@ -463,3 +463,41 @@ def test_a_model_with_flat_sampling_compiles_and_draws_lazily_there():
     assert bnn.fc1._sample_cache is None and "_dnn2bnn_flat_opened" not in bnn.__dict__
     bnn(x).sum().backward()  # eager again: the flat node
     assert "_dnn2bnn_flat_opened" not in bnn.__dict__
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, checkpointed: bool, reentrant: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.o = nn.Linear(5, 7), nn.Linear(7, 7), nn.Linear(7, 2)
+        self.checkpointed, self.reentrant = checkpointed, reentrant
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.checkpointed:
+            h = torch.utils.checkpoint.checkpoint(self.b, h, use_reentrant=self.reentrant)
+        else:
+            h = self.b(h)
+        return self.o(torch.tanh(h))
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_checkpointed_blocks_get_their_own_calls_flat_sample(reentrant):
+    """Two calls before one backward, a block under torch.utils.checkpoint: its recomputation
+    must use the sample of ITS call (the second call's sample gave the first call's block
+    wrong gradients, silently), and under use_reentrant=True it must not run the flat
+    node's backward a second time ("Trying to backward through the graph a second time")."""
+    x = torch.randn(4, 5, dtype=torch.float64)
+
+    def grads(checkpointed):
+        torch.manual_seed(0)
+        bnn = dnn2bnn.transform_to_bnn_model(_Checkpointed(checkpointed, reentrant)).double()
+        install_batched_sampling(bnn)
+        torch.manual_seed(1)
+        loss = bnn(x).pow(2).sum() + bnn(x * 2).pow(2).sum() + dnn2bnn.kl_divergence(bnn)
+        loss.backward()
+        return {n: p.grad for n, p in bnn.named_parameters()}
+
+    plain, checkpointed = grads(False), grads(True)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-10, atol=1e-12, msg=name)

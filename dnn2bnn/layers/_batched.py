@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors
 
 from dnn2bnn.config import Estimator
-from dnn2bnn.layers._base import BayesianLayer, BayesMode
+from dnn2bnn.layers._base import _REPLAY_STATES, BayesianLayer, BayesMode, FlatReads
 from dnn2bnn.layers._flat import FlatGaussianSampleKL, FlatKL, FlatSpec, prior_constant
 from dnn2bnn.layers._kl import SMALL_KL_NUMEL, _FSDPModule
 from dnn2bnn.layers._sampling import transforms_active
@@ -164,7 +164,13 @@ def _draw_group(exp: bool, entries: list[_Entry], opened: list[BayesianLayer]) -
             opened.append(layer)
         cache[name] = sample
         # a checkpoint recomputation takes this sample again (no draw of its own to replay)
-        layer._replay[name] = (sample, collections.deque(maxlen=1))
+        # (the reads of earlier calls' samples are kept: two calls, then one backward)
+        old = layer._replay.get(name)
+        reads = FlatReads(maxlen=_REPLAY_STATES)
+        if old is not None and isinstance(old[1], FlatReads) and old[1]:
+            reads.extend(read for read in old[1] if not read[2].spent)
+        reads.spec = spec
+        layer._replay[name] = (sample, reads)
         layer._pending_kl[name] = (marker, layer._kl_stamp(name, mu, rho))  # type: ignore[assignment]
 
 
