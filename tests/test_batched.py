@@ -501,3 +501,19 @@ def test_checkpointed_blocks_get_their_own_calls_flat_sample(reentrant):
     plain, checkpointed = grads(False), grads(True)
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_install_rejects_what_it_cannot_batch():
+    """A non-module raised a bare AttributeError ('int' object has no attribute
+    '_forward_pre_hooks'), and a model not converted yet (the DNN) was accepted and silently
+    drew nothing flat; installing twice stays one pair of hooks."""
+    with pytest.raises(TypeError, match=r"nn\.Module.*got int"):
+        install_batched_sampling(42)
+    dnn = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"Sequential has no Bayesian layer.*transform_to_bnn_model"):
+        install_batched_sampling(dnn)
+    assert not dnn._forward_pre_hooks
+    bnn = dnn2bnn.transform_to_bnn_model(dnn)
+    install_batched_sampling(bnn)
+    install_batched_sampling(bnn)
+    assert len(bnn._forward_pre_hooks) == 1 and len(bnn._forward_hooks) == 1

@@ -62,7 +62,13 @@ def install_batched_sampling(model: nn.Module) -> None:
     parameters come from one node with a constant number of operations (see
     ``dnn2bnn/layers/_batched.py``); :func:`dnn2bnn.kl_divergence` of the same step takes
     that KL. It changes the random stream (one draw over all small parameters first), not
-    the distribution. Parameters, state_dict and optimizers are untouched.
+    the distribution. Parameters, state_dict and optimizers are untouched. The hooks go with
+    ``copy.deepcopy`` but not through :func:`dnn2bnn.save_bnn` / :func:`dnn2bnn.load_bnn`:
+    install it again on the loaded model.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``model`` has no Bayesian layer (not converted yet).
 
     Example:
         >>> bnn = dnn2bnn.transform_to_bnn_model(torch.nn.Sequential(torch.nn.Linear(3, 2)))
@@ -70,6 +76,17 @@ def install_batched_sampling(model: nn.Module) -> None:
         >>> bnn(torch.ones(1, 3)).shape
         torch.Size([1, 2])
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"install_batched_sampling expects the converted model (an nn.Module), got "
+            f"{type(model).__name__}"
+        )
+    if not any(isinstance(m, BayesianLayer) for m in model.modules()):
+        raise ValueError(
+            f"install_batched_sampling: {type(model).__name__} has no Bayesian layer, so nothing "
+            f"would be drawn flat; install it on the model returned by "
+            f"dnn2bnn.transform_to_bnn_model"
+        )
     if _draw_all not in model._forward_pre_hooks.values():
         model.register_forward_pre_hook(_draw_all)
         model.register_forward_hook(_drop_all, always_call=True)
