@@ -517,3 +517,33 @@ def test_install_rejects_what_it_cannot_batch():
     install_batched_sampling(bnn)
     install_batched_sampling(bnn)
     assert len(bnn._forward_pre_hooks) == 1 and len(bnn._forward_hooks) == 1
+
+
+@pytest.mark.parametrize("between", ["no_grad call", "direct checkpointed call"])
+def test_a_lazy_draw_between_forward_and_backward_keeps_the_flat_replay(between):
+    """A call drawing lazily between the training forward and its backward (validation
+    under torch.no_grad, or the checkpointed block called on its own) dropped or mixed up
+    the flat samples the checkpointed block must get again in its recomputation: wrong
+    gradients, silently, or a crash in the recomputation."""
+    x = torch.randn(4, 5, dtype=torch.float64)
+
+    def grads(checkpointed):
+        torch.manual_seed(0)
+        bnn = dnn2bnn.transform_to_bnn_model(_Checkpointed(checkpointed, False)).double()
+        install_batched_sampling(bnn)
+        torch.manual_seed(1)
+        loss = bnn(x).pow(2).sum() + dnn2bnn.kl_divergence(bnn)
+        if between == "no_grad call":
+            with torch.no_grad():
+                bnn(x)
+        else:
+            torch.utils.checkpoint.checkpoint(bnn.b, torch.randn(3, 7, dtype=torch.float64),
+                                              use_reentrant=False).sum().backward()
+            for p in bnn.parameters():
+                p.grad = None
+        loss.backward()
+        return {n: p.grad for n, p in bnn.named_parameters()}
+
+    plain, checkpointed = grads(False), grads(True)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-10, atol=1e-12, msg=name)

@@ -67,7 +67,8 @@ _REPLAY_STATES = 16
 
 class FlatReads(collections.deque):  # type: ignore[type-arg]
     """``(RNG state, sample, its draw's FlatSpec)`` of each read of a flat draw's sample
-    inside a checkpointed block (the recomputation reads at the same RNG state). A strong
+    inside a checkpointed block (the recomputation reads at the same RNG state), or
+    ``(RNG state, None, None)`` where a lazy draw was recorded (draw again). A strong
     reference: under non-reentrant checkpointing nothing else keeps the sample until the
     backward; entries whose draw was backpropagated (``spec.spent``) are dropped at the next
     draw. ``spec``: the FlatSpec of the layer's latest draw."""
@@ -342,11 +343,21 @@ class BayesianLayer(PosteriorKL, nn.Module):
         self._keep_for_kl(name, sample)
         if state is not None:
             entry = self._replay.get(name)
-            states = entry[1] if entry is not None else collections.deque(maxlen=_REPLAY_STATES)
-            states.append(state)
-            self._replay[name] = (sample, states)
+            if entry is not None and isinstance(entry[1], FlatReads):
+                # a flat draw's reads stay (its call's backward may be pending); this state
+                # means "draw again" (held None), as in a lazy entry
+                entry[1].append((state, None, None))
+                self._replay[name] = (sample, entry[1])
+            else:
+                states = entry[1] if entry is not None else collections.deque(maxlen=_REPLAY_STATES)
+                states.append(state)
+                self._replay[name] = (sample, states)
         elif self._replay and not torch.compiler.is_compiling() and not _in_backward():
-            self._replay.pop(name, None)
+            entry = self._replay.get(name)
+            if entry is not None and not isinstance(entry[1], FlatReads):
+                # a flat draw's entry stays: a checkpointed block of a training call before
+                # this one (validation under no_grad) takes its sample again in the backward
+                del self._replay[name]
         return sample
 
     def _shared_in_backward(self, name: str) -> Tensor | None:
@@ -396,15 +407,17 @@ class BayesianLayer(PosteriorKL, nn.Module):
             return None
         return sample
 
-    def _flat_replayed(self, name: str, last: Tensor, reads: FlatReads) -> Tensor:
+    def _flat_replayed(self, name: str, last: Tensor, reads: FlatReads) -> Tensor | None:
         """The flat sample the checkpointed block read at the current RNG state (``last``,
-        the latest draw's, if none). Under ``use_reentrant=True`` (which backpropagates the
+        the latest draw's, if none; None where a lazy draw was made there). Under ``use_reentrant=True`` (which backpropagates the
         recomputed graph on its own) as a new differentiable function of ``mu`` and ``rho``
         equal to it: that graph must not reach the flat node, whose backward runs once."""
         sample = last
         current = _rng_state(last.device)
         for state, held, _ in reversed(reads):
             if state.shape == current.shape and torch.equal(state, current):
+                if held is None:
+                    return None
                 sample = held
                 break
         if _checkpointing():  # non-reentrant: the recomputation only refills saved tensors

@@ -185,7 +185,7 @@ def _draw_group(exp: bool, entries: list[_Entry], opened: list[BayesianLayer]) -
         old = layer._replay.get(name)
         reads = FlatReads(maxlen=_REPLAY_STATES)
         if old is not None and isinstance(old[1], FlatReads) and old[1]:
-            reads.extend(read for read in old[1] if not read[2].spent)
+            reads.extend(read for read in old[1] if read[2] is None or not read[2].spent)
         reads.spec = spec
         layer._replay[name] = (sample, reads)
         layer._pending_kl[name] = (marker, layer._kl_stamp(name, mu, rho))  # type: ignore[assignment]
