@@ -547,3 +547,47 @@ def test_a_lazy_draw_between_forward_and_backward_keeps_the_flat_replay(between)
     plain, checkpointed = grads(False), grads(True)
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("exp", [False, True], ids=["softplus", "exp"])
+def test_flat_node_second_order_gradients_equal_autograd_of_the_formulas(exp):
+    """create_graph=True (Hessian-vector products, gradient penalties): the flat node's
+    backward used detached saved tensors, so a Hessian of the KL alone raised "element 0 of
+    tensors does not require grad" and with a data term the KL's Hessian and every term
+    through sigma(rho) were dropped, silently."""
+    torch.manual_seed(0)
+    shapes = [(4, 3), (3,)]
+    sizes = [math.prod(s) for s in shapes]
+    mus = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    rhos = [(torch.randn(s, dtype=torch.float64) - 2).requires_grad_() for s in shapes]
+    spec = FlatSpec(exp, sizes, torch.cat([torch.full((n,), ps**-2.0, dtype=torch.float64)
+                                            for n, ps in zip(sizes, [0.5, 2.0])]),
+                    0.3, prior_constant(sizes, [0.5, 2.0]))
+    torch.manual_seed(7)
+    *samples, kl = FlatGaussianSampleKL.apply(spec, *mus, *rhos)
+    torch.manual_seed(7)
+    eps = [e.view(s) for e, s in zip(torch.randn(sum(sizes), dtype=torch.float64).split(sizes), shapes)]
+    reference = [m + _sigma(r, exp) * e for m, r, e in zip(mus, rhos, eps)]
+    ref_kl = sum(
+        torch.distributions.kl_divergence(
+            torch.distributions.Normal(m, _sigma(r, exp)), torch.distributions.Normal(0.3, ps)
+        ).sum()
+        for m, r, ps in zip(mus, rhos, [0.5, 2.0])
+    )
+    leaves = mus + rhos
+    vs = [torch.randn_like(t) for t in leaves]
+    for with_data in (False, True):
+        loss, ref_loss = 0.7 * kl, 0.7 * ref_kl
+        if with_data:
+            loss = loss + samples[0].pow(3).sum()
+            ref_loss = ref_loss + reference[0].pow(3).sum()
+        got = torch.autograd.grad(loss, leaves, create_graph=True)
+        want = torch.autograd.grad(ref_loss, leaves, create_graph=True)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+        hv = torch.autograd.grad(sum((g * v).sum() for g, v in zip(got, vs)), leaves,
+                                 retain_graph=True)
+        ref_hv = torch.autograd.grad(sum((w * v).sum() for w, v in zip(want, vs)), leaves,
+                                     retain_graph=True)
+        for h, r in zip(hv, ref_hv):
+            torch.testing.assert_close(h, r)
