@@ -463,3 +463,131 @@ def test_a_model_with_flat_sampling_compiles_and_draws_lazily_there():
     assert bnn.fc1._sample_cache is None and "_dnn2bnn_flat_opened" not in bnn.__dict__
     bnn(x).sum().backward()  # eager again: the flat node
     assert "_dnn2bnn_flat_opened" not in bnn.__dict__
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, checkpointed: bool, reentrant: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.o = nn.Linear(5, 7), nn.Linear(7, 7), nn.Linear(7, 2)
+        self.checkpointed, self.reentrant = checkpointed, reentrant
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.checkpointed:
+            h = torch.utils.checkpoint.checkpoint(self.b, h, use_reentrant=self.reentrant)
+        else:
+            h = self.b(h)
+        return self.o(torch.tanh(h))
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_checkpointed_blocks_get_their_own_calls_flat_sample(reentrant):
+    """Two calls before one backward, a block under torch.utils.checkpoint: its recomputation
+    must use the sample of ITS call (the second call's sample gave the first call's block
+    wrong gradients, silently), and under use_reentrant=True it must not run the flat
+    node's backward a second time ("Trying to backward through the graph a second time")."""
+    x = torch.randn(4, 5, dtype=torch.float64)
+
+    def grads(checkpointed):
+        torch.manual_seed(0)
+        bnn = dnn2bnn.transform_to_bnn_model(_Checkpointed(checkpointed, reentrant)).double()
+        install_batched_sampling(bnn)
+        torch.manual_seed(1)
+        loss = bnn(x).pow(2).sum() + bnn(x * 2).pow(2).sum() + dnn2bnn.kl_divergence(bnn)
+        loss.backward()
+        return {n: p.grad for n, p in bnn.named_parameters()}
+
+    plain, checkpointed = grads(False), grads(True)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_install_rejects_what_it_cannot_batch():
+    """A non-module raised a bare AttributeError ('int' object has no attribute
+    '_forward_pre_hooks'), and a model not converted yet (the DNN) was accepted and silently
+    drew nothing flat; installing twice stays one pair of hooks."""
+    with pytest.raises(TypeError, match=r"nn\.Module.*got int"):
+        install_batched_sampling(42)
+    dnn = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"Sequential has no Bayesian layer.*transform_to_bnn_model"):
+        install_batched_sampling(dnn)
+    assert not dnn._forward_pre_hooks
+    bnn = dnn2bnn.transform_to_bnn_model(dnn)
+    install_batched_sampling(bnn)
+    install_batched_sampling(bnn)
+    assert len(bnn._forward_pre_hooks) == 1 and len(bnn._forward_hooks) == 1
+
+
+@pytest.mark.parametrize("between", ["no_grad call", "direct checkpointed call"])
+def test_a_lazy_draw_between_forward_and_backward_keeps_the_flat_replay(between):
+    """A call drawing lazily between the training forward and its backward (validation
+    under torch.no_grad, or the checkpointed block called on its own) dropped or mixed up
+    the flat samples the checkpointed block must get again in its recomputation: wrong
+    gradients, silently, or a crash in the recomputation."""
+    x = torch.randn(4, 5, dtype=torch.float64)
+
+    def grads(checkpointed):
+        torch.manual_seed(0)
+        bnn = dnn2bnn.transform_to_bnn_model(_Checkpointed(checkpointed, False)).double()
+        install_batched_sampling(bnn)
+        torch.manual_seed(1)
+        loss = bnn(x).pow(2).sum() + dnn2bnn.kl_divergence(bnn)
+        if between == "no_grad call":
+            with torch.no_grad():
+                bnn(x)
+        else:
+            torch.utils.checkpoint.checkpoint(bnn.b, torch.randn(3, 7, dtype=torch.float64),
+                                              use_reentrant=False).sum().backward()
+            for p in bnn.parameters():
+                p.grad = None
+        loss.backward()
+        return {n: p.grad for n, p in bnn.named_parameters()}
+
+    plain, checkpointed = grads(False), grads(True)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("exp", [False, True], ids=["softplus", "exp"])
+def test_flat_node_second_order_gradients_equal_autograd_of_the_formulas(exp):
+    """create_graph=True (Hessian-vector products, gradient penalties): the flat node's
+    backward used detached saved tensors, so a Hessian of the KL alone raised "element 0 of
+    tensors does not require grad" and with a data term the KL's Hessian and every term
+    through sigma(rho) were dropped, silently."""
+    torch.manual_seed(0)
+    shapes = [(4, 3), (3,)]
+    sizes = [math.prod(s) for s in shapes]
+    mus = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    rhos = [(torch.randn(s, dtype=torch.float64) - 2).requires_grad_() for s in shapes]
+    spec = FlatSpec(exp, sizes, torch.cat([torch.full((n,), ps**-2.0, dtype=torch.float64)
+                                            for n, ps in zip(sizes, [0.5, 2.0])]),
+                    0.3, prior_constant(sizes, [0.5, 2.0]))
+    torch.manual_seed(7)
+    *samples, kl = FlatGaussianSampleKL.apply(spec, *mus, *rhos)
+    torch.manual_seed(7)
+    eps = [e.view(s) for e, s in zip(torch.randn(sum(sizes), dtype=torch.float64).split(sizes), shapes)]
+    reference = [m + _sigma(r, exp) * e for m, r, e in zip(mus, rhos, eps)]
+    ref_kl = sum(
+        torch.distributions.kl_divergence(
+            torch.distributions.Normal(m, _sigma(r, exp)), torch.distributions.Normal(0.3, ps)
+        ).sum()
+        for m, r, ps in zip(mus, rhos, [0.5, 2.0])
+    )
+    leaves = mus + rhos
+    vs = [torch.randn_like(t) for t in leaves]
+    for with_data in (False, True):
+        loss, ref_loss = 0.7 * kl, 0.7 * ref_kl
+        if with_data:
+            loss = loss + samples[0].pow(3).sum()
+            ref_loss = ref_loss + reference[0].pow(3).sum()
+        got = torch.autograd.grad(loss, leaves, create_graph=True)
+        want = torch.autograd.grad(ref_loss, leaves, create_graph=True)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+        hv = torch.autograd.grad(sum((g * v).sum() for g, v in zip(got, vs)), leaves,
+                                 retain_graph=True)
+        ref_hv = torch.autograd.grad(sum((w * v).sum() for w, v in zip(want, vs)), leaves,
+                                     retain_graph=True)
+        for h, r in zip(hv, ref_hv):
+            torch.testing.assert_close(h, r)

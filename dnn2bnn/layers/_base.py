@@ -63,6 +63,17 @@ DEFAULT_PRIOR_MEAN = 0.0
 #: whose recomputation is still to come (a layer called more often per pass than this, each
 #: call in a checkpointed region, would not be recognised).
 _REPLAY_STATES = 16
+
+
+class FlatReads(collections.deque):  # type: ignore[type-arg]
+    """``(RNG state, sample, its draw's FlatSpec)`` of each read of a flat draw's sample
+    inside a checkpointed block (the recomputation reads at the same RNG state), or
+    ``(RNG state, None, None)`` where a lazy draw was recorded (draw again). A strong
+    reference: under non-reentrant checkpointing nothing else keeps the sample until the
+    backward; entries whose draw was backpropagated (``spec.spent``) are dropped at the next
+    draw. ``spec``: the FlatSpec of the layer's latest draw."""
+
+    spec: Any = None
 DEFAULT_PRIOR_SIGMA = 1.0
 
 
@@ -285,6 +296,8 @@ class BayesianLayer(PosteriorKL, nn.Module):
         if cache is not None:
             hit = cache.get(name)
             if hit is not None:
+                if self._replay:  # a flat draw's sample read inside a checkpointed block?
+                    self._note_flat_read(name, hit)
                 return hit
         compiling = torch.compiler.is_compiling()
         backward = not compiling and _in_backward()
@@ -330,11 +343,21 @@ class BayesianLayer(PosteriorKL, nn.Module):
         self._keep_for_kl(name, sample)
         if state is not None:
             entry = self._replay.get(name)
-            states = entry[1] if entry is not None else collections.deque(maxlen=_REPLAY_STATES)
-            states.append(state)
-            self._replay[name] = (sample, states)
+            if entry is not None and isinstance(entry[1], FlatReads):
+                # a flat draw's reads stay (its call's backward may be pending); this state
+                # means "draw again" (held None), as in a lazy entry
+                entry[1].append((state, None, None))
+                self._replay[name] = (sample, entry[1])
+            else:
+                states = entry[1] if entry is not None else collections.deque(maxlen=_REPLAY_STATES)
+                states.append(state)
+                self._replay[name] = (sample, states)
         elif self._replay and not torch.compiler.is_compiling() and not _in_backward():
-            self._replay.pop(name, None)
+            entry = self._replay.get(name)
+            if entry is not None and not isinstance(entry[1], FlatReads):
+                # a flat draw's entry stays: a checkpointed block of a training call before
+                # this one (validation under no_grad) takes its sample again in the backward
+                del self._replay[name]
         return sample
 
     def _shared_in_backward(self, name: str) -> Tensor | None:
@@ -356,6 +379,19 @@ class BayesianLayer(PosteriorKL, nn.Module):
             held = self._task_samples = (task, {})
         held[1][name] = sample
 
+    def _note_flat_read(self, name: str, sample: Tensor) -> None:
+        """Remember the RNG state at which a block under ``torch.utils.checkpoint`` read a
+        flat draw's ``sample`` (:func:`~dnn2bnn.layers.install_batched_sampling`): its
+        recomputation reads at the same state and must get this sample, not a later call's."""
+        entry = self._replay.get(name)
+        if entry is None or not isinstance(entry[1], FlatReads):
+            return
+        if torch.is_grad_enabled() and not _checkpointing():
+            return  # a plain training read (reentrant checkpoint runs its forward without grad)
+        if torch.compiler.is_compiling() or _in_backward():
+            return
+        entry[1].append((_rng_state(sample.device), sample, entry[1].spec))
+
     def _replayed(self, name: str) -> Tensor | None:
         """In a checkpoint recomputation: None if the RNG state is one the forward drew this
         parameter at (drawing again gives the same sample and consumes the RNG as the forward
@@ -364,10 +400,36 @@ class BayesianLayer(PosteriorKL, nn.Module):
         if entry is None:
             return None
         sample, states = entry
+        if isinstance(states, FlatReads):
+            return self._flat_replayed(name, sample, states)
         current = _rng_state(sample.device)
         if any(s.shape == current.shape and torch.equal(s, current) for s in states):
             return None
         return sample
+
+    def _flat_replayed(self, name: str, last: Tensor, reads: FlatReads) -> Tensor | None:
+        """The flat sample the checkpointed block read at the current RNG state (``last``,
+        the latest draw's, if none; None where a lazy draw was made there). Under ``use_reentrant=True`` (which backpropagates the
+        recomputed graph on its own) as a new differentiable function of ``mu`` and ``rho``
+        equal to it: that graph must not reach the flat node, whose backward runs once."""
+        sample = last
+        current = _rng_state(last.device)
+        for state, held, _ in reversed(reads):
+            if state.shape == current.shape and torch.equal(state, current):
+                if held is None:
+                    return None
+                sample = held
+                break
+        if _checkpointing():  # non-reentrant: the recomputation only refills saved tensors
+            return sample
+        mu, rho = self._parameters[name + "_mu"], self._parameters[name + "_rho"]
+        value = sample.detach()
+        if mu is None or rho is None:
+            return value
+        sigma = posterior_std(rho, self._exp)
+        with torch.no_grad():
+            eps = (value - mu) / sigma
+        return value + (mu - mu.detach()) + (sigma - sigma.detach()) * eps
 
     def _sigma(self, name: str, rho: Tensor) -> Tensor:
         """``sigma(rho)``, detached and computed now; used by this draw only (the KL computes

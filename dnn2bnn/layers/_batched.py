@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors
 
 from dnn2bnn.config import Estimator
-from dnn2bnn.layers._base import BayesianLayer, BayesMode
+from dnn2bnn.layers._base import _REPLAY_STATES, BayesianLayer, BayesMode, FlatReads
 from dnn2bnn.layers._flat import FlatGaussianSampleKL, FlatKL, FlatSpec, prior_constant
 from dnn2bnn.layers._kl import SMALL_KL_NUMEL, _FSDPModule
 from dnn2bnn.layers._sampling import transforms_active
@@ -62,7 +62,13 @@ def install_batched_sampling(model: nn.Module) -> None:
     parameters come from one node with a constant number of operations (see
     ``dnn2bnn/layers/_batched.py``); :func:`dnn2bnn.kl_divergence` of the same step takes
     that KL. It changes the random stream (one draw over all small parameters first), not
-    the distribution. Parameters, state_dict and optimizers are untouched.
+    the distribution. Parameters, state_dict and optimizers are untouched. The hooks go with
+    ``copy.deepcopy`` but not through :func:`dnn2bnn.save_bnn` / :func:`dnn2bnn.load_bnn`:
+    install it again on the loaded model.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``model`` has no Bayesian layer (not converted yet).
 
     Example:
         >>> bnn = dnn2bnn.transform_to_bnn_model(torch.nn.Sequential(torch.nn.Linear(3, 2)))
@@ -70,6 +76,17 @@ def install_batched_sampling(model: nn.Module) -> None:
         >>> bnn(torch.ones(1, 3)).shape
         torch.Size([1, 2])
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"install_batched_sampling expects the converted model (an nn.Module), got "
+            f"{type(model).__name__}"
+        )
+    if not any(isinstance(m, BayesianLayer) for m in model.modules()):
+        raise ValueError(
+            f"install_batched_sampling: {type(model).__name__} has no Bayesian layer, so nothing "
+            f"would be drawn flat; install it on the model returned by "
+            f"dnn2bnn.transform_to_bnn_model"
+        )
     if _draw_all not in model._forward_pre_hooks.values():
         model.register_forward_pre_hook(_draw_all)
         model.register_forward_hook(_drop_all, always_call=True)
@@ -164,7 +181,13 @@ def _draw_group(exp: bool, entries: list[_Entry], opened: list[BayesianLayer]) -
             opened.append(layer)
         cache[name] = sample
         # a checkpoint recomputation takes this sample again (no draw of its own to replay)
-        layer._replay[name] = (sample, collections.deque(maxlen=1))
+        # (the reads of earlier calls' samples are kept: two calls, then one backward)
+        old = layer._replay.get(name)
+        reads = FlatReads(maxlen=_REPLAY_STATES)
+        if old is not None and isinstance(old[1], FlatReads) and old[1]:
+            reads.extend(read for read in old[1] if read[2] is None or not read[2].spent)
+        reads.spec = spec
+        layer._replay[name] = (sample, reads)
         layer._pending_kl[name] = (marker, layer._kl_stamp(name, mu, rho))  # type: ignore[assignment]
 
 

@@ -90,6 +90,7 @@ class FlatGaussianSampleKL(torch.autograd.Function):
         kl = quad - logs + spec.const
         ctx.save_for_backward(diff, rho, sigma, eps)
         ctx.spec, ctx.like = spec, tensors[:n]  # (the means: shapes for the gradients' views)
+        ctx.inputs = tensors  # (create_graph=True: the backward differentiates them again)
         ctx.set_materialize_grads(False)
         like = tensors[:n]
         samples = _unflatten(sample, like) if n > 1 else (sample.view(like[0].shape),)
@@ -99,6 +100,8 @@ class FlatGaussianSampleKL(torch.autograd.Function):
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         spec: FlatSpec = ctx.spec
         spec.spent = True
+        if torch.is_grad_enabled():  # create_graph=True: a backward that can be differentiated
+            return _differentiable_backward(ctx, grads)
         diff, rho, sigma, eps = ctx.saved_tensors
         n = len(spec.sizes)
         grad, grad_kl = _gather(grads[:n], ctx.like), grads[n]
@@ -125,6 +128,43 @@ class FlatGaussianSampleKL(torch.autograd.Function):
         mus = _pieces(grad_mu, ctx.like, needs[:n])
         rhos = _pieces(grad_rho, ctx.like, needs[n:])
         return None, *mus, *rhos
+
+
+def _differentiable_backward(ctx: Any, grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+    """The backward as autograd of the formulas on the original inputs (same noise), so
+    that its result has a graph (Hessian-vector products, gradient penalties): the fast
+    backward uses saved tensors that are detached."""
+    spec: FlatSpec = ctx.spec
+    n = len(spec.sizes)
+    eps = ctx.saved_tensors[3]
+    inputs = ctx.inputs
+    needs = ctx.needs_input_grad[1:]
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    with torch.enable_grad():
+        mu = torch.cat([t.reshape(-1) for t in inputs[:n]])
+        rho = torch.cat([t.reshape(-1) for t in inputs[n:]])
+        sigma = torch.exp(rho) if spec.exp else F.softplus(rho)
+        outputs, grad_outputs = [], []
+        if any(g is not None for g in grads[:n]):
+            sample = mu + sigma * eps
+            for piece, like, g in zip(sample.split(spec.sizes), inputs[:n], grads[:n]):
+                if g is not None:
+                    outputs.append(piece.view(like.shape))
+                    grad_outputs.append(g)
+        if grads[n] is not None:
+            diff = mu - spec.prior_mean
+            log_sigma = rho if spec.exp else torch.log(sigma)
+            kl = ((sigma * sigma + diff * diff) * spec.inv_var).sum() * 0.5 - log_sigma.sum() + spec.const
+            outputs.append(kl)
+            grad_outputs.append(grads[n])
+        got = (torch.autograd.grad(outputs, wanted, grad_outputs, create_graph=True, allow_unused=True)
+               if outputs and wanted else [None] * len(wanted))
+    it = iter(got)
+    result: list[Tensor | None] = []
+    for t, need in zip(inputs, needs):
+        g = next(it) if need else None
+        result.append(torch.zeros_like(t) if need and g is None else g)
+    return None, *result
 
 
 def _flat(tensors: tuple[Tensor, ...]) -> Tensor:
