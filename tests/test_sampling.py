@@ -204,3 +204,48 @@ def test_a_training_forward_leaves_its_kl_for_the_loss_and_never_a_stale_one(mon
     )
     torch.testing.assert_close(fresh, expected)
     assert layer._pending_kl == {}
+
+
+def _hvp(loss_of, params, v):
+    """Hessian-vector product of ``loss_of()`` w.r.t. ``params`` along ``v``."""
+    grads = torch.autograd.grad(loss_of(), params, create_graph=True)
+    hv = torch.autograd.grad(sum((g * u).sum() for g, u in zip(grads, v)), params, allow_unused=True)
+    return [torch.zeros_like(p) if h is None else h for p, h in zip(params, hv)]
+
+
+@pytest.mark.parametrize("exp", [True, False], ids=["exp", "softplus"])
+@pytest.mark.parametrize("node", ["sample", "sample+kl", "kl", "multi-kl"])
+def test_second_derivatives_equal_autograd_of_the_formulas(node, exp):
+    """create_graph=True through the custom nodes (Hessian-vector products, gradient
+    penalties): their hand-written first derivatives use a detached sigma, so with a graph
+    they differentiate the formulas instead; second derivatives in rho included."""
+    from dnn2bnn.layers._sampling import GaussianSample, GaussianSampleKL, MultiNormalKL, NormalKL
+
+    mu, rho = _params()
+    pm = torch.randn(7, 5, dtype=torch.float64)
+    g = torch.randn(7, 5, dtype=torch.float64)
+    v = [torch.randn(7, 5, dtype=torch.float64) for _ in range(2)]
+
+    def ours():
+        torch.manual_seed(3)
+        sigma = _sigma(rho, exp).detach()
+        if node == "sample":
+            return (GaussianSample.apply(mu, rho, sigma, exp) * g).sum()
+        if node == "sample+kl":
+            w, kl = GaussianSampleKL.apply(mu, rho, sigma, pm, 0.7, None, exp)
+            return (w * g).sum() + 0.3 * kl
+        if node == "kl":
+            return 0.3 * NormalKL.apply(mu, rho, sigma, pm, 0.7, None, exp)
+        return 0.3 * MultiNormalKL.apply([pm], [0.7], [], exp, mu, rho, sigma)
+
+    def reference():
+        torch.manual_seed(3)
+        eps = torch.randn_like(mu)
+        sigma = _sigma(rho, exp)
+        kl = kl_normal(mu, sigma, pm, torch.tensor(0.7, dtype=torch.float64))
+        w = mu + sigma * eps
+        return {"sample": (w * g).sum(), "sample+kl": (w * g).sum() + 0.3 * kl}.get(node, 0.3 * kl)
+
+    torch.testing.assert_close(ours(), reference())
+    for got, want in zip(_hvp(ours, (mu, rho), v), _hvp(reference, (mu, rho), v)):
+        torch.testing.assert_close(got, want)

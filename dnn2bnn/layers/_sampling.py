@@ -78,11 +78,37 @@ def _grad_rho(grad: Tensor, rho: Tensor, sigma: Tensor, eps: Tensor, exp: bool) 
     return out.mul_(sigma) if exp else out.mul_(torch.sigmoid(rho))
 
 
+def _formula_grads(
+    outputs: list[Tensor], grads: list[Tensor], inputs: list[Tensor | None], needed: list[bool]
+) -> list[Tensor | None]:
+    """Gradients of ``outputs`` (recomputed by the caller from its inputs with differentiable
+    operations) w.r.t. the ``needed`` ``inputs``, with a graph (``create_graph=True``).
+
+    The hand-written backwards use ``sigma`` computed detached in the forward, which is exact
+    for first derivatives but drops every term through ``sigma(rho)`` of a second derivative
+    (Hessian-vector products, gradient penalties). When a backward runs with a graph (grad
+    mode on: ``create_graph=True``), the nodes differentiate their formulas instead.
+    """
+    wanted = [x for x, need in zip(inputs, needed) if need and x is not None and x.requires_grad]
+    found = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True)) if wanted else iter(())
+    out: list[Tensor | None] = []
+    for x, need in zip(inputs, needed):
+        if need and x is not None and x.requires_grad:
+            g = next(found)
+            out.append(torch.zeros_like(x) if g is None else g)
+        else:
+            out.append(None)
+    return out
+
+
 def _sample_backward(
     ctx: Any, grad: Tensor, rho: Tensor, sigma: Tensor, eps: Tensor
 ) -> tuple[Tensor | None, ...]:
     grad_rho = None
-    if ctx.needs_input_grad[1]:
+    if ctx.needs_input_grad[1] and torch.is_grad_enabled():  # create_graph: differentiable in rho
+        live = torch.exp(rho) if ctx.exp else torch.sigmoid(rho)
+        grad_rho = grad * eps * live.to(grad.dtype)
+    elif ctx.needs_input_grad[1]:
         grad_rho = _grad_rho(grad, rho, sigma, eps, ctx.exp)
     return (grad if ctx.needs_input_grad[0] else None), grad_rho, None, None
 
@@ -209,6 +235,19 @@ class GaussianSampleKL(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         mu, rho, sigma, eps, prior_mu = ctx.saved_tensors
         grad_mu = grad_rho = None
+        if torch.is_grad_enabled():  # create_graph: the formulas, differentiated with a graph
+            live = posterior_std(rho, ctx.exp)
+            outputs, grads = [], []
+            if grad is not None:
+                outputs.append(mu + live * eps)
+                grads.append(grad)
+            if grad_kl is not None:
+                outputs.append(_normal_kl_value(mu, live, prior_mu, ctx.prior_sigma, rho if ctx.exp else None))
+                grads.append(grad_kl)
+            grad_mu, grad_rho = _formula_grads(outputs, grads, [mu, rho], list(ctx.needs_input_grad[:2]))
+            if ctx.release is not None:
+                ctx.release()
+            return grad_mu, grad_rho, None, None, None, None, None
         c = _cpu_scalar(grad_kl)
         if c is not None and grad is not None and ctx.exp and mu.dtype in _WIDE:
             # both gradients, exp parametrization, incoming KL scale known on the host: the
@@ -284,6 +323,13 @@ class NormalKL(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         mu, rho, sigma, prior_mu = ctx.saved_tensors
         grad_mu = grad_rho = None
+        if torch.is_grad_enabled():  # create_graph: the formula, differentiated with a graph
+            kl = _normal_kl_value(mu, posterior_std(rho, ctx.exp), prior_mu, ctx.prior_sigma,
+                                  rho if ctx.exp else None)
+            grad_mu, grad_rho = _formula_grads([kl], [grad], [mu, rho], list(ctx.needs_input_grad[:2]))
+            if ctx.release is not None:
+                ctx.release()
+            return grad_mu, grad_rho, None, None, None, None, None
         if ctx.needs_input_grad[0]:
             grad_mu = torch.sub(mu, prior_mu).mul_(grad.to(rho.dtype) / ctx.prior_sigma**2)
         if ctx.needs_input_grad[1]:
@@ -389,6 +435,17 @@ class MultiNormalKL(torch.autograd.Function):
         tensors = ctx.saved_tensors
         n = len(ctx.inv_var)
         mus, rhos, sigmas = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
+        if torch.is_grad_enabled():  # create_graph: the formulas, differentiated with a graph
+            kl = sum(
+                _normal_kl_value(m, posterior_std(r, ctx.exp),
+                                 pm if isinstance(pm, Tensor) else torch.tensor(pm, dtype=m.dtype, device=m.device),
+                                 iv**-0.5, r if ctx.exp else None)
+                for m, r, pm, iv in zip(mus, rhos, ctx.prior_means, ctx.inv_var)
+            )
+            found = _formula_grads([kl], [grad], [*mus, *rhos], list(ctx.needs_input_grad[4 : 4 + 2 * n]))
+            for release in ctx.releases:
+                release()
+            return None, None, None, None, *found, *([None] * n)
         # On the CPU the incoming scalar is folded into the per-tensor scalars (one pass
         # fewer per tensor); elsewhere it stays a tensor (no device synchronisation).
         g = grad.item() if grad.device.type == "cpu" and not grad.requires_grad else None
