@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from dnn2bnn.posterior.curvature import Likelihood, log_likelihood
+from dnn2bnn.posterior.curvature import Likelihood, log_likelihood, require_finite_output
 
 __all__ = ["predictive_nlls"]
 
@@ -60,11 +60,8 @@ def predictive_nlls(
 
 def _check_finite(out: Tensor, x: Tensor) -> None:
     """Raise when the means' output on held-out examples is not finite (its NLL gain would be NaN)."""
-    if not bool(torch.isfinite(out).all()):
-        bad = int((~torch.isfinite(out)).sum())
-        raise ValueError(
-            f"fit_posterior: the model's output at the posterior means holds {bad} NaN or infinite "
-            f"value(s) of {out.numel()} for a batch of {x.shape[0]} held-out (validation) inputs; "
-            "expected finite outputs (check val_data, or data, for NaN/inf): a NaN NLL would make "
-            "the temperature rule keep the parent silently"
-        )
+    require_finite_output(
+        out, x, "held-out (validation) inputs",
+        "(check val_data, or data, for NaN/inf): a NaN NLL would make the temperature rule keep "
+        "the parent silently",
+    )

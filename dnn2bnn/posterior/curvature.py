@@ -317,14 +317,20 @@ def _check_output(out: Any, x: Tensor) -> Tensor:
             f"fit_posterior: expected an output with the batch dimension {x.shape[0]} first, "
             f"got shape {tuple(out.shape)}"
         )
+    require_finite_output(out, x, "inputs", "(check the inputs for NaN/inf), else every sigma would be NaN")
+    return out
+
+
+def require_finite_output(out: Tensor, x: Tensor, inputs: str, advice: str) -> None:
+    """Raise ``ValueError`` when the model's output at the posterior means on the batch ``x``
+    of ``inputs`` holds NaN or inf; ``advice`` ends the message (what to check, what follows)."""
     if not bool(torch.isfinite(out).all()):
         bad = int((~torch.isfinite(out)).sum())
         raise ValueError(
             f"fit_posterior: the model's output at the posterior means holds {bad} NaN or infinite "
-            f"value(s) of {out.numel()} for a batch of {x.shape[0]} inputs; expected finite outputs "
-            "(check the inputs for NaN/inf), else every sigma would be NaN"
+            f"value(s) of {out.numel()} for a batch of {x.shape[0]} {inputs}; expected finite outputs "
+            f"{advice}"
         )
-    return out
 
 
 def _cotangents(
