@@ -29,6 +29,8 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors as _flatten
 from torch._utils import _unflatten_dense_tensors as _unflatten
 
+from dnn2bnn.layers._sampling import _cpu_scalar
+
 __all__ = ["FlatGaussianSampleKL", "FlatKL", "FlatSpec", "prior_constant"]
 
 
@@ -109,8 +111,9 @@ class FlatGaussianSampleKL(torch.autograd.Function):
         c: float | Tensor | None = None
         if grad_kl is not None:
             # on the CPU the scalar folds into the scalars of the flat operations
-            fold = _FOLD_ON_CPU and grad_kl.device.type == "cpu" and not grad_kl.requires_grad
-            c = grad_kl.item() if fold else grad_kl.to(sigma.dtype)
+            c = _cpu_scalar(grad_kl) if _FOLD_ON_CPU else None
+            if c is None:
+                c = grad_kl.to(sigma.dtype)
         grad_mu = grad_rho = None
         if any(needs[:n]):
             if c is None:

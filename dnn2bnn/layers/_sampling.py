@@ -448,7 +448,7 @@ class MultiNormalKL(torch.autograd.Function):
             return None, None, None, None, *found, *([None] * n)
         # On the CPU the incoming scalar is folded into the per-tensor scalars (one pass
         # fewer per tensor); elsewhere it stays a tensor (no device synchronisation).
-        g = grad.item() if grad.device.type == "cpu" and not grad.requires_grad else None
+        g = _cpu_scalar(grad)
         scaled: list[float] | float = ctx.inv_var if g is None else [iv * g for iv in ctx.inv_var]
         if all(v == scaled[0] for v in scaled):  # one prior sigma: a scalar, not a list
             scaled = scaled[0]
