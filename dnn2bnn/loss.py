@@ -88,11 +88,10 @@ def _take_flat(layer: BayesianLayer, name: str, flat: dict[FlatKL, list[tuple[An
     entry = layer._pending_kl.get(name)
     if entry is None or isinstance(entry[0], Tensor):
         return False
-    group, stamp = entry
-    mu, rho = layer._parameters[name + "_mu"], layer._parameters[name + "_rho"]
-    if mu is None or rho is None or stamp != layer._kl_stamp(name, mu, rho):
-        del layer._pending_kl[name]
+    entry = layer._unchanged_pending(name)
+    if entry is None:
         return False
+    group = entry[0]
     if torch.is_grad_enabled():  # handed out once; under no_grad (logging) it stays
         del layer._pending_kl[name]
     flat.setdefault(group, []).append((layer, name))

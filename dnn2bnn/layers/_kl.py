@@ -98,20 +98,28 @@ class PosteriorKL:
         without (logging under ``torch.no_grad()``), a detached copy is returned and it stays.
         """
         entry = self._pending_kl.get(name)
+        if entry is not None and not isinstance(entry[0], Tensor):
+            del self._pending_kl[name]  # a flat group's KL (kl_divergence takes it whole)
+            return None
+        entry = self._unchanged_pending(name)
         if entry is None:
             return None
-        kl, stamp = entry
-        if not isinstance(kl, Tensor):  # a flat group's KL (kl_divergence takes it whole)
-            del self._pending_kl[name]
+        if not torch.is_grad_enabled():
+            return entry[0].detach()
+        del self._pending_kl[name]
+        return entry[0]
+
+    def _unchanged_pending(self, name: str) -> tuple[Any, tuple[int, ...]] | None:
+        """The pending ``(KL, stamp)`` of ``name`` if its parameters and prior buffers are
+        unchanged since the draw; a stale entry is dropped (None)."""
+        entry = self._pending_kl.get(name)
+        if entry is None:
             return None
         mu, rho = self._parameters[name + "_mu"], self._parameters[name + "_rho"]
-        if mu is None or rho is None or stamp != self._kl_stamp(name, mu, rho):
+        if mu is None or rho is None or entry[1] != self._kl_stamp(name, mu, rho):
             del self._pending_kl[name]
             return None
-        if not torch.is_grad_enabled():
-            return kl.detach()
-        del self._pending_kl[name]
-        return kl
+        return entry
 
     def _prior_scalar(self, key: str, buffer: Tensor) -> float:
         """``float(buffer)``: read every time on the CPU; on an accelerator read again only
