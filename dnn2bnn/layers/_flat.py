@@ -29,7 +29,7 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors as _flatten
 from torch._utils import _unflatten_dense_tensors as _unflatten
 
-from dnn2bnn.layers._sampling import _cpu_scalar
+from dnn2bnn.layers._sampling import _cpu_scalar, formula_grads
 
 __all__ = ["FlatGaussianSampleKL", "FlatKL", "FlatSpec", "prior_constant"]
 
@@ -142,7 +142,6 @@ def _differentiable_backward(ctx: Any, grads: tuple[Tensor | None, ...]) -> tupl
     eps = ctx.saved_tensors[3]
     inputs = ctx.inputs
     needs = ctx.needs_input_grad[1:]
-    wanted = [t for t, need in zip(inputs, needs) if need]
     with torch.enable_grad():
         mu = torch.cat([t.reshape(-1) for t in inputs[:n]])
         rho = torch.cat([t.reshape(-1) for t in inputs[n:]])
@@ -160,14 +159,7 @@ def _differentiable_backward(ctx: Any, grads: tuple[Tensor | None, ...]) -> tupl
             kl = ((sigma * sigma + diff * diff) * spec.inv_var).sum() * 0.5 - log_sigma.sum() + spec.const
             outputs.append(kl)
             grad_outputs.append(grads[n])
-        got = (torch.autograd.grad(outputs, wanted, grad_outputs, create_graph=True, allow_unused=True)
-               if outputs and wanted else [None] * len(wanted))
-    it = iter(got)
-    result: list[Tensor | None] = []
-    for t, need in zip(inputs, needs):
-        g = next(it) if need else None
-        result.append(torch.zeros_like(t) if need and g is None else g)
-    return None, *result
+    return None, *formula_grads(outputs, grad_outputs, list(inputs), list(needs))
 
 
 def _flat(tensors: tuple[Tensor, ...]) -> Tensor:

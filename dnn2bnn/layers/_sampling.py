@@ -39,6 +39,7 @@ __all__ = [
     "NormalKL",
     "posterior_std",
     "sample",
+    "formula_grads",
     "softplus32",
     "transforms_active",
 ]
@@ -78,7 +79,7 @@ def _grad_rho(grad: Tensor, rho: Tensor, sigma: Tensor, eps: Tensor, exp: bool) 
     return out.mul_(sigma) if exp else out.mul_(torch.sigmoid(rho))
 
 
-def _formula_grads(
+def formula_grads(
     outputs: list[Tensor], grads: list[Tensor], inputs: list[Tensor | None], needed: list[bool]
 ) -> list[Tensor | None]:
     """Gradients of ``outputs`` (recomputed by the caller from its inputs with differentiable
@@ -90,7 +91,10 @@ def _formula_grads(
     mode on: ``create_graph=True``), the nodes differentiate their formulas instead.
     """
     wanted = [x for x, need in zip(inputs, needed) if need and x is not None and x.requires_grad]
-    found = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True)) if wanted else iter(())
+    found = iter(
+        torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True)
+        if outputs and wanted else [None] * len(wanted)
+    )
     out: list[Tensor | None] = []
     for x, need in zip(inputs, needed):
         if need and x is not None and x.requires_grad:
@@ -244,7 +248,7 @@ class GaussianSampleKL(torch.autograd.Function):
             if grad_kl is not None:
                 outputs.append(_normal_kl_value(mu, live, prior_mu, ctx.prior_sigma, rho if ctx.exp else None))
                 grads.append(grad_kl)
-            grad_mu, grad_rho = _formula_grads(outputs, grads, [mu, rho], list(ctx.needs_input_grad[:2]))
+            grad_mu, grad_rho = formula_grads(outputs, grads, [mu, rho], list(ctx.needs_input_grad[:2]))
             if ctx.release is not None:
                 ctx.release()
             return grad_mu, grad_rho, None, None, None, None, None
@@ -326,7 +330,7 @@ class NormalKL(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: the formula, differentiated with a graph
             kl = _normal_kl_value(mu, posterior_std(rho, ctx.exp), prior_mu, ctx.prior_sigma,
                                   rho if ctx.exp else None)
-            grad_mu, grad_rho = _formula_grads([kl], [grad], [mu, rho], list(ctx.needs_input_grad[:2]))
+            grad_mu, grad_rho = formula_grads([kl], [grad], [mu, rho], list(ctx.needs_input_grad[:2]))
             if ctx.release is not None:
                 ctx.release()
             return grad_mu, grad_rho, None, None, None, None, None
@@ -442,7 +446,7 @@ class MultiNormalKL(torch.autograd.Function):
                                  iv**-0.5, r if ctx.exp else None)
                 for m, r, pm, iv in zip(mus, rhos, ctx.prior_means, ctx.inv_var)
             )
-            found = _formula_grads([kl], [grad], [*mus, *rhos], list(ctx.needs_input_grad[4 : 4 + 2 * n]))
+            found = formula_grads([kl], [grad], [*mus, *rhos], list(ctx.needs_input_grad[4 : 4 + 2 * n]))
             for release in ctx.releases:
                 release()
             return None, None, None, None, *found, *([None] * n)
