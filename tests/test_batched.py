@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -594,3 +595,17 @@ def test_flat_node_second_order_gradients_equal_autograd_of_the_formulas(exp):
                                      retain_graph=True)
         for h, r in zip(hv, ref_hv):
             torch.testing.assert_close(h, r)
+
+
+def test_install_warns_when_no_parameter_can_be_drawn_flat():
+    """A model whose every parameter is too large (or otherwise ineligible) got hooks that
+    change nothing, without a word."""
+    large = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Linear(300, 300)))  # 90,000 weights, 300 biases
+    large[0].bias_mu.requires_grad_(False)
+    large[0].bias_rho.requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"no Bayesian parameter of Sequential can be drawn flat now.*65,536"):
+        install_batched_sampling(large)
+    small = dnn2bnn.transform_to_bnn_model(nn.Sequential(nn.Linear(3, 2)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        install_batched_sampling(small)

@@ -26,6 +26,7 @@ from torch import nn
 import dnn2bnn
 from dnn2bnn.cli import main
 from dnn2bnn import CheckpointError, ConversionError, ConversionWarning, PredictionWarning
+from dnn2bnn.layers import install_batched_sampling
 
 
 def _bnn(model: nn.Module, **options: Any) -> nn.Module:
@@ -361,6 +362,8 @@ CASES: list[tuple[str, Callable[[Path], Any], type, str]] = [
      PredictionWarning, "torch.fx could not trace _Branchy"),
     ("predict-functional-weight", lambda _: P(_bnn(_FunctionalWeight()), X, num_samples=2, task="regression"),
      PredictionWarning, "fc.weight_mu (a Bayesian parameter) is read outside its layer's forward"),
+    ("batched-nothing-flat", lambda _: install_batched_sampling(_bnn(nn.Sequential(nn.Linear(3, 2))).half()),
+     UserWarning, "no Bayesian parameter of Sequential can be drawn flat now"),
     ("predict-model-hook", lambda _: P(_hooked(_bnn(nn.Linear(3, 2))), X, num_samples=2, task="regression"),
      PredictionWarning, "Sequential has forward hooks on the model itself, which a torch.fx trace of its forward does not run"),
     ("predict-hf-kwargs", lambda _: P(_gpt2_bnn(), {"input_ids": torch.randint(0, 20, (2, 5))}, num_samples=2, class_dim=-1),

@@ -32,6 +32,7 @@ autograd (prediction) and calls under torch.compile or torch.func transforms.
 from __future__ import annotations
 
 import collections
+import warnings
 from typing import Any
 
 import torch
@@ -90,6 +91,19 @@ def install_batched_sampling(model: nn.Module) -> None:
     if _draw_all not in model._forward_pre_hooks.values():
         model.register_forward_pre_hook(_draw_all)
         model.register_forward_hook(_drop_all, always_call=True)
+    if not any(
+        _eligible(m) and _flat_entry(m, name) is not None
+        for m in model.modules() if isinstance(m, BayesianLayer) for name in m.bayes_params
+    ):
+        warnings.warn(
+            f"install_batched_sampling: no Bayesian parameter of {type(model).__name__} can be drawn "
+            "flat now (each must be a float32/float64 parameter"
+            + ("" if FLAT_MAX_NUMEL is None else f" of at most {FLAT_MAX_NUMEL:,} elements")
+            + " of a 'reparam' layer in 'sample' mode with a closed-form KL, not the scale-mixture "
+            "prior); every layer keeps its own draw, so the hooks change nothing until one can",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def _eligible(layer: nn.Module) -> bool:
